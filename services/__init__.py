@@ -1,0 +1,1 @@
+"""threadline services: one package per gRPC service."""

@@ -1,0 +1,1 @@
+"""executor: runs a session's turns (the agent loop)."""

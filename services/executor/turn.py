@@ -1,0 +1,271 @@
+"""One conversation turn: context, model stream, persistence, events.
+
+The user's message is stored before the model is asked, so what the user said
+is never lost. The answer is stored when it ends; a cut answer (upstream
+failure mid-stream, client gone, shutdown) is stored as it stands with
+`interrupted = true`: what the user saw is never lost either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from services.executor.leases import TurnLeases
+from threadline import errors
+from threadline.events import EventPublisher
+from threadline.logs import get_logger
+from threadline.v1 import (
+    common_pb2,
+    executor_pb2,
+    llm_pb2,
+    memory_pb2,
+    session_pb2,
+)
+
+log = get_logger(__name__)
+
+
+class Sessions(Protocol):
+    async def get(
+        self, tenant: str, session_id: str, *, include_messages: bool = ...,
+        verify_chain: bool = ..., from_seq: int = ...,
+    ) -> session_pb2.SessionDetail: ...
+
+    async def append(
+        self, tenant: str, session_id: str, expected_head: str,
+        messages: Sequence[common_pb2.Message],
+    ) -> session_pb2.AppendResponse: ...
+
+    async def build_context(
+        self, request: session_pb2.BuildContextRequest
+    ) -> session_pb2.BuildContextResponse: ...
+
+
+class Memory(Protocol):
+    async def recall(self, tenant: str, session_id: str) -> memory_pb2.RecallResponse: ...
+
+
+class Llm(Protocol):
+    def stream_chat(
+        self, request: llm_pb2.ChatRequest, *, timeout: float | None = ...
+    ) -> AsyncIterator[llm_pb2.ChatChunk]: ...
+
+
+@dataclass(frozen=True)
+class TurnLimits:
+    context_budget_tokens: int
+    max_output_tokens: int
+
+
+@dataclass
+class TurnRunner:
+    sessions: Sessions
+    memory: Memory
+    llm: Llm
+    leases: TurnLeases
+    events: EventPublisher
+    limits: TurnLimits
+    #: Writes of partial answers that must finish even though their turn was cancelled.
+    pending_writes: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def drain(self) -> None:
+        """Wait for partial answers still being stored (called on shutdown)."""
+        if self.pending_writes:
+            log.info("turn.draining_writes", count=len(self.pending_writes))
+            await asyncio.gather(*self.pending_writes, return_exceptions=True)
+
+    async def run(
+        self, request: executor_pb2.RunTurnRequest
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        if not request.tenant:
+            raise errors.InvalidArgument("tenant is required")
+        if not request.input.strip():
+            raise errors.InvalidArgument("input is empty: send the user's message")
+        async with self.leases.hold(request.session_id):
+            async for event in self._run(request):
+                yield event
+
+    async def _append(
+        self, tenant: str, session_id: str, head: str, messages: Sequence[common_pb2.Message]
+    ) -> str:
+        """Append after `head`; if someone else appended meanwhile, append after theirs.
+
+        The turn holds the session's lease, so a moved head means a direct Append
+        by another client: our messages still belong at the end.
+        """
+        for _ in range(5):
+            try:
+                response = await self.sessions.append(tenant, session_id, head, messages)
+                return response.head
+            except errors.HeadMismatch as exc:
+                head = exc.current_head
+        raise errors.Aborted(f"session {session_id} keeps changing under the turn; retry")
+
+    async def _run(
+        self, request: executor_pb2.RunTurnRequest
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        tenant, session_id = request.tenant, request.session_id
+        session = (await self.sessions.get(tenant, session_id)).session
+        turn_id = "turn_" + uuid.uuid4().hex
+        started = time.perf_counter()
+        model = request.options.model or session.model
+        head = await self._append(
+            tenant,
+            session_id,
+            session.head,
+            [common_pb2.Message(role=common_pb2.ROLE_USER, content=request.input)],
+        )
+        self.events.emit("turn.started", tenant=tenant, session_id=session_id, turn_id=turn_id,
+                         model=model)
+        yield executor_pb2.TurnEvent(
+            started=executor_pb2.TurnStarted(turn_id=turn_id, session_id=session_id)
+        )
+        try:
+            summary = await self._recall(tenant, session_id)
+            context = await self.sessions.build_context(
+                session_pb2.BuildContextRequest(
+                    tenant=tenant,
+                    session_id=session_id,
+                    budget_tokens=self.limits.context_budget_tokens,
+                    reserve_output_tokens=request.options.max_tokens
+                    or self.limits.max_output_tokens,
+                    memory_summary=summary,
+                )
+            )
+        except errors.ThreadlineError as exc:
+            self._failed(tenant, session_id, turn_id, started, exc)
+            raise
+        chat = llm_pb2.ChatRequest(
+            model=model,
+            messages=context.messages,
+            max_tokens=request.options.max_tokens or self.limits.max_output_tokens,
+            tenant=tenant,
+            session_id=session_id,
+        )
+        if request.options.HasField("temperature"):
+            chat.temperature = request.options.temperature
+        text: list[str] = []
+        done: llm_pb2.ChatDone | None = None
+        try:
+            async for chunk in self.llm.stream_chat(chat):
+                kind = chunk.WhichOneof("chunk")
+                if kind == "delta":
+                    text.append(chunk.delta)
+                    yield executor_pb2.TurnEvent(delta=chunk.delta)
+                elif kind == "tool_call_delta":
+                    yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
+                elif kind == "done":
+                    done = chunk.done
+        except asyncio.CancelledError:
+            # Client gone or shutdown past its grace: keep what the user already saw.
+            self._store_partial_detached(
+                tenant, session_id, head, turn_id, started, "".join(text), "turn cancelled"
+            )
+            raise
+        except errors.ThreadlineError as exc:
+            if not text:
+                self._failed(tenant, session_id, turn_id, started, exc)
+                raise
+            done = llm_pb2.ChatDone(
+                finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
+                content="".join(text),
+                error=exc.message,
+            )
+        if done is None:
+            done = llm_pb2.ChatDone(
+                finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
+                content="".join(text),
+                error="the model stream ended without a result",
+            )
+        interrupted = done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED
+        answer = common_pb2.Message(
+            role=common_pb2.ROLE_ASSISTANT, content=done.content, interrupted=interrupted
+        )
+        try:
+            head = await self._append(tenant, session_id, head, [answer])
+        except asyncio.CancelledError:
+            self._store_partial_detached(
+                tenant, session_id, head, turn_id, started, done.content, "turn cancelled"
+            )
+            raise
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        self.events.emit(
+            "turn.interrupted" if interrupted else "turn.completed",
+            tenant=tenant,
+            session_id=session_id,
+            turn_id=turn_id,
+            model=done.model,
+            upstream=done.upstream,
+            finish_reason=common_pb2.FinishReason.Name(done.finish_reason),
+            prompt_tokens=done.usage.prompt_tokens,
+            completion_tokens=done.usage.completion_tokens,
+            latency_ms=latency_ms,
+            error=done.error or None,
+        )
+        yield executor_pb2.TurnEvent(
+            done=executor_pb2.TurnDone(
+                turn_id=turn_id,
+                finish_reason=done.finish_reason,
+                usage=done.usage,
+                model=done.model,
+                upstream=done.upstream,
+                head=head,
+                content=done.content,
+                latency_ms=latency_ms,
+                error=done.error,
+            )
+        )
+
+    async def _recall(self, tenant: str, session_id: str) -> str:
+        # Memory is an enhancement: a turn goes on without it rather than failing.
+        try:
+            return (await self.memory.recall(tenant, session_id)).summary
+        except errors.ThreadlineError as exc:
+            log.warning("turn.recall_failed", error=exc.message)
+            return ""
+
+    def _failed(
+        self, tenant: str, session_id: str, turn_id: str, started: float,
+        exc: errors.ThreadlineError,
+    ) -> None:
+        self.events.emit(
+            "turn.failed",
+            tenant=tenant,
+            session_id=session_id,
+            turn_id=turn_id,
+            code=exc.code,
+            error=exc.message,
+            latency_ms=int((time.perf_counter() - started) * 1000),
+        )
+
+    def _store_partial_detached(
+        self, tenant: str, session_id: str, head: str, turn_id: str, started: float,
+        content: str, reason: str,
+    ) -> None:
+        async def store() -> None:
+            if content:
+                message = common_pb2.Message(
+                    role=common_pb2.ROLE_ASSISTANT, content=content, interrupted=True
+                )
+                try:
+                    await self._append(tenant, session_id, head, [message])
+                except errors.ThreadlineError as exc:
+                    log.error("turn.partial_lost", session_id=session_id, error=exc.message)
+            self.events.emit(
+                "turn.interrupted",
+                tenant=tenant,
+                session_id=session_id,
+                turn_id=turn_id,
+                error=reason,
+                partial_chars=len(content),
+                latency_ms=int((time.perf_counter() - started) * 1000),
+            )
+
+        task = asyncio.create_task(store(), name=f"store-partial-{turn_id}")
+        self.pending_writes.add(task)
+        task.add_done_callback(self.pending_writes.discard)

@@ -1,0 +1,1 @@
+"""gateway: the public API (auth, tenants, validation, event watch)."""

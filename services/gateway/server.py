@@ -1,0 +1,41 @@
+"""Wiring for the gateway: authenticator, peers, servicer."""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from services.gateway.auth import ApiKeyAuthenticator
+from services.gateway.servicer import GatewayServicer, InputLimits
+from threadline.config import ServiceName, Settings
+from threadline.events import EventBus
+from threadline.peers import ExecutorClient, SessionClient
+from threadline.server import ServiceHost, build_server
+from threadline.v1 import gateway_pb2, gateway_pb2_grpc
+
+SERVICE: ServiceName = "gateway"
+
+
+async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
+    sessions = SessionClient(settings.addresses.session)
+    executor = ExecutorClient(settings.addresses.executor)
+    servicer = GatewayServicer(
+        ApiKeyAuthenticator(settings.gateway.api_keys),
+        sessions,
+        executor,
+        bus,
+        InputLimits(max_input_chars=settings.gateway.max_input_chars),
+    )
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+        return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+
+    host, _ = build_server(
+        SERVICE,
+        register,
+        address=address or f"{settings.listen_host}:{settings.addresses.port_of(SERVICE)}",
+    )
+    host.on_drain(servicer.end_watches)
+    host.on_stop(sessions.close)
+    host.on_stop(executor.close)
+    return host

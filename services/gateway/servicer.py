@@ -1,0 +1,179 @@
+"""The public gRPC API: authenticate, validate, forward, relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from services.gateway.auth import ApiKeyAuthenticator, Caller
+from threadline import errors
+from threadline.events import EventBus, Subscription
+from threadline.ids import validate_session_id
+from threadline.peers import ExecutorClient, SessionClient
+from threadline.status import from_rpc_error
+from threadline.v1 import (
+    events_pb2,
+    executor_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    session_pb2,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _until(
+    subscription: Subscription, stop: asyncio.Event
+) -> AsyncIterator[events_pb2.LifecycleEvent]:
+    """The subscription's events until `stop` is set."""
+    events = aiter(subscription)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(events))
+            await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
+                return
+            yield following.result()
+    finally:
+        stopped.cancel()
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_input_chars: int
+
+
+def _caller(auth: ApiKeyAuthenticator, context: Context) -> Caller:
+    metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    caller = auth.authenticate(metadata.get("authorization"))
+    structlog.contextvars.bind_contextvars(tenant=caller.tenant)
+    return caller
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(
+        self,
+        auth: ApiKeyAuthenticator,
+        sessions: SessionClient,
+        executor: ExecutorClient,
+        bus: EventBus,
+        limits: InputLimits,
+    ) -> None:
+        self.auth = auth
+        self.sessions = sessions
+        self.executor = executor
+        self.bus = bus
+        self.limits = limits
+        self._draining = asyncio.Event()
+
+    async def end_watches(self) -> None:
+        """End every WatchEvents stream: they never finish on their own."""
+        self._draining.set()
+
+    async def CreateSession(  # noqa: N802 (gRPC method name)
+        self, request: gateway_pb2.CreateSessionRequest, context: Context
+    ) -> session_pb2.Session:
+        caller = _caller(self.auth, context)
+        if len(request.system_prompt) > self.limits.max_input_chars:
+            raise errors.InvalidArgument(
+                f"system_prompt is {len(request.system_prompt)} characters; the limit is "
+                f"{self.limits.max_input_chars}"
+            )
+        return await self.sessions.create(
+            session_pb2.SessionsCreateRequest(
+                tenant=caller.tenant,
+                model=request.model,
+                system_prompt=request.system_prompt,
+                title=request.title,
+                metadata=request.metadata,
+            )
+        )
+
+    async def GetSession(  # noqa: N802
+        self, request: gateway_pb2.GetSessionRequest, context: Context
+    ) -> session_pb2.SessionDetail:
+        caller = _caller(self.auth, context)
+        validate_session_id(request.session_id)
+        return await self.sessions.get(
+            caller.tenant,
+            request.session_id,
+            include_messages=request.include_messages,
+            verify_chain=request.verify_chain,
+        )
+
+    async def ListSessions(  # noqa: N802
+        self, request: gateway_pb2.ListSessionsRequest, context: Context
+    ) -> session_pb2.SessionList:
+        caller = _caller(self.auth, context)
+        return await self.sessions.list(
+            caller.tenant, page_size=request.page_size, page_token=request.page_token
+        )
+
+    async def Converse(  # noqa: N802
+        self, request: gateway_pb2.ConverseRequest, context: Context
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        caller = _caller(self.auth, context)
+        validate_session_id(request.session_id)
+        structlog.contextvars.bind_contextvars(session_id=request.session_id)
+        if not request.input.strip():
+            raise errors.InvalidArgument("input is empty: send the user's message")
+        if len(request.input) > self.limits.max_input_chars:
+            raise errors.InvalidArgument(
+                f"input is {len(request.input)} characters; the limit is "
+                f"{self.limits.max_input_chars}"
+            )
+        if request.options.max_tokens < 0:
+            raise errors.InvalidArgument(
+                f"options.max_tokens must be >= 0, got {request.options.max_tokens}"
+            )
+        # NOT_FOUND for unknown and for other tenants' sessions alike, before any work.
+        await self.sessions.get(caller.tenant, request.session_id)
+        call = self.executor.run_turn(
+            executor_pb2.RunTurnRequest(
+                tenant=caller.tenant,
+                session_id=request.session_id,
+                input=request.input,
+                options=request.options,
+            ),
+            timeout=context.time_remaining(),
+        )
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            # Our caller left (or we failed): stop the turn instead of orphaning it.
+            call.cancel()
+
+    async def WatchEvents(  # noqa: N802
+        self, request: gateway_pb2.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[events_pb2.LifecycleEvent]:
+        caller = _caller(self.auth, context)
+        if request.session_id:
+            validate_session_id(request.session_id)
+        patterns = list(request.types)
+        subscription = await self.bus.subscribe()
+        try:
+            async for event in _until(subscription, self._draining):
+                if not caller.admin and event.tenant != caller.tenant:
+                    continue
+                if request.session_id and event.session_id != request.session_id:
+                    continue
+                if patterns and not any(fnmatch.fnmatchcase(event.type, p) for p in patterns):
+                    continue
+                yield event
+        finally:
+            await subscription.close()

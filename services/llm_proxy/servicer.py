@@ -1,0 +1,45 @@
+"""gRPC adapter for the proxy: proto in, domain call, proto out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+
+from services.llm_proxy.proxy import ChatProxy
+from threadline import errors
+from threadline.v1 import common_pb2, llm_pb2, llm_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class LlmProxyServicer(llm_pb2_grpc.LlmProxyServicer):
+    def __init__(self, proxy: ChatProxy) -> None:
+        self.proxy = proxy
+
+    async def StreamChat(  # noqa: N802 (gRPC method name)
+        self, request: llm_pb2.ChatRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        async for chunk in self.proxy.stream(request):
+            yield chunk
+
+    async def Chat(  # noqa: N802
+        self, request: llm_pb2.ChatRequest, context: Context
+    ) -> llm_pb2.ChatResponse:
+        async for chunk in self.proxy.stream(request):
+            if chunk.HasField("done"):
+                done = chunk.done
+                message = common_pb2.Message(
+                    role=common_pb2.ROLE_ASSISTANT,
+                    content=done.content,
+                    tool_calls=done.tool_calls,
+                    interrupted=done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED,
+                )
+                return llm_pb2.ChatResponse(message=message, done=done)
+        raise errors.Internal("the proxy ended without a result")
+
+    async def ListModels(  # noqa: N802
+        self, request: llm_pb2.ListModelsRequest, context: Context
+    ) -> llm_pb2.ListModelsResponse:
+        return llm_pb2.ListModelsResponse(models=self.proxy.models())

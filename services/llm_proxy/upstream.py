@@ -1,0 +1,178 @@
+"""Adapter for one OpenAI-compatible upstream over httpx: SSE in, typed events out.
+
+Every way an upstream can fail becomes an `UpstreamFailure` that says whether a
+retry can help; the proxy decides what to do with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+
+from services.llm_proxy.openai_wire import MalformedChunk, StreamEvent, parse_chunk
+from threadline.config import UpstreamSettings
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class UpstreamFailure(Exception):
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_detail(response_body: bytes) -> tuple[str, str]:
+    """(code, message) from an OpenAI-style error body, best effort."""
+    try:
+        body = json.loads(response_body)
+    except ValueError:
+        return "", response_body[:200].decode(errors="replace")
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("code") or error.get("type") or ""), str(error.get("message") or "")
+    if isinstance(error, str):
+        return "", error
+    return "", str(body)[:200]
+
+
+def classify_status(status: int, body: bytes, retry_after: str | None) -> UpstreamFailure:
+    code, message = _error_detail(body)
+    text = f"{code} {message}".lower()
+    if status in RETRYABLE_STATUS:
+        return UpstreamFailure(
+            f"http_{status}",
+            f"upstream answered {status}: {message or code}",
+            retryable=True,
+            status=status,
+            retry_after_s=parse_retry_after(retry_after),
+        )
+    if "context_length" in text or "context length" in text or "maximum context" in text:
+        return UpstreamFailure(
+            "context_length_exceeded", message or code, retryable=False, status=status
+        )
+    if "content_filter" in text or "content filter" in text or "content_policy" in text:
+        return UpstreamFailure("content_filter", message or code, retryable=False, status=status)
+    return UpstreamFailure(
+        f"http_{status}", f"upstream answered {status}: {message or code}", retryable=False,
+        status=status,
+    )
+
+
+@dataclass
+class Upstream:
+    """One model server. Holds a pooled httpx client; close it on shutdown."""
+
+    settings: UpstreamSettings
+    client: httpx.AsyncClient
+
+    @classmethod
+    def create(cls, settings: UpstreamSettings) -> Upstream:
+        headers = {}
+        if settings.api_key_env:
+            key = os.environ.get(settings.api_key_env, "")
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+        timeouts = settings.timeouts
+        client = httpx.AsyncClient(
+            base_url=settings.base_url,
+            headers=headers,
+            # Read waits are bounded by the first-token and idle timers below, per event.
+            timeout=httpx.Timeout(connect=timeouts.connect_s, read=None, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+        return cls(settings, client)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def stream(self, body: dict[str, object]) -> AsyncIterator[StreamEvent]:
+        """Stream one attempt. Raises UpstreamFailure; any event yielded was real output."""
+        timeouts = self.settings.timeouts
+        try:
+            async with aconnect_sse(self.client, "POST", "/chat/completions", json=body) as source:
+                response = source.response
+                if response.status_code != 200:
+                    content = await response.aread()
+                    raise classify_status(
+                        response.status_code, content, response.headers.get("retry-after")
+                    )
+                events = source.aiter_sse().__aiter__()
+                wait = timeouts.first_token_s
+                while True:
+                    try:
+                        sse = await asyncio.wait_for(events.__anext__(), wait)
+                    except StopAsyncIteration:
+                        return  # a stream without [DONE] is finalised as it stands
+                    except TimeoutError:
+                        phase = "first_token" if wait == timeouts.first_token_s else "idle"
+                        raise UpstreamFailure(
+                            f"{phase}_timeout",
+                            f"upstream sent nothing for {wait:g}s ({phase.replace('_', ' ')})",
+                            retryable=False,
+                        ) from None
+                    wait = timeouts.idle_between_chunks_s
+                    if not sse.data or sse.data.strip() == "":
+                        continue
+                    if sse.data.strip() == "[DONE]":
+                        return
+                    try:
+                        for event in parse_chunk(sse.data):
+                            yield event
+                    except MalformedChunk as exc:
+                        raise UpstreamFailure(
+                            "malformed_chunk", str(exc), retryable=True
+                        ) from None
+        except SSEError as exc:
+            raise UpstreamFailure("malformed_stream", str(exc), retryable=True) from None
+        except httpx.ConnectError as exc:
+            raise UpstreamFailure("connect", f"cannot connect: {exc}", retryable=True) from None
+        except httpx.ConnectTimeout:
+            raise UpstreamFailure(
+                "connect_timeout", f"no connection within {timeouts.connect_s:g}s", retryable=True
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise UpstreamFailure(
+                "reset", f"connection broken: {exc or type(exc).__name__}", retryable=True
+            ) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamFailure(
+                "transport", f"{type(exc).__name__}: {exc}", retryable=True
+            ) from None

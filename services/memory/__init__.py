@@ -1,0 +1,1 @@
+"""memory: folds old messages into long-term memory the executor recalls."""

@@ -1,0 +1,136 @@
+"""SQLite adapter for long-term memory: one summary and offset per session, plus history.
+
+The summary and the offset move in one transaction, so the offset never
+advances past messages whose summary was not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE memories (
+        tenant TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        next_offset INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, session_id)
+    );
+    CREATE TABLE memory_history (
+        tenant TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        from_seq INTEGER NOT NULL,
+        to_seq INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX memory_history_session ON memory_history (tenant, session_id, from_seq);
+    """,
+]
+
+
+@dataclass(frozen=True)
+class SessionMemory:
+    summary: str
+    #: seq of the first message not yet consolidated.
+    offset: int
+
+
+class SqliteMemoryStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # One thread owns the connection: writes serialise and the loop never blocks.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        await self._run(self._open_sync)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def get(self, tenant: str, session_id: str) -> SessionMemory:
+        return await self._run(self._get_sync, tenant, session_id)
+
+    async def save(
+        self, tenant: str, session_id: str, *, summary: str, from_seq: int, next_offset: int
+    ) -> None:
+        await self._run(self._save_sync, tenant, session_id, summary, from_seq, next_offset)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("memory store is not open")
+        return self._conn
+
+    def _open_sync(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={number}")
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                conn.close()
+                raise
+        self._conn = conn
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _get_sync(self, tenant: str, session_id: str) -> SessionMemory:
+        row = self._db().execute(
+            "SELECT summary, next_offset FROM memories WHERE tenant = ? AND session_id = ?",
+            (tenant, session_id),
+        ).fetchone()
+        return SessionMemory("", 0) if row is None else SessionMemory(row[0], int(row[1]))
+
+    def _save_sync(
+        self, tenant: str, session_id: str, summary: str, from_seq: int, next_offset: int
+    ) -> None:
+        conn = self._db()
+        now = time.time_ns() // 1000
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT INTO memories (tenant, session_id, summary, next_offset, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, session_id) DO UPDATE SET "
+                "summary = excluded.summary, next_offset = excluded.next_offset, "
+                "updated_at = excluded.updated_at",
+                (tenant, session_id, summary, next_offset, now),
+            )
+            conn.execute(
+                "INSERT INTO memory_history VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, session_id, from_seq, next_offset - 1, summary, now),
+            )
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise

@@ -1,0 +1,1 @@
+"""The session service: the append-only, hash-chained conversation log and context building."""

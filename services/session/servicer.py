@@ -1,0 +1,134 @@
+"""gRPC adapter for the session store: proto in, domain call, proto out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+
+from services.session.chain import verify_chain
+from services.session.context import build_context
+from services.session.store import SessionStore
+from services.session.tokens import TokenEstimator
+from services.session.validation import validate_session_id
+from threadline import errors
+from threadline.events import EventPublisher
+from threadline.v1 import session_pb2, session_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _require_tenant(tenant: str) -> None:
+    if not tenant:
+        raise errors.InvalidArgument("tenant is required")
+
+
+class SessionsServicer(session_pb2_grpc.SessionsServicer):
+    def __init__(
+        self, store: SessionStore, estimator: TokenEstimator, events: EventPublisher
+    ) -> None:
+        self.store = store
+        self.estimator = estimator
+        self.events = events
+
+    async def Create(  # noqa: N802 (gRPC method name)
+        self, request: session_pb2.SessionsCreateRequest, context: Context
+    ) -> session_pb2.Session:
+        _require_tenant(request.tenant)
+        session = await self.store.create(
+            tenant=request.tenant,
+            model=request.model,
+            system_prompt=request.system_prompt,
+            title=request.title,
+            metadata=dict(request.metadata),
+        )
+        self.events.emit("session.created", tenant=session.tenant, session_id=session.id)
+        return session
+
+    async def Get(  # noqa: N802
+        self, request: session_pb2.SessionsGetRequest, context: Context
+    ) -> session_pb2.SessionDetail:
+        _require_tenant(request.tenant)
+        validate_session_id(request.session_id)
+        if request.from_seq < 0:
+            raise errors.InvalidArgument(f"from_seq must be >= 0, got {request.from_seq}")
+        session = await self.store.get(request.tenant, request.session_id)
+        detail = session_pb2.SessionDetail(session=session)
+        if request.verify_chain:
+            messages = await self.store.messages(request.tenant, request.session_id)
+            verify_chain(messages)
+            if messages and messages[-1].hash != session.head:
+                raise errors.DataLoss(
+                    f"session {session.id}: head {session.head} does not match the last "
+                    f"message's hash {messages[-1].hash}"
+                )
+            detail.chain_verified = True
+            if request.include_messages:
+                detail.messages.extend(m for m in messages if m.seq >= request.from_seq)
+        elif request.include_messages:
+            detail.messages.extend(
+                await self.store.messages(
+                    request.tenant, request.session_id, from_seq=request.from_seq
+                )
+            )
+        return detail
+
+    async def List(  # noqa: N802
+        self, request: session_pb2.SessionsListRequest, context: Context
+    ) -> session_pb2.SessionList:
+        _require_tenant(request.tenant)
+        if request.page_size < 0:
+            raise errors.InvalidArgument(f"page_size must be >= 0, got {request.page_size}")
+        sessions, token = await self.store.list(
+            request.tenant, page_size=request.page_size, page_token=request.page_token
+        )
+        return session_pb2.SessionList(sessions=sessions, next_page_token=token)
+
+    async def Append(  # noqa: N802
+        self, request: session_pb2.AppendRequest, context: Context
+    ) -> session_pb2.AppendResponse:
+        _require_tenant(request.tenant)
+        validate_session_id(request.session_id)
+        head, stored = await self.store.append(
+            request.tenant, request.session_id, request.expected_head, list(request.messages)
+        )
+        return session_pb2.AppendResponse(head=head, messages=stored)
+
+    async def BuildContext(  # noqa: N802
+        self, request: session_pb2.BuildContextRequest, context: Context
+    ) -> session_pb2.BuildContextResponse:
+        _require_tenant(request.tenant)
+        validate_session_id(request.session_id)
+        if request.budget_tokens <= 0:
+            raise errors.InvalidArgument(
+                f"budget_tokens must be > 0, got {request.budget_tokens}"
+            )
+        if not 0 <= request.reserve_output_tokens < request.budget_tokens:
+            raise errors.InvalidArgument(
+                f"reserve_output_tokens must be in [0, budget_tokens), got "
+                f"{request.reserve_output_tokens}"
+            )
+        result = await build_context(
+            self.store,
+            request.tenant,
+            request.session_id,
+            budget_tokens=request.budget_tokens,
+            reserve_output_tokens=request.reserve_output_tokens,
+            memory_summary=request.memory_summary,
+            estimator=self.estimator,
+        )
+        if result.dropped_count:
+            self.events.emit(
+                "session.truncated",
+                tenant=request.tenant,
+                session_id=request.session_id,
+                dropped=result.dropped_count,
+                kept=len(result.messages),
+                budget_tokens=request.budget_tokens,
+            )
+        return session_pb2.BuildContextResponse(
+            messages=result.messages,
+            token_estimate=result.token_estimate,
+            dropped_count=result.dropped_count,
+            head=result.head,
+        )

@@ -1,0 +1,90 @@
+"""One turn through gateway → executor → session / memory / llm_proxy → fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import OTHER_KEY
+from threadline import errors
+from threadline.client import GatewayClient
+from threadline.stack import Stack
+from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.v1 import common_pb2
+
+
+async def collect(client: GatewayClient, session_id: str, text: str) -> list[object]:
+    return [event async for event in client.converse(session_id, text)]
+
+
+async def test_turn_streams_stores_and_publishes(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream, redis_client: aioredis.Redis
+) -> None:
+    pubsub = redis_client.pubsub()
+    await pubsub.psubscribe("threadline.events.turn.*")
+    fake_upstream.default = Script(text="Hello there, traveller.")
+    session = await gateway.create_session(system_prompt="Be brief.")
+
+    events = [e async for e in gateway.converse(session.id, "Hi!")]
+
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "done"
+    assert "".join(e.delta for e in events if e.WhichOneof("event") == "delta") == (
+        "Hello there, traveller."
+    )
+    done = events[-1].done
+    assert done.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert done.usage.completion_tokens > 0 and done.model == "fake-model"
+
+    detail = await gateway.get_session(session.id, verify_chain=True)
+    assert detail.chain_verified
+    assert [(m.role, m.content) for m in detail.messages] == [
+        (common_pb2.ROLE_USER, "Hi!"),
+        (common_pb2.ROLE_ASSISTANT, "Hello there, traveller."),
+    ]
+    assert detail.session.head == done.head == detail.messages[-1].hash
+    sent = fake_upstream.chat_requests()[-1].body
+    assert sent is not None and sent["messages"][0] == {"role": "system", "content": "Be brief."}
+
+    seen: list[str] = []
+    async with asyncio.timeout(5):
+        while len(seen) < 2:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message:
+                seen.append(json.loads(message["data"])["type"])
+    assert seen == ["turn.started", "turn.completed"]
+    await pubsub.aclose()
+
+
+async def test_second_concurrent_turn_is_aborted(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Script(tokens=20, token_delay_s=0.05)
+    session = await gateway.create_session()
+    first = asyncio.create_task(collect(gateway, session.id, "one"))
+    await fake_upstream.wait_for_requests(1)
+    with pytest.raises(errors.Aborted, match="session busy"):
+        await collect(gateway, session.id, "two")
+    assert (await first)[-1].done.finish_reason == common_pb2.FINISH_REASON_STOP  # type: ignore[attr-defined]
+    detail = await gateway.get_session(session.id)
+    assert [m.content for m in detail.messages][0] == "one"
+    assert len(detail.messages) == 2
+
+
+async def test_wrong_key_is_unauthenticated(stack: Stack) -> None:
+    async with GatewayClient(stack.address("gateway"), api_key="nope") as client:
+        with pytest.raises(errors.Unauthenticated):
+            await client.list_sessions()
+
+
+async def test_other_tenants_session_is_not_found(stack: Stack, gateway: GatewayClient) -> None:
+    session = await gateway.create_session()
+    async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
+        with pytest.raises(errors.NotFound):
+            await other.get_session(session.id)
+        with pytest.raises(errors.NotFound):
+            await collect(other, session.id, "hi")
+    assert (await gateway.get_session(session.id)).messages == []

@@ -1,0 +1,297 @@
+"""The `threadline` command: run the stack or one service, chat, tail events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+
+from threadline import errors
+from threadline.client import GatewayClient
+from threadline.config import (
+    SERVICE_NAMES,
+    ApiKey,
+    ConfigError,
+    ServiceName,
+    Settings,
+    TimeoutSettings,
+    UpstreamSettings,
+    hash_api_key,
+    load_settings,
+)
+from threadline.logs import configure_logging, get_logger
+from threadline.server import wait_for_shutdown_signal
+
+app = typer.Typer(help="threadline: LLM agent conversations on self-hosted model servers.",
+                  no_args_is_help=True)
+events_app = typer.Typer(help="Lifecycle events.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+app.add_typer(keys_app, name="keys")
+err = Console(stderr=True)
+log = get_logger("threadline.cli")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file (or THREADLINE_CONFIG).")
+]
+DEV_KEY_FILE = "dev-api-key"
+DEV_TENANT = "dev"
+
+
+def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        return load_settings(config_file=config, overrides=overrides)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _dev_api_key(data_dir: Path) -> str:
+    """A key for the local tenant 'dev', kept in the data dir so `chat` finds it."""
+    path = data_dir / DEV_KEY_FILE
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = "tl-dev-" + secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+@app.command()
+def up(
+    config: ConfigOption = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where SQLite files and logs live.")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis for events and leases (default: in-process).")
+    ] = None,
+) -> None:
+    """Run all five services in one process; start the bundled local model if no upstream."""
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if redis_url is not None:
+        overrides["redis_url"] = redis_url
+    settings = _settings(config, overrides)
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(_up(settings))
+    except errors.ThreadlineError as exc:
+        err.print(f"[red]threadline up failed: {exc.message}[/red]")
+        raise typer.Exit(1) from None
+
+
+async def _up(settings: Settings) -> None:
+    from threadline.local_model import LocalModelServer
+    from threadline.stack import start_stack
+
+    began = time.perf_counter()
+    local: LocalModelServer | None = None
+    if settings.llm.upstream is None:
+        local = LocalModelServer(settings.data_dir)
+        err.print("no upstream configured: starting the bundled local model (Gemma 3 270M)...")
+        base_url = await local.start()
+        # A CPU model is slow to its first token under load; give it room.
+        upstream = UpstreamSettings(
+            name="local-llama-cpp",
+            base_url=base_url,
+            model=local.model,
+            timeouts=TimeoutSettings(first_token_s=120, idle_between_chunks_s=60),
+        )
+        settings = settings.model_copy(
+            update={"llm": settings.llm.model_copy(update={"upstream": upstream})}
+        )
+    key_note = ""
+    if not settings.gateway.api_keys:
+        key = _dev_api_key(settings.data_dir)
+        dev = ApiKey(sha256=hash_api_key(key), tenant=DEV_TENANT)
+        settings = settings.model_copy(
+            update={"gateway": settings.gateway.model_copy(update={"api_keys": (dev,)})}
+        )
+        key_note = f" (dev API key in {settings.data_dir / DEV_KEY_FILE})"
+    try:
+        stack = await start_stack(settings)
+        err.print(
+            f"[green]threadline is up[/green] in {time.perf_counter() - began:.1f}s: "
+            f"gateway at {settings.addresses.gateway}{key_note}\n"
+            f"chat with:  threadline chat --data-dir {settings.data_dir}\n"
+            "stop with Ctrl-C"
+        )
+        await wait_for_shutdown_signal()
+        await stack.stop()
+    finally:
+        if local is not None:
+            await local.stop()
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE_NAMES)}")],
+    config: ConfigOption = None,
+) -> None:
+    """Run one service in this process (peers' addresses come from config)."""
+    if service not in SERVICE_NAMES:
+        err.print(f"[red]unknown service {service!r}: expected one of {', '.join(SERVICE_NAMES)}")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    configure_logging(settings.log_level)
+    name: ServiceName = service
+    try:
+        asyncio.run(_serve(settings, name))
+    except errors.ThreadlineError as exc:
+        err.print(f"[red]{service} failed to start: {exc.message}[/red]")
+        raise typer.Exit(1) from None
+
+
+async def _serve(settings: Settings, service: ServiceName) -> None:
+    from threadline.stack import start_stack
+
+    stack = await start_stack(settings, services=[service])
+    await wait_for_shutdown_signal()
+    await stack.stop()
+
+
+def _client(address: str | None, api_key: str | None, data_dir: Path | None) -> GatewayClient:
+    settings = _settings(None)
+    key = api_key or os.environ.get("THREADLINE_API_KEY")
+    if not key:
+        path = (data_dir or settings.data_dir) / DEV_KEY_FILE
+        if not path.exists():
+            err.print(
+                "[red]no API key: pass --api-key, set THREADLINE_API_KEY, or run `threadline up` "
+                "(it writes a dev key)[/red]"
+            )
+            raise typer.Exit(2)
+        key = path.read_text().strip()
+    return GatewayClient(address or settings.addresses.gateway, api_key=key)
+
+
+AddressOption = Annotated[str | None, typer.Option(help="Gateway host:port.")]
+ApiKeyOption = Annotated[str | None, typer.Option(help="API key (or THREADLINE_API_KEY).")]
+DataDirOption = Annotated[Path | None, typer.Option(help="Data dir holding the dev API key.")]
+
+
+@app.command()
+def chat(
+    session: Annotated[str | None, typer.Option(help="Continue this session.")] = None,
+    message: Annotated[
+        str | None, typer.Option("--message", "-m", help="Send one message and exit.")
+    ] = None,
+    system: Annotated[str, typer.Option(help="System prompt for a new session.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Answer length limit (0: server default).")] = 0,
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Talk to a session through the gateway; answers stream as they arrive."""
+    client = _client(address, api_key, data_dir)
+    try:
+        asyncio.run(_chat(client, session, message, system, max_tokens))
+    except errors.ThreadlineError as exc:
+        err.print(f"[red]{exc.code}: {exc.message}[/red]")
+        raise typer.Exit(1) from None
+
+
+async def _chat(
+    client: GatewayClient, session_id: str | None, message: str | None, system: str,
+    max_tokens: int,
+) -> None:
+    async with client:
+        if session_id is None:
+            session_id = (await client.create_session(system_prompt=system)).id
+        err.print(f"session {session_id}")
+        while True:
+            if message is not None:
+                text = message
+            else:
+                try:
+                    text = await asyncio.to_thread(input, "you> ")
+                except EOFError:
+                    return
+                if not text.strip():
+                    continue
+            await _turn(client, session_id, text, max_tokens)
+            if message is not None:
+                return
+
+
+async def _turn(client: GatewayClient, session_id: str, text: str, max_tokens: int) -> None:
+    async for event in client.converse(session_id, text, max_tokens=max_tokens):
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            sys.stdout.write(event.delta)
+            sys.stdout.flush()
+        elif kind == "done":
+            sys.stdout.write("\n")
+            done = event.done
+            note = f"[{done.latency_ms} ms, {done.usage.completion_tokens} tokens, {done.model}]"
+            if done.error:
+                note += f" interrupted: {done.error}"
+            err.print(note, style="dim")
+
+
+@events_app.command("tail")
+def events_tail(
+    type_: Annotated[
+        list[str] | None, typer.Option("--type", help="Glob on the event type, e.g. 'turn.*'.")
+    ] = None,
+    session: Annotated[str | None, typer.Option(help="Only this session's events.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Print lifecycle events live, as they happen."""
+    client = _client(address, api_key, data_dir)
+    try:
+        asyncio.run(_tail(client, type_ or [], session or "", as_json))
+    except errors.ThreadlineError as exc:
+        err.print(f"[red]{exc.code}: {exc.message}[/red]")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+async def _tail(client: GatewayClient, types: list[str], session_id: str, as_json: bool) -> None:
+    out = Console()
+    async with client:
+        async for event in client.watch_events(types=types, session_id=session_id):
+            if as_json:
+                print(json_format.MessageToJson(event, preserving_proto_field_name=True,
+                                                indent=None), flush=True)
+                continue
+            attrs = json_format.MessageToDict(event.attributes)
+            when = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+            out.print(
+                f"{when} [bold]{event.type}[/bold] {event.service} "
+                f"{event.session_id or '-'} {json.dumps(attrs, separators=(',', ':'))}",
+                highlight=False,
+            )
+
+
+@keys_app.command("hash")
+def keys_hash(key: Annotated[str, typer.Argument(help="The API key to hash.")]) -> None:
+    """Print the SHA-256 digest to put in gateway.api_keys (config never holds the key)."""
+    print(hash_api_key(key))
+
+
+@keys_app.command("new")
+def keys_new(tenant: Annotated[str, typer.Argument(help="Tenant the key belongs to.")]) -> None:
+    """Make a new random key and print it with its config entry."""
+    key = "tl-" + secrets.token_urlsafe(32)
+    print(f"key:    {key}")
+    print(f"config: {{sha256: {hash_api_key(key)}, tenant: {tenant}}}")
+
+
+if __name__ == "__main__":
+    app()

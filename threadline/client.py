@@ -1,0 +1,98 @@
+"""Typed Python client for the gateway, the public API.
+
+    async with GatewayClient("127.0.0.1:50051", api_key="...") as client:
+        session = await client.create_session(system_prompt="Be brief.")
+        async for event in client.converse(session.id, "Hello"):
+            ...
+
+Failures raise the matching `threadline.errors.ThreadlineError` subclass
+(`NotFound`, `Aborted`, `Unauthenticated`, ...), never a raw grpc error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+
+import grpc.aio
+
+from threadline.channels import connect, streaming, unary
+from threadline.v1 import (
+    events_pb2,
+    executor_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    session_pb2,
+)
+
+
+class GatewayClient:
+    def __init__(self, address: str, *, api_key: str) -> None:
+        self.address = address
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._channel: grpc.aio.Channel = connect(address)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def create_session(
+        self,
+        *,
+        model: str = "",
+        system_prompt: str = "",
+        title: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> session_pb2.Session:
+        request = gateway_pb2.CreateSessionRequest(
+            model=model, system_prompt=system_prompt, title=title, metadata=metadata or {}
+        )
+        return await unary(self._stub.CreateSession(request, metadata=self._metadata))
+
+    async def get_session(
+        self, session_id: str, *, include_messages: bool = True, verify_chain: bool = False
+    ) -> session_pb2.SessionDetail:
+        request = gateway_pb2.GetSessionRequest(
+            session_id=session_id, include_messages=include_messages, verify_chain=verify_chain
+        )
+        return await unary(self._stub.GetSession(request, metadata=self._metadata))
+
+    async def list_sessions(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> session_pb2.SessionList:
+        request = gateway_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
+        return await unary(self._stub.ListSessions(request, metadata=self._metadata))
+
+    def converse(
+        self,
+        session_id: str,
+        text: str,
+        *,
+        model: str = "",
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        """Stream one turn: started, deltas, then done. Leaving the loop cancels the turn."""
+        options = executor_pb2.TurnOptions(model=model, max_tokens=max_tokens)
+        if temperature is not None:
+            options.temperature = temperature
+        request = gateway_pb2.ConverseRequest(session_id=session_id, input=text, options=options)
+        return streaming(self._stub.Converse(request, metadata=self._metadata, timeout=timeout))
+
+    def watch_events(
+        self, *, types: Sequence[str] = (), session_id: str = ""
+    ) -> AsyncIterator[events_pb2.LifecycleEvent]:
+        request = gateway_pb2.WatchEventsRequest(types=list(types), session_id=session_id)
+        return streaming(self._stub.WatchEvents(request, metadata=self._metadata))

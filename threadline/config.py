@@ -1,0 +1,249 @@
+"""Configuration: `THREADLINE_*` environment variables over an optional YAML file.
+
+Nested settings use `__` in variable names (`THREADLINE_LLM__UPSTREAM__BASE_URL`);
+lists and maps take JSON (`THREADLINE_GATEWAY__API_KEYS='[...]'`). The loader takes
+the environment as a parameter so tests never patch `os.environ`. Invalid config
+raises `ConfigError` naming each bad setting and the variable that sets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "THREADLINE_"
+ServiceName = Literal["gateway", "executor", "llm_proxy", "session", "memory"]
+SERVICE_NAMES: tuple[ServiceName, ...] = ("gateway", "executor", "llm_proxy", "session", "memory")
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message names every bad setting."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Addresses(_Section):
+    """Where each service listens (its port) and where its peers reach it."""
+
+    gateway: str = "127.0.0.1:50051"
+    executor: str = "127.0.0.1:50052"
+    llm_proxy: str = "127.0.0.1:50053"
+    session: str = "127.0.0.1:50054"
+    memory: str = "127.0.0.1:50055"
+
+    @field_validator("*")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    def of(self, service: ServiceName) -> str:
+        return str(getattr(self, service))
+
+    def port_of(self, service: ServiceName) -> int:
+        return int(self.of(service).rpartition(":")[2])
+
+
+class RetrySettings(_Section):
+    """Full-jitter exponential backoff for attempts before the first token."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    base_delay_s: float = Field(default=0.2, gt=0)
+    max_delay_s: float = Field(default=5.0, gt=0)
+    budget_s: float = Field(default=30.0, gt=0)
+
+
+class TimeoutSettings(_Section):
+    connect_s: float = Field(default=5.0, gt=0)
+    first_token_s: float = Field(default=60.0, gt=0)
+    idle_between_chunks_s: float = Field(default=30.0, gt=0)
+    total_s: float = Field(default=600.0, gt=0)
+
+
+class UpstreamSettings(_Section):
+    name: str = "default"
+    base_url: str
+    #: Name of the environment variable holding the API key (never the key itself).
+    api_key_env: str = ""
+    model: str
+    timeouts: TimeoutSettings = TimeoutSettings()
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+
+class LlmSettings(_Section):
+    #: None: `threadline up` starts the bundled local model; a lone llm_proxy refuses to start.
+    upstream: UpstreamSettings | None = None
+    retry: RetrySettings = RetrySettings()
+
+
+class SessionSettings(_Section):
+    #: SQLite file; empty means `<data_dir>/sessions.db`.
+    database: str = ""
+    max_message_chars: int = Field(default=32_000, gt=0)
+    max_messages_per_append: int = Field(default=64, gt=0)
+
+
+class MemorySettings(_Section):
+    #: SQLite file; empty means `<data_dir>/memory.db`.
+    database: str = ""
+    #: Model route for summaries; empty uses the upstream's model.
+    model: str = ""
+    max_summary_tokens: int = Field(default=256, gt=0)
+
+
+class ExecutorSettings(_Section):
+    #: Token budget for the prompt sent to the model (context window minus headroom).
+    context_budget_tokens: int = Field(default=4096, gt=0)
+    max_output_tokens: int = Field(default=512, gt=0)
+    #: How long a finished turn may wait for its session write on shutdown.
+    turn_lease_ttl_s: float = Field(default=600.0, gt=0)
+
+
+class ApiKey(_Section):
+    """An API key, stored as the SHA-256 hex of the key: config never holds the secret."""
+
+    sha256: str
+    tenant: str
+    #: Admins see every tenant's lifecycle events.
+    admin: bool = False
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("expected the 64-character SHA-256 hex digest of the key")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if not value or len(value) > 64 or not value.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"tenant must be 1-64 letters, digits, - or _: {value!r}")
+        return value
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class GatewaySettings(_Section):
+    api_keys: tuple[ApiKey, ...] = ()
+    max_input_chars: int = Field(default=32_000, gt=0)
+
+
+class EventSettings(_Section):
+    #: Events kept in the Redis stream `threadline.events` for replay (approximate cap).
+    stream_maxlen: int = Field(default=10_000, gt=0)
+    #: Events buffered while Redis is unreachable; beyond this they are dropped and counted.
+    buffer_size: int = Field(default=10_000, gt=0)
+
+
+class Settings(BaseSettings):
+    """All of threadline's settings. Build with `load_settings`, not `Settings()`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    data_dir: Path = Path(".threadline")
+    #: Redis for the event bus and cross-replica leases; None means in-process only.
+    redis_url: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Interface every service binds; each binds the port of its own address.
+    listen_host: str = "127.0.0.1"
+    addresses: Addresses = Addresses()
+    grace_period_s: float = Field(default=10.0, ge=0)
+    llm: LlmSettings = LlmSettings()
+    session: SessionSettings = SessionSettings()
+    memory: MemorySettings = MemorySettings()
+    executor: ExecutorSettings = ExecutorSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    events: EventSettings = EventSettings()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis://host:port/db, got {value!r}")
+        return value
+
+    def sqlite_path(self, section: Literal["session", "memory"]) -> Path:
+        configured = self.session.database if section == "session" else self.memory.database
+        return Path(configured) if configured else self.data_dir / f"{section}s.db"
+
+
+class _EnvSource(EnvSettingsSource):
+    """Reads a given mapping instead of `os.environ`."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Settings, case_sensitive=False)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc if isinstance(p, str))
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Environment over YAML file over defaults; `overrides` (CLI flags) win over all."""
+    environ = os.environ if environ is None else environ
+    path = config_file or (Path(environ["THREADLINE_CONFIG"]) if environ.get("THREADLINE_CONFIG") else None)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    try:
+        env_data = {k: v for k, v in _EnvSource(environ)().items() if v is not None}
+    except Exception as exc:  # pydantic-settings raises SettingsError on bad JSON values
+        raise ConfigError(f"invalid configuration in the environment: {exc}") from exc
+    data = _deep_merge(_deep_merge(data, env_data), overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"  {'.'.join(str(p) for p in err['loc'])} ({_env_name(err['loc'])}): {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems)) from None

@@ -1,0 +1,142 @@
+"""gRPC interceptors: request context for logs, and the domain error boundary.
+
+Server side, every RPC runs with rpc method, request id, tenant and session
+bound in structlog's contextvars, and any `ThreadlineError` that escapes a
+servicer becomes its gRPC status (see `threadline.status`). Anything else is a
+bug: it is logged with its traceback and the caller gets INTERNAL with the
+request id to quote. Client side, the request id travels to the next service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from threadline import errors
+from threadline.logs import get_logger
+from threadline.status import abort_with
+
+REQUEST_ID_KEY = "x-request-id"
+log = get_logger("threadline.rpc")
+
+
+def _request_fields(request: object) -> dict[str, str]:
+    """Tenant and session of a request, for the log context, when it names them."""
+    fields: dict[str, str] = {}
+    for name in ("tenant", "session_id"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            fields[name] = value
+    return fields
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    if isinstance(exc, errors.ThreadlineError):
+        log.info("rpc.error", code=exc.code, error=exc.message)
+        await abort_with(context, exc)
+    request_id = structlog.contextvars.get_contextvars().get("request_id", "")
+    log.error("rpc.internal_error", exc_info=exc)
+    await abort_with(context, errors.Internal(f"internal error (request id {request_id})"))
+
+
+class ServerContextInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+
+        def bind(request: object) -> None:
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(
+                rpc_method=method, request_id=request_id, **_request_fields(request)
+            )
+
+        if handler.unary_unary is not None:
+            inner_unary: Any = handler.unary_unary
+
+            async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                bind(request)
+                try:
+                    return await inner_unary(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await _fail(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            inner_stream: Any = handler.unary_stream
+
+            async def stream(
+                request: object, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                bind(request)
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await _fail(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Health Watch and reflection write through the context; they raise no domain errors.
+        return handler
+
+
+def _with_request_id(metadata: grpc.aio.Metadata | None) -> grpc.aio.Metadata:
+    out = grpc.aio.Metadata(*(metadata or ()))
+    if not out.get_all(REQUEST_ID_KEY):
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        out.add(REQUEST_ID_KEY, str(request_id or uuid.uuid4().hex))
+    return out
+
+
+class ClientRequestIdInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
+    """Carries the current request id to the next service, so one id spans a turn."""
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    @staticmethod
+    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            method=details.method,
+            timeout=details.timeout,
+            metadata=_with_request_id(details.metadata),
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )

@@ -1,0 +1,151 @@
+"""Typed clients for calls between services; errors arrive as domain errors.
+
+Domain code depends on these small classes (or on Protocols they satisfy),
+never on stubs or grpc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc.aio
+
+from threadline.channels import connect, streaming, unary
+from threadline.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    llm_pb2,
+    llm_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+)
+
+
+class _Peer:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel: grpc.aio.Channel = connect(address)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class SessionClient(_Peer):
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.stub = session_pb2_grpc.SessionsStub(self.channel)
+
+    async def create(self, request: session_pb2.SessionsCreateRequest) -> session_pb2.Session:
+        return await unary(self.stub.Create(request))
+
+    async def get(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        include_messages: bool = False,
+        verify_chain: bool = False,
+        from_seq: int = 0,
+    ) -> session_pb2.SessionDetail:
+        return await unary(
+            self.stub.Get(
+                session_pb2.SessionsGetRequest(
+                    tenant=tenant,
+                    session_id=session_id,
+                    include_messages=include_messages,
+                    verify_chain=verify_chain,
+                    from_seq=from_seq,
+                )
+            )
+        )
+
+    async def messages_from(
+        self, tenant: str, session_id: str, from_seq: int
+    ) -> list[common_pb2.Message]:
+        detail = await self.get(tenant, session_id, include_messages=True, from_seq=from_seq)
+        return list(detail.messages)
+
+    async def list(
+        self, tenant: str, *, page_size: int = 0, page_token: str = ""
+    ) -> session_pb2.SessionList:
+        return await unary(
+            self.stub.List(
+                session_pb2.SessionsListRequest(
+                    tenant=tenant, page_size=page_size, page_token=page_token
+                )
+            )
+        )
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        expected_head: str,
+        messages: Sequence[common_pb2.Message],
+    ) -> session_pb2.AppendResponse:
+        return await unary(
+            self.stub.Append(
+                session_pb2.AppendRequest(
+                    tenant=tenant,
+                    session_id=session_id,
+                    expected_head=expected_head,
+                    messages=messages,
+                )
+            )
+        )
+
+    async def build_context(
+        self, request: session_pb2.BuildContextRequest
+    ) -> session_pb2.BuildContextResponse:
+        return await unary(self.stub.BuildContext(request))
+
+
+class LlmClient(_Peer):
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.stub = llm_pb2_grpc.LlmProxyStub(self.channel)
+
+    def stream_chat(
+        self, request: llm_pb2.ChatRequest, *, timeout: float | None = None
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        return streaming(self.stub.StreamChat(request, timeout=timeout))
+
+    async def chat(
+        self, request: llm_pb2.ChatRequest, *, timeout: float | None = None
+    ) -> llm_pb2.ChatResponse:
+        return await unary(self.stub.Chat(request, timeout=timeout))
+
+
+class MemoryClient(_Peer):
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.stub = memory_pb2_grpc.MemoryStub(self.channel)
+
+    async def recall(self, tenant: str, session_id: str) -> memory_pb2.RecallResponse:
+        return await unary(
+            self.stub.Recall(memory_pb2.RecallRequest(tenant=tenant, session_id=session_id))
+        )
+
+    async def consolidate(
+        self, tenant: str, session_id: str, model: str = ""
+    ) -> memory_pb2.ConsolidateResponse:
+        return await unary(
+            self.stub.Consolidate(
+                memory_pb2.ConsolidateRequest(tenant=tenant, session_id=session_id, model=model)
+            )
+        )
+
+
+class ExecutorClient(_Peer):
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
+
+    def run_turn(
+        self, request: executor_pb2.RunTurnRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall[executor_pb2.RunTurnRequest, executor_pb2.TurnEvent]:
+        """The raw call: the gateway relays it and cancels it when its own caller goes."""
+        return self.stub.RunTurn(request, timeout=timeout)

@@ -1,0 +1,99 @@
+"""The one mapping between domain errors and gRPC statuses, in both directions.
+
+Servers: `abort_with(context, error)` ends an RPC with the error's code, its
+message and rich details (google.rpc.ErrorInfo, RetryInfo) via grpcio-status.
+Clients: `from_rpc_error(error)` turns a received status back into the typed
+domain error, details included, so a caller in another service can `except
+HeadMismatch` exactly as if the call had been local.
+"""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from threadline import errors
+
+_DOMAIN = "threadline.dev"
+
+
+def _all_error_classes() -> dict[str, type[errors.ThreadlineError]]:
+    found: dict[str, type[errors.ThreadlineError]] = {}
+    pending: list[type[errors.ThreadlineError]] = [errors.ThreadlineError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def to_status(error: errors.ThreadlineError) -> grpc.Status:
+    code = grpc.StatusCode[error.code]
+    info = error_details_pb2.ErrorInfo(
+        reason=type(error).__name__, domain=_DOMAIN, metadata=error.details
+    )
+    details = [_pack(info)]
+    if isinstance(error, errors.ResourceExhausted) and error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+async def abort_with(context: grpc.aio.ServicerContext[object, object], error: errors.ThreadlineError) -> None:
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.ThreadlineError:
+    """The typed domain error for a failed call (INTERNAL for unknown codes)."""
+    code = error.code()
+    message = error.details() or code.name
+    reason = ""
+    metadata: dict[str, str] = {}
+    retry_after: float | None = None
+    status = _rich_status(error)
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToMilliseconds() / 1000
+    classes = _all_error_classes()
+    cls = classes.get(reason)
+    if cls is errors.HeadMismatch:
+        return errors.HeadMismatch(
+            metadata.get("session_id", ""),
+            metadata.get("expected_head", ""),
+            metadata.get("current_head", ""),
+        )
+    if cls is None or cls.code != code.name:
+        cls = errors.BY_CODE.get(code.name, errors.Internal)
+    if issubclass(cls, errors.ResourceExhausted):
+        return cls(message, retry_after_s=retry_after, details=metadata)
+    return cls(message, details=metadata)
+
+
+def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    trailing = error.trailing_metadata() or ()
+    for key, value in trailing:
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    return None

@@ -1,0 +1,1 @@
+"""Test infrastructure shared by the unit, service and e2e suites and the benchmarks."""
