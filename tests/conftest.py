@@ -73,8 +73,12 @@ def make_settings(tmp_path: Path, upstream_url: str | None, **overrides: Any) ->
             "name": "fake",
             "base_url": upstream_url,
             "model": FAKE_MODEL,
-            "timeouts": {"connect_s": 2, "first_token_s": 3, "idle_between_chunks_s": 2,
-                         "total_s": 30},
+            "timeouts": {
+                "connect_s": 2,
+                "first_token_s": 3,
+                "idle_between_chunks_s": 2,
+                "total_s": 30,
+            },
         }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

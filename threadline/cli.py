@@ -31,8 +31,9 @@ from threadline.config import (
 from threadline.logs import configure_logging, get_logger
 from threadline.server import wait_for_shutdown_signal
 
-app = typer.Typer(help="threadline: LLM agent conversations on self-hosted model servers.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="threadline: LLM agent conversations on self-hosted model servers.", no_args_is_help=True
+)
 events_app = typer.Typer(help="Lifecycle events.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
@@ -203,7 +204,10 @@ def chat(
 
 
 async def _chat(
-    client: GatewayClient, session_id: str | None, message: str | None, system: str,
+    client: GatewayClient,
+    session_id: str | None,
+    message: str | None,
+    system: str,
     max_tokens: int,
 ) -> None:
     async with client:
@@ -267,8 +271,10 @@ async def _tail(client: GatewayClient, types: list[str], session_id: str, as_jso
     async with client:
         async for event in client.watch_events(types=types, session_id=session_id):
             if as_json:
-                print(json_format.MessageToJson(event, preserving_proto_field_name=True,
-                                                indent=None), flush=True)
+                print(
+                    json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None),
+                    flush=True,
+                )
                 continue
             attrs = json_format.MessageToDict(event.attributes)
             when = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]

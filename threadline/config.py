@@ -224,7 +224,9 @@ def load_settings(
 ) -> Settings:
     """Environment over YAML file over defaults; `overrides` (CLI flags) win over all."""
     environ = os.environ if environ is None else environ
-    path = config_file or (Path(environ["THREADLINE_CONFIG"]) if environ.get("THREADLINE_CONFIG") else None)
+    path = config_file or (
+        Path(environ["THREADLINE_CONFIG"]) if environ.get("THREADLINE_CONFIG") else None
+    )
     data: dict[str, Any] = {}
     if path is not None:
         try:

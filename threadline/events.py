@@ -152,6 +152,8 @@ class RedisEventBus:
         self._buffer_size = buffer_size
         self._stream_maxlen = stream_maxlen
         self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._pump: asyncio.Task[None] | None = None
         self._dropped = 0
 
@@ -169,6 +171,7 @@ class RedisEventBus:
             self._dropped += 1
             EVENTS_DROPPED.inc()
         self._buffer.append(event)
+        self._drained.clear()
         self._ready.set()
 
     async def subscribe(self) -> Subscription:
@@ -194,7 +197,9 @@ class RedisEventBus:
                 failures += 1
                 delay = random.uniform(0, min(5.0, 0.1 * 2**failures))
                 if failures == 1 or failures % 20 == 0:
-                    log.warning("events.redis_unreachable", error=str(exc), pending=len(self._buffer))
+                    log.warning(
+                        "events.redis_unreachable", error=str(exc), pending=len(self._buffer)
+                    )
                 await asyncio.sleep(delay)
                 continue
             if failures:
@@ -203,6 +208,8 @@ class RedisEventBus:
             # The event may have been dropped while we were sending; only pop what we sent.
             if self._buffer and self._buffer[0] is event:
                 self._buffer.popleft()
+            if not self._buffer:
+                self._drained.set()
             EVENTS_PUBLISHED.inc()
 
     async def _send(self, event: LifecycleEvent) -> None:
@@ -214,11 +221,11 @@ class RedisEventBus:
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until the buffer is empty (True) or the timeout passes (False)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._buffer and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        return not self._buffer
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         """Send what is buffered (briefly), then stop. Safe to call twice."""

@@ -51,7 +51,9 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo) ->
     return packed
 
 
-async def abort_with(context: grpc.aio.ServicerContext[object, object], error: errors.ThreadlineError) -> None:
+async def abort_with(
+    context: grpc.aio.ServicerContext[object, object], error: errors.ThreadlineError
+) -> None:
     status = to_status(error)
     await context.abort(status.code, status.details, status.trailing_metadata)
 

@@ -59,7 +59,9 @@ class LocalTurnLeases:
 
 
 class RedisTurnLeases:
-    def __init__(self, client: aioredis.Redis, *, ttl_s: float, prefix: str = "threadline:turn:") -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, ttl_s: float, prefix: str = "threadline:turn:"
+    ) -> None:
         self._client = client
         self._ttl_ms = int(ttl_s * 1000)
         self._prefix = prefix

@@ -17,7 +17,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, turns: TurnRunner) -> None:
         self.turns = turns
 
-    async def RunTurn(  # noqa: N802 (gRPC method name)
+    async def RunTurn(
         self, request: executor_pb2.RunTurnRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         async for event in self.turns.run(request):

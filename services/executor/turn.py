@@ -32,12 +32,20 @@ log = get_logger(__name__)
 
 class Sessions(Protocol):
     async def get(
-        self, tenant: str, session_id: str, *, include_messages: bool = ...,
-        verify_chain: bool = ..., from_seq: int = ...,
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        include_messages: bool = ...,
+        verify_chain: bool = ...,
+        from_seq: int = ...,
     ) -> session_pb2.SessionDetail: ...
 
     async def append(
-        self, tenant: str, session_id: str, expected_head: str,
+        self,
+        tenant: str,
+        session_id: str,
+        expected_head: str,
         messages: Sequence[common_pb2.Message],
     ) -> session_pb2.AppendResponse: ...
 
@@ -120,8 +128,9 @@ class TurnRunner:
             session.head,
             [common_pb2.Message(role=common_pb2.ROLE_USER, content=request.input)],
         )
-        self.events.emit("turn.started", tenant=tenant, session_id=session_id, turn_id=turn_id,
-                         model=model)
+        self.events.emit(
+            "turn.started", tenant=tenant, session_id=session_id, turn_id=turn_id, model=model
+        )
         yield executor_pb2.TurnEvent(
             started=executor_pb2.TurnStarted(turn_id=turn_id, session_id=session_id)
         )
@@ -230,7 +239,11 @@ class TurnRunner:
             return ""
 
     def _failed(
-        self, tenant: str, session_id: str, turn_id: str, started: float,
+        self,
+        tenant: str,
+        session_id: str,
+        turn_id: str,
+        started: float,
         exc: errors.ThreadlineError,
     ) -> None:
         self.events.emit(
@@ -244,8 +257,14 @@ class TurnRunner:
         )
 
     def _store_partial_detached(
-        self, tenant: str, session_id: str, head: str, turn_id: str, started: float,
-        content: str, reason: str,
+        self,
+        tenant: str,
+        session_id: str,
+        head: str,
+        turn_id: str,
+        started: float,
+        content: str,
+        reason: str,
     ) -> None:
         async def store() -> None:
             if content:

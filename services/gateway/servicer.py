@@ -82,7 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """End every WatchEvents stream: they never finish on their own."""
         self._draining.set()
 
-    async def CreateSession(  # noqa: N802 (gRPC method name)
+    async def CreateSession(
         self, request: gateway_pb2.CreateSessionRequest, context: Context
     ) -> session_pb2.Session:
         caller = _caller(self.auth, context)
@@ -101,7 +101,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         )
 
-    async def GetSession(  # noqa: N802
+    async def GetSession(
         self, request: gateway_pb2.GetSessionRequest, context: Context
     ) -> session_pb2.SessionDetail:
         caller = _caller(self.auth, context)
@@ -113,7 +113,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             verify_chain=request.verify_chain,
         )
 
-    async def ListSessions(  # noqa: N802
+    async def ListSessions(
         self, request: gateway_pb2.ListSessionsRequest, context: Context
     ) -> session_pb2.SessionList:
         caller = _caller(self.auth, context)
@@ -121,7 +121,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             caller.tenant, page_size=request.page_size, page_token=request.page_token
         )
 
-    async def Converse(  # noqa: N802
+    async def Converse(
         self, request: gateway_pb2.ConverseRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         caller = _caller(self.auth, context)
@@ -158,7 +158,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             # Our caller left (or we failed): stop the turn instead of orphaning it.
             call.cancel()
 
-    async def WatchEvents(  # noqa: N802
+    async def WatchEvents(
         self, request: gateway_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[events_pb2.LifecycleEvent]:
         caller = _caller(self.auth, context)

@@ -196,7 +196,9 @@ class ChatProxy:
             answer.deltas += 1
             return llm_pb2.ChatChunk(
                 tool_call_delta=llm_pb2.ToolCallDelta(
-                    index=event.index, id=event.id, name=event.name,
+                    index=event.index,
+                    id=event.id,
+                    name=event.name,
                     arguments_delta=event.arguments,
                 )
             )

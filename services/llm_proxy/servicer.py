@@ -18,15 +18,13 @@ class LlmProxyServicer(llm_pb2_grpc.LlmProxyServicer):
     def __init__(self, proxy: ChatProxy) -> None:
         self.proxy = proxy
 
-    async def StreamChat(  # noqa: N802 (gRPC method name)
+    async def StreamChat(
         self, request: llm_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
         async for chunk in self.proxy.stream(request):
             yield chunk
 
-    async def Chat(  # noqa: N802
-        self, request: llm_pb2.ChatRequest, context: Context
-    ) -> llm_pb2.ChatResponse:
+    async def Chat(self, request: llm_pb2.ChatRequest, context: Context) -> llm_pb2.ChatResponse:
         async for chunk in self.proxy.stream(request):
             if chunk.HasField("done"):
                 done = chunk.done
@@ -39,7 +37,7 @@ class LlmProxyServicer(llm_pb2_grpc.LlmProxyServicer):
                 return llm_pb2.ChatResponse(message=message, done=done)
         raise errors.Internal("the proxy ended without a result")
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self, request: llm_pb2.ListModelsRequest, context: Context
     ) -> llm_pb2.ListModelsResponse:
         return llm_pb2.ListModelsResponse(models=self.proxy.models())

@@ -87,7 +87,9 @@ def classify_status(status: int, body: bytes, retry_after: str | None) -> Upstre
     if "content_filter" in text or "content filter" in text or "content_policy" in text:
         return UpstreamFailure("content_filter", message or code, retryable=False, status=status)
     return UpstreamFailure(
-        f"http_{status}", f"upstream answered {status}: {message or code}", retryable=False,
+        f"http_{status}",
+        f"upstream answered {status}: {message or code}",
+        retryable=False,
         status=status,
     )
 
@@ -157,9 +159,7 @@ class Upstream:
                         for event in parse_chunk(sse.data):
                             yield event
                     except MalformedChunk as exc:
-                        raise UpstreamFailure(
-                            "malformed_chunk", str(exc), retryable=True
-                        ) from None
+                        raise UpstreamFailure("malformed_chunk", str(exc), retryable=True) from None
         except SSEError as exc:
             raise UpstreamFailure("malformed_stream", str(exc), retryable=True) from None
         except httpx.ConnectError as exc:

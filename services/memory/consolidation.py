@@ -122,7 +122,10 @@ class Consolidator:
                 raise errors.Unavailable("the model returned an empty summary")
             next_offset = span[-1].seq + 1
             await self.store.save(
-                tenant, session_id, summary=summary, from_seq=memory.offset,
+                tenant,
+                session_id,
+                summary=summary,
+                from_seq=memory.offset,
                 next_offset=next_offset,
             )
         except errors.ThreadlineError as exc:

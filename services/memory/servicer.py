@@ -24,7 +24,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
     def __init__(self, consolidator: Consolidator) -> None:
         self.consolidator = consolidator
 
-    async def Consolidate(  # noqa: N802 (gRPC method name)
+    async def Consolidate(
         self, request: memory_pb2.ConsolidateRequest, context: Context
     ) -> memory_pb2.ConsolidateResponse:
         _check(request.tenant, request.session_id)
@@ -32,7 +32,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             request.tenant, request.session_id, request.model
         )
 
-    async def Recall(  # noqa: N802
+    async def Recall(
         self, request: memory_pb2.RecallRequest, context: Context
     ) -> memory_pb2.RecallResponse:
         _check(request.tenant, request.session_id)

@@ -106,10 +106,14 @@ class SqliteMemoryStore:
             self._conn = None
 
     def _get_sync(self, tenant: str, session_id: str) -> SessionMemory:
-        row = self._db().execute(
-            "SELECT summary, next_offset FROM memories WHERE tenant = ? AND session_id = ?",
-            (tenant, session_id),
-        ).fetchone()
+        row = (
+            self._db()
+            .execute(
+                "SELECT summary, next_offset FROM memories WHERE tenant = ? AND session_id = ?",
+                (tenant, session_id),
+            )
+            .fetchone()
+        )
         return SessionMemory("", 0) if row is None else SessionMemory(row[0], int(row[1]))
 
     def _save_sync(

@@ -10,9 +10,9 @@ from services.session.chain import verify_chain
 from services.session.context import build_context
 from services.session.store import SessionStore
 from services.session.tokens import TokenEstimator
-from services.session.validation import validate_session_id
 from threadline import errors
 from threadline.events import EventPublisher
+from threadline.ids import validate_session_id
 from threadline.v1 import session_pb2, session_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -31,7 +31,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         self.estimator = estimator
         self.events = events
 
-    async def Create(  # noqa: N802 (gRPC method name)
+    async def Create(
         self, request: session_pb2.SessionsCreateRequest, context: Context
     ) -> session_pb2.Session:
         _require_tenant(request.tenant)
@@ -45,7 +45,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         self.events.emit("session.created", tenant=session.tenant, session_id=session.id)
         return session
 
-    async def Get(  # noqa: N802
+    async def Get(
         self, request: session_pb2.SessionsGetRequest, context: Context
     ) -> session_pb2.SessionDetail:
         _require_tenant(request.tenant)
@@ -73,7 +73,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             )
         return detail
 
-    async def List(  # noqa: N802
+    async def List(
         self, request: session_pb2.SessionsListRequest, context: Context
     ) -> session_pb2.SessionList:
         _require_tenant(request.tenant)
@@ -84,7 +84,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         )
         return session_pb2.SessionList(sessions=sessions, next_page_token=token)
 
-    async def Append(  # noqa: N802
+    async def Append(
         self, request: session_pb2.AppendRequest, context: Context
     ) -> session_pb2.AppendResponse:
         _require_tenant(request.tenant)
@@ -94,15 +94,13 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         )
         return session_pb2.AppendResponse(head=head, messages=stored)
 
-    async def BuildContext(  # noqa: N802
+    async def BuildContext(
         self, request: session_pb2.BuildContextRequest, context: Context
     ) -> session_pb2.BuildContextResponse:
         _require_tenant(request.tenant)
         validate_session_id(request.session_id)
         if request.budget_tokens <= 0:
-            raise errors.InvalidArgument(
-                f"budget_tokens must be > 0, got {request.budget_tokens}"
-            )
+            raise errors.InvalidArgument(f"budget_tokens must be > 0, got {request.budget_tokens}")
         if not 0 <= request.reserve_output_tokens < request.budget_tokens:
             raise errors.InvalidArgument(
                 f"reserve_output_tokens must be in [0, budget_tokens), got "

@@ -19,7 +19,6 @@ import json
 import logging
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, ParamSpec, Self, TypeVar
 from services.session.chain import GENESIS_HASH, entry_hash
 from services.session.store import page_size_or_default
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
-from services.session.validation import validate_messages, validate_session_id
+from services.session.validation import validate_messages
 from threadline.errors import (
     FailedPrecondition,
     HeadMismatch,
@@ -37,6 +36,7 @@ from threadline.errors import (
     NotFound,
     Unavailable,
 )
+from threadline.ids import new_message_id, new_session_id, validate_session_id
 from threadline.v1 import common_pb2, session_pb2
 
 _log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ class SqliteSessionStore:
         self, tenant: str, model: str, system_prompt: str, title: str, metadata: dict[str, str]
     ) -> session_pb2.Session:
         conn = self._connection()
-        session_id = "ses_" + uuid.uuid4().hex
+        session_id = new_session_id()
         now = _now_micros()
         with _transaction(conn, "BEGIN IMMEDIATE"):
             conn.execute(
@@ -587,7 +587,7 @@ class SqliteSessionStore:
             seq: int = row["message_count"]
             for msg in batch:
                 if not msg.id:
-                    msg.id = "msg_" + uuid.uuid4().hex
+                    msg.id = new_message_id()
                 # Stored and hashed at microsecond precision; truncate now so the
                 # returned message hashes the same as the one read back later.
                 created = msg.created_at.ToMicroseconds() if msg.HasField("created_at") else now

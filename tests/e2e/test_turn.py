@@ -56,7 +56,7 @@ async def test_turn_streams_stores_and_publishes(
             if message:
                 seen.append(json.loads(message["data"])["type"])
     assert seen == ["turn.started", "turn.completed"]
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_second_concurrent_turn_is_aborted(
@@ -70,7 +70,7 @@ async def test_second_concurrent_turn_is_aborted(
         await collect(gateway, session.id, "two")
     assert (await first)[-1].done.finish_reason == common_pb2.FINISH_REASON_STOP  # type: ignore[attr-defined]
     detail = await gateway.get_session(session.id)
-    assert [m.content for m in detail.messages][0] == "one"
+    assert detail.messages[0].content == "one"
     assert len(detail.messages) == 2
 
 
@@ -88,3 +88,81 @@ async def test_other_tenants_session_is_not_found(stack: Stack, gateway: Gateway
         with pytest.raises(errors.NotFound):
             await collect(other, session.id, "hi")
     assert (await gateway.get_session(session.id)).messages == []
+
+
+async def test_cut_stream_is_stored_as_interrupted(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Script(tokens=10, fault="cut", fault_after=4)
+    session = await gateway.create_session()
+
+    events = await collect(gateway, session.id, "tell me a story")
+
+    done = events[-1].done  # type: ignore[attr-defined]
+    assert done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED
+    assert done.content == "tok0 tok1 tok2 tok3 " and done.error
+    detail = await gateway.get_session(session.id, verify_chain=True)
+    answer = detail.messages[-1]
+    assert answer.interrupted and answer.content == "tok0 tok1 tok2 tok3 "
+
+
+async def test_upstream_down_fails_the_turn_but_keeps_the_input(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Script.error(503, "overloaded")
+    session = await gateway.create_session()
+    with pytest.raises(errors.Unavailable, match="503"):
+        await collect(gateway, session.id, "are you there?")
+    assert len(fake_upstream.chat_requests()) == 3  # max_attempts in the test settings
+    detail = await gateway.get_session(session.id)
+    assert [m.content for m in detail.messages] == ["are you there?"]
+
+
+@pytest.mark.parametrize(
+    ("session_id", "text", "error", "message"),
+    [
+        (None, "", errors.InvalidArgument, "input is empty"),
+        (None, "   ", errors.InvalidArgument, "input is empty"),
+        (None, "x" * 2001, errors.InvalidArgument, "2001 characters; the limit is 2000"),
+        ("ses_" + "0" * 32, "hi", errors.NotFound, "ses_0000"),
+        ("../etc/passwd", "hi", errors.InvalidArgument, "malformed session id"),
+        ("", "hi", errors.InvalidArgument, "session_id is required"),
+    ],
+)
+async def test_bad_input_is_refused_and_nothing_is_stored(
+    stack: Stack,
+    gateway: GatewayClient,
+    fake_upstream: FakeUpstream,
+    session_id: str | None,
+    text: str,
+    error: type[errors.ThreadlineError],
+    message: str,
+) -> None:
+    session = await gateway.create_session()
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        await collect(gateway, session.id if session_id is None else session_id, text)
+    assert (await gateway.get_session(session.id)).messages == []
+    assert fake_upstream.chat_requests() == []
+
+
+async def test_watch_events_shows_own_tenant_only(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
+        mine = await gateway.create_session()
+        theirs = await other.create_session()
+        watch = gateway.watch_events(types=["turn.*"])
+        received: list[tuple[str, str]] = []
+
+        async def read() -> None:
+            async for event in watch:
+                received.append((event.type, event.session_id))
+                if event.type == "turn.completed" and event.session_id == mine.id:
+                    return
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.2)  # the subscription is live once the RPC is running
+        await collect(other, theirs.id, "theirs")
+        await collect(gateway, mine.id, "mine")
+        await asyncio.wait_for(reader, 5)
+    assert received == [("turn.started", mine.id), ("turn.completed", mine.id)]

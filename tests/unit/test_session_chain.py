@@ -16,8 +16,9 @@ from services.session.chain import (
     rfc3339_micros,
     verify_chain,
 )
-from services.session.validation import validate_messages, validate_session_id
+from services.session.validation import validate_messages
 from threadline.errors import DataLoss, InvalidArgument
+from threadline.ids import validate_session_id
 from threadline.v1 import common_pb2
 
 Message = common_pb2.Message
@@ -202,7 +203,6 @@ def test_a_valid_turn_passes() -> None:
         ([_user(), Message(role=7, content="x")], r"messages\[1\]\.role"),  # type: ignore[arg-type]
         ([_user("x" * 101)], r"messages\[0\]\.content: 101 characters, the limit is 100"),
         ([_user("   ")], r"messages\[0\]\.content: a user message needs content"),
-        ([Message(role=common_pb2.ROLE_ASSISTANT)], r"messages\[0\]: an assistant message"),
         ([Message(role=common_pb2.ROLE_TOOL, content="x")], r"messages\[0\]\.tool_call_id"),
         ([_user(), _result("nope")], r"messages\[1\]\.tool_call_id: 'nope' does not match"),
         ([_result("c1"), _calls("c1")], r"messages\[0\]\.tool_call_id"),
@@ -240,7 +240,7 @@ def test_created_at_out_of_range_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     "session_id",
-    ["", "ses_", "ses_" + "A" * 32, "ses_" + "0" * 31, "ses_" + "0" * 33, "sess_" + "0" * 32],
+    ["ses_", "ses_" + "A" * 32, "ses_" + "0" * 31, "ses_" + "0" * 33, "sess_" + "0" * 32],
 )
 def test_malformed_session_ids_are_rejected(session_id: str) -> None:
     with pytest.raises(InvalidArgument, match="malformed session id"):
@@ -249,3 +249,14 @@ def test_malformed_session_ids_are_rejected(session_id: str) -> None:
 
 def test_well_formed_session_id_passes() -> None:
     validate_session_id("ses_" + "0123456789abcdef" * 2)
+
+
+def test_an_empty_answer_is_a_valid_assistant_message() -> None:
+    validate_messages(
+        [Message(role=common_pb2.ROLE_ASSISTANT, content="")], max_message_chars=10, max_messages=1
+    )
+
+
+def test_missing_session_id_is_named() -> None:
+    with pytest.raises(InvalidArgument, match="session_id is required"):
+        validate_session_id("")

@@ -499,7 +499,7 @@ class FakeUpstream:
     async def wait_until(
         self,
         predicate: Callable[[], bool],
-        timeout: float = 5.0,  # noqa: ASYNC109 - a bounded wait is this helper's whole job
+        timeout: float = 5.0,
     ) -> None:
         """Wait until `predicate()` holds; re-checked whenever the fake's state changes."""
         async with asyncio.timeout(timeout):
@@ -509,7 +509,7 @@ class FakeUpstream:
     async def wait_for_requests(
         self,
         n: int,
-        timeout: float = 5.0,  # noqa: ASYNC109 - a bounded wait is this helper's whole job
+        timeout: float = 5.0,
     ) -> list[RecordedRequest]:
         """Wait until at least `n` requests have been received; returns all of them."""
         await self.wait_until(lambda: len(self.requests) >= n, timeout)
@@ -518,7 +518,7 @@ class FakeUpstream:
     async def wait_for_disconnects(
         self,
         n: int,
-        timeout: float = 5.0,  # noqa: ASYNC109 - a bounded wait is this helper's whole job
+        timeout: float = 5.0,
     ) -> None:
         await self.wait_until(lambda: self.disconnects >= n, timeout)
 
