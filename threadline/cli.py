@@ -23,8 +23,6 @@ from threadline.config import (
     ConfigError,
     ServiceName,
     Settings,
-    TimeoutSettings,
-    UpstreamSettings,
     hash_api_key,
     load_settings,
 )
@@ -93,7 +91,7 @@ def up(
 
 
 async def _up(settings: Settings) -> None:
-    from threadline.local_model import LocalModelServer
+    from threadline.local_model import LocalModelServer, local_upstream
     from threadline.stack import start_stack
 
     began = time.perf_counter()
@@ -102,13 +100,7 @@ async def _up(settings: Settings) -> None:
         local = LocalModelServer(settings.data_dir)
         err.print("no upstream configured: starting the bundled local model (Gemma 3 270M)...")
         base_url = await local.start()
-        # A CPU model is slow to its first token under load; give it room.
-        upstream = UpstreamSettings(
-            name="local-llama-cpp",
-            base_url=base_url,
-            model=local.model,
-            timeouts=TimeoutSettings(first_token_s=120, idle_between_chunks_s=60),
-        )
+        upstream = local_upstream(base_url)
         settings = settings.model_copy(
             update={"llm": settings.llm.model_copy(update={"upstream": upstream})}
         )
@@ -162,7 +154,8 @@ async def _serve(settings: Settings, service: ServiceName) -> None:
     await stack.stop()
 
 
-def _client(address: str | None, api_key: str | None, data_dir: Path | None) -> GatewayClient:
+def _gateway(address: str | None, api_key: str | None, data_dir: Path | None) -> tuple[str, str]:
+    """Gateway address and API key from flags, environment or the dev key file."""
     settings = _settings(None)
     key = api_key or os.environ.get("THREADLINE_API_KEY")
     if not key:
@@ -174,7 +167,7 @@ def _client(address: str | None, api_key: str | None, data_dir: Path | None) -> 
             )
             raise typer.Exit(2)
         key = path.read_text().strip()
-    return GatewayClient(address or settings.addresses.gateway, api_key=key)
+    return address or settings.addresses.gateway, key
 
 
 AddressOption = Annotated[str | None, typer.Option(help="Gateway host:port.")]
@@ -195,22 +188,23 @@ def chat(
     data_dir: DataDirOption = None,
 ) -> None:
     """Talk to a session through the gateway; answers stream as they arrive."""
-    client = _client(address, api_key, data_dir)
+    target = _gateway(address, api_key, data_dir)
     try:
-        asyncio.run(_chat(client, session, message, system, max_tokens))
+        asyncio.run(_chat(target, session, message, system, max_tokens))
     except errors.ThreadlineError as exc:
         err.print(f"[red]{exc.code}: {exc.message}[/red]")
         raise typer.Exit(1) from None
 
 
 async def _chat(
-    client: GatewayClient,
+    target: tuple[str, str],
     session_id: str | None,
     message: str | None,
     system: str,
     max_tokens: int,
 ) -> None:
-    async with client:
+    # The channel must be made inside the running loop it will be used on.
+    async with GatewayClient(target[0], api_key=target[1]) as client:
         if session_id is None:
             session_id = (await client.create_session(system_prompt=system)).id
         err.print(f"session {session_id}")
@@ -256,9 +250,9 @@ def events_tail(
     data_dir: DataDirOption = None,
 ) -> None:
     """Print lifecycle events live, as they happen."""
-    client = _client(address, api_key, data_dir)
+    target = _gateway(address, api_key, data_dir)
     try:
-        asyncio.run(_tail(client, type_ or [], session or "", as_json))
+        asyncio.run(_tail(target, type_ or [], session or "", as_json))
     except errors.ThreadlineError as exc:
         err.print(f"[red]{exc.code}: {exc.message}[/red]")
         raise typer.Exit(1) from None
@@ -266,9 +260,9 @@ def events_tail(
         pass
 
 
-async def _tail(client: GatewayClient, types: list[str], session_id: str, as_json: bool) -> None:
+async def _tail(target: tuple[str, str], types: list[str], session_id: str, as_json: bool) -> None:
     out = Console()
-    async with client:
+    async with GatewayClient(target[0], api_key=target[1]) as client:
         async for event in client.watch_events(types=types, session_id=session_id):
             if as_json:
                 print(
@@ -276,7 +270,11 @@ async def _tail(client: GatewayClient, types: list[str], session_id: str, as_jso
                     flush=True,
                 )
                 continue
-            attrs = json_format.MessageToDict(event.attributes)
+            # Struct numbers are doubles; show counts as the integers they are.
+            attrs = {
+                k: int(v) if isinstance(v, float) and v.is_integer() else v
+                for k, v in json_format.MessageToDict(event.attributes).items()
+            }
             when = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
             out.print(
                 f"{when} [bold]{event.type}[/bold] {event.service} "

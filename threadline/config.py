@@ -71,6 +71,14 @@ class TimeoutSettings(_Section):
     total_s: float = Field(default=600.0, gt=0)
 
 
+class Capabilities(_Section):
+    """What an upstream's chat template supports."""
+
+    #: False folds system messages into the first user message: some chat templates
+    #: (llama.cpp's `gemma` format) silently drop system messages.
+    system_role: bool = True
+
+
 class UpstreamSettings(_Section):
     name: str = "default"
     base_url: str
@@ -78,6 +86,7 @@ class UpstreamSettings(_Section):
     api_key_env: str = ""
     model: str
     timeouts: TimeoutSettings = TimeoutSettings()
+    capabilities: Capabilities = Capabilities()
 
     @field_validator("base_url")
     @classmethod

@@ -23,6 +23,7 @@ from typing import Self
 
 import httpx
 
+from threadline.config import Capabilities, TimeoutSettings, UpstreamSettings
 from threadline.errors import FailedPrecondition, Unavailable
 from threadline.logs import get_logger
 
@@ -32,6 +33,7 @@ __all__ = [
     "LocalModelServer",
     "ensure_model_file",
     "local_model_installed",
+    "local_upstream",
 ]
 
 LOCAL_MODEL_ALIAS = "gemma-3-270m"
@@ -319,3 +321,16 @@ def _free_port(host: str) -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def local_upstream(base_url: str) -> UpstreamSettings:
+    """How llm_proxy should treat the bundled model's server."""
+    return UpstreamSettings(
+        name="local-llama-cpp",
+        base_url=base_url,
+        model=LOCAL_MODEL_ALIAS,
+        # A CPU model is slow to its first token under load; give it room.
+        timeouts=TimeoutSettings(first_token_s=120, idle_between_chunks_s=60),
+        # llama.cpp's `gemma` chat format drops system messages without a word.
+        capabilities=Capabilities(system_role=False),
+    )

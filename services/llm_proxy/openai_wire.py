@@ -74,10 +74,27 @@ def message_to_wire(message: common_pb2.Message) -> dict[str, Any]:
     return wire
 
 
-def request_body(request: llm_pb2.ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
+def fold_system_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """System text moved to the front of the first user message, for templates without
+    a system role (instructions and memory would otherwise be silently dropped)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    rest = [m for m in messages if m["role"] != "system"]
+    if not system:
+        return rest
+    for message in rest:
+        if message["role"] == "user":
+            message["content"] = f"{system}\n\n{message['content']}"
+            return rest
+    return [{"role": "user", "content": system}, *rest]
+
+
+def request_body(
+    request: llm_pb2.ChatRequest, model: str, *, stream: bool, system_role: bool = True
+) -> dict[str, Any]:
+    messages = [message_to_wire(m) for m in request.messages]
     body: dict[str, Any] = {
         "model": model,
-        "messages": [message_to_wire(m) for m in request.messages],
+        "messages": messages if system_role else fold_system_messages(messages),
         "stream": stream,
     }
     if stream:

@@ -105,7 +105,12 @@ class ChatProxy:
         model = self.resolve_model(request.model)
         if not request.messages:
             raise errors.InvalidArgument("messages is empty: send at least one message")
-        body = request_body(request, model, stream=True)
+        body = request_body(
+            request,
+            model,
+            stream=True,
+            system_role=self.upstream.settings.capabilities.system_role,
+        )
         upstream = self.upstream.name
         loop = asyncio.get_running_loop()
         started = loop.time()
