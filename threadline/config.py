@@ -198,7 +198,8 @@ class Settings(BaseSettings):
 
     def sqlite_path(self, section: Literal["session", "memory"]) -> Path:
         configured = self.session.database if section == "session" else self.memory.database
-        return Path(configured) if configured else self.data_dir / f"{section}s.db"
+        default = {"session": "sessions.db", "memory": "memory.db"}[section]
+        return Path(configured) if configured else self.data_dir / default
 
 
 class _EnvSource(EnvSettingsSource):
