@@ -129,7 +129,11 @@ class TurnRunner:
             [common_pb2.Message(role=common_pb2.ROLE_USER, content=request.input)],
         )
         self.events.emit(
-            "turn.started", tenant=tenant, session_id=session_id, turn_id=turn_id, model=model or None
+            "turn.started",
+            tenant=tenant,
+            session_id=session_id,
+            turn_id=turn_id,
+            model=model or None,
         )
         yield executor_pb2.TurnEvent(
             started=executor_pb2.TurnStarted(turn_id=turn_id, session_id=session_id)
