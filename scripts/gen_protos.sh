@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 # protoc finds the mypy-protobuf plugins (protoc-gen-mypy) on PATH.
-[ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
-rm -f threadline/v1/*_pb2.py threadline/v1/*_pb2.pyi threadline/v1/*_pb2_grpc.py threadline/v1/*_pb2_grpc.pyi
+if [ -d .venv/bin ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
+# Generate aside and swap in only on success: a failed run must not delete the stubs.
+OUT="$(mktemp -d)"
+trap 'rm -rf "$OUT"' EXIT
 "$PY" -m grpc_tools.protoc -I protos \
-  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+  --python_out="$OUT" --grpc_python_out="$OUT" --mypy_out="$OUT" --mypy_grpc_out="$OUT" \
   protos/threadline/v1/*.proto
+rm -f threadline/v1/*_pb2.py threadline/v1/*_pb2.pyi threadline/v1/*_pb2_grpc.py threadline/v1/*_pb2_grpc.pyi
+cp "$OUT"/threadline/v1/* threadline/v1/
