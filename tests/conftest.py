@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported up front: hypothesis' pytest plugin otherwise imports it lazily in the
+# terminal summary, where CPython 3.11.7's ast.parse can fail with "AST constructor
+# recursion depth mismatch" (a CPython bug fixed in 3.11.8) under assertion rewriting.
+import hypothesis  # noqa: F401
 import pytest
 import redis
 import redis.asyncio as aioredis

@@ -33,21 +33,25 @@ Context = grpc.aio.ServicerContext[Any, Any]
 async def _until(
     subscription: Subscription, stop: asyncio.Event
 ) -> AsyncIterator[events_pb2.LifecycleEvent]:
-    """The subscription's events until `stop` is set."""
+    """The subscription's events until `stop` is set (or the consumer goes away)."""
     events = aiter(subscription)
     stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[events_pb2.LifecycleEvent] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(events))
             await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
-                following.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await following
                 return
             yield following.result()
     finally:
-        stopped.cancel()
+        # Never leave a read in flight: closing the subscription under it would fail it
+        # with nobody to collect the error.
+        for task in (following, stopped):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 @dataclass(frozen=True)
