@@ -196,6 +196,10 @@ class Settings(BaseSettings):
             raise ValueError(f"expected redis://host:port/db, got {value!r}")
         return value
 
+    def bind_address(self, service: ServiceName) -> str:
+        """What `service` listens on: the listen host and its own address's port."""
+        return f"{self.listen_host}:{self.addresses.port_of(service)}"
+
     def sqlite_path(self, section: Literal["session", "memory"]) -> Path:
         configured = self.session.database if section == "session" else self.memory.database
         default = {"session": "sessions.db", "memory": "memory.db"}[section]

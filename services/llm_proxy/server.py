@@ -35,7 +35,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host, _ = build_server(
         SERVICE,
         register,
-        address=address or f"{settings.listen_host}:{settings.addresses.port_of(SERVICE)}",
+        address=address or settings.bind_address(SERVICE),
     )
     host.on_stop(upstream.close)
     return host
