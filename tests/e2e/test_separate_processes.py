@@ -1,0 +1,112 @@
+"""The five services as five processes (`threadline serve <service>`), sharing Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import ACME_KEY, FAKE_MODEL
+from tests.e2e.test_shutdown import free_ports, wait_healthy
+from threadline.client import GatewayClient
+from threadline.config import SERVICE_NAMES, hash_api_key
+from threadline.stack import START_ORDER
+from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.v1 import common_pb2
+
+pytestmark = pytest.mark.slow
+
+
+def service_env(tmp_path: Path, upstream_url: str, redis_url: str) -> dict[str, str]:
+    ports = free_ports(len(SERVICE_NAMES))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    env.update(
+        {
+            "THREADLINE_DATA_DIR": str(tmp_path / "data"),
+            "THREADLINE_REDIS_URL": redis_url,
+            "THREADLINE_LOG_LEVEL": "warning",
+            "THREADLINE_LLM__UPSTREAM__BASE_URL": upstream_url,
+            "THREADLINE_LLM__UPSTREAM__MODEL": FAKE_MODEL,
+            "THREADLINE_GATEWAY__API_KEYS": json.dumps(
+                [{"sha256": hash_api_key(ACME_KEY), "tenant": "acme"}]
+            ),
+        }
+    )
+    for name, port in zip(SERVICE_NAMES, ports, strict=True):
+        env[f"THREADLINE_ADDRESSES__{name.upper()}"] = f"127.0.0.1:{port}"
+    return env
+
+
+@contextlib.asynccontextmanager
+async def serve_all(env: dict[str, str]) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    try:
+        for name in START_ORDER:
+            procs[name] = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "threadline.cli",
+                "serve",
+                name,
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        for name in START_ORDER:
+            await wait_healthy(env[f"THREADLINE_ADDRESSES__{name.upper()}"])
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_a_turn_across_five_processes(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    fake_upstream.default = Script(text="Five processes, one answer.")
+    env = service_env(tmp_path, fake_upstream.base_url, redis_url)
+    pubsub = redis_client.pubsub()
+    await pubsub.psubscribe("threadline.events.turn.*")
+    async with serve_all(env) as procs:
+        async with GatewayClient(env["THREADLINE_ADDRESSES__GATEWAY"], api_key=ACME_KEY) as client:
+            session = await client.create_session()
+            events = [e async for e in client.converse(session.id, "hello")]
+            detail = await client.get_session(session.id, verify_chain=True)
+        types: list[str] = []
+        async with asyncio.timeout(5):
+            while len(types) < 2:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message:
+                    types.append(json.loads(message["data"])["type"])
+        for proc in procs.values():
+            proc.terminate()
+        codes = [await asyncio.wait_for(p.wait(), 15) for p in procs.values()]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    assert events[-1].done.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert events[-1].done.content == "Five processes, one answer."
+    assert detail.chain_verified and len(detail.messages) == 2
+    assert types == ["turn.started", "turn.completed"]
+    assert codes == [0, 0, 0, 0, 0]
+    # The stream keeps a replayable copy of what was published.
+    stored = await redis_client.xrange("threadline.events") or []
+    assert {json.loads(str(fields["event"]))["type"] for _, fields in stored if fields} >= {
+        "session.created",
+        "turn.started",
+        "turn.completed",
+        "service.started",
+    }
