@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from threadline.interceptors import ClientRequestIdInterceptor
+from threadline.interceptors import client_interceptors
 from threadline.status import from_rpc_error
 
 T = TypeVar("T")
@@ -27,9 +27,7 @@ _OPTIONS = [
 
 
 def connect(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        address, options=_OPTIONS, interceptors=[ClientRequestIdInterceptor()]
-    )
+    return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=client_interceptors())
 
 
 async def unary(call: Awaitable[T]) -> T:

@@ -46,11 +46,16 @@ DEV_KEY_FILE = "dev-api-key"
 DEV_TENANT = "dev"
 
 
+def fail(message: str) -> None:
+    """Print an error as plain text: user input in it must never be read as markup."""
+    err.print(message, style="red", markup=False, highlight=False)
+
+
 def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
     try:
         return load_settings(config_file=config, overrides=overrides)
     except ConfigError as exc:
-        err.print(f"[red]{exc}[/red]")
+        fail(f"{exc}")
         raise typer.Exit(2) from None
 
 
@@ -86,7 +91,7 @@ def up(
     try:
         asyncio.run(_up(settings))
     except errors.ThreadlineError as exc:
-        err.print(f"[red]threadline up failed: {exc.message}[/red]")
+        fail(f"threadline up failed: {exc.message}")
         raise typer.Exit(1) from None
 
 
@@ -134,7 +139,7 @@ def serve(
 ) -> None:
     """Run one service in this process (peers' addresses come from config)."""
     if service not in SERVICE_NAMES:
-        err.print(f"[red]unknown service {service!r}: expected one of {', '.join(SERVICE_NAMES)}")
+        fail(f"unknown service {service!r}: expected one of {', '.join(SERVICE_NAMES)}")
         raise typer.Exit(2)
     settings = _settings(config)
     configure_logging(settings.log_level)
@@ -142,7 +147,7 @@ def serve(
     try:
         asyncio.run(_serve(settings, name))
     except errors.ThreadlineError as exc:
-        err.print(f"[red]{service} failed to start: {exc.message}[/red]")
+        fail(f"{service} failed to start: {exc.message}")
         raise typer.Exit(1) from None
 
 
@@ -161,9 +166,9 @@ def _gateway(address: str | None, api_key: str | None, data_dir: Path | None) ->
     if not key:
         path = (data_dir or settings.data_dir) / DEV_KEY_FILE
         if not path.exists():
-            err.print(
-                "[red]no API key: pass --api-key, set THREADLINE_API_KEY, or run `threadline up` "
-                "(it writes a dev key)[/red]"
+            fail(
+                "no API key: pass --api-key, set THREADLINE_API_KEY, or run `threadline up` "
+                "(it writes a dev key)"
             )
             raise typer.Exit(2)
         key = path.read_text().strip()
@@ -192,7 +197,7 @@ def chat(
     try:
         asyncio.run(_chat(target, session, message, system, max_tokens))
     except errors.ThreadlineError as exc:
-        err.print(f"[red]{exc.code}: {exc.message}[/red]")
+        fail(f"{exc.code}: {exc.message}")
         raise typer.Exit(1) from None
 
 
@@ -235,7 +240,7 @@ async def _turn(client: GatewayClient, session_id: str, text: str, max_tokens: i
             note = f"[{done.latency_ms} ms, {done.usage.completion_tokens} tokens, {done.model}]"
             if done.error:
                 note += f" interrupted: {done.error}"
-            err.print(note, style="dim")
+            err.print(note, style="dim", markup=False)
 
 
 @events_app.command("tail")
@@ -254,7 +259,7 @@ def events_tail(
     try:
         asyncio.run(_tail(target, type_ or [], session or "", as_json))
     except errors.ThreadlineError as exc:
-        err.print(f"[red]{exc.code}: {exc.message}[/red]")
+        fail(f"{exc.code}: {exc.message}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
@@ -292,9 +297,16 @@ def keys_hash(key: Annotated[str, typer.Argument(help="The API key to hash.")]) 
 @keys_app.command("new")
 def keys_new(tenant: Annotated[str, typer.Argument(help="Tenant the key belongs to.")]) -> None:
     """Make a new random key and print it with its config entry."""
+    try:
+        entry = ApiKey(sha256=hash_api_key("probe"), tenant=tenant)
+    except ValueError as exc:
+        fail(f"invalid tenant {tenant!r}: {exc}")
+        raise typer.Exit(2) from None
     key = "tl-" + secrets.token_urlsafe(32)
+    entry = entry.model_copy(update={"sha256": hash_api_key(key)})
+    # JSON is also YAML: the entry pastes into a config file or THREADLINE_GATEWAY__API_KEYS.
     print(f"key:    {key}")
-    print(f"config: {{sha256: {hash_api_key(key)}, tenant: {tenant}}}")
+    print(f"config: {json.dumps(entry.model_dump())}")
 
 
 if __name__ == "__main__":

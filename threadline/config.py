@@ -9,13 +9,14 @@ raises `ConfigError` naming each bad setting and the variable that sets it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "THREADLINE_"
@@ -72,11 +73,16 @@ class TimeoutSettings(_Section):
 
 
 class Capabilities(_Section):
-    """What an upstream's chat template supports."""
+    """What an upstream supports beyond plain chat."""
 
     #: False folds system messages into the first user message: some chat templates
     #: (llama.cpp's `gemma` format) silently drop system messages.
     system_role: bool = True
+    #: Continues a trailing assistant message (vLLM `continue_final_message`): lets a
+    #: stream cut on another upstream be finished here, seamlessly.
+    prefill: bool = False
+    tools: bool = True
+    json_mode: bool = True
 
 
 class UpstreamSettings(_Section):
@@ -84,7 +90,14 @@ class UpstreamSettings(_Section):
     base_url: str
     #: Name of the environment variable holding the API key (never the key itself).
     api_key_env: str = ""
-    model: str
+    #: The model it serves (shorthand for a one-element `models`).
+    model: str = ""
+    models: tuple[str, ...] = ()
+    #: Requests in flight at once from one llm_proxy replica; 0 = unlimited.
+    max_concurrency: int = Field(default=0, ge=0)
+    #: Requests and tokens per minute, shared by all replicas through Redis; 0 = unlimited.
+    rpm: int = Field(default=0, ge=0)
+    tpm: int = Field(default=0, ge=0)
     timeouts: TimeoutSettings = TimeoutSettings()
     capabilities: Capabilities = Capabilities()
 
@@ -95,11 +108,77 @@ class UpstreamSettings(_Section):
             raise ValueError(f"expected an http(s) URL, got {value!r}")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _some_model(self) -> UpstreamSettings:
+        if not self.model and not self.models:
+            raise ValueError(f"upstream {self.name!r} serves no model: set model or models")
+        return self
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        if self.model and self.model not in self.models:
+            return (self.model, *self.models)
+        return self.models
+
+
+class RouteTarget(_Section):
+    upstream: str
+    model: str
+
+
+class Route(_Section):
+    """A model alias: targets tried in order (the first that answers wins)."""
+
+    targets: tuple[RouteTarget, ...] = Field(min_length=1)
+    #: Route to use when the prompt is too long for these targets' context window.
+    context_fallback: str = ""
+
+
+class CircuitSettings(_Section):
+    failure_threshold: int = Field(default=5, ge=1)
+    cooldown_s: float = Field(default=30.0, gt=0)
+
 
 class LlmSettings(_Section):
-    #: None: `threadline up` starts the bundled local model; a lone llm_proxy refuses to start.
+    #: One upstream (shorthand); `upstreams` lists several. With neither, `threadline up`
+    #: starts the bundled local model and a lone llm_proxy refuses to start.
     upstream: UpstreamSettings | None = None
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    routes: dict[str, Route] = {}
+    #: Route for requests that name no model; empty = the first upstream's first model.
+    default_route: str = ""
     retry: RetrySettings = RetrySettings()
+    circuit: CircuitSettings = CircuitSettings()
+    #: How long a request may wait for rate-limit capacity before failing over.
+    rate_limit_wait_s: float = Field(default=5.0, ge=0)
+
+    @property
+    def all_upstreams(self) -> tuple[UpstreamSettings, ...]:
+        return ((self.upstream,) if self.upstream else ()) + self.upstreams
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LlmSettings:
+        names = [u.name for u in self.all_upstreams]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"upstream names must be unique, repeated: {', '.join(duplicates)}")
+        served = {u.name: u.served_models for u in self.all_upstreams}
+        for alias, route in self.routes.items():
+            for target in route.targets:
+                if target.upstream not in served:
+                    raise ValueError(f"route {alias!r} names unknown upstream {target.upstream!r}")
+                if target.model not in served[target.upstream]:
+                    raise ValueError(
+                        f"route {alias!r}: upstream {target.upstream!r} does not serve "
+                        f"{target.model!r} (it serves {', '.join(served[target.upstream])})"
+                    )
+            if route.context_fallback and route.context_fallback not in self.routes:
+                raise ValueError(
+                    f"route {alias!r}: context_fallback {route.context_fallback!r} is not a route"
+                )
+        if self.default_route and self.default_route not in self.routes:
+            raise ValueError(f"default_route {self.default_route!r} is not a route")
+        return self
 
 
 class SessionSettings(_Section):
@@ -180,6 +259,8 @@ class Settings(BaseSettings):
     listen_host: str = "127.0.0.1"
     addresses: Addresses = Addresses()
     grace_period_s: float = Field(default=10.0, ge=0)
+    #: Port of the Prometheus /metrics endpoint for this process; 0 = none.
+    metrics_port: int = Field(default=0, ge=0, lt=65536)
     llm: LlmSettings = LlmSettings()
     session: SessionSettings = SessionSettings()
     memory: MemorySettings = MemorySettings()
@@ -228,7 +309,24 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
-    return ENV_PREFIX + "__".join(str(p).upper() for p in loc if isinstance(p, str))
+    """The variable that sets `loc`; inside a list that is the list's own (JSON) variable."""
+    parts: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        parts.append(part.upper())
+    return ENV_PREFIX + "__".join(parts)
+
+
+def _unparseable_json(environ: Mapping[str, str]) -> list[str]:
+    names = []
+    for name, value in environ.items():
+        if name.upper().startswith(ENV_PREFIX) and value.lstrip()[:1] in ("[", "{"):
+            try:
+                json.loads(value)
+            except ValueError:
+                names.append(name)
+    return sorted(names)
 
 
 def load_settings(
@@ -253,6 +351,11 @@ def load_settings(
     try:
         env_data = {k: v for k, v in _EnvSource(environ)().items() if v is not None}
     except Exception as exc:  # pydantic-settings raises SettingsError on bad JSON values
+        bad = _unparseable_json(environ)
+        if bad:
+            raise ConfigError(
+                f"invalid configuration: {', '.join(bad)} must hold valid JSON"
+            ) from None
         raise ConfigError(f"invalid configuration in the environment: {exc}") from exc
     data = _deep_merge(_deep_merge(data, env_data), overrides or {})
     try:

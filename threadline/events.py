@@ -271,5 +271,7 @@ class EventPublisher:
             attributes=attrs,
         )
         self.bus.publish(event)
-        log.info("event", type=type_, **{k: v for k, v in attributes.items() if v is not None})
+        # Attributes go under one key: names like "type" or "event" must not clash with
+        # the log call's own arguments (publishing never fails a request).
+        log.info("event.published", event_type=type_, attributes=json_format.MessageToDict(attrs))
         return event

@@ -116,27 +116,33 @@ def _with_request_id(metadata: grpc.aio.Metadata | None) -> grpc.aio.Metadata:
     return out
 
 
-class ClientRequestIdInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
+def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=_with_request_id(details.metadata),
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
+# Two classes, not one with both bases: grpc.aio files each interceptor under the first
+# kind it matches, so a combined class would never see streaming calls.
+class UnaryRequestIdInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Carries the current request id to the next service, so one id spans a turn."""
 
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_details(client_call_details), request)
 
+
+class StreamRequestIdInterceptor(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_details(client_call_details), request)
 
-    @staticmethod
-    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return grpc.aio.ClientCallDetails(
-            method=details.method,
-            timeout=details.timeout,
-            metadata=_with_request_id(details.metadata),
-            credentials=details.credentials,
-            wait_for_ready=details.wait_for_ready,
-        )
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    return [UnaryRequestIdInterceptor(), StreamRequestIdInterceptor()]

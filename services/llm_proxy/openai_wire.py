@@ -128,6 +128,16 @@ def request_body(
 def parse_chunk(data: str) -> list[StreamEvent]:
     """Events in one SSE `data:` payload; raises MalformedChunk for anything else."""
     try:
+        return _parse_chunk(data)
+    except (AttributeError, TypeError, ValueError) as exc:
+        if isinstance(exc, MalformedChunk):
+            raise
+        # A chunk of the wrong shape is as broken as one that is not JSON.
+        raise MalformedChunk(f"chunk has an unexpected shape ({exc}): {data[:80]!r}") from exc
+
+
+def _parse_chunk(data: str) -> list[StreamEvent]:
+    try:
         chunk = json.loads(data)
     except json.JSONDecodeError as exc:
         raise MalformedChunk(f"chunk is not JSON: {data[:80]!r}") from exc

@@ -1,9 +1,13 @@
-"""The proxy's domain: attempts, retries and honest endings for one chat request.
+"""The proxy's domain: routes, attempts, retries, failover and honest endings.
 
-Before the first delta a failure is retried (backoff, Retry-After, budget) or
-surfaced as a typed error; after it, the stream ends with a done chunk whose
-finish_reason is INTERRUPTED and which carries the partial text and usage: a
-cut answer is never presented as complete.
+Before the first delta a failure is retried on the same upstream (backoff,
+Retry-After, budget) or failed over to the route's next target; a silent
+upstream is never waited on twice. After the first delta, a cut stream is
+continued on a prefill-capable fallback when no tool-call delta was sent, so
+the caller still gets one complete answer; otherwise the stream ends with
+finish_reason INTERRUPTED, the partial text and its usage. A cut answer is
+never presented as complete, and a fallback's refusal never masks the
+original failure.
 """
 
 from __future__ import annotations
@@ -12,23 +16,31 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from services.llm_proxy import metrics
+from services.llm_proxy.limits import RateLimited
 from services.llm_proxy.openai_wire import (
     FINISH_REASONS,
     Finish,
+    StreamEvent,
     TextDelta,
     ToolDelta,
     UsageReport,
     request_body,
 )
 from services.llm_proxy.retry import RetryPolicy
-from services.llm_proxy.upstream import Upstream, UpstreamFailure
+from services.llm_proxy.router import ResolvedRoute, Router, Target
+from services.llm_proxy.upstream import UpstreamFailure
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.logs import get_logger
 from threadline.v1 import common_pb2, llm_pb2
 
 log = get_logger(__name__)
+
+#: Failures that say the upstream is unhealthy (they count towards its circuit).
+_HEALTH_FAILURES = ("connect", "reset", "transport", "first_token", "idle", "total", "malformed")
 
 
 @dataclass
@@ -40,22 +52,47 @@ class _Answer:
     finish_reason: str = ""
     usage: UsageReport | None = None
     deltas: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def produced_output(self) -> bool:
         return self.deltas > 0
 
-    def add_tool_delta(self, delta: ToolDelta) -> None:
-        call = self.tool_calls.setdefault(delta.index, common_pb2.ToolCall())
-        if delta.id:
-            call.id = delta.id
-        if delta.name:
-            call.name += delta.name
-        call.arguments_json += delta.arguments
+    def apply(self, event: StreamEvent) -> llm_pb2.ChatChunk | None:
+        if isinstance(event, TextDelta):
+            self.text.append(event.text)
+            self.deltas += 1
+            return llm_pb2.ChatChunk(delta=event.text)
+        if isinstance(event, ToolDelta):
+            call = self.tool_calls.setdefault(event.index, common_pb2.ToolCall())
+            if event.id:
+                call.id = event.id
+            call.name += event.name
+            call.arguments_json += event.arguments
+            self.deltas += 1
+            return llm_pb2.ChatChunk(
+                tool_call_delta=llm_pb2.ToolCallDelta(
+                    index=event.index,
+                    id=event.id,
+                    name=event.name,
+                    arguments_delta=event.arguments,
+                )
+            )
+        if isinstance(event, Finish):
+            self.finish_reason = event.reason
+        elif isinstance(event, UsageReport):
+            self.usage = event
+        return None
 
 
 def _estimate_prompt_tokens(request: llm_pb2.ChatRequest) -> int:
     return sum(len(m.content) // 4 + 4 for m in request.messages)
+
+
+def _counts_against_health(failure: UpstreamFailure) -> bool:
+    return failure.reason.startswith(_HEALTH_FAILURES) or (
+        failure.status is not None and (failure.status >= 500 or failure.status in (408, 429))
+    )
 
 
 def _failure_error(failure: UpstreamFailure) -> errors.ThreadlineError:
@@ -68,7 +105,7 @@ def _failure_error(failure: UpstreamFailure) -> errors.ThreadlineError:
         return errors.InvalidArgument(
             f"upstream rejected the request: {failure.message}", details=details
         )
-    if failure.status is not None and 400 <= failure.status < 500 and not failure.retryable:
+    if failure.status is not None and 400 <= failure.status < 500:
         return errors.FailedPrecondition(
             f"upstream refused the request: {failure.message}", details=details
         )
@@ -78,140 +115,296 @@ def _failure_error(failure: UpstreamFailure) -> errors.ThreadlineError:
 class ChatProxy:
     def __init__(
         self,
-        upstream: Upstream,
+        router: Router,
         retry: RetryPolicy,
         events: EventPublisher,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.upstream = upstream
+        self.router = router
         self.retry = retry
         self.events = events
         self._sleep = sleep
 
-    def resolve_model(self, requested: str) -> str:
-        served = self.upstream.settings.model
-        if requested in ("", "default", served):
-            return served
-        raise errors.InvalidArgument(
-            f"unknown model {requested!r}: this proxy serves {served!r}",
-            details={"model": requested},
-        )
-
     def models(self) -> list[llm_pb2.ModelInfo]:
-        return [llm_pb2.ModelInfo(id=self.upstream.settings.model, upstream=self.upstream.name)]
+        return self.router.models()
 
     async def stream(self, request: llm_pb2.ChatRequest) -> AsyncIterator[llm_pb2.ChatChunk]:
-        model = self.resolve_model(request.model)
         if not request.messages:
             raise errors.InvalidArgument("messages is empty: send at least one message")
-        body = request_body(
-            request,
-            model,
-            stream=True,
-            system_role=self.upstream.settings.capabilities.system_role,
-        )
-        upstream = self.upstream.name
+        route = self.router.resolve(request.model)
+        async for chunk in self._serve(request, route, followed=()):
+            yield chunk
+
+    async def _serve(
+        self, request: llm_pb2.ChatRequest, route: ResolvedRoute, followed: tuple[str, ...]
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempt = 0
-        while True:
-            attempt += 1
-            yield llm_pb2.ChatChunk(
-                attempt=llm_pb2.AttemptInfo(
-                    attempt=attempt, upstream=upstream, model=model, status="started"
+        last: UpstreamFailure | RateLimited | None = None
+        for index, target in enumerate(route.targets):
+            upstream = target.upstream
+            if not upstream.breaker.allow():
+                last = last or UpstreamFailure(
+                    "circuit_open", f"circuit open for {upstream.name}", retryable=False
                 )
-            )
-            answer = _Answer()
-            attempt_started = time.perf_counter()
-            try:
-                async with asyncio.timeout(self.upstream.settings.timeouts.total_s):
-                    async for event in self.upstream.stream(body):
-                        chunk = self._apply(answer, event)
-                        if chunk is not None:
-                            yield chunk
-            except (UpstreamFailure, TimeoutError) as exc:
-                failure = (
-                    exc
-                    if isinstance(exc, UpstreamFailure)
-                    else UpstreamFailure(
-                        "total_timeout",
-                        f"answer took longer than {self.upstream.settings.timeouts.total_s:g}s",
-                        retryable=False,
-                    )
-                )
-                if answer.produced_output:
-                    yield self._interrupted(request, answer, model, attempt, failure)
-                    return
-                self.events.emit(
-                    "llm.attempt_failed",
-                    upstream=upstream,
-                    model=model,
-                    attempt=attempt,
-                    reason=failure.reason,
-                    error=failure.message,
-                    status=failure.status,
-                )
-                yield llm_pb2.ChatChunk(
-                    attempt=llm_pb2.AttemptInfo(
-                        attempt=attempt,
-                        upstream=upstream,
-                        model=model,
-                        status="failed",
-                        reason=failure.reason,
-                    )
-                )
-                if not failure.retryable:
-                    raise _failure_error(failure) from None
-                remaining = self.retry.budget_s - (loop.time() - started)
-                delay = self.retry.delay(attempt, failure.retry_after_s, remaining)
-                if delay is None:
-                    raise errors.Unavailable(
-                        f"upstream {upstream} failed after {attempt} attempt(s): {failure.message}",
-                        details={"reason": failure.reason, "attempts": str(attempt)},
-                    ) from None
-                self.events.emit(
-                    "llm.retry",
-                    upstream=upstream,
-                    model=model,
-                    attempt=attempt,
-                    reason=failure.reason,
-                    delay_s=round(delay, 3),
-                )
-                await self._sleep(delay)
                 continue
-            log.info(
-                "llm.answered",
-                upstream=upstream,
-                model=model,
-                attempt=attempt,
-                seconds=round(time.perf_counter() - attempt_started, 3),
-            )
-            yield self._done(request, answer, model, attempt)
-            return
-
-    @staticmethod
-    def _apply(answer: _Answer, event: object) -> llm_pb2.ChatChunk | None:
-        if isinstance(event, TextDelta):
-            answer.text.append(event.text)
-            answer.deltas += 1
-            return llm_pb2.ChatChunk(delta=event.text)
-        if isinstance(event, ToolDelta):
-            answer.add_tool_delta(event)
-            answer.deltas += 1
-            return llm_pb2.ChatChunk(
-                tool_call_delta=llm_pb2.ToolCallDelta(
-                    index=event.index,
-                    id=event.id,
-                    name=event.name,
-                    arguments_delta=event.arguments,
+            tries = 0
+            reason = ""
+            while True:
+                attempt += 1
+                tries += 1
+                answer = _Answer()
+                try:
+                    async for chunk in self._attempt(request, target, attempt, answer):
+                        yield chunk
+                except RateLimited as exc:
+                    upstream.breaker.release_probe()
+                    metrics.RATE_LIMITED.labels(upstream.name, exc.limit).inc()
+                    self._emit(
+                        "llm.rate_limited",
+                        target,
+                        attempt=attempt,
+                        limit=exc.limit,
+                        retry_after_s=round(exc.retry_after_s, 3),
+                    )
+                    last, reason = exc, "rate_limited"
+                    break
+                except UpstreamFailure as failure:
+                    if answer.produced_output:
+                        self._record_failure(target, failure, "interrupted")
+                        async for chunk in self._finish_cut_answer(
+                            request, route, index, answer, failure, attempt
+                        ):
+                            yield chunk
+                        return
+                    yield self._attempt_failed(target, failure, attempt)
+                    if failure.reason == "context_length_exceeded":
+                        fallback = route.context_fallback
+                        if fallback and fallback not in followed:
+                            self._emit(
+                                "llm.failover",
+                                target,
+                                attempt=attempt,
+                                reason=failure.reason,
+                                to_route=fallback,
+                            )
+                            async for chunk in self._serve(
+                                request, self.router.route(fallback), (*followed, route.name)
+                            ):
+                                yield chunk
+                            return
+                        raise _failure_error(failure) from None
+                    if failure.status is not None and not failure.retryable:
+                        raise _failure_error(failure) from None
+                    last, reason = failure, failure.reason
+                    if not failure.retryable:
+                        break  # a silent or stalled upstream is not waited on again
+                    delay = self.retry.delay(
+                        tries, failure.retry_after_s, self.retry.budget_s - (loop.time() - started)
+                    )
+                    if delay is None:
+                        break
+                    metrics.RETRIES.labels(upstream.name, target.model, failure.reason).inc()
+                    self._emit(
+                        "llm.retry",
+                        target,
+                        attempt=attempt,
+                        reason=failure.reason,
+                        delay_s=round(delay, 3),
+                    )
+                    await self._sleep(delay)
+                    continue
+                if upstream.breaker.record_success():
+                    metrics.CIRCUIT_OPEN.labels(upstream.name).set(0)
+                    self._emit("llm.circuit_closed", target)
+                yield self._done(request, answer, target, attempt)
+                return
+            following = route.targets[index + 1] if index + 1 < len(route.targets) else None
+            if following is not None:
+                metrics.FAILOVERS.labels(upstream.name, following.upstream.name, reason).inc()
+                self._emit(
+                    "llm.failover",
+                    target,
+                    attempt=attempt,
+                    reason=reason,
+                    to_upstream=following.upstream.name,
+                    to_model=following.model,
                 )
+        if isinstance(last, RateLimited):
+            raise errors.ResourceExhausted(
+                f"every upstream of {route.name!r} is at its rate limit",
+                retry_after_s=last.retry_after_s,
+                details={"limit": last.limit, "upstream": last.upstream},
             )
-        if isinstance(event, Finish):
-            answer.finish_reason = event.reason
-        elif isinstance(event, UsageReport):
-            answer.usage = event
-        return None
+        message = last.message if last is not None else "no upstream"
+        raise errors.Unavailable(
+            f"no upstream of {route.name!r} answered after {attempt} attempt(s): {message}",
+            details={
+                "reason": last.reason if isinstance(last, UpstreamFailure) else "",
+                "attempts": str(attempt),
+            },
+        )
+
+    async def _attempt(
+        self,
+        request: llm_pb2.ChatRequest,
+        target: Target,
+        attempt: int,
+        answer: _Answer,
+        *,
+        prefill: bool = False,
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        upstream = target.upstream
+        settings = upstream.settings
+        body = request_body(
+            request, target.model, stream=True, system_role=settings.capabilities.system_role
+        )
+        if prefill:
+            # vLLM's names; servers that continue a trailing assistant message by default
+            # ignore them, strict ones refuse (and the original failure is reported).
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        yield llm_pb2.ChatChunk(
+            attempt=llm_pb2.AttemptInfo(
+                attempt=attempt, upstream=upstream.name, model=target.model, status="started"
+            )
+        )
+        tokens = _estimate_prompt_tokens(request) + (request.max_tokens or 512)
+        async with upstream.limiter.slot(tokens):
+            try:
+                async with asyncio.timeout(settings.timeouts.total_s):
+                    async for event in upstream.client.stream(body):
+                        chunk = answer.apply(event)
+                        if chunk is not None:
+                            if answer.deltas == 1:
+                                metrics.TTFT.labels(upstream.name, target.model).observe(
+                                    time.perf_counter() - answer.started
+                                )
+                            yield chunk
+            except TimeoutError:
+                raise UpstreamFailure(
+                    "total_timeout",
+                    f"answer took longer than {settings.timeouts.total_s:g}s",
+                    retryable=False,
+                ) from None
+
+    async def _finish_cut_answer(
+        self,
+        request: llm_pb2.ChatRequest,
+        route: ResolvedRoute,
+        index: int,
+        answer: _Answer,
+        failure: UpstreamFailure,
+        attempt: int,
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        """Continue a cut answer on a prefill-capable fallback, or end it INTERRUPTED."""
+        cut_at = route.targets[index]
+        self._emit(
+            "llm.stream_interrupted",
+            cut_at,
+            attempt=attempt,
+            reason=failure.reason,
+            error=failure.message,
+            deltas_sent=answer.deltas,
+        )
+        if not answer.tool_calls:
+            partial = "".join(answer.text)
+            continuation = llm_pb2.ChatRequest()
+            continuation.CopyFrom(request)
+            continuation.messages.append(
+                common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=partial)
+            )
+            for target in route.targets[index + 1 :]:
+                if not target.upstream.settings.capabilities.prefill:
+                    continue
+                if not target.upstream.breaker.allow():
+                    continue
+                attempt += 1
+                self._emit(
+                    "llm.failover",
+                    cut_at,
+                    attempt=attempt,
+                    reason=failure.reason,
+                    to_upstream=target.upstream.name,
+                    to_model=target.model,
+                    continuation=True,
+                )
+                rest = _Answer()
+                try:
+                    async for chunk in self._attempt(
+                        continuation, target, attempt, rest, prefill=True
+                    ):
+                        yield chunk
+                except (UpstreamFailure, RateLimited) as exc:
+                    if isinstance(exc, UpstreamFailure):
+                        self._record_failure(target, exc, "failed")
+                    else:
+                        target.upstream.breaker.release_probe()
+                    if rest.produced_output:
+                        answer.text.extend(rest.text)
+                        answer.deltas += rest.deltas
+                        reason = exc if isinstance(exc, UpstreamFailure) else failure
+                        yield self._interrupted(request, answer, target, attempt, reason)
+                        return
+                    continue  # a refused continuation never masks the original failure
+                if target.upstream.breaker.record_success():
+                    self._emit("llm.circuit_closed", target)
+                combined = _Answer(
+                    text=[partial, *rest.text],
+                    finish_reason=rest.finish_reason,
+                    usage=rest.usage,
+                    deltas=answer.deltas + rest.deltas,
+                )
+                done = self._done(continuation, combined, target, attempt)
+                if rest.usage is not None:
+                    # The cut attempt's text is part of the answer: bill it as completion.
+                    done.done.usage.completion_tokens += answer.deltas
+                    done.done.usage.total_tokens += answer.deltas
+                yield done
+                return
+        yield self._interrupted(request, answer, cut_at, attempt, failure)
+
+    def _emit(self, type_: str, target: Target, **attributes: Any) -> None:
+        self.events.emit(type_, upstream=target.upstream.name, model=target.model, **attributes)
+
+    def _record_failure(self, target: Target, failure: UpstreamFailure, outcome: str) -> None:
+        upstream = target.upstream
+        metrics.ATTEMPTS.labels(upstream.name, target.model, outcome).inc()
+        if _counts_against_health(failure):
+            if upstream.breaker.record_failure():
+                metrics.CIRCUIT_OPEN.labels(upstream.name).set(1)
+                self._emit(
+                    "llm.circuit_opened",
+                    target,
+                    reason=failure.reason,
+                    failures=upstream.breaker.failures,
+                )
+        else:
+            upstream.breaker.release_probe()
+
+    def _attempt_failed(
+        self, target: Target, failure: UpstreamFailure, attempt: int
+    ) -> llm_pb2.ChatChunk:
+        self._record_failure(target, failure, "failed")
+        self._emit(
+            "llm.attempt_failed",
+            target,
+            attempt=attempt,
+            reason=failure.reason,
+            error=failure.message,
+            status=failure.status,
+        )
+        return llm_pb2.ChatChunk(
+            attempt=llm_pb2.AttemptInfo(
+                attempt=attempt,
+                upstream=target.upstream.name,
+                model=target.model,
+                status="failed",
+                reason=failure.reason,
+            )
+        )
 
     def _usage(self, request: llm_pb2.ChatRequest, answer: _Answer) -> common_pb2.Usage:
         if answer.usage is not None:
@@ -229,17 +422,29 @@ class ChatProxy:
         )
 
     def _done(
-        self, request: llm_pb2.ChatRequest, answer: _Answer, model: str, attempt: int
+        self, request: llm_pb2.ChatRequest, answer: _Answer, target: Target, attempt: int
     ) -> llm_pb2.ChatChunk:
         reason = FINISH_REASONS.get(answer.finish_reason, common_pb2.FINISH_REASON_STOP)
         if answer.tool_calls and reason == common_pb2.FINISH_REASON_STOP:
             reason = common_pb2.FINISH_REASON_TOOL_CALLS
+        usage = self._usage(request, answer)
+        name = target.upstream.name
+        metrics.ATTEMPTS.labels(name, target.model, "ok").inc()
+        metrics.TOKENS.labels(name, target.model, "prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(name, target.model, "completion").inc(usage.completion_tokens)
+        log.info(
+            "llm.answered",
+            upstream=name,
+            model=target.model,
+            attempt=attempt,
+            seconds=round(time.perf_counter() - answer.started, 3),
+        )
         return llm_pb2.ChatChunk(
             done=llm_pb2.ChatDone(
                 finish_reason=reason,
-                usage=self._usage(request, answer),
-                model=model,
-                upstream=self.upstream.name,
+                usage=usage,
+                model=target.model,
+                upstream=name,
                 content="".join(answer.text),
                 tool_calls=[answer.tool_calls[i] for i in sorted(answer.tool_calls)],
                 attempts=attempt,
@@ -250,20 +455,20 @@ class ChatProxy:
         self,
         request: llm_pb2.ChatRequest,
         answer: _Answer,
-        model: str,
+        target: Target,
         attempt: int,
         failure: UpstreamFailure,
     ) -> llm_pb2.ChatChunk:
-        self.events.emit(
-            "llm.stream_interrupted",
-            upstream=self.upstream.name,
-            model=model,
-            attempt=attempt,
-            reason=failure.reason,
-            error=failure.message,
-            deltas_sent=answer.deltas,
+        usage = self._usage(request, answer)
+        return llm_pb2.ChatChunk(
+            done=llm_pb2.ChatDone(
+                finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
+                usage=usage,
+                model=target.model,
+                upstream=target.upstream.name,
+                content="".join(answer.text),
+                tool_calls=[answer.tool_calls[i] for i in sorted(answer.tool_calls)],
+                attempts=attempt,
+                error=f"{failure.reason}: {failure.message}",
+            )
         )
-        chunk = self._done(request, answer, model, attempt)
-        chunk.done.finish_reason = common_pb2.FINISH_REASON_INTERRUPTED
-        chunk.done.error = f"{failure.reason}: {failure.message}"
-        return chunk

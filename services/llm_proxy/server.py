@@ -1,11 +1,15 @@
-"""Wiring for llm_proxy: upstream client, proxy, servicer, server."""
+"""Wiring for llm_proxy: upstream clients, limits, breakers, router, proxy, servicer."""
 
 from __future__ import annotations
 
 import grpc.aio
+import redis.asyncio as aioredis
 
+from services.llm_proxy.breaker import CircuitBreaker
+from services.llm_proxy.limits import LocalBuckets, RedisBuckets, TokenBuckets, UpstreamLimiter
 from services.llm_proxy.proxy import ChatProxy
 from services.llm_proxy.retry import RetryPolicy
+from services.llm_proxy.router import Router, UpstreamRuntime
 from services.llm_proxy.servicer import LlmProxyServicer
 from services.llm_proxy.upstream import Upstream
 from threadline.config import ServiceName, Settings
@@ -18,24 +22,47 @@ SERVICE: ServiceName = "llm_proxy"
 
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
-    if settings.llm.upstream is None:
+    llm = settings.llm
+    if not llm.all_upstreams:
         raise FailedPrecondition(
             "llm_proxy needs an upstream: set llm.upstream.base_url and llm.upstream.model "
-            "(THREADLINE_LLM__UPSTREAM__BASE_URL, THREADLINE_LLM__UPSTREAM__MODEL)"
+            "(THREADLINE_LLM__UPSTREAM__BASE_URL, THREADLINE_LLM__UPSTREAM__MODEL) or llm.upstreams"
         )
-    upstream = Upstream.create(settings.llm.upstream)
+    redis_client: aioredis.Redis | None = None
+    buckets: TokenBuckets = LocalBuckets()
+    if settings.redis_url:
+        redis_client = aioredis.from_url(settings.redis_url)
+        buckets = RedisBuckets(redis_client)
+    upstreams = {
+        u.name: UpstreamRuntime(
+            client=Upstream.create(u),
+            limiter=UpstreamLimiter(
+                u.name,
+                buckets,
+                max_concurrency=u.max_concurrency,
+                rpm=u.rpm,
+                tpm=u.tpm,
+                max_wait_s=llm.rate_limit_wait_s,
+            ),
+            breaker=CircuitBreaker(
+                failure_threshold=llm.circuit.failure_threshold, cooldown_s=llm.circuit.cooldown_s
+            ),
+        )
+        for u in llm.all_upstreams
+    }
     proxy = ChatProxy(
-        upstream, RetryPolicy.from_settings(settings.llm.retry), EventPublisher(bus, SERVICE)
+        Router(llm, upstreams),
+        RetryPolicy.from_settings(llm.retry),
+        EventPublisher(bus, SERVICE),
     )
 
     def register(server: grpc.aio.Server) -> list[str]:
         llm_pb2_grpc.add_LlmProxyServicer_to_server(LlmProxyServicer(proxy), server)
         return [llm_pb2.DESCRIPTOR.services_by_name["LlmProxy"].full_name]
 
-    host, _ = build_server(
-        SERVICE,
-        register,
-        address=address or settings.bind_address(SERVICE),
-    )
-    host.on_stop(upstream.close)
+    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
+    if redis_client is not None:
+        host.on_stop(redis_client.aclose)
+    for upstream in upstreams.values():
+        host.on_stop(upstream.client.close)
     return host

@@ -19,6 +19,7 @@ from httpx_sse import SSEError, aconnect_sse
 
 from services.llm_proxy.openai_wire import MalformedChunk, StreamEvent, parse_chunk
 from threadline.config import UpstreamSettings
+from threadline.errors import FailedPrecondition
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -46,7 +47,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -106,8 +107,13 @@ class Upstream:
         headers = {}
         if settings.api_key_env:
             key = os.environ.get(settings.api_key_env, "")
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
+            if not key:
+                # Fail at start, not with a 401 on the first user's turn.
+                raise FailedPrecondition(
+                    f"upstream {settings.name!r}: environment variable {settings.api_key_env} "
+                    "(llm.upstream.api_key_env) is not set"
+                )
+            headers["Authorization"] = f"Bearer {key}"
         timeouts = settings.timeouts
         client = httpx.AsyncClient(
             base_url=settings.base_url,

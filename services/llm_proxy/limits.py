@@ -1,0 +1,126 @@
+"""Rate limits per upstream: a concurrency limit plus RPM and TPM token buckets.
+
+Buckets live in Redis (one atomic script, so every llm_proxy replica draws from
+the same budget) when Redis is configured, in process memory otherwise. The
+concurrency limit is per replica. A request that cannot get capacity within
+`max_wait_s` raises `RateLimited` with the time after which it likely would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+
+class RateLimited(Exception):
+    def __init__(self, upstream: str, limit: str, retry_after_s: float) -> None:
+        super().__init__(f"upstream {upstream} is at its {limit} limit")
+        self.upstream = upstream
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class TokenBuckets(Protocol):
+    async def take(self, key: str, amount: float, *, capacity: float, per_second: float) -> float:
+        """Take `amount` if available and return 0; else take nothing and return the
+        seconds until it would be."""
+
+
+class LocalBuckets:
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[float, float]] = {}
+
+    async def take(self, key: str, amount: float, *, capacity: float, per_second: float) -> float:
+        now = time.monotonic()
+        tokens, updated = self._state.get(key, (capacity, now))
+        tokens = min(capacity, tokens + (now - updated) * per_second)
+        amount = min(amount, capacity)
+        if tokens >= amount:
+            self._state[key] = (tokens - amount, now)
+            return 0.0
+        self._state[key] = (tokens, now)
+        return (amount - tokens) / per_second
+
+
+_TAKE = """
+local capacity = tonumber(ARGV[1])
+local per_ms = tonumber(ARGV[2])
+local amount = math.min(tonumber(ARGV[3]), capacity)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or capacity
+local ts = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + (now - ts) * per_ms)
+local wait = 0
+if tokens >= amount then tokens = tokens - amount else wait = (amount - tokens) / per_ms end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / per_ms) + 1000)
+return tostring(wait)
+"""
+
+
+class RedisBuckets:
+    """Buckets shared by every replica; time comes from the Redis server's clock."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "threadline:ratelimit:") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._script = client.register_script(_TAKE)
+
+    async def take(self, key: str, amount: float, *, capacity: float, per_second: float) -> float:
+        wait_ms = await self._script(
+            keys=[self._prefix + key], args=[capacity, per_second / 1000, amount]
+        )
+        return float(wait_ms) / 1000
+
+
+@dataclass
+class UpstreamLimiter:
+    upstream: str
+    buckets: TokenBuckets
+    max_concurrency: int = 0
+    rpm: int = 0
+    tpm: int = 0
+    max_wait_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tokens: int) -> AsyncIterator[None]:
+        """Hold capacity for one request of about `tokens` tokens (prompt + max output)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        if self._slots is not None:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.max_wait_s)
+            except TimeoutError:
+                raise RateLimited(self.upstream, "concurrency", 1.0) from None
+        try:
+            if self.rpm:
+                await self._draw("rpm", 1, self.rpm, deadline)
+            if self.tpm:
+                await self._draw("tpm", tokens, self.tpm, deadline)
+            yield
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    async def _draw(self, limit: str, amount: int, per_minute: int, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = await self.buckets.take(
+                f"{self.upstream}:{limit}", amount, capacity=per_minute, per_second=per_minute / 60
+            )
+            if wait == 0:
+                return
+            if loop.time() + wait > deadline:
+                raise RateLimited(self.upstream, limit, wait)
+            await asyncio.sleep(wait)

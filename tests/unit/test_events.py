@@ -1,0 +1,357 @@
+"""Lifecycle events on real Redis and in process: what subscribers see, and what
+happens when Redis is away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import redis.asyncio as aioredis
+import structlog
+
+from threadline.events import (
+    CHANNEL_PREFIX,
+    STREAM_KEY,
+    EventPublisher,
+    InProcessEventBus,
+    RedisEventBus,
+    Subscription,
+    attributes_of,
+    from_json,
+    make_bus,
+    to_json,
+)
+from threadline.v1.events_pb2 import LifecycleEvent
+
+UNREACHABLE = "redis://127.0.0.1:1/0"
+
+
+def _event(
+    type_: str = "turn.completed",
+    *,
+    event_id: str = "",
+    session_id: str = "",
+    tenant: str = "",
+    trace_id: str = "",
+) -> LifecycleEvent:
+    return LifecycleEvent(
+        type=type_, id=event_id, session_id=session_id, tenant=tenant, trace_id=trace_id
+    )
+
+
+async def _stream_ids(client: aioredis.Redis) -> list[str]:
+    """Ids of the events in the replay stream, oldest first."""
+    entries = await client.xrange(STREAM_KEY)
+    assert entries is not None
+    return [from_json(fields["event"]).id for _, fields in entries if fields]
+
+
+async def _next(events: AsyncIterator[LifecycleEvent], timeout_s: float = 5.0) -> LifecycleEvent:
+    return await asyncio.wait_for(anext(events), timeout_s)
+
+
+def _open(sub: Subscription) -> AsyncGenerator[LifecycleEvent, None]:
+    events = aiter(sub)
+    assert isinstance(events, AsyncGenerator)
+    return events
+
+
+@pytest.fixture
+async def bus(redis_url: str, redis_client: aioredis.Redis) -> AsyncIterator[RedisEventBus]:
+    running = RedisEventBus(redis_url, buffer_size=100, stream_maxlen=50)
+    await running.start()
+    yield running
+    await running.close()
+
+
+async def test_publish_reaches_raw_redis_subscriber_as_snake_case_json(
+    bus: RedisEventBus, redis_client: aioredis.Redis
+) -> None:
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(CHANNEL_PREFIX + "turn.completed")
+    try:
+        bus.publish(_event(session_id="ses_1", tenant="acme", trace_id="req-1"))
+        assert await bus.flush(5.0)
+
+        message = None
+        deadline = time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:
+            message = await pubsub.get_message(timeout=1.0)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    assert message is not None
+    assert message["channel"] == "threadline.events.turn.completed"
+    payload = json.loads(message["data"])
+    assert payload["type"] == "turn.completed"
+    assert payload["session_id"] == "ses_1"
+    assert payload["trace_id"] == "req-1"
+    assert payload["tenant"] == "acme"
+
+
+async def test_publish_appends_to_the_replay_stream(
+    bus: RedisEventBus, redis_client: aioredis.Redis
+) -> None:
+    for i in range(3):
+        bus.publish(_event(event_id=f"e{i}"))
+    assert await bus.flush(5.0)
+
+    assert await _stream_ids(redis_client) == ["e0", "e1", "e2"]
+
+
+async def test_replay_stream_is_capped(redis_url: str, redis_client: aioredis.Redis) -> None:
+    bus = RedisEventBus(redis_url, buffer_size=1000, stream_maxlen=10)
+    await bus.start()
+    try:
+        for i in range(600):
+            bus.publish(_event(event_id=f"e{i}"))
+        assert await bus.flush(10.0)
+    finally:
+        await bus.close()
+
+    ids = await _stream_ids(redis_client)
+
+    # Trimming is approximate (whole stream nodes of 100 entries), never below the cap.
+    assert 10 <= len(ids) <= 200
+    assert ids[-1] == "e599"
+    assert ids == [f"e{i}" for i in range(600 - len(ids), 600)]
+
+
+async def test_subscribe_yields_events_published_after_it(
+    bus: RedisEventBus, redis_client: aioredis.Redis
+) -> None:
+    bus.publish(_event("session.created", event_id="before"))
+    assert await bus.flush(5.0)
+
+    sub = await bus.subscribe()
+    events = _open(sub)
+    try:
+        bus.publish(_event("session.created", event_id="after-1", session_id="ses_9"))
+        bus.publish(_event("turn.started", event_id="after-2"))
+        first = await _next(events)
+        second = await _next(events)
+    finally:
+        await events.aclose()
+        await sub.close()
+
+    assert (first.id, first.type, first.session_id) == ("after-1", "session.created", "ses_9")
+    assert (second.id, second.type) == ("after-2", "turn.started")
+
+
+async def test_in_process_bus_fans_out_to_every_subscriber() -> None:
+    bus = InProcessEventBus()
+    first, second = await bus.subscribe(), await bus.subscribe()
+    a, b = _open(first), _open(second)
+    try:
+        bus.publish(_event(event_id="e1"))
+        bus.publish(_event(event_id="e2"))
+
+        assert [(await _next(a)).id, (await _next(a)).id] == ["e1", "e2"]
+        assert [(await _next(b)).id, (await _next(b)).id] == ["e1", "e2"]
+
+        await first.close()
+        bus.publish(_event(event_id="e3"))
+        assert (await _next(b)).id == "e3"
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await second.close()
+        await bus.close()
+
+
+async def test_in_process_slow_subscriber_loses_events_instead_of_blocking() -> None:
+    bus = InProcessEventBus(subscriber_buffer=2)
+    sub = await bus.subscribe()
+    events = _open(sub)
+    try:
+        for i in range(5):
+            bus.publish(_event(event_id=f"e{i}"))
+
+        assert bus.dropped == 3
+        assert [(await _next(events)).id, (await _next(events)).id] == ["e0", "e1"]
+    finally:
+        await events.aclose()
+        await sub.close()
+        await bus.close()
+
+
+async def test_make_bus_picks_redis_only_when_configured(redis_url: str) -> None:
+    in_process = make_bus(None, buffer_size=10, stream_maxlen=10)
+    on_redis = make_bus(redis_url, buffer_size=10, stream_maxlen=10)
+    try:
+        assert isinstance(in_process, InProcessEventBus)
+        assert isinstance(on_redis, RedisEventBus)
+    finally:
+        await in_process.close()
+        await on_redis.close()
+
+
+async def test_unreachable_redis_never_blocks_or_raises_and_drops_oldest() -> None:
+    bus = RedisEventBus(UNREACHABLE, buffer_size=5)
+    await bus.start()
+    try:
+        began = time.perf_counter()
+        for i in range(8):
+            bus.publish(_event(event_id=f"e{i}"))
+        publish_s = time.perf_counter() - began
+        await asyncio.sleep(0.2)  # the pump has tried and failed by now
+
+        assert publish_s < 0.1
+        assert bus.pending == 5
+        assert bus.dropped == 3
+    finally:
+        began = time.perf_counter()
+        await bus.close()
+        close_s = time.perf_counter() - began
+
+    assert close_s < 3.0
+    await bus.close()  # safe to call twice
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+async def test_events_buffered_while_redis_is_away_are_delivered_when_it_comes_back() -> None:
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    bus = RedisEventBus(url, buffer_size=3)
+    await bus.start()
+    server: asyncio.subprocess.Process | None = None
+    try:
+        for i in range(5):
+            bus.publish(_event(event_id=f"e{i}"))
+        await asyncio.sleep(0.3)
+        assert bus.pending == 3
+
+        server = await asyncio.create_subprocess_exec(
+            *("redis-server", "--port", str(port), "--save", "", "--appendonly", "no"),
+            *("--daemonize", "no"),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert await bus.flush(10.0), "buffered events were not sent after Redis came back"
+
+        reader = aioredis.from_url(url, decode_responses=True)
+        try:
+            ids = await _stream_ids(reader)
+        finally:
+            await reader.aclose()
+    finally:
+        await bus.close()
+        if server is not None:
+            server.terminate()
+            await asyncio.wait_for(server.wait(), 5)
+
+    # The two oldest were dropped when the buffer filled; the rest arrive in order.
+    assert ids == ["e2", "e3", "e4"]
+    assert bus.dropped == 2
+
+
+async def test_emit_fills_identity_and_context() -> None:
+    bus = InProcessEventBus()
+    sub = await bus.subscribe()
+    events = _open(sub)
+    publisher = EventPublisher(bus, "executor")
+    try:
+        with structlog.contextvars.bound_contextvars(
+            tenant="acme", session_id="ses_ctx", request_id="req-42"
+        ):
+            emitted = publisher.emit("turn.completed", latency_ms=120, model="m", error=None)
+        received = await _next(events)
+    finally:
+        await events.aclose()
+        await sub.close()
+        await bus.close()
+
+    assert received == emitted
+    assert len(received.id) == 32
+    assert received.type == "turn.completed"
+    assert received.service == "executor"
+    assert (received.tenant, received.session_id) == ("acme", "ses_ctx")
+    assert received.trace_id == "req-42"
+    age_s = (datetime.now(UTC) - received.time.ToDatetime(tzinfo=UTC)).total_seconds()
+    assert 0 <= age_s < 5
+    # None values are left out rather than sent as null.
+    assert attributes_of(received) == {"latency_ms": 120, "model": "m"}
+
+
+async def test_emit_explicit_tenant_and_session_win_over_context() -> None:
+    bus = InProcessEventBus()
+    publisher = EventPublisher(bus, "session")
+    with structlog.contextvars.bound_contextvars(tenant="acme", session_id="ses_ctx"):
+        event = publisher.emit("session.created", tenant="other", session_id="ses_given")
+    await bus.close()
+
+    assert (event.tenant, event.session_id) == ("other", "ses_given")
+
+
+async def test_emit_without_context_leaves_fields_empty() -> None:
+    bus = InProcessEventBus()
+    with structlog.contextvars.bound_contextvars():
+        structlog.contextvars.clear_contextvars()
+        event = EventPublisher(bus, "gateway").emit("service.started")
+    await bus.close()
+
+    assert (event.tenant, event.session_id, event.trace_id) == ("", "", "")
+    assert attributes_of(event) == {}
+
+
+async def test_emit_ids_are_unique() -> None:
+    bus = InProcessEventBus()
+    publisher = EventPublisher(bus, "gateway")
+    ids = {publisher.emit("x").id for _ in range(100)}
+    await bus.close()
+
+    assert len(ids) == 100
+
+
+async def test_emit_accepts_any_attribute_name() -> None:
+    bus = InProcessEventBus()
+    publisher = EventPublisher(bus, "executor")
+    try:
+        event = publisher.emit("tool.called", type="function", event="x")
+    finally:
+        await bus.close()
+
+    assert attributes_of(event) == {"type": "function", "event": "x"}
+
+
+def test_json_round_trip() -> None:
+    event = EventPublisher(InProcessEventBus(), "llm_proxy").emit(
+        "llm.retry",
+        tenant="acme",
+        session_id="ses_1",
+        attempt=2,
+        reason="http_503",
+        nested={"a": [1, "b"]},
+        ok=True,
+    )
+
+    text = to_json(event)
+    decoded = from_json(text)
+
+    assert decoded == event
+    assert "\n" not in text  # one line per event for redis-cli and log pipes
+    assert json.loads(text)["session_id"] == "ses_1"
+    assert attributes_of(decoded) == {
+        "attempt": 2,
+        "reason": "http_503",
+        "nested": {"a": [1, "b"]},
+        "ok": True,
+    }
+
+
+def test_from_json_ignores_unknown_fields() -> None:
+    decoded = from_json('{"type": "turn.started", "added_in_a_later_version": 1}')
+
+    assert decoded.type == "turn.started"
