@@ -93,6 +93,10 @@ def build_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients reconnect now and then, so behind a Kubernetes Service (which
+            # balances connections, not calls) new replicas get a share of the load.
+            # No age grace is set: running streams (WatchEvents) finish undisturbed.
+            ("grpc.max_connection_age_ms", 300_000),
         ],
     )
     service_names = tuple(register(server))

@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from prometheus_client import start_http_server
+
 from services.executor import server as executor_server
 from services.gateway import server as gateway_server
 from services.llm_proxy import server as llm_proxy_server
@@ -21,6 +23,13 @@ from threadline.logs import get_logger
 from threadline.server import ServiceHost, stop_in_order
 
 log = get_logger(__name__)
+
+
+def serve_metrics(port: int, host: str) -> None:
+    """Prometheus /metrics for every service in this process (a daemon thread)."""
+    start_http_server(port, addr=host)
+    log.info("metrics.listening", port=port)
+
 
 Factory = Callable[..., Awaitable[ServiceHost]]
 
@@ -79,6 +88,8 @@ async def start_stack(
         )
         await bus.start()
     stack = Stack(settings, bus, owns_bus=owns_bus)
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, settings.listen_host)
     try:
         for name in START_ORDER:
             if name not in services:

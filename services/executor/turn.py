@@ -81,11 +81,13 @@ class TurnRunner:
     #: Writes of partial answers that must finish even though their turn was cancelled.
     pending_writes: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def drain(self) -> None:
-        """Wait for partial answers still being stored (called on shutdown)."""
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait (boundedly) for partial answers still being stored (called on shutdown)."""
         if self.pending_writes:
             log.info("turn.draining_writes", count=len(self.pending_writes))
-            await asyncio.gather(*self.pending_writes, return_exceptions=True)
+            _, pending = await asyncio.wait(self.pending_writes, timeout=timeout_s)
+            if pending:
+                log.error("turn.partial_writes_abandoned", count=len(pending))
 
     async def run(
         self, request: executor_pb2.RunTurnRequest
