@@ -29,6 +29,7 @@ from services.llm_proxy.openai_wire import (
     UsageReport,
     request_body,
 )
+from services.llm_proxy.relay import Batches
 from services.llm_proxy.retry import RetryPolicy
 from services.llm_proxy.router import ResolvedRoute, Router, Target
 from services.llm_proxy.upstream import UpstreamFailure
@@ -83,6 +84,20 @@ class _Answer:
         elif isinstance(event, UsageReport):
             self.usage = event
         return None
+
+
+def _relayed(answer: _Answer, batch: list[StreamEvent]) -> list[llm_pb2.ChatChunk]:
+    """Apply a batch of events; consecutive text deltas leave as one chunk."""
+    chunks: list[llm_pb2.ChatChunk] = []
+    for event in batch:
+        chunk = answer.apply(event)
+        if chunk is None:
+            continue
+        if chunks and chunk.HasField("delta") and chunks[-1].HasField("delta"):
+            chunks[-1].delta += chunk.delta
+        else:
+            chunks.append(chunk)
+    return chunks
 
 
 def _estimate_prompt_tokens(request: llm_pb2.ChatRequest) -> int:
@@ -275,14 +290,14 @@ class ChatProxy:
         async with upstream.limiter.slot(tokens):
             try:
                 async with asyncio.timeout(settings.timeouts.total_s):
-                    async for event in upstream.client.stream(body):
-                        chunk = answer.apply(event)
-                        if chunk is not None:
-                            if answer.deltas == 1:
-                                metrics.TTFT.labels(upstream.name, target.model).observe(
-                                    time.perf_counter() - answer.started
-                                )
+                    async for batch in Batches(upstream.client.stream(body)):
+                        first = answer.deltas == 0
+                        for chunk in _relayed(answer, batch):
                             yield chunk
+                        if first and answer.deltas:
+                            metrics.TTFT.labels(upstream.name, target.model).observe(
+                                time.perf_counter() - answer.started
+                            )
             except TimeoutError:
                 raise UpstreamFailure(
                     "total_timeout",

@@ -11,13 +11,19 @@ import email.utils
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
 import httpx
-from httpx_sse import SSEError, aconnect_sse
 
-from services.llm_proxy.openai_wire import MalformedChunk, StreamEvent, parse_chunk
+from services.llm_proxy.openai_wire import (
+    MalformedChunk,
+    StreamEvent,
+    TextDelta,
+    ToolDelta,
+    parse_chunk,
+)
+from services.llm_proxy.sse import SseParser
 from threadline.config import UpstreamSettings
 from threadline.errors import FailedPrecondition
 
@@ -132,42 +138,56 @@ class Upstream:
         await self.client.aclose()
 
     async def stream(self, body: dict[str, object]) -> AsyncIterator[StreamEvent]:
-        """Stream one attempt. Raises UpstreamFailure; any event yielded was real output."""
+        """Stream one attempt. Raises UpstreamFailure; any event yielded was real output.
+
+        Everything that arrived in one read is parsed together and consecutive text
+        deltas are merged: a fast upstream costs one relayed message per read, not
+        per token, while a slow one still gets every token through at once.
+        """
         timeouts = self.settings.timeouts
+        loop = asyncio.get_running_loop()
+        first_token_deadline = loop.time() + timeouts.first_token_s
         try:
-            async with aconnect_sse(self.client, "POST", "/chat/completions", json=body) as source:
-                response = source.response
+            async with self.client.stream("POST", "/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     content = await response.aread()
                     raise classify_status(
                         response.status_code, content, response.headers.get("retry-after")
                     )
-                events = source.aiter_sse().__aiter__()
-                wait = timeouts.first_token_s
+                parser = SseParser()
+                reads = response.aiter_raw().__aiter__()
+                output_seen = False
                 while True:
+                    if output_seen:
+                        wait, phase = timeouts.idle_between_chunks_s, "idle"
+                    else:
+                        # Keep-alives do not count: the first token has its own deadline.
+                        wait, phase = first_token_deadline - loop.time(), "first_token"
                     try:
-                        sse = await asyncio.wait_for(events.__anext__(), wait)
+                        async with asyncio.timeout(max(wait, 0)):
+                            chunk = await reads.__anext__()
                     except StopAsyncIteration:
+                        for event in _merged(parser.finish()):
+                            yield event
                         return  # a stream without [DONE] is finalised as it stands
                     except TimeoutError:
-                        phase = "first_token" if wait == timeouts.first_token_s else "idle"
+                        limit = (
+                            timeouts.idle_between_chunks_s
+                            if output_seen
+                            else timeouts.first_token_s
+                        )
                         raise UpstreamFailure(
                             f"{phase}_timeout",
-                            f"upstream sent nothing for {wait:g}s ({phase.replace('_', ' ')})",
+                            f"upstream sent nothing for {limit:g}s ({phase.replace('_', ' ')})",
                             retryable=False,
                         ) from None
-                    wait = timeouts.idle_between_chunks_s
-                    if not sse.data or sse.data.strip() == "":
-                        continue
-                    if sse.data.strip() == "[DONE]":
+                    datas = parser.feed(chunk)
+                    finished = "[DONE]" in (d.strip() for d in datas)
+                    for event in _merged(d for d in datas if d.strip() != "[DONE]"):
+                        output_seen = output_seen or isinstance(event, TextDelta | ToolDelta)
+                        yield event
+                    if finished:
                         return
-                    try:
-                        for event in parse_chunk(sse.data):
-                            yield event
-                    except MalformedChunk as exc:
-                        raise UpstreamFailure("malformed_chunk", str(exc), retryable=True) from None
-        except SSEError as exc:
-            raise UpstreamFailure("malformed_stream", str(exc), retryable=True) from None
         except httpx.ConnectError as exc:
             raise UpstreamFailure("connect", f"cannot connect: {exc}", retryable=True) from None
         except httpx.ConnectTimeout:
@@ -182,3 +202,27 @@ class Upstream:
             raise UpstreamFailure(
                 "transport", f"{type(exc).__name__}: {exc}", retryable=True
             ) from None
+
+
+def _merged(datas: Iterable[str]) -> Iterator[StreamEvent]:
+    """Events of the given chunk payloads, consecutive text deltas joined into one."""
+    text: list[str] = []
+    for data in datas:
+        if not data.strip():
+            continue
+        try:
+            events = parse_chunk(data)
+        except MalformedChunk as exc:
+            if text:
+                yield TextDelta("".join(text))
+            raise UpstreamFailure("malformed_chunk", str(exc), retryable=True) from None
+        for event in events:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+                continue
+            if text:
+                yield TextDelta("".join(text))
+                text = []
+            yield event
+    if text:
+        yield TextDelta("".join(text))

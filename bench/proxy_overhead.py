@@ -1,0 +1,195 @@
+"""What llm_proxy adds: direct-to-upstream vs through llm_proxy, side by side.
+
+    python -m bench.proxy_overhead [--tokens 256] [--streams 1,16,64] [--rounds 3]
+
+The fake upstream and llm_proxy each run as their own process (as deployed);
+this process is the client. For each concurrency level it runs the direct and
+the proxied case alternately, `--rounds` times, and reports time to first token
+(p50, p99), the TTFT the proxy adds, and relayed tokens per second as a share of
+direct. Targets (issue 3): added TTFT p50 <= 2 ms and p99 <= 10 ms at 64
+streams; relayed throughput >= 80% of direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from threadline.channels import connect
+from threadline.v1 import common_pb2, llm_pb2, llm_pb2_grpc
+
+MODEL = "fake-model"
+
+
+@dataclass
+class Sample:
+    ttft_ms: float
+    tokens: int
+    seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def process(*argv: str, env: dict[str, str] | None = None) -> AsyncIterator[None]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        yield
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def wait_http(url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.05)
+    raise TimeoutError(url)
+
+
+async def wait_grpc(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(200):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError(address)
+
+
+async def direct_once(client: httpx.AsyncClient) -> Sample:
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                tokens += 1
+                if not first:
+                    first = time.perf_counter()
+    return Sample((first - started) * 1000, tokens, time.perf_counter() - started)
+
+
+async def proxied_once(stub: llm_pb2_grpc.LlmProxyAsyncStub) -> Sample:
+    request = llm_pb2.ChatRequest(
+        model=MODEL, messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="go")]
+    )
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    async for chunk in stub.StreamChat(request):
+        kind = chunk.WhichOneof("chunk")
+        if kind == "delta" and not first:
+            first = time.perf_counter()
+        elif kind == "done":
+            # Deltas may carry several tokens each (the proxy merges what arrives together).
+            tokens = chunk.done.usage.completion_tokens
+    return Sample((first - started) * 1000, tokens, time.perf_counter() - started)
+
+
+async def level(streams: int, once: Callable[[], Awaitable[Sample]]) -> tuple[list[Sample], float]:
+    started = time.perf_counter()
+    samples = await asyncio.gather(*(once() for _ in range(streams)))
+    return list(samples), time.perf_counter() - started
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main(tokens: int, levels: list[int], rounds: int) -> None:
+    upstream_port, proxy_port = free_port(), free_port()
+    base_url = f"http://127.0.0.1:{upstream_port}/v1"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")},
+        "THREADLINE_LOG_LEVEL": "error",
+        "THREADLINE_ADDRESSES__LLM_PROXY": f"127.0.0.1:{proxy_port}",
+        "THREADLINE_LLM__UPSTREAM__BASE_URL": base_url,
+        "THREADLINE_LLM__UPSTREAM__MODEL": MODEL,
+    }
+    fake = (
+        sys.executable,
+        "-m",
+        "threadline.testing.fake_upstream",
+        "--port",
+        str(upstream_port),
+        "--tokens",
+        str(tokens),
+        "--model",
+        MODEL,
+    )
+    proxy = (sys.executable, "-m", "threadline.cli", "serve", "llm_proxy")
+    async with process(*fake), process(*proxy, env=env):
+        await wait_http(f"{base_url}/models")
+        await wait_grpc(f"127.0.0.1:{proxy_port}")
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+            channel = connect(f"127.0.0.1:{proxy_port}")
+            stub = llm_pb2_grpc.LlmProxyStub(channel)
+            await level(4, lambda: direct_once(client))  # warm-up both paths
+            await level(4, lambda: proxied_once(stub))
+            print(f"{tokens} tokens per answer; fake upstream and llm_proxy in their own processes")
+            print(f"{'streams':>8} {'path':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'tok/s':>10}")
+            for streams in levels:
+                direct: list[Sample] = []
+                proxied: list[Sample] = []
+                direct_time = proxied_time = 0.0
+                for _ in range(rounds):
+                    samples, seconds = await level(streams, lambda: direct_once(client))
+                    direct += samples
+                    direct_time += seconds
+                    samples, seconds = await level(streams, lambda: proxied_once(stub))
+                    proxied += samples
+                    proxied_time += seconds
+                rows = (("direct", direct, direct_time), ("proxy", proxied, proxied_time))
+                for name, samples, seconds in rows:
+                    ttfts = [s.ttft_ms for s in samples]
+                    rate = sum(s.tokens for s in samples) / seconds
+                    print(
+                        f"{streams:>8} {name:>8} {statistics.median(ttfts):>8.2f}ms "
+                        f"{pct(ttfts, 0.99):>7.2f}ms {rate:>10.0f}"
+                    )
+                d_ttft = [s.ttft_ms for s in direct]
+                p_ttft = [s.ttft_ms for s in proxied]
+                d_rate = sum(s.tokens for s in direct) / direct_time
+                p_rate = sum(s.tokens for s in proxied) / proxied_time
+                print(
+                    f"{streams:>8} {'added':>8} "
+                    f"{statistics.median(p_ttft) - statistics.median(d_ttft):>8.2f}ms "
+                    f"{pct(p_ttft, 0.99) - pct(d_ttft, 0.99):>7.2f}ms "
+                    f"{p_rate / d_rate:>9.0%} of direct"
+                )
+            await channel.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--streams", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(main(args.tokens, [int(s) for s in args.streams.split(",")], args.rounds))

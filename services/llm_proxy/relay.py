@@ -1,0 +1,71 @@
+"""Relay batching: read the upstream in its own task, relay what has piled up.
+
+A fast upstream outpaces the gRPC writes to our caller; instead of one message
+per token, whatever arrived during the previous write goes out together. A slow
+upstream (one token at a time) sees no added latency: a lone event is relayed
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class _End:
+    pass
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Batches(Generic[T]):
+    def __init__(self, source: AsyncIterator[T]) -> None:
+        self._source = source
+        self._queue: asyncio.Queue[T | _End | _Failed] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _read(self) -> None:
+        try:
+            async for item in self._source:
+                self._queue.put_nowait(item)
+                # Let the relay send what is here before reading on: without this a
+                # buffered answer would be read whole before its first token leaves.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._queue.put_nowait(_Failed(exc))
+            return
+        self._queue.put_nowait(_End())
+
+    async def __aiter__(self) -> AsyncIterator[list[T]]:
+        self._reader = asyncio.create_task(self._read(), name="upstream-reader")
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                items: list[T] = []
+                for entry in batch:
+                    if isinstance(entry, _End):
+                        if items:
+                            yield items
+                        return
+                    if isinstance(entry, _Failed):
+                        if items:
+                            yield items
+                        raise entry.error
+                    items.append(entry)
+                yield items
+        finally:
+            # The caller left or failed: stop reading so the upstream request ends now.
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
