@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -45,7 +45,7 @@ class Batches(Generic[T]):
             return
         self._queue.put_nowait(_End())
 
-    async def __aiter__(self) -> AsyncIterator[list[T]]:
+    async def __aiter__(self) -> AsyncGenerator[list[T], None]:
         self._reader = asyncio.create_task(self._read(), name="upstream-reader")
         try:
             while True:
