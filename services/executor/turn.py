@@ -96,8 +96,10 @@ class TurnRunner:
             raise errors.InvalidArgument("tenant is required")
         if not request.input.strip():
             raise errors.InvalidArgument("input is empty: send the user's message")
+        # Ownership first: another tenant must get NOT_FOUND, never "session busy".
+        session = (await self.sessions.get(request.tenant, request.session_id)).session
         async with self.leases.hold(request.session_id):
-            async for event in self._run(request):
+            async for event in self._run(request, session):
                 yield event
 
     async def _append(
@@ -117,10 +119,9 @@ class TurnRunner:
         raise errors.Aborted(f"session {session_id} keeps changing under the turn; retry")
 
     async def _run(
-        self, request: executor_pb2.RunTurnRequest
+        self, request: executor_pb2.RunTurnRequest, session: session_pb2.Session
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         tenant, session_id = request.tenant, request.session_id
-        session = (await self.sessions.get(tenant, session_id)).session
         turn_id = "turn_" + uuid.uuid4().hex
         started = time.perf_counter()
         model = request.options.model or session.model

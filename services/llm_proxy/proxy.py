@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.llm_proxy import metrics
+from services.llm_proxy.breaker import CircuitState
 from services.llm_proxy.limits import RateLimited
 from services.llm_proxy.openai_wire import (
     FINISH_REASONS,
@@ -172,8 +173,14 @@ class ChatProxy:
                 tries += 1
                 answer = _Answer()
                 try:
-                    async for chunk in self._attempt(request, target, attempt, answer):
-                        yield chunk
+                    try:
+                        async for chunk in self._attempt(request, target, attempt, answer):
+                            yield chunk
+                    except (asyncio.CancelledError, GeneratorExit):
+                        # The caller left mid-attempt: no verdict on the upstream, and a
+                        # half-open circuit must not stay reserved for this probe.
+                        upstream.breaker.release_probe()
+                        raise
                 except RateLimited as exc:
                     upstream.breaker.release_probe()
                     metrics.RATE_LIMITED.labels(upstream.name, exc.limit).inc()
@@ -216,6 +223,8 @@ class ChatProxy:
                     last, reason = failure, failure.reason
                     if not failure.retryable:
                         break  # a silent or stalled upstream is not waited on again
+                    if upstream.breaker.state is not CircuitState.CLOSED:
+                        break  # its circuit just opened: fallbacks serve from now on
                     delay = self.retry.delay(
                         tries, failure.retry_after_s, self.retry.budget_s - (loop.time() - started)
                     )
@@ -348,10 +357,14 @@ class ChatProxy:
                 )
                 rest = _Answer()
                 try:
-                    async for chunk in self._attempt(
-                        continuation, target, attempt, rest, prefill=True
-                    ):
-                        yield chunk
+                    try:
+                        async for chunk in self._attempt(
+                            continuation, target, attempt, rest, prefill=True
+                        ):
+                            yield chunk
+                    except (asyncio.CancelledError, GeneratorExit):
+                        target.upstream.breaker.release_probe()
+                        raise
                 except (UpstreamFailure, RateLimited) as exc:
                     if isinstance(exc, UpstreamFailure):
                         self._record_failure(target, exc, "failed")

@@ -7,6 +7,7 @@ retry can help; the proxy decides what to do with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
@@ -148,7 +149,20 @@ class Upstream:
         loop = asyncio.get_running_loop()
         first_token_deadline = loop.time() + timeouts.first_token_s
         try:
-            async with self.client.stream("POST", "/chat/completions", json=body) as response:
+            async with contextlib.AsyncExitStack() as exits:
+                try:
+                    # A server that takes the request and never answers must not hold the
+                    # caller past the first-token deadline (httpx's read timeout is off).
+                    async with asyncio.timeout(timeouts.first_token_s):
+                        response = await exits.enter_async_context(
+                            self.client.stream("POST", "/chat/completions", json=body)
+                        )
+                except TimeoutError:
+                    raise UpstreamFailure(
+                        "first_token_timeout",
+                        f"upstream sent nothing for {timeouts.first_token_s:g}s (first token)",
+                        retryable=False,
+                    ) from None
                 if response.status_code != 200:
                     content = await response.aread()
                     raise classify_status(
