@@ -29,7 +29,7 @@ class RateLimited(Exception):
 class TokenBuckets(Protocol):
     async def take(self, key: str, amount: float, *, capacity: float, per_second: float) -> float:
         """Take `amount` if available and return 0; else take nothing and return the
-        seconds until it would be."""
+        seconds until it would be. A negative amount gives tokens back."""
 
 
 class LocalBuckets:
@@ -42,7 +42,8 @@ class LocalBuckets:
         tokens = min(capacity, tokens + (now - updated) * per_second)
         amount = min(amount, capacity)
         if tokens >= amount:
-            self._state[key] = (tokens - amount, now)
+            # A negative amount is a refund, never past the capacity.
+            self._state[key] = (min(capacity, tokens - amount), now)
             return 0.0
         self._state[key] = (tokens, now)
         return (amount - tokens) / per_second
@@ -59,7 +60,8 @@ local tokens = tonumber(state[1]) or capacity
 local ts = tonumber(state[2]) or now
 tokens = math.min(capacity, tokens + (now - ts) * per_ms)
 local wait = 0
-if tokens >= amount then tokens = tokens - amount else wait = (amount - tokens) / per_ms end
+if tokens >= amount then tokens = math.min(capacity, tokens - amount)
+else wait = (amount - tokens) / per_ms end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / per_ms) + 1000)
 return tostring(wait)
@@ -100,14 +102,28 @@ class UpstreamLimiter:
         deadline = loop.time() + self.max_wait_s
         if self._slots is not None:
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.max_wait_s)
+                # asyncio.timeout, not wait_for: with no wait allowed a free slot must
+                # still be taken (wait_for(..., 0) cancels before trying).
+                async with asyncio.timeout(self.max_wait_s):
+                    await self._slots.acquire()
             except TimeoutError:
                 raise RateLimited(self.upstream, "concurrency", 1.0) from None
         try:
-            if self.rpm:
-                await self._draw("rpm", 1, self.rpm, deadline)
             if self.tpm:
                 await self._draw("tpm", tokens, self.tpm, deadline)
+            if self.rpm:
+                try:
+                    await self._draw("rpm", 1, self.rpm, deadline)
+                except RateLimited:
+                    # The request is not sent: its tokens go back for others to use.
+                    if self.tpm:
+                        await self.buckets.take(
+                            f"{self.upstream}:tpm",
+                            -tokens,
+                            capacity=self.tpm,
+                            per_second=self.tpm / 60,
+                        )
+                    raise
             yield
         finally:
             if self._slots is not None:

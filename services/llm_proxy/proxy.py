@@ -55,6 +55,15 @@ class _Answer:
     usage: UsageReport | None = None
     deltas: int = 0
     started: float = field(default_factory=time.perf_counter)
+    #: Completion tokens produced by an earlier, cut attempt that this one continues.
+    carried_completion: int = 0
+
+    def estimated_completion(self) -> int:
+        """Tokens of the text so far, at 4 characters per token (deltas may be merged)."""
+        chars = sum(len(t) for t in self.text) + sum(
+            len(c.name) + len(c.arguments_json) for c in self.tool_calls.values()
+        )
+        return -(-chars // 4)
 
     @property
     def produced_output(self) -> bool:
@@ -111,6 +120,25 @@ def _counts_against_health(failure: UpstreamFailure) -> bool:
     )
 
 
+def _callers_fault(failure: UpstreamFailure) -> bool:
+    """A refusal another upstream would repeat: the request itself is the problem."""
+    return failure.reason in ("context_length_exceeded", "content_filter") or (
+        failure.status in (400, 413, 422)
+    )
+
+
+def _unsupported(request: llm_pb2.ChatRequest, target: Target) -> str:
+    capabilities = target.upstream.settings.capabilities
+    if request.tools and not capabilities.tools:
+        return "unsupported_tools"
+    if (
+        request.response_format == llm_pb2.RESPONSE_FORMAT_JSON_OBJECT
+        and not capabilities.json_mode
+    ):
+        return "unsupported_json_mode"
+    return ""
+
+
 def _failure_error(failure: UpstreamFailure) -> errors.ThreadlineError:
     details = {"reason": failure.reason}
     if failure.status is not None:
@@ -149,21 +177,28 @@ class ChatProxy:
         if not request.messages:
             raise errors.InvalidArgument("messages is empty: send at least one message")
         route = self.router.resolve(request.model)
-        async for chunk in self._serve(request, route, followed=()):
+        async for chunk in self._serve(request, route, followed=(), attempts_before=0):
             yield chunk
 
     async def _serve(
-        self, request: llm_pb2.ChatRequest, route: ResolvedRoute, followed: tuple[str, ...]
+        self,
+        request: llm_pb2.ChatRequest,
+        route: ResolvedRoute,
+        followed: tuple[str, ...],
+        attempts_before: int,
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        attempt = 0
+        attempt = attempts_before
         last: UpstreamFailure | RateLimited | None = None
         for index, target in enumerate(route.targets):
             upstream = target.upstream
-            if not upstream.breaker.allow():
+            unsupported = _unsupported(request, target)
+            if unsupported or not upstream.breaker.allow():
+                reason = unsupported or "circuit_open"
+                self._emit("llm.target_skipped", target, reason=reason)
                 last = last or UpstreamFailure(
-                    "circuit_open", f"circuit open for {upstream.name}", retryable=False
+                    reason, f"{upstream.name} skipped: {reason}", retryable=False
                 )
                 continue
             tries = 0
@@ -213,12 +248,15 @@ class ChatProxy:
                                 to_route=fallback,
                             )
                             async for chunk in self._serve(
-                                request, self.router.route(fallback), (*followed, route.name)
+                                request,
+                                self.router.route(fallback),
+                                (*followed, route.name),
+                                attempt,
                             ):
                                 yield chunk
                             return
                         raise _failure_error(failure) from None
-                    if failure.status is not None and not failure.retryable:
+                    if _callers_fault(failure):
                         raise _failure_error(failure) from None
                     last, reason = failure, failure.reason
                     if not failure.retryable:
@@ -256,6 +294,12 @@ class ChatProxy:
                     to_upstream=following.upstream.name,
                     to_model=following.model,
                 )
+        if isinstance(last, UpstreamFailure) and last.status == 429:
+            raise errors.ResourceExhausted(
+                f"every upstream of {route.name!r} is rate limiting: {last.message}",
+                retry_after_s=last.retry_after_s or self.retry.max_delay_s,
+                details={"reason": last.reason, "attempts": str(attempt)},
+            )
         if isinstance(last, RateLimited):
             raise errors.ResourceExhausted(
                 f"every upstream of {route.name!r} is at its rate limit",
@@ -378,19 +422,21 @@ class ChatProxy:
                         return
                     continue  # a refused continuation never masks the original failure
                 if target.upstream.breaker.record_success():
+                    metrics.CIRCUIT_OPEN.labels(target.upstream.name).set(0)
                     self._emit("llm.circuit_closed", target)
                 combined = _Answer(
                     text=[partial, *rest.text],
                     finish_reason=rest.finish_reason,
                     usage=rest.usage,
                     deltas=answer.deltas + rest.deltas,
-                )
-                done = self._done(continuation, combined, target, attempt)
-                if rest.usage is not None:
                     # The cut attempt's text is part of the answer: bill it as completion.
-                    done.done.usage.completion_tokens += answer.deltas
-                    done.done.usage.total_tokens += answer.deltas
-                yield done
+                    carried_completion=(
+                        answer.usage.completion_tokens
+                        if answer.usage is not None
+                        else answer.estimated_completion()
+                    ),
+                )
+                yield self._done(continuation, combined, target, attempt)
                 return
         yield self._interrupted(request, answer, cut_at, attempt, failure)
 
@@ -436,12 +482,14 @@ class ChatProxy:
 
     def _usage(self, request: llm_pb2.ChatRequest, answer: _Answer) -> common_pb2.Usage:
         if answer.usage is not None:
-            prompt, completion = answer.usage.prompt_tokens, answer.usage.completion_tokens
+            prompt = answer.usage.prompt_tokens
+            completion = answer.usage.completion_tokens + answer.carried_completion
             cached = answer.usage.cached_tokens
         else:
-            # No usage chunk (stream cut, or a server that ignores include_usage): count
-            # what we saw so the spend is still accounted, approximately.
-            prompt, completion, cached = _estimate_prompt_tokens(request), answer.deltas, 0
+            # No usage chunk (stream cut, or a server that ignores include_usage): estimate
+            # from the text so the spend is still accounted, approximately.
+            prompt, cached = _estimate_prompt_tokens(request), 0
+            completion = answer.estimated_completion()
         return common_pb2.Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -476,6 +524,7 @@ class ChatProxy:
                 content="".join(answer.text),
                 tool_calls=[answer.tool_calls[i] for i in sorted(answer.tool_calls)],
                 attempts=attempt,
+                usage_estimated=answer.usage is None,
             )
         )
 
@@ -488,6 +537,9 @@ class ChatProxy:
         failure: UpstreamFailure,
     ) -> llm_pb2.ChatChunk:
         usage = self._usage(request, answer)
+        name = target.upstream.name
+        metrics.TOKENS.labels(name, target.model, "prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(name, target.model, "completion").inc(usage.completion_tokens)
         return llm_pb2.ChatChunk(
             done=llm_pb2.ChatDone(
                 finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
@@ -497,6 +549,7 @@ class ChatProxy:
                 content="".join(answer.text),
                 tool_calls=[answer.tool_calls[i] for i in sorted(answer.tool_calls)],
                 attempts=attempt,
+                usage_estimated=answer.usage is None,
                 error=f"{failure.reason}: {failure.message}",
             )
         )

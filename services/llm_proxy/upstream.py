@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 
 from services.llm_proxy.openai_wire import (
+    Finish,
     MalformedChunk,
     StreamEvent,
     TextDelta,
@@ -171,6 +172,7 @@ class Upstream:
                 parser = SseParser()
                 reads = response.aiter_raw().__aiter__()
                 output_seen = False
+                finished = False
                 while True:
                     if output_seen:
                         wait, phase = timeouts.idle_between_chunks_s, "idle"
@@ -182,8 +184,17 @@ class Upstream:
                             chunk = await reads.__anext__()
                     except StopAsyncIteration:
                         for event in _merged(parser.finish()):
+                            finished = finished or isinstance(event, Finish)
                             yield event
-                        return  # a stream without [DONE] is finalised as it stands
+                        if not finished:
+                            # No [DONE] and no finish_reason: the answer was cut, however
+                            # cleanly the connection closed.
+                            raise UpstreamFailure(
+                                "incomplete_stream",
+                                "the stream ended without a finish reason or [DONE]",
+                                retryable=True,
+                            ) from None
+                        return  # finished but no [DONE]: finalised as it stands
                     except TimeoutError:
                         limit = (
                             timeouts.idle_between_chunks_s
@@ -196,11 +207,12 @@ class Upstream:
                             retryable=False,
                         ) from None
                     datas = parser.feed(chunk)
-                    finished = "[DONE]" in (d.strip() for d in datas)
+                    done = "[DONE]" in (d.strip() for d in datas)
                     for event in _merged(d for d in datas if d.strip() != "[DONE]"):
                         output_seen = output_seen or isinstance(event, TextDelta | ToolDelta)
+                        finished = finished or isinstance(event, Finish)
                         yield event
-                    if finished:
+                    if done:
                         return
         except httpx.ConnectError as exc:
             raise UpstreamFailure("connect", f"cannot connect: {exc}", retryable=True) from None

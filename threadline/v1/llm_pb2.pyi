@@ -173,6 +173,7 @@ class ChatDone(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    USAGE_ESTIMATED_FIELD_NUMBER: _builtins.int
     finish_reason: _common_pb2.FinishReason.ValueType
     model: _builtins.str
     """The model and upstream that actually produced the answer."""
@@ -182,6 +183,8 @@ class ChatDone(_message.Message):
     error: _builtins.str
     """Why the answer is partial, when it is."""
     attempts: _builtins.int
+    usage_estimated: _builtins.bool
+    """The server sent no usage: the figures are estimates (4 characters per token)."""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     @_builtins.property
@@ -197,10 +200,11 @@ class ChatDone(_message.Message):
         tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
         error: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        usage_estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "content", b"content", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "tool_calls", b"tool_calls", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "content", b"content", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "tool_calls", b"tool_calls", "upstream", b"upstream", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
