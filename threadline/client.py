@@ -74,6 +74,23 @@ class GatewayClient:
         request = gateway_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token)
         return await unary(self._stub.ListSessions(request, metadata=self._metadata))
 
+    async def fork_session(self, session_id: str, at_hash: str) -> session_pb2.Session:
+        request = gateway_pb2.ForkSessionRequest(session_id=session_id, at_hash=at_hash)
+        return await unary(self._stub.ForkSession(request, metadata=self._metadata))
+
+    async def delete_session(self, session_id: str) -> None:
+        request = gateway_pb2.DeleteSessionRequest(session_id=session_id)
+        await unary(self._stub.DeleteSession(request, metadata=self._metadata))
+
+    async def export_session(self, session_id: str) -> list[str]:
+        request = gateway_pb2.ExportSessionRequest(session_id=session_id)
+        response = await unary(self._stub.ExportSession(request, metadata=self._metadata))
+        return list(response.lines)
+
+    async def import_session(self, lines: Sequence[str]) -> session_pb2.Session:
+        request = gateway_pb2.ImportSessionRequest(lines=list(lines))
+        return await unary(self._stub.ImportSession(request, metadata=self._metadata))
+
     def converse(
         self,
         session_id: str,

@@ -182,10 +182,24 @@ class LlmSettings(_Section):
 
 
 class SessionSettings(_Section):
-    #: SQLite file; empty means `<data_dir>/sessions.db`.
+    #: Where sessions live: empty = `<data_dir>/sessions.db`; `sqlite:///path/file.db`
+    #: (or a plain path); `redis://host:port/db` for several session replicas.
     database: str = ""
     max_message_chars: int = Field(default=32_000, gt=0)
     max_messages_per_append: int = Field(default=64, gt=0)
+    #: Sessions idle longer than this are deleted (session.expired); 0 = kept forever.
+    ttl_s: float = Field(default=0, ge=0)
+    #: Sessions a tenant may keep; creating one more deletes its least recently used.
+    max_sessions_per_tenant: int = Field(default=0, ge=0)
+    #: How often expiry and orphan cleanup run.
+    cleanup_interval_s: float = Field(default=300, gt=0)
+
+    @field_validator("database")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("sqlite:///", "redis://", "rediss://")):
+            raise ValueError(f"expected sqlite:///path or redis://host:port/db, got {value!r}")
+        return value
 
 
 class MemorySettings(_Section):
@@ -283,6 +297,7 @@ class Settings(BaseSettings):
 
     def sqlite_path(self, section: Literal["session", "memory"]) -> Path:
         configured = self.session.database if section == "session" else self.memory.database
+        configured = configured.removeprefix("sqlite://")
         default = {"session": "sessions.db", "memory": "memory.db"}[section]
         return Path(configured) if configured else self.data_dir / default
 

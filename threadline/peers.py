@@ -6,6 +6,7 @@ never on stubs or grpc.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Sequence
 
 import grpc.aio
@@ -85,6 +86,8 @@ class SessionClient(_Peer):
         session_id: str,
         expected_head: str,
         messages: Sequence[common_pb2.Message],
+        *,
+        request_id: str = "",
     ) -> session_pb2.AppendResponse:
         return await unary(
             self.stub.Append(
@@ -93,6 +96,7 @@ class SessionClient(_Peer):
                     session_id=session_id,
                     expected_head=expected_head,
                     messages=messages,
+                    request_id=request_id,
                 )
             )
         )
@@ -101,6 +105,39 @@ class SessionClient(_Peer):
         self, request: session_pb2.BuildContextRequest
     ) -> session_pb2.BuildContextResponse:
         return await unary(self.stub.BuildContext(request))
+
+    async def fork(self, tenant: str, session_id: str, at_hash: str) -> session_pb2.Session:
+        return await unary(
+            self.stub.Fork(
+                session_pb2.ForkRequest(tenant=tenant, session_id=session_id, at_hash=at_hash)
+            )
+        )
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        await unary(
+            self.stub.Delete(session_pb2.DeleteRequest(tenant=tenant, session_id=session_id))
+        )
+
+    async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
+        response = await unary(
+            self.stub.Export(session_pb2.ExportRequest(tenant=tenant, session_id=session_id))
+        )
+        return list(response.lines)
+
+    async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
+        return await unary(
+            self.stub.Import(session_pb2.ImportRequest(tenant=tenant, lines=list(lines)))
+        )
+
+    async def calibrate(self, model: str, prompt_chars: int, prompt_tokens: int) -> float:
+        response = await unary(
+            self.stub.Calibrate(
+                session_pb2.CalibrateRequest(
+                    model=model, prompt_chars=prompt_chars, prompt_tokens=prompt_tokens
+                )
+            )
+        )
+        return response.chars_per_token
 
 
 class LlmClient(_Peer):

@@ -47,11 +47,15 @@ class Sessions(Protocol):
         session_id: str,
         expected_head: str,
         messages: Sequence[common_pb2.Message],
+        *,
+        request_id: str = ...,
     ) -> session_pb2.AppendResponse: ...
 
     async def build_context(
         self, request: session_pb2.BuildContextRequest
     ) -> session_pb2.BuildContextResponse: ...
+
+    async def calibrate(self, model: str, prompt_chars: int, prompt_tokens: int) -> float: ...
 
 
 class Memory(Protocol):
@@ -103,19 +107,31 @@ class TurnRunner:
                 yield event
 
     async def _append(
-        self, tenant: str, session_id: str, head: str, messages: Sequence[common_pb2.Message]
+        self,
+        tenant: str,
+        session_id: str,
+        head: str,
+        messages: Sequence[common_pb2.Message],
+        request_id: str,
     ) -> str:
         """Append after `head`; if someone else appended meanwhile, append after theirs.
 
         The turn holds the session's lease, so a moved head means a direct Append
-        by another client: our messages still belong at the end.
+        by another client: our messages still belong at the end. The request id
+        makes a retry after a lost reply safe: the store appends it at most once.
         """
-        for _ in range(5):
+        for attempt in range(5):
             try:
-                response = await self.sessions.append(tenant, session_id, head, messages)
+                response = await self.sessions.append(
+                    tenant, session_id, head, messages, request_id=request_id
+                )
                 return response.head
             except errors.HeadMismatch as exc:
                 head = exc.current_head
+            except (errors.Unavailable, errors.DeadlineExceeded):
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
         raise errors.Aborted(f"session {session_id} keeps changing under the turn; retry")
 
     async def _run(
@@ -130,6 +146,7 @@ class TurnRunner:
             session_id,
             session.head,
             [common_pb2.Message(role=common_pb2.ROLE_USER, content=request.input)],
+            f"{turn_id}:input",
         )
         self.events.emit(
             "turn.started",
@@ -151,6 +168,7 @@ class TurnRunner:
                     reserve_output_tokens=request.options.max_tokens
                     or self.limits.max_output_tokens,
                     memory_summary=summary,
+                    model=model or "default",
                 )
             )
         except errors.ThreadlineError as exc:
@@ -203,13 +221,15 @@ class TurnRunner:
             role=common_pb2.ROLE_ASSISTANT, content=done.content, interrupted=interrupted
         )
         try:
-            head = await self._append(tenant, session_id, head, [answer])
+            head = await self._append(tenant, session_id, head, [answer], f"{turn_id}:answer")
         except asyncio.CancelledError:
             self._store_partial_detached(
                 tenant, session_id, head, turn_id, started, done.content, "turn cancelled"
             )
             raise
         latency_ms = int((time.perf_counter() - started) * 1000)
+        if not interrupted and not done.usage_estimated and done.usage.prompt_tokens:
+            await self._calibrate(model or "default", context.messages, done.usage.prompt_tokens)
         self.events.emit(
             "turn.interrupted" if interrupted else "turn.completed",
             tenant=tenant,
@@ -236,6 +256,22 @@ class TurnRunner:
                 error=done.error,
             )
         )
+
+    async def _calibrate(
+        self, model: str, messages: Sequence[common_pb2.Message], prompt_tokens: int
+    ) -> None:
+        """Tell the session store what the server counted for this prompt, so its
+        estimates for this model follow the real tokenizer (best effort)."""
+        chars = sum(
+            len(m.content) + sum(len(c.name) + len(c.arguments_json) for c in m.tool_calls)
+            for m in messages
+        )
+        if not chars:
+            return
+        try:
+            await self.sessions.calibrate(model, chars, prompt_tokens)
+        except errors.ThreadlineError as exc:
+            log.warning("turn.calibration_failed", error=exc.message)
 
     async def _recall(self, tenant: str, session_id: str) -> str:
         # Memory is an enhancement: a turn goes on without it rather than failing.
@@ -279,7 +315,7 @@ class TurnRunner:
                     role=common_pb2.ROLE_ASSISTANT, content=content, interrupted=True
                 )
                 try:
-                    await self._append(tenant, session_id, head, [message])
+                    await self._append(tenant, session_id, head, [message], f"{turn_id}:answer")
                 except errors.ThreadlineError as exc:
                     log.error("turn.partial_lost", session_id=session_id, error=exc.message)
             self.events.emit(

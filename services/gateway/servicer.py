@@ -125,6 +125,35 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             caller.tenant, page_size=request.page_size, page_token=request.page_token
         )
 
+    async def ForkSession(
+        self, request: gateway_pb2.ForkSessionRequest, context: Context
+    ) -> session_pb2.Session:
+        caller = _caller(self.auth, context)
+        validate_session_id(request.session_id)
+        return await self.sessions.fork(caller.tenant, request.session_id, request.at_hash)
+
+    async def DeleteSession(
+        self, request: gateway_pb2.DeleteSessionRequest, context: Context
+    ) -> session_pb2.DeleteResponse:
+        caller = _caller(self.auth, context)
+        validate_session_id(request.session_id)
+        await self.sessions.delete(caller.tenant, request.session_id)
+        return session_pb2.DeleteResponse()
+
+    async def ExportSession(
+        self, request: gateway_pb2.ExportSessionRequest, context: Context
+    ) -> session_pb2.ExportResponse:
+        caller = _caller(self.auth, context)
+        validate_session_id(request.session_id)
+        lines = await self.sessions.export(caller.tenant, request.session_id)
+        return session_pb2.ExportResponse(lines=lines)
+
+    async def ImportSession(
+        self, request: gateway_pb2.ImportSessionRequest, context: Context
+    ) -> session_pb2.Session:
+        caller = _caller(self.auth, context)
+        return await self.sessions.import_session(caller.tenant, request.lines)
+
     async def Converse(
         self, request: gateway_pb2.ConverseRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TurnEvent]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from threadline.errors import DataLoss
+from threadline.ids import new_message_id
 from threadline.v1 import common_pb2
 
 #: Parent hash of a session's first message, and the head of an empty session.
@@ -68,6 +69,50 @@ def entry_hash(parent_hash: str, msg: common_pb2.Message) -> str:
     """sha256 hex of the parent hash (UTF-8) followed by the message's canonical bytes."""
     h = hashlib.sha256(parent_hash.encode("utf-8"))
     h.update(canonical_bytes(msg))
+    return h.hexdigest()
+
+
+def seal_messages(
+    batch: Sequence[common_pb2.Message],
+    *,
+    parent_hash: str,
+    first_seq: int,
+    now_micros: int,
+    token_count: Callable[[common_pb2.Message], int],
+) -> str:
+    """Give each message of a batch its place in the log, in place; return the new head.
+
+    Assigns id (when empty), created_at (when unset), seq, parent_hash, token_count
+    and hash, exactly as every backend stores them: the hashes depend only on the
+    parent hash and the messages, so they can be computed before the write.
+    """
+    head = parent_hash
+    for seq, msg in enumerate(batch, start=first_seq):
+        if not msg.id:
+            msg.id = new_message_id()
+        # Stored and hashed at microsecond precision; truncate now so the returned
+        # message hashes the same as the one read back later.
+        created = msg.created_at.ToMicroseconds() if msg.HasField("created_at") else now_micros
+        msg.created_at.FromMicroseconds(created)
+        msg.seq = seq
+        msg.parent_hash = head
+        msg.token_count = token_count(msg)
+        msg.hash = entry_hash(head, msg)
+        head = msg.hash
+    return head
+
+
+def batch_fingerprint(messages: Iterable[common_pb2.Message]) -> str:
+    """sha256 hex over the canonical bytes of a batch as the caller sent it.
+
+    Tells an idempotent retry (same request id, same batch) from a request id reused
+    for different messages. Canonical JSON never holds a raw newline, so joining
+    with one is unambiguous.
+    """
+    h = hashlib.sha256()
+    for msg in messages:
+        h.update(canonical_bytes(msg))
+        h.update(b"\n")
     return h.hexdigest()
 
 

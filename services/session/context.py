@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from services.session.store import SessionStore
+from services.session.store import SessionReader
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
 from threadline.errors import FailedPrecondition, InvalidArgument
 from threadline.v1 import common_pb2
@@ -38,7 +38,7 @@ def _system_message(content: str, estimator: TokenEstimator) -> common_pb2.Messa
 
 
 async def build_context(
-    store: SessionStore,
+    store: SessionReader,
     tenant: str,
     session_id: str,
     *,

@@ -1,11 +1,14 @@
-"""Wiring for the session service: SQLite store, servicer, server."""
+"""Wiring for the session service: the store (SQLite or Redis), retention, servicer."""
 
 from __future__ import annotations
 
 import grpc.aio
+import redis.asyncio as aioredis
 
+from services.session.retention import Retention
 from services.session.servicer import SessionsServicer
 from services.session.sqlite_store import SqliteSessionStore
+from services.session.store import SessionStore
 from services.session.tokens import TokenEstimator
 from threadline.config import ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
@@ -15,25 +18,48 @@ from threadline.v1 import session_pb2, session_pb2_grpc
 SERVICE: ServiceName = "session"
 
 
-async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
+async def open_store(settings: Settings) -> tuple[SessionStore, aioredis.Redis | None]:
+    """The configured backend, open; and the Redis client to close after it, if any."""
+    database = settings.session.database
+    max_chars = settings.session.max_message_chars
+    max_messages = settings.session.max_messages_per_append
+    if database.startswith(("redis://", "rediss://")):
+        from services.session.redis_store import RedisSessionStore
+
+        client = aioredis.from_url(database)
+        redis_store = RedisSessionStore(
+            client, max_message_chars=max_chars, max_messages_per_append=max_messages
+        )
+        return redis_store, client
     path = settings.sqlite_path("session")
     path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteSessionStore(
-        path,
-        max_message_chars=settings.session.max_message_chars,
-        max_messages_per_append=settings.session.max_messages_per_append,
+        path, max_message_chars=max_chars, max_messages_per_append=max_messages
     )
     await store.open()
-    servicer = SessionsServicer(store, TokenEstimator(), EventPublisher(bus, SERVICE))
+    return store, None
+
+
+async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
+    store, redis_client = await open_store(settings)
+    events = EventPublisher(bus, SERVICE)
+    retention = Retention(
+        store,
+        events,
+        ttl_s=settings.session.ttl_s,
+        max_sessions_per_tenant=settings.session.max_sessions_per_tenant,
+        interval_s=settings.session.cleanup_interval_s,
+    )
+    servicer = SessionsServicer(store, TokenEstimator(), events, retention)
 
     def register(server: grpc.aio.Server) -> list[str]:
         session_pb2_grpc.add_SessionsServicer_to_server(servicer, server)
         return [session_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name]
 
-    host, _ = build_server(
-        SERVICE,
-        register,
-        address=address or settings.bind_address(SERVICE),
-    )
+    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
+    retention.start()
+    if redis_client is not None:
+        host.on_stop(redis_client.aclose)
     host.on_stop(store.close)
+    host.on_drain(retention.stop)
     return host

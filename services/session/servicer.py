@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import grpc.aio
 
 from services.session.chain import verify_chain
 from services.session.context import build_context
+from services.session.retention import Retention
 from services.session.store import SessionStore
 from services.session.tokens import TokenEstimator
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.ids import validate_session_id
-from threadline.v1 import session_pb2, session_pb2_grpc
+from threadline.v1 import common_pb2, session_pb2, session_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def dropped_range(messages: Sequence[common_pb2.Message], dropped: int) -> tuple[int, int]:
+    """The seqs [from, until) a context left out: one contiguous run, by construction
+    (between the kept first user message and the kept recent suffix)."""
+    if not dropped:
+        return 0, 0
+    stored = [m.seq for m in messages if m.hash]
+    start = stored[-1] + 1 if stored else 0
+    if stored and stored[0] > 0:
+        start = 0
+    else:
+        for before, after in itertools.pairwise(stored):
+            if after != before + 1:
+                start = before + 1
+                break
+    return start, start + dropped
 
 
 def _require_tenant(tenant: str) -> None:
@@ -25,24 +45,41 @@ def _require_tenant(tenant: str) -> None:
 
 class SessionsServicer(session_pb2_grpc.SessionsServicer):
     def __init__(
-        self, store: SessionStore, estimator: TokenEstimator, events: EventPublisher
+        self,
+        store: SessionStore,
+        estimator: TokenEstimator,
+        events: EventPublisher,
+        retention: Retention,
     ) -> None:
         self.store = store
         self.estimator = estimator
         self.events = events
+        self.retention = retention
 
     async def Create(
         self, request: session_pb2.SessionsCreateRequest, context: Context
     ) -> session_pb2.Session:
         _require_tenant(request.tenant)
+        if request.compacted_from:
+            validate_session_id(request.compacted_from)
+            await self.store.get(request.tenant, request.compacted_from)
         session = await self.store.create(
             tenant=request.tenant,
             model=request.model,
             system_prompt=request.system_prompt,
             title=request.title,
             metadata=dict(request.metadata),
+            compacted_from=request.compacted_from,
+            messages=list(request.messages),
         )
-        self.events.emit("session.created", tenant=session.tenant, session_id=session.id)
+        self.events.emit(
+            "session.created",
+            tenant=session.tenant,
+            session_id=session.id,
+            compacted_from=request.compacted_from or None,
+            messages=len(request.messages) or None,
+        )
+        await self.retention.enforce_cap(request.tenant)
         return session
 
     async def Get(
@@ -90,7 +127,11 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         _require_tenant(request.tenant)
         validate_session_id(request.session_id)
         head, stored = await self.store.append(
-            request.tenant, request.session_id, request.expected_head, list(request.messages)
+            request.tenant,
+            request.session_id,
+            request.expected_head,
+            list(request.messages),
+            request_id=request.request_id,
         )
         return session_pb2.AppendResponse(head=head, messages=stored)
 
@@ -106,6 +147,11 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
                 f"reserve_output_tokens must be in [0, budget_tokens), got "
                 f"{request.reserve_output_tokens}"
             )
+        estimator = self.estimator
+        if request.model:
+            ratio = await self.store.calibration(request.model)
+            if ratio:
+                estimator = TokenEstimator(chars_per_token=ratio)
         result = await build_context(
             self.store,
             request.tenant,
@@ -113,14 +159,17 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             budget_tokens=request.budget_tokens,
             reserve_output_tokens=request.reserve_output_tokens,
             memory_summary=request.memory_summary,
-            estimator=self.estimator,
+            estimator=estimator,
         )
+        dropped_from, dropped_until = dropped_range(result.messages, result.dropped_count)
         if result.dropped_count:
             self.events.emit(
                 "session.truncated",
                 tenant=request.tenant,
                 session_id=request.session_id,
                 dropped=result.dropped_count,
+                dropped_from_seq=dropped_from,
+                dropped_until_seq=dropped_until,
                 kept=len(result.messages),
                 budget_tokens=request.budget_tokens,
             )
@@ -129,4 +178,73 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             token_estimate=result.token_estimate,
             dropped_count=result.dropped_count,
             head=result.head,
+            dropped_from_seq=dropped_from,
+            dropped_until_seq=dropped_until,
         )
+
+    async def Fork(self, request: session_pb2.ForkRequest, context: Context) -> session_pb2.Session:
+        _require_tenant(request.tenant)
+        validate_session_id(request.session_id)
+        fork = await self.store.fork(request.tenant, request.session_id, request.at_hash)
+        self.events.emit(
+            "session.forked",
+            tenant=request.tenant,
+            session_id=fork.id,
+            forked_from=request.session_id,
+            at_hash=request.at_hash,
+            messages=fork.message_count,
+        )
+        await self.retention.enforce_cap(request.tenant)
+        return fork
+
+    async def Delete(
+        self, request: session_pb2.DeleteRequest, context: Context
+    ) -> session_pb2.DeleteResponse:
+        _require_tenant(request.tenant)
+        validate_session_id(request.session_id)
+        await self.store.delete(request.tenant, request.session_id)
+        self.events.emit("session.deleted", tenant=request.tenant, session_id=request.session_id)
+        return session_pb2.DeleteResponse()
+
+    async def Export(
+        self, request: session_pb2.ExportRequest, context: Context
+    ) -> session_pb2.ExportResponse:
+        _require_tenant(request.tenant)
+        validate_session_id(request.session_id)
+        lines = await self.store.export(request.tenant, request.session_id)
+        return session_pb2.ExportResponse(lines=lines)
+
+    async def Import(
+        self, request: session_pb2.ImportRequest, context: Context
+    ) -> session_pb2.Session:
+        _require_tenant(request.tenant)
+        if not request.lines:
+            raise errors.InvalidArgument("lines is empty: send an exported session")
+        session = await self.store.import_session(request.tenant, list(request.lines))
+        self.events.emit(
+            "session.created",
+            tenant=request.tenant,
+            session_id=session.id,
+            imported=True,
+            messages=session.message_count,
+        )
+        await self.retention.enforce_cap(request.tenant)
+        return session
+
+    async def Calibrate(
+        self, request: session_pb2.CalibrateRequest, context: Context
+    ) -> session_pb2.CalibrateResponse:
+        if not request.model:
+            raise errors.InvalidArgument("model is required")
+        if request.prompt_chars <= 0 or request.prompt_tokens <= 0:
+            raise errors.InvalidArgument(
+                "prompt_chars and prompt_tokens must be > 0, got "
+                f"{request.prompt_chars} and {request.prompt_tokens}"
+            )
+        measured = request.prompt_chars / request.prompt_tokens
+        previous = await self.store.calibration(request.model)
+        # Smoothed: one odd prompt (code, another language) must not swing every estimate.
+        ratio = measured if previous is None else 0.8 * previous + 0.2 * measured
+        ratio = min(max(ratio, 0.5), 16.0)
+        await self.store.set_calibration(request.model, ratio)
+        return session_pb2.CalibrateResponse(chars_per_token=ratio)

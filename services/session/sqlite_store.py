@@ -10,33 +10,46 @@ executor relies on when it stores a partial answer.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import builtins
 import contextlib
 import functools
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar
 
-from services.session.chain import GENESIS_HASH, entry_hash
-from services.session.store import page_size_or_default
+from services.session.chain import GENESIS_HASH, batch_fingerprint, seal_messages
+from services.session.store import (
+    REQUEST_ID_MEMORY,
+    check_calibration,
+    check_listing_limit,
+    check_new_session,
+    check_request_id,
+    copy_messages,
+    decode_page_token,
+    encode_page_token,
+    export_lines,
+    hash_not_found,
+    now_micros,
+    page_size_or_default,
+    parse_export,
+    reused_request_id,
+    session_not_found,
+)
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
 from services.session.validation import validate_messages
 from threadline.errors import (
+    AlreadyExists,
     FailedPrecondition,
     HeadMismatch,
     InvalidArgument,
-    NotFound,
     Unavailable,
 )
-from threadline.ids import new_message_id, new_session_id, validate_session_id
+from threadline.ids import new_session_id, validate_session_id
 from threadline.v1 import common_pb2, session_pb2
 
 _log = logging.getLogger(__name__)
@@ -99,6 +112,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) STRICT, WITHOUT ROWID
         """,
     ),
+    (
+        # The result of every append made with a request id (the newest
+        # REQUEST_ID_MEMORY per session), so a client retry after a lost reply gets
+        # the first result back instead of appending twice. The messages themselves
+        # are read back from the log by [first_seq, first_seq + message_count).
+        """
+        CREATE TABLE append_requests (
+            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            request_id TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            message_count INTEGER NOT NULL,
+            head TEXT NOT NULL,
+            PRIMARY KEY (session_id, request_id)
+        ) STRICT, WITHOUT ROWID
+        """,
+        # Pruning finds the oldest results of a session without a scan.
+        "CREATE INDEX append_requests_by_seq ON append_requests (session_id, first_seq)",
+        # Retention walks every tenant's sessions oldest first.
+        "CREATE INDEX sessions_by_updated ON sessions (updated_at, id)",
+        """
+        CREATE TABLE calibration (
+            model TEXT PRIMARY KEY,
+            chars_per_token REAL NOT NULL,
+            updated_at INTEGER NOT NULL
+        ) STRICT
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -122,39 +163,15 @@ _IN_CHUNK = 500
 
 _INT32_MAX = 2**31 - 1
 
+#: Every table whose rows belong to one session (all keyed by session_id first).
+_SESSION_CHILD_TABLES = ("messages", "tool_calls", "append_requests")
 
-def _now_micros() -> int:
-    return time.time_ns() // 1000
+# Distinct session ids the orphan walk visits per call on the worker thread.
+_ORPHAN_STEP = 256
 
 
 def _json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _not_found(session_id: str) -> NotFound:
-    # One message for "missing" and "another tenant's": no existence leak.
-    return NotFound(f"session {session_id} not found", details={"session_id": session_id})
-
-
-def _encode_page_token(updated_at: int, session_id: str) -> str:
-    raw = json.dumps([updated_at, session_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _decode_page_token(token: str) -> tuple[int, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidArgument("malformed page token") from exc
-    if (
-        isinstance(value, list)
-        and len(value) == 2
-        and type(value[0]) is int
-        and isinstance(value[1], str)
-    ):
-        return value[0], value[1]
-    raise InvalidArgument("malformed page token")
 
 
 def _session_from_row(row: sqlite3.Row) -> session_pb2.Session:
@@ -212,6 +229,41 @@ def _message_row(session_id: str, msg: common_pb2.Message) -> tuple[Any, ...]:
         msg.token_count,
         msg.parent_hash,
         msg.hash,
+    )
+
+
+def _insert_session(conn: sqlite3.Connection, session: session_pb2.Session) -> None:
+    conn.execute(
+        f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            session.id,
+            session.tenant,
+            session.title,
+            session.model,
+            session.system_prompt,
+            _json(dict(session.metadata)),
+            session.created_at.ToMicroseconds(),
+            session.updated_at.ToMicroseconds(),
+            session.head,
+            session.message_count,
+            session.forked_from,
+            session.compacted_from,
+        ),
+    )
+
+
+def _insert_messages(
+    conn: sqlite3.Connection, session_id: str, batch: Sequence[common_pb2.Message]
+) -> None:
+    """Messages already sealed (seq and hashes set), with their tool call index rows."""
+    conn.executemany(
+        f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [_message_row(session_id, msg) for msg in batch],
+    )
+    conn.executemany(
+        "INSERT INTO tool_calls (session_id, call_id, seq) VALUES (?, ?, ?)",
+        [(session_id, call.id, msg.seq) for msg in batch for call in msg.tool_calls],
     )
 
 
@@ -308,12 +360,42 @@ class SqliteSessionStore:
         system_prompt: str,
         title: str,
         metadata: Mapping[str, str],
+        forked_from: str = "",
+        compacted_from: str = "",
+        messages: Sequence[common_pb2.Message] = (),
     ) -> session_pb2.Session:
-        if not tenant:
-            raise InvalidArgument("tenant is required")
-        return await self._run(
-            self._create_sync, tenant, model, system_prompt, title, dict(metadata)
+        check_new_session(tenant, forked_from, compacted_from)
+        batch = copy_messages(messages)
+        if batch:
+            # A new session knows no tool calls but those of its own batch.
+            validate_messages(
+                batch,
+                max_message_chars=self.max_message_chars,
+                max_messages=self.max_messages_per_append,
+            )
+        now = now_micros()
+        session = session_pb2.Session(
+            id=new_session_id(),
+            tenant=tenant,
+            title=title,
+            model=model,
+            system_prompt=system_prompt,
+            metadata=metadata,
+            forked_from=forked_from,
+            compacted_from=compacted_from,
+            message_count=len(batch),
+            head=seal_messages(
+                batch,
+                parent_hash=GENESIS_HASH,
+                first_seq=0,
+                now_micros=now,
+                token_count=self._token_count,
+            ),
         )
+        session.created_at.FromMicroseconds(now)
+        session.updated_at.FromMicroseconds(now)
+        await self._run(self._insert_session_sync, session, batch)
+        return session
 
     async def get(self, tenant: str, session_id: str) -> session_pb2.Session:
         validate_session_id(session_id)
@@ -323,13 +405,13 @@ class SqliteSessionStore:
         self, tenant: str, *, page_size: int, page_token: str
     ) -> tuple[builtins.list[session_pb2.Session], str]:
         limit = page_size_or_default(page_size)
-        after = _decode_page_token(page_token) if page_token else None
+        after = decode_page_token(page_token) if page_token else None
         sessions = await self._run(self._list_sync, tenant, limit + 1, after)
         if len(sessions) <= limit:
             return sessions, ""
         sessions = sessions[:limit]
         last = sessions[-1]
-        return sessions, _encode_page_token(last.updated_at.ToMicroseconds(), last.id)
+        return sessions, encode_page_token(last.updated_at.ToMicroseconds(), last.id)
 
     async def messages(
         self, tenant: str, session_id: str, *, from_seq: int = 0
@@ -345,15 +427,16 @@ class SqliteSessionStore:
         session_id: str,
         expected_head: str,
         messages: Sequence[common_pb2.Message],
+        *,
+        request_id: str = "",
     ) -> tuple[str, builtins.list[common_pb2.Message]]:
         validate_session_id(session_id)
-        # Copies: the store fills in ids, seq and hashes without touching the caller's.
-        batch: builtins.list[common_pb2.Message] = []
-        for msg in messages:
-            copy = common_pb2.Message()
-            copy.CopyFrom(msg)
-            batch.append(copy)
-        return await self._run(self._append_sync, tenant, session_id, expected_head, batch)
+        check_request_id(request_id)
+        batch = copy_messages(messages)
+        fingerprint = batch_fingerprint(batch) if request_id else ""
+        return await self._run(
+            self._append_sync, tenant, session_id, expected_head, batch, request_id, fingerprint
+        )
 
     async def recent(
         self, tenant: str, session_id: str, *, before_seq: int | None = None
@@ -374,6 +457,60 @@ class SqliteSessionStore:
     async def first_user_message(self, tenant: str, session_id: str) -> common_pb2.Message | None:
         validate_session_id(session_id)
         return await self._run(self._first_user_message_sync, tenant, session_id)
+
+    async def fork(self, tenant: str, session_id: str, at_hash: str) -> session_pb2.Session:
+        validate_session_id(session_id)
+        return await self._run(self._fork_sync, tenant, session_id, at_hash)
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        validate_session_id(session_id)
+        await self._run(self._delete_sync, tenant, session_id)
+
+    async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
+        validate_session_id(session_id)
+        session, messages = await self._run(self._export_sync, tenant, session_id)
+        return export_lines(session, messages)
+
+    async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
+        check_new_session(tenant, "", "")
+        session, messages = parse_export(lines, max_message_chars=self.max_message_chars)
+        session.tenant = tenant
+        await self._run(self._import_sync, session, messages)
+        return session
+
+    async def expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
+        check_listing_limit("limit", limit)
+        return await self._run(self._expired_sync, idle_before_micros, limit)
+
+    async def beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
+        check_listing_limit("cap", cap)
+        return await self._run(self._beyond_cap_sync, tenant, cap)
+
+    async def cleanup_orphans(self) -> int:
+        # Walked in short steps, each one call on the worker, so appends queued
+        # meanwhile wait for one step, never for the whole walk.
+        removed = 0
+        for table in _SESSION_CHILD_TABLES:
+            after = ""
+            while True:
+                orphans, after = await self._run(self._orphans_sync, table, after)
+                for session_id in orphans:
+                    removed += await self._run(self._remove_orphan_sync, table, session_id)
+                if not after:
+                    break
+        if removed:
+            _log.info("session store %s: removed %d orphaned rows", self.path, removed)
+        return removed
+
+    async def calibration(self, model: str) -> float | None:
+        return await self._run(self._calibration_sync, model)
+
+    async def set_calibration(self, model: str, chars_per_token: float) -> None:
+        check_calibration(model, chars_per_token)
+        await self._run(self._set_calibration_sync, model, chars_per_token)
+
+    def _token_count(self, msg: common_pb2.Message) -> int:
+        return min(self._estimator.estimate(msg), _INT32_MAX)
 
     # -- worker thread ----------------------------------------------------------
 
@@ -413,9 +550,16 @@ class SqliteSessionStore:
                     f"session store {self.path} has schema version {version}; this build "
                     f"supports up to {SCHEMA_VERSION}"
                 )
-            for step in MIGRATIONS[version:]:
-                for statement in step:
-                    conn.execute(statement)
+            for target, step in enumerate(MIGRATIONS[version:], start=version + 1):
+                try:
+                    for statement in step:
+                        conn.execute(statement)
+                except sqlite3.DatabaseError as exc:
+                    # Raised inside the transaction, so the file is rolled back whole.
+                    raise FailedPrecondition(
+                        f"session store {self.path}: migration to schema version {target} "
+                        f"failed: {exc}"
+                    ) from exc
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 _log.info(
@@ -435,42 +579,13 @@ class SqliteSessionStore:
         finally:
             conn.close()
 
-    def _create_sync(
-        self, tenant: str, model: str, system_prompt: str, title: str, metadata: dict[str, str]
-    ) -> session_pb2.Session:
+    def _insert_session_sync(
+        self, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
+    ) -> None:
         conn = self._connection()
-        session_id = new_session_id()
-        now = _now_micros()
         with _transaction(conn, "BEGIN IMMEDIATE"):
-            conn.execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', '')",
-                (
-                    session_id,
-                    tenant,
-                    title,
-                    model,
-                    system_prompt,
-                    _json(metadata),
-                    now,
-                    now,
-                    GENESIS_HASH,
-                    0,
-                ),
-            )
-        session = session_pb2.Session(
-            id=session_id,
-            tenant=tenant,
-            title=title,
-            model=model,
-            system_prompt=system_prompt,
-            head=GENESIS_HASH,
-            message_count=0,
-            metadata=metadata,
-        )
-        session.created_at.FromMicroseconds(now)
-        session.updated_at.FromMicroseconds(now)
-        return session
+            _insert_session(conn, session)
+            _insert_messages(conn, session.id, batch)
 
     def _session_row(self, conn: sqlite3.Connection, tenant: str, session_id: str) -> sqlite3.Row:
         row: sqlite3.Row | None = conn.execute(
@@ -478,7 +593,7 @@ class SqliteSessionStore:
             (session_id, tenant),
         ).fetchone()
         if row is None:
-            raise _not_found(session_id)
+            raise session_not_found(session_id)
         return row
 
     def _get_sync(self, tenant: str, session_id: str) -> session_pb2.Session:
@@ -568,12 +683,35 @@ class SqliteSessionStore:
         session_id: str,
         expected_head: str,
         batch: builtins.list[common_pb2.Message],
+        request_id: str,
+        fingerprint: str,
     ) -> tuple[str, builtins.list[common_pb2.Message]]:
         conn = self._connection()
-        # IMMEDIATE takes the write lock up front, so the head read below cannot
-        # change before the commit.
+        # IMMEDIATE takes the write lock up front, so the request id and head read
+        # below cannot change before the commit.
         with _transaction(conn, "BEGIN IMMEDIATE"):
             row = self._session_row(conn, tenant, session_id)
+            if request_id:
+                # Before the head: a retry whose first attempt landed must get that
+                # result, although the head has moved (by that very append).
+                prior: sqlite3.Row | None = conn.execute(
+                    "SELECT fingerprint, first_seq, message_count, head FROM append_requests "
+                    "WHERE session_id = ? AND request_id = ?",
+                    (session_id, request_id),
+                ).fetchone()
+                if prior is not None:
+                    if prior["fingerprint"] != fingerprint:
+                        raise reused_request_id(request_id)
+                    rows = conn.execute(
+                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? "
+                        "AND seq >= ? AND seq < ? ORDER BY seq",
+                        (
+                            session_id,
+                            prior["first_seq"],
+                            prior["first_seq"] + prior["message_count"],
+                        ),
+                    ).fetchall()
+                    return prior["head"], [_message_from_row(r) for r in rows]
             head: str = row["head"]
             if head != expected_head:
                 raise HeadMismatch(session_id, expected_head, head)
@@ -583,32 +721,183 @@ class SqliteSessionStore:
                 max_messages=self.max_messages_per_append,
                 known_tool_call_ids=self._known_tool_call_ids(conn, session_id, batch),
             )
-            now = _now_micros()
-            seq: int = row["message_count"]
-            for msg in batch:
-                if not msg.id:
-                    msg.id = new_message_id()
-                # Stored and hashed at microsecond precision; truncate now so the
-                # returned message hashes the same as the one read back later.
-                created = msg.created_at.ToMicroseconds() if msg.HasField("created_at") else now
-                msg.created_at.FromMicroseconds(created)
-                msg.seq = seq
-                msg.parent_hash = head
-                msg.token_count = min(self._estimator.estimate(msg), _INT32_MAX)
-                msg.hash = entry_hash(head, msg)
-                head = msg.hash
-                seq += 1
-            conn.executemany(
-                f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_message_row(session_id, msg) for msg in batch],
+            now = now_micros()
+            first_seq: int = row["message_count"]
+            head = seal_messages(
+                batch,
+                parent_hash=head,
+                first_seq=first_seq,
+                now_micros=now,
+                token_count=self._token_count,
             )
-            conn.executemany(
-                "INSERT INTO tool_calls (session_id, call_id, seq) VALUES (?, ?, ?)",
-                [(session_id, call.id, msg.seq) for msg in batch for call in msg.tool_calls],
-            )
+            _insert_messages(conn, session_id, batch)
             conn.execute(
                 "UPDATE sessions SET head = ?, message_count = ?, updated_at = ? WHERE id = ?",
-                (head, seq, now, session_id),
+                (head, first_seq + len(batch), now, session_id),
             )
+            if request_id:
+                conn.execute(
+                    "INSERT INTO append_requests (session_id, request_id, fingerprint, "
+                    "first_seq, message_count, head) VALUES (?, ?, ?, ?, ?, ?)",
+                    (session_id, request_id, fingerprint, first_seq, len(batch), head),
+                )
+                # Keeps exactly the newest REQUEST_ID_MEMORY: first_seq grows with every
+                # append, so it orders a session's results by age.
+                conn.execute(
+                    "DELETE FROM append_requests WHERE session_id = ? AND first_seq < ("
+                    "SELECT first_seq FROM append_requests WHERE session_id = ? "
+                    "ORDER BY first_seq DESC LIMIT 1 OFFSET ?)",
+                    (session_id, session_id, REQUEST_ID_MEMORY - 1),
+                )
         return head, batch
+
+    def _fork_sync(self, tenant: str, session_id: str, at_hash: str) -> session_pb2.Session:
+        conn = self._connection()
+        with _transaction(conn, "BEGIN IMMEDIATE"):
+            source = _session_from_row(self._session_row(conn, tenant, session_id))
+            count = 0
+            if at_hash:
+                found: sqlite3.Row | None = conn.execute(
+                    "SELECT seq FROM messages WHERE session_id = ? AND hash = ?",
+                    (session_id, at_hash),
+                ).fetchone()
+                if found is None:
+                    raise hash_not_found(session_id, at_hash)
+                count = found["seq"] + 1
+            now = now_micros()
+            fork = session_pb2.Session(
+                id=new_session_id(),
+                tenant=tenant,
+                title=source.title,
+                model=source.model,
+                system_prompt=source.system_prompt,
+                metadata=source.metadata,
+                head=at_hash,
+                message_count=count,
+                forked_from=session_id,
+            )
+            fork.created_at.FromMicroseconds(now)
+            fork.updated_at.FromMicroseconds(now)
+            _insert_session(conn, fork)
+            # Copied inside SQLite: a long prefix never crosses into Python.
+            conn.execute(
+                f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) "
+                f"SELECT ?, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ?",
+                (fork.id, session_id, count),
+            )
+            conn.execute(
+                "INSERT INTO tool_calls (session_id, call_id, seq) "
+                "SELECT ?, call_id, seq FROM tool_calls WHERE session_id = ? AND seq < ?",
+                (fork.id, session_id, count),
+            )
+        return fork
+
+    def _delete_sync(self, tenant: str, session_id: str) -> None:
+        conn = self._connection()
+        with _transaction(conn, "BEGIN IMMEDIATE"):
+            self._session_row(conn, tenant, session_id)
+            # Explicit rather than left to ON DELETE CASCADE, which only acts while
+            # foreign_keys is on: a file touched by a tool without it stays correct.
+            for table in _SESSION_CHILD_TABLES:
+                conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    def _export_sync(
+        self, tenant: str, session_id: str
+    ) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
+        conn = self._connection()
+        # One read transaction: the header's head matches the messages exported.
+        with _transaction(conn):
+            session = _session_from_row(self._session_row(conn, tenant, session_id))
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq",
+                (session_id,),
+            ).fetchall()
+        return session, [_message_from_row(row) for row in rows]
+
+    def _import_sync(
+        self, session: session_pb2.Session, messages: Sequence[common_pb2.Message]
+    ) -> None:
+        conn = self._connection()
+        with _transaction(conn, "BEGIN IMMEDIATE"):
+            taken = conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session.id,)).fetchone()
+            if taken is not None:
+                raise AlreadyExists(
+                    f"session {session.id} already exists", details={"session_id": session.id}
+                )
+            # Orphaned rows of an earlier session with this id would collide.
+            for table in _SESSION_CHILD_TABLES:
+                conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session.id,))
+            _insert_session(conn, session)
+            _insert_messages(conn, session.id, messages)
+
+    def _expired_sync(self, idle_before: int, limit: int) -> builtins.list[tuple[str, str]]:
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT tenant, id FROM sessions WHERE updated_at < ? "
+                "ORDER BY updated_at, id LIMIT ?",
+                (idle_before, limit),
+            )
+            .fetchall()
+        )
+        return [(row["tenant"], row["id"]) for row in rows]
+
+    def _beyond_cap_sync(self, tenant: str, cap: int) -> builtins.list[str]:
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT id FROM sessions WHERE tenant = ? "
+                "ORDER BY updated_at DESC, id DESC LIMIT -1 OFFSET ?",
+                (tenant, cap),
+            )
+            .fetchall()
+        )
+        return [row["id"] for row in reversed(rows)]
+
+    def _orphans_sync(self, table: str, after: str) -> tuple[builtins.list[str], str]:
+        """Up to _ORPHAN_STEP distinct session ids of `table` after `after`, those
+        without a session; and where to go on from ("" at the end)."""
+        conn = self._connection()
+        orphans: builtins.list[str] = []
+        for _ in range(_ORPHAN_STEP):
+            # One index seek per distinct session: a skip scan, not a table scan.
+            row = conn.execute(
+                f"SELECT session_id FROM {table} WHERE session_id > ? ORDER BY session_id LIMIT 1",
+                (after,),
+            ).fetchone()
+            if row is None:
+                return orphans, ""
+            after = row[0]
+            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (after,)).fetchone() is None:
+                orphans.append(after)
+        return orphans, after
+
+    def _remove_orphan_sync(self, table: str, session_id: str) -> int:
+        conn = self._connection()
+        with _transaction(conn, "BEGIN IMMEDIATE"):
+            # Re-checked under the write lock: an import may have re-created the id.
+            cursor = conn.execute(
+                f"DELETE FROM {table} WHERE session_id = ? "
+                "AND NOT EXISTS (SELECT 1 FROM sessions WHERE id = ?)",
+                (session_id, session_id),
+            )
+        return cursor.rowcount
+
+    def _calibration_sync(self, model: str) -> float | None:
+        row = (
+            self._connection()
+            .execute("SELECT chars_per_token FROM calibration WHERE model = ?", (model,))
+            .fetchone()
+        )
+        return None if row is None else float(row[0])
+
+    def _set_calibration_sync(self, model: str, chars_per_token: float) -> None:
+        conn = self._connection()
+        with _transaction(conn, "BEGIN IMMEDIATE"):
+            conn.execute(
+                "INSERT INTO calibration (model, chars_per_token, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (model) DO UPDATE SET chars_per_token = excluded.chars_per_token, "
+                "updated_at = excluded.updated_at",
+                (model, chars_per_token, now_micros()),
+            )

@@ -3,22 +3,63 @@
 A session is an append-only, hash-chained log of messages owned by one tenant.
 Every method takes the tenant: another tenant's session is NotFound, with the
 same message as a missing one, so ids never leak across tenants.
+
+Below the interface: the rules and formats every backend shares (paging, the
+export format, limits), kept here once so that both backends behave alike and
+the conformance suite can hold them to it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
-from collections.abc import AsyncIterator, Mapping, Sequence
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Protocol
 
-from threadline.errors import InvalidArgument
+from google.protobuf import json_format
+
+from services.session.chain import GENESIS_HASH, verify_chain
+from services.session.validation import validate_messages
+from threadline.errors import DataLoss, InvalidArgument, NotFound
+from threadline.ids import validate_session_id
 from threadline.v1 import common_pb2, session_pb2
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
+#: Appends remembered per session for idempotent retries (a backend may keep more).
+REQUEST_ID_MEMORY = 1_000
+MAX_REQUEST_ID_CHARS = 200
 
-class SessionStore(Protocol):
+
+class SessionReader(Protocol):
+    """The reads context building needs; every SessionStore is one."""
+
+    async def get(self, tenant: str, session_id: str) -> session_pb2.Session:
+        """The session; NotFound if it is missing or belongs to another tenant."""
+        ...
+
+    def recent(
+        self, tenant: str, session_id: str, *, before_seq: int | None = None
+    ) -> AsyncIterator[common_pb2.Message]:
+        """Messages newest first, read lazily in batches.
+
+        Only messages with seq < before_seq when given, else those present when
+        iteration starts: a caller that read the session first passes its
+        message_count to see exactly the log that matches its head.
+        """
+        ...
+
+    async def first_user_message(self, tenant: str, session_id: str) -> common_pb2.Message | None:
+        """The session's earliest user message, or None if it has none."""
+        ...
+
+
+class SessionStore(SessionReader, Protocol):
     async def create(
         self,
         *,
@@ -27,12 +68,16 @@ class SessionStore(Protocol):
         system_prompt: str,
         title: str,
         metadata: Mapping[str, str],
+        forked_from: str = "",
+        compacted_from: str = "",
+        messages: Sequence[common_pb2.Message] = (),
     ) -> session_pb2.Session:
-        """Create an empty session (`ses_` + 32 hex id, head "", created_at = updated_at)."""
-        ...
+        """Create a session (`ses_` + 32 hex id, created_at = updated_at).
 
-    async def get(self, tenant: str, session_id: str) -> session_pb2.Session:
-        """The session; NotFound if it is missing or belongs to another tenant."""
+        `messages` is its initial log (compaction: a summary and the retained
+        tail), validated like an append and hashed from the genesis hash; on an
+        error nothing is stored. `forked_from`/`compacted_from` record lineage.
+        """
         ...
 
     async def list(
@@ -57,6 +102,8 @@ class SessionStore(Protocol):
         session_id: str,
         expected_head: str,
         messages: Sequence[common_pb2.Message],
+        *,
+        request_id: str = "",
     ) -> tuple[str, builtins.list[common_pb2.Message]]:
         """Append atomically if the head still equals expected_head.
 
@@ -64,27 +111,79 @@ class SessionStore(Protocol):
         when a message breaks the input rules; either way nothing is stored.
         Assigns id (when empty), created_at (when unset), seq, parent_hash, hash
         and token_count. Returns the new head and the messages as stored.
+
+        With a request_id the append is idempotent: the store remembers the
+        result of at least the session's last REQUEST_ID_MEMORY appends, and a
+        retry with the same id and the same batch returns that first result and
+        appends nothing, even when the head has moved since (the id is checked
+        before the head). The same id with a different batch is InvalidArgument.
         """
         ...
 
-    def recent(
-        self, tenant: str, session_id: str, *, before_seq: int | None = None
-    ) -> AsyncIterator[common_pb2.Message]:
-        """Messages newest first, read lazily in batches.
+    async def fork(self, tenant: str, session_id: str, at_hash: str) -> session_pb2.Session:
+        """A new session on the prefix of this one up to and including `at_hash`.
 
-        Only messages with seq < before_seq when given, else those present when
-        iteration starts: a caller that read the session first passes its
-        message_count to see exactly the log that matches its head.
+        Same tenant, model, system prompt, title and metadata; forked_from is the
+        source. The messages are copied exactly (ids, content, created_at), so
+        their hashes are identical and the fork's head is at_hash. "" forks an
+        empty session; a hash not in the log is NotFound.
         """
         ...
 
-    async def first_user_message(self, tenant: str, session_id: str) -> common_pb2.Message | None:
-        """The session's earliest user message, or None if it has none."""
+    async def delete(self, tenant: str, session_id: str) -> None:
+        """Remove the session with its messages, tool call index and request ids.
+
+        Calibration is per model and stays. NotFound if the session is absent.
+        """
+        ...
+
+    async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
+        """The session as JSON lines: `{"session": ...}`, then `{"message": ...}` each.
+
+        Both in the proto JSON mapping with proto field names; messages carry
+        seq, parent_hash and hash.
+        """
+        ...
+
+    async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
+        """Re-create an exported session under `tenant`, with the same id.
+
+        Timestamps, hashes and lineage are kept, so export(import(export(x))) ==
+        export(x) except for the tenant. The chain is verified first: a malformed
+        line or a broken chain is InvalidArgument naming the line (and seq); an
+        id in use is AlreadyExists. Nothing is stored on error.
+        """
+        ...
+
+    async def expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
+        """Up to `limit` (tenant, session_id) updated before idle_before, oldest first."""
+        ...
+
+    async def beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
+        """The tenant's sessions other than its `cap` most recently updated, oldest first."""
+        ...
+
+    async def cleanup_orphans(self) -> int:
+        """Remove messages, index rows and keys whose session no longer exists.
+
+        Returns how many rows or keys went.
+        """
+        ...
+
+    async def calibration(self, model: str) -> float | None:
+        """The stored characters-per-token ratio of a model, None if never calibrated."""
+        ...
+
+    async def set_calibration(self, model: str, chars_per_token: float) -> None:
+        """Store a model's characters-per-token ratio (positive and finite)."""
         ...
 
     async def close(self) -> None:
         """Release the backend; safe to call more than once."""
         ...
+
+
+# -- rules every backend shares ------------------------------------------------------
 
 
 def page_size_or_default(page_size: int) -> int:
@@ -94,3 +193,194 @@ def page_size_or_default(page_size: int) -> int:
     if page_size == 0:
         return DEFAULT_PAGE_SIZE
     return min(page_size, MAX_PAGE_SIZE)
+
+
+def encode_page_token(updated_at: int, session_id: str) -> str:
+    """The position after the last session of a page: (updated_at, id), keyset paging."""
+    raw = json.dumps([updated_at, session_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_page_token(token: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidArgument("malformed page token") from exc
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and type(value[0]) is int
+        and isinstance(value[1], str)
+    ):
+        return value[0], value[1]
+    raise InvalidArgument("malformed page token")
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+def session_not_found(session_id: str) -> NotFound:
+    # One message for "missing" and "another tenant's": no existence leak.
+    return NotFound(f"session {session_id} not found", details={"session_id": session_id})
+
+
+def hash_not_found(session_id: str, at_hash: str) -> NotFound:
+    shown = at_hash if len(at_hash) <= 80 else at_hash[:80] + "..."
+    return NotFound(
+        f"no message with hash {shown!r} in session {session_id}",
+        details={"session_id": session_id, "at_hash": shown},
+    )
+
+
+def check_new_session(tenant: str, forked_from: str, compacted_from: str) -> None:
+    if not tenant:
+        raise InvalidArgument("tenant is required")
+    check_lineage(forked_from, compacted_from)
+
+
+def check_lineage(forked_from: str, compacted_from: str) -> None:
+    for name, value in (("forked_from", forked_from), ("compacted_from", compacted_from)):
+        if value:
+            try:
+                validate_session_id(value)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{name}: {exc.message}") from None
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"request_id: {len(request_id)} characters, the limit is {MAX_REQUEST_ID_CHARS}"
+        )
+
+
+def reused_request_id(request_id: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"request_id {request_id!r} was used for a different batch of messages",
+        details={"request_id": request_id},
+    )
+
+
+def check_listing_limit(name: str, value: int) -> None:
+    if value < 0:
+        raise InvalidArgument(f"{name} must be >= 0, got {value}")
+
+
+def check_calibration(model: str, chars_per_token: float) -> None:
+    if not model:
+        raise InvalidArgument("model is required")
+    if not (math.isfinite(chars_per_token) and chars_per_token > 0):
+        raise InvalidArgument(f"chars_per_token must be positive and finite, got {chars_per_token}")
+
+
+def copy_messages(messages: Sequence[common_pb2.Message]) -> builtins.list[common_pb2.Message]:
+    """Copies: a store fills in ids, seq and hashes without touching the caller's."""
+    out: builtins.list[common_pb2.Message] = []
+    for msg in messages:
+        copy = common_pb2.Message()
+        copy.CopyFrom(msg)
+        out.append(copy)
+    return out
+
+
+# -- export format -------------------------------------------------------------------
+
+
+def _json_line(key: str, value: session_pb2.Session | common_pb2.Message) -> str:
+    body = json_format.MessageToDict(value, preserving_proto_field_name=True)
+    return json.dumps({key: body}, separators=(",", ":"), ensure_ascii=False)
+
+
+def export_lines(
+    session: session_pb2.Session, messages: Sequence[common_pb2.Message]
+) -> builtins.list[str]:
+    """The export format: a session line, then one line per message in seq order."""
+    return [_json_line("session", session), *(_json_line("message", m) for m in messages)]
+
+
+def _parse_lines(
+    lines: Sequence[str],
+) -> Iterator[tuple[int, session_pb2.Session | common_pb2.Message]]:
+    first = True
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # a trailing newline split into lines leaves an empty one
+        where = f"import line {number}"
+        key = "session" if first else "message"
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"{where}: not valid JSON ({exc})", details={"line": str(number)}
+            ) from None
+        if not (isinstance(value, dict) and value.keys() == {key} and isinstance(value[key], dict)):
+            raise InvalidArgument(
+                f'{where}: expected an object {{"{key}": {{...}}}}', details={"line": str(number)}
+            )
+        target: session_pb2.Session | common_pb2.Message = (
+            session_pb2.Session() if first else common_pb2.Message()
+        )
+        try:
+            json_format.ParseDict(value[key], target)
+        except (json_format.ParseError, ValueError, TypeError) as exc:
+            raise InvalidArgument(f"{where}: {exc}", details={"line": str(number)}) from None
+        first = False
+        yield number, target
+
+
+def parse_export(
+    lines: Sequence[str], *, max_message_chars: int
+) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
+    """Parse and check an export: well-formed lines, an intact chain, valid messages.
+
+    Raises InvalidArgument naming the line (and, for the chain, the seq) of the
+    first problem. The session keeps the exported tenant; the caller replaces it.
+    """
+    session: session_pb2.Session | None = None
+    messages: builtins.list[common_pb2.Message] = []
+    line_of: builtins.list[int] = []
+    for number, value in _parse_lines(lines):
+        if isinstance(value, session_pb2.Session):
+            session = value
+        elif isinstance(value, common_pb2.Message):
+            messages.append(value)
+            line_of.append(number)
+    if session is None:
+        raise InvalidArgument("import: no lines; expected a session line, then its messages")
+    validate_session_id(session.id)
+    check_lineage(session.forked_from, session.compacted_from)
+
+    position = -1
+
+    def tracked() -> Iterator[common_pb2.Message]:
+        nonlocal position
+        for position, msg in enumerate(messages):  # noqa: B007 - read in the except
+            yield msg
+
+    try:
+        verify_chain(tracked())
+    except DataLoss as exc:
+        line = line_of[position]
+        raise InvalidArgument(
+            f"import line {line}: {exc.message}", details={**exc.details, "line": str(line)}
+        ) from None
+    head = messages[-1].hash if messages else GENESIS_HASH
+    if session.head != head:
+        raise InvalidArgument(
+            f"import line 1: head {session.head!r} is not the last message's hash {head!r}"
+        )
+    if session.message_count != len(messages):
+        raise InvalidArgument(
+            f"import line 1: message_count {session.message_count} but "
+            f"{len(messages)} message lines follow"
+        )
+    if messages:
+        try:
+            validate_messages(
+                messages, max_message_chars=max_message_chars, max_messages=len(messages)
+            )
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"import: {exc.message}", details=exc.details) from None
+    return session, messages

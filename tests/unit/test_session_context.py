@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from services.session.chain import GENESIS_HASH, entry_hash
 from services.session.context import SUMMARY_PREFIX, ContextResult, build_context
-from services.session.store import SessionStore, page_size_or_default
+from services.session.store import SessionReader, page_size_or_default
 from services.session.tokens import TokenEstimator, estimate_tokens
 from services.session.validation import validate_messages
 from threadline.errors import FailedPrecondition, HeadMismatch, InvalidArgument, NotFound
@@ -171,7 +171,7 @@ async def _build(
     reserve: int = 0,
     summary: str = "",
 ) -> ContextResult:
-    protocol: SessionStore = store  # the fake must satisfy the protocol
+    protocol: SessionReader = store  # the fake must satisfy the protocol
     return await build_context(
         protocol,
         TENANT,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.session.chain import entry_hash, verify_chain
-from services.session.sqlite_store import SCHEMA_VERSION, SqliteSessionStore
+from services.session.chain import GENESIS_HASH, entry_hash, verify_chain
+from services.session.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SqliteSessionStore
 from services.session.store import SessionStore
 from threadline.errors import (
     FailedPrecondition,
@@ -338,7 +338,7 @@ async def test_first_user_message(store: SqliteSessionStore) -> None:
 
 async def test_pragmas_and_schema_version(store: SqliteSessionStore, db_path: Path) -> None:
     assert _pragma(db_path, "journal_mode") == "wal"
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 1
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 2
 
 
 async def test_reopening_keeps_data_and_migrates_nothing(db_path: Path) -> None:
@@ -355,7 +355,7 @@ async def test_a_newer_schema_is_refused(db_path: Path) -> None:
         pass
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(FailedPrecondition, match="schema version 2"):
+    with pytest.raises(FailedPrecondition, match=f"schema version {SCHEMA_VERSION + 1}"):
         await SqliteSessionStore(db_path).open()
     assert _pragma(db_path, "user_version") == SCHEMA_VERSION + 1
 
@@ -384,3 +384,104 @@ async def test_close_waits_for_submitted_work(db_path: Path) -> None:
     head, _ = await pending
     async with SqliteSessionStore(db_path) as reopened:
         assert (await reopened.get(TENANT, session.id)).head == head
+
+
+def _version_1_file(path: Path, session_id: str) -> list[Message]:
+    """A file as the first release wrote it: schema 1, one session with two messages."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    messages = [_user("from the old days"), Message(role=common_pb2.ROLE_ASSISTANT, content="hi")]
+    parent = GENESIS_HASH
+    for seq, msg in enumerate(messages):
+        msg.id = f"msg_old_{seq}"
+        msg.created_at.FromMicroseconds(1_600_000_000_000_000 + seq)
+        msg.seq = seq
+        msg.token_count = 7
+        msg.parent_hash = parent
+        msg.hash = parent = entry_hash(parent, msg)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO sessions VALUES (?, ?, 't', 'llama3', 'sp', '{}', 1, 2, ?, 2, '', '')",
+            (session_id, TENANT, parent),
+        )
+        conn.executemany(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, '[]', '', '', ?, 0, 7, ?, ?)",
+            [
+                (
+                    session_id,
+                    m.seq,
+                    m.id,
+                    m.role,
+                    m.content,
+                    m.created_at.ToMicroseconds(),
+                    m.parent_hash,
+                    m.hash,
+                )
+                for m in messages
+            ],
+        )
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    return messages
+
+
+async def test_a_version_1_file_migrates_forward_on_open(db_path: Path) -> None:
+    session_id = "ses_" + "1" * 32
+    old = _version_1_file(db_path, session_id)
+    assert _pragma(db_path, "user_version") == 1
+
+    async with SqliteSessionStore(db_path) as store:
+        assert _pragma(db_path, "user_version") == SCHEMA_VERSION
+        # The old data reads and verifies as before.
+        assert await store.messages(TENANT, session_id) == old
+        session = await store.get(TENANT, session_id)
+        assert session.head == old[-1].hash and session.forked_from == ""
+        # What the new tables carry works on the migrated file.
+        head, _ = await store.append(
+            TENANT, session_id, session.head, [_user("new")], request_id="r1"
+        )
+        again, _ = await store.append(
+            TENANT, session_id, session.head, [_user("new")], request_id="r1"
+        )
+        assert again == head
+        await store.set_calibration("llama3", 3.0)
+        assert await store.expired(2**62, 10) == [(TENANT, session_id)]
+        fork = await store.fork(TENANT, session_id, old[0].hash)
+        assert [m.hash for m in await store.messages(TENANT, fork.id)] == [old[0].hash]
+        verify_chain(await store.messages(TENANT, session_id))
+
+    # Reopening finds nothing left to migrate.
+    async with SqliteSessionStore(db_path) as store:
+        assert await store.calibration("llama3") == 3.0
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
+
+
+async def test_a_failed_migration_leaves_the_file_as_it_was(db_path: Path) -> None:
+    session_id = "ses_" + "2" * 32
+    _version_1_file(db_path, session_id)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        # Something in the way of migration 2: it must fail as a whole.
+        conn.execute("CREATE TABLE calibration (x INTEGER)")
+        conn.commit()
+    with pytest.raises(
+        FailedPrecondition, match="migration to schema version 2 failed: table calibration"
+    ):
+        await SqliteSessionStore(db_path).open()
+    assert _pragma(db_path, "user_version") == 1
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "append_requests" not in tables
+
+
+async def test_deleting_a_long_session_removes_every_row(db_path: Path) -> None:
+    async with SqliteSessionStore(db_path, max_messages_per_append=500) as store:
+        session = await _session(store)
+        head = ""
+        for start in range(0, 2_000, 500):
+            batch = [_assistant("", f"c{i}") for i in range(start, start + 500)]
+            head, _ = await store.append(TENANT, session.id, head, batch, request_id=f"{start}")
+        await store.delete(TENANT, session.id)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        for table in ("sessions", "messages", "tool_calls", "append_requests"):
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0

@@ -27,7 +27,7 @@ from threadline.v1 import executor_pb2 as threadline_dot_v1_dot_executor__pb2
 from threadline.v1 import session_pb2 as threadline_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bthreadline/v1/gateway.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/events.proto\x1a\x1cthreadline/v1/executor.proto\x1a\x1bthreadline/v1/session.proto\"\xc1\x01\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x43\n\x08metadata\x18\x04 \x03(\x0b\x32\x31.threadline.v1.CreateSessionRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10include_messages\x18\x02 \x01(\x08\x12\x14\n\x0cverify_chain\x18\x03 \x01(\x08\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x0f\x43onverseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"7\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t2\x90\x03\n\x07Gateway\x12L\n\rCreateSession\x12#.threadline.v1.CreateSessionRequest\x1a\x16.threadline.v1.Session\x12L\n\nGetSession\x12 .threadline.v1.GetSessionRequest\x1a\x1c.threadline.v1.SessionDetail\x12N\n\x0cListSessions\x12\".threadline.v1.ListSessionsRequest\x1a\x1a.threadline.v1.SessionList\x12\x46\n\x08\x43onverse\x12\x1e.threadline.v1.ConverseRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x12Q\n\x0bWatchEvents\x12!.threadline.v1.WatchEventsRequest\x1a\x1d.threadline.v1.LifecycleEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bthreadline/v1/gateway.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/events.proto\x1a\x1cthreadline/v1/executor.proto\x1a\x1bthreadline/v1/session.proto\"\xc1\x01\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x43\n\x08metadata\x18\x04 \x03(\x0b\x32\x31.threadline.v1.CreateSessionRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10include_messages\x18\x02 \x01(\x08\x12\x14\n\x0cverify_chain\x18\x03 \x01(\x08\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x0f\x43onverseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"7\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"9\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61t_hash\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x14ImportSessionRequest\x12\r\n\x05lines\x18\x01 \x03(\t2\xd2\x05\n\x07Gateway\x12L\n\rCreateSession\x12#.threadline.v1.CreateSessionRequest\x1a\x16.threadline.v1.Session\x12L\n\nGetSession\x12 .threadline.v1.GetSessionRequest\x1a\x1c.threadline.v1.SessionDetail\x12N\n\x0cListSessions\x12\".threadline.v1.ListSessionsRequest\x1a\x1a.threadline.v1.SessionList\x12H\n\x0b\x46orkSession\x12!.threadline.v1.ForkSessionRequest\x1a\x16.threadline.v1.Session\x12S\n\rDeleteSession\x12#.threadline.v1.DeleteSessionRequest\x1a\x1d.threadline.v1.DeleteResponse\x12S\n\rExportSession\x12#.threadline.v1.ExportSessionRequest\x1a\x1d.threadline.v1.ExportResponse\x12L\n\rImportSession\x12#.threadline.v1.ImportSessionRequest\x1a\x16.threadline.v1.Session\x12\x46\n\x08\x43onverse\x12\x1e.threadline.v1.ConverseRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x12Q\n\x0bWatchEvents\x12!.threadline.v1.WatchEventsRequest\x1a\x1d.threadline.v1.LifecycleEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERSEREQUEST']._serialized_end=577
   _globals['_WATCHEVENTSREQUEST']._serialized_start=579
   _globals['_WATCHEVENTSREQUEST']._serialized_end=634
-  _globals['_GATEWAY']._serialized_start=637
-  _globals['_GATEWAY']._serialized_end=1037
+  _globals['_FORKSESSIONREQUEST']._serialized_start=636
+  _globals['_FORKSESSIONREQUEST']._serialized_end=693
+  _globals['_DELETESESSIONREQUEST']._serialized_start=695
+  _globals['_DELETESESSIONREQUEST']._serialized_end=737
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=739
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=781
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=783
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=820
+  _globals['_GATEWAY']._serialized_start=823
+  _globals['_GATEWAY']._serialized_end=1545
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,26 @@ class GatewayStub:
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_session__pb2.SessionList.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/threadline.v1.Gateway/ForkSession',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.Session.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/threadline.v1.Gateway/DeleteSession',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/threadline.v1.Gateway/ExportSession',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.ExportResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/threadline.v1.Gateway/ImportSession',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.Session.FromString,
+                _registered_method=True)
         self.Converse = channel.unary_stream(
                 '/threadline.v1.Gateway/Converse',
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.ConverseRequest.SerializeToString,
@@ -84,6 +104,30 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +164,26 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=threadline_dot_v1_dot_gateway__pb2.ListSessionsRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_session__pb2.SessionList.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.ForkSessionRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.Session.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.ExportSessionRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.ExportResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.ImportSessionRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.Session.SerializeToString,
             ),
             'Converse': grpc.unary_stream_rpc_method_handler(
                     servicer.Converse,
@@ -215,6 +279,114 @@ class Gateway:
             '/threadline.v1.Gateway/ListSessions',
             threadline_dot_v1_dot_gateway__pb2.ListSessionsRequest.SerializeToString,
             threadline_dot_v1_dot_session__pb2.SessionList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/ForkSession',
+            threadline_dot_v1_dot_gateway__pb2.ForkSessionRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/DeleteSession',
+            threadline_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/ExportSession',
+            threadline_dot_v1_dot_gateway__pb2.ExportSessionRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.ExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/ImportSession',
+            threadline_dot_v1_dot_gateway__pb2.ImportSessionRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,

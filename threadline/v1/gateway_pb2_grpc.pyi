@@ -41,6 +41,10 @@ class GatewayStub:
     CreateSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CreateSessionRequest, _session_pb2.Session]
     GetSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetSessionRequest, _session_pb2.SessionDetail]
     ListSessions: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListSessionsRequest, _session_pb2.SessionList]
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ForkSessionRequest, _session_pb2.Session]
+    DeleteSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DeleteSessionRequest, _session_pb2.DeleteResponse]
+    ExportSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ExportSessionRequest, _session_pb2.ExportResponse]
+    ImportSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]
     Converse: _grpc.UnaryStreamMultiCallable[_gateway_pb2.ConverseRequest, _executor_pb2.TurnEvent]
     """Sends one user message and streams the turn back."""
     WatchEvents: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchEventsRequest, _events_pb2.LifecycleEvent]
@@ -56,6 +60,10 @@ class GatewayAsyncStub(GatewayStub):
     CreateSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CreateSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     GetSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetSessionRequest, _session_pb2.SessionDetail]  # type: ignore[assignment]
     ListSessions: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListSessionsRequest, _session_pb2.SessionList]  # type: ignore[assignment]
+    ForkSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ForkSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
+    DeleteSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DeleteSessionRequest, _session_pb2.DeleteResponse]  # type: ignore[assignment]
+    ExportSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ExportSessionRequest, _session_pb2.ExportResponse]  # type: ignore[assignment]
+    ImportSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     Converse: _aio.UnaryStreamMultiCallable[_gateway_pb2.ConverseRequest, _executor_pb2.TurnEvent]  # type: ignore[assignment]
     """Sends one user message and streams the turn back."""
     WatchEvents: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchEventsRequest, _events_pb2.LifecycleEvent]  # type: ignore[assignment]
@@ -86,6 +94,34 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.ListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.SessionList, _abc.Awaitable[_session_pb2.SessionList]]: ...
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _gateway_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSession(
+        self,
+        request: _gateway_pb2.DeleteSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.DeleteResponse, _abc.Awaitable[_session_pb2.DeleteResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ExportSession(
+        self,
+        request: _gateway_pb2.ExportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ExportResponse, _abc.Awaitable[_session_pb2.ExportResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImportSession(
+        self,
+        request: _gateway_pb2.ImportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]: ...
 
     @_abc_1.abstractmethod
     def Converse(

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from threadline.v1 import common_pb2 as threadline_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bthreadline/v1/session.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1athreadline/v1/common.proto\"\xf5\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04head\x18\x08 \x01(\t\x12\x15\n\rmessage_count\x18\t \x01(\x03\x12\x36\n\x08metadata\x18\n \x03(\x0b\x32$.threadline.v1.Session.MetadataEntry\x12\x13\n\x0b\x66orked_from\x18\x0b \x01(\t\x12\x16\n\x0e\x63ompacted_from\x18\x0c \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\rSessionDetail\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.threadline.v1.Session\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.threadline.v1.Message\x12\x16\n\x0e\x63hain_verified\x18\x03 \x01(\x08\"P\n\x0bSessionList\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.threadline.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd3\x01\n\x15SessionsCreateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x44\n\x08metadata\x18\x05 \x03(\x0b\x32\x32.threadline.v1.SessionsCreateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x12SessionsGetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10include_messages\x18\x03 \x01(\x08\x12\x14\n\x0cverify_chain\x18\x04 \x01(\x08\x12\x10\n\x08\x66rom_seq\x18\x05 \x01(\x03\"L\n\x13SessionsListRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"t\n\rAppendRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rexpected_head\x18\x03 \x01(\t\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.threadline.v1.Message\"H\n\x0e\x41ppendResponse\x12\x0c\n\x04head\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.threadline.v1.Message\"\x87\x01\n\x13\x42uildContextRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15reserve_output_tokens\x18\x04 \x01(\x05\x12\x16\n\x0ememory_summary\x18\x05 \x01(\t\"}\n\x14\x42uildContextResponse\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.threadline.v1.Message\x12\x16\n\x0etoken_estimate\x18\x02 \x01(\x05\x12\x15\n\rdropped_count\x18\x03 \x01(\x05\x12\x0c\n\x04head\x18\x04 \x01(\t2\x82\x03\n\x08Sessions\x12\x46\n\x06\x43reate\x12$.threadline.v1.SessionsCreateRequest\x1a\x16.threadline.v1.Session\x12\x46\n\x03Get\x12!.threadline.v1.SessionsGetRequest\x1a\x1c.threadline.v1.SessionDetail\x12\x46\n\x04List\x12\".threadline.v1.SessionsListRequest\x1a\x1a.threadline.v1.SessionList\x12\x45\n\x06\x41ppend\x12\x1c.threadline.v1.AppendRequest\x1a\x1d.threadline.v1.AppendResponse\x12W\n\x0c\x42uildContext\x12\".threadline.v1.BuildContextRequest\x1a#.threadline.v1.BuildContextResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bthreadline/v1/session.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1athreadline/v1/common.proto\"\xf5\x02\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04head\x18\x08 \x01(\t\x12\x15\n\rmessage_count\x18\t \x01(\x03\x12\x36\n\x08metadata\x18\n \x03(\x0b\x32$.threadline.v1.Session.MetadataEntry\x12\x13\n\x0b\x66orked_from\x18\x0b \x01(\t\x12\x16\n\x0e\x63ompacted_from\x18\x0c \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\rSessionDetail\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.threadline.v1.Session\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.threadline.v1.Message\x12\x16\n\x0e\x63hain_verified\x18\x03 \x01(\x08\"P\n\x0bSessionList\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.threadline.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x95\x02\n\x15SessionsCreateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x44\n\x08metadata\x18\x05 \x03(\x0b\x32\x32.threadline.v1.SessionsCreateRequest.MetadataEntry\x12(\n\x08messages\x18\x06 \x03(\x0b\x32\x16.threadline.v1.Message\x12\x16\n\x0e\x63ompacted_from\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x12SessionsGetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10include_messages\x18\x03 \x01(\x08\x12\x14\n\x0cverify_chain\x18\x04 \x01(\x08\x12\x10\n\x08\x66rom_seq\x18\x05 \x01(\x03\"L\n\x13SessionsListRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x88\x01\n\rAppendRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rexpected_head\x18\x03 \x01(\t\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.threadline.v1.Message\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"H\n\x0e\x41ppendResponse\x12\x0c\n\x04head\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.threadline.v1.Message\"\x96\x01\n\x13\x42uildContextRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rbudget_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15reserve_output_tokens\x18\x04 \x01(\x05\x12\x16\n\x0ememory_summary\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\"\xb2\x01\n\x14\x42uildContextResponse\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.threadline.v1.Message\x12\x16\n\x0etoken_estimate\x18\x02 \x01(\x05\x12\x15\n\rdropped_count\x18\x03 \x01(\x05\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x18\n\x10\x64ropped_from_seq\x18\x05 \x01(\x03\x12\x19\n\x11\x64ropped_until_seq\x18\x06 \x01(\x03\"B\n\x0b\x46orkRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61t_hash\x18\x03 \x01(\t\"3\n\rDeleteRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x10\n\x0e\x44\x65leteResponse\"3\n\rExportRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x1f\n\x0e\x45xportResponse\x12\r\n\x05lines\x18\x01 \x03(\t\".\n\rImportRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x03(\t\"N\n\x10\x43\x61librateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cprompt_chars\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\",\n\x11\x43\x61librateResponse\x12\x17\n\x0f\x63hars_per_token\x18\x01 \x01(\x01\x32\xdc\x05\n\x08Sessions\x12\x46\n\x06\x43reate\x12$.threadline.v1.SessionsCreateRequest\x1a\x16.threadline.v1.Session\x12\x46\n\x03Get\x12!.threadline.v1.SessionsGetRequest\x1a\x1c.threadline.v1.SessionDetail\x12\x46\n\x04List\x12\".threadline.v1.SessionsListRequest\x1a\x1a.threadline.v1.SessionList\x12\x45\n\x06\x41ppend\x12\x1c.threadline.v1.AppendRequest\x1a\x1d.threadline.v1.AppendResponse\x12W\n\x0c\x42uildContext\x12\".threadline.v1.BuildContextRequest\x1a#.threadline.v1.BuildContextResponse\x12:\n\x04\x46ork\x12\x1a.threadline.v1.ForkRequest\x1a\x16.threadline.v1.Session\x12\x45\n\x06\x44\x65lete\x12\x1c.threadline.v1.DeleteRequest\x1a\x1d.threadline.v1.DeleteResponse\x12\x45\n\x06\x45xport\x12\x1c.threadline.v1.ExportRequest\x1a\x1d.threadline.v1.ExportResponse\x12>\n\x06Import\x12\x1c.threadline.v1.ImportRequest\x1a\x16.threadline.v1.Session\x12N\n\tCalibrate\x12\x1f.threadline.v1.CalibrateRequest\x1a .threadline.v1.CalibrateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,21 +46,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONLIST']._serialized_start=607
   _globals['_SESSIONLIST']._serialized_end=687
   _globals['_SESSIONSCREATEREQUEST']._serialized_start=690
-  _globals['_SESSIONSCREATEREQUEST']._serialized_end=901
+  _globals['_SESSIONSCREATEREQUEST']._serialized_end=967
   _globals['_SESSIONSCREATEREQUEST_METADATAENTRY']._serialized_start=434
   _globals['_SESSIONSCREATEREQUEST_METADATAENTRY']._serialized_end=481
-  _globals['_SESSIONSGETREQUEST']._serialized_start=903
-  _globals['_SESSIONSGETREQUEST']._serialized_end=1025
-  _globals['_SESSIONSLISTREQUEST']._serialized_start=1027
-  _globals['_SESSIONSLISTREQUEST']._serialized_end=1103
-  _globals['_APPENDREQUEST']._serialized_start=1105
-  _globals['_APPENDREQUEST']._serialized_end=1221
-  _globals['_APPENDRESPONSE']._serialized_start=1223
-  _globals['_APPENDRESPONSE']._serialized_end=1295
-  _globals['_BUILDCONTEXTREQUEST']._serialized_start=1298
-  _globals['_BUILDCONTEXTREQUEST']._serialized_end=1433
-  _globals['_BUILDCONTEXTRESPONSE']._serialized_start=1435
-  _globals['_BUILDCONTEXTRESPONSE']._serialized_end=1560
-  _globals['_SESSIONS']._serialized_start=1563
-  _globals['_SESSIONS']._serialized_end=1949
+  _globals['_SESSIONSGETREQUEST']._serialized_start=969
+  _globals['_SESSIONSGETREQUEST']._serialized_end=1091
+  _globals['_SESSIONSLISTREQUEST']._serialized_start=1093
+  _globals['_SESSIONSLISTREQUEST']._serialized_end=1169
+  _globals['_APPENDREQUEST']._serialized_start=1172
+  _globals['_APPENDREQUEST']._serialized_end=1308
+  _globals['_APPENDRESPONSE']._serialized_start=1310
+  _globals['_APPENDRESPONSE']._serialized_end=1382
+  _globals['_BUILDCONTEXTREQUEST']._serialized_start=1385
+  _globals['_BUILDCONTEXTREQUEST']._serialized_end=1535
+  _globals['_BUILDCONTEXTRESPONSE']._serialized_start=1538
+  _globals['_BUILDCONTEXTRESPONSE']._serialized_end=1716
+  _globals['_FORKREQUEST']._serialized_start=1718
+  _globals['_FORKREQUEST']._serialized_end=1784
+  _globals['_DELETEREQUEST']._serialized_start=1786
+  _globals['_DELETEREQUEST']._serialized_end=1837
+  _globals['_DELETERESPONSE']._serialized_start=1839
+  _globals['_DELETERESPONSE']._serialized_end=1855
+  _globals['_EXPORTREQUEST']._serialized_start=1857
+  _globals['_EXPORTREQUEST']._serialized_end=1908
+  _globals['_EXPORTRESPONSE']._serialized_start=1910
+  _globals['_EXPORTRESPONSE']._serialized_end=1941
+  _globals['_IMPORTREQUEST']._serialized_start=1943
+  _globals['_IMPORTREQUEST']._serialized_end=1989
+  _globals['_CALIBRATEREQUEST']._serialized_start=1991
+  _globals['_CALIBRATEREQUEST']._serialized_end=2069
+  _globals['_CALIBRATERESPONSE']._serialized_start=2071
+  _globals['_CALIBRATERESPONSE']._serialized_end=2115
+  _globals['_SESSIONS']._serialized_start=2118
+  _globals['_SESSIONS']._serialized_end=2850
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,31 @@ class SessionsStub:
                 request_serializer=threadline_dot_v1_dot_session__pb2.BuildContextRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_session__pb2.BuildContextResponse.FromString,
                 _registered_method=True)
+        self.Fork = channel.unary_unary(
+                '/threadline.v1.Sessions/Fork',
+                request_serializer=threadline_dot_v1_dot_session__pb2.ForkRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.Session.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/threadline.v1.Sessions/Delete',
+                request_serializer=threadline_dot_v1_dot_session__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_unary(
+                '/threadline.v1.Sessions/Export',
+                request_serializer=threadline_dot_v1_dot_session__pb2.ExportRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.ExportResponse.FromString,
+                _registered_method=True)
+        self.Import = channel.unary_unary(
+                '/threadline.v1.Sessions/Import',
+                request_serializer=threadline_dot_v1_dot_session__pb2.ImportRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.Session.FromString,
+                _registered_method=True)
+        self.Calibrate = channel.unary_unary(
+                '/threadline.v1.Sessions/Calibrate',
+                request_serializer=threadline_dot_v1_dot_session__pb2.CalibrateRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.CalibrateResponse.FromString,
+                _registered_method=True)
 
 
 class SessionsServicer:
@@ -102,6 +127,41 @@ class SessionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fork(self, request, context):
+        """A new session whose log is this one's prefix up to and including at_hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Removes the session and everything of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """The session as JSON lines (a header line, then one line per message).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Import(self, request, context):
+        """Re-creates an exported session (same id, timestamps and hashes; chain verified).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Calibrate(self, request, context):
+        """Records what a model server counted for a prompt, to calibrate token estimates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +189,31 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.BuildContext,
                     request_deserializer=threadline_dot_v1_dot_session__pb2.BuildContextRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_session__pb2.BuildContextResponse.SerializeToString,
+            ),
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.ForkRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.Session.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.DeleteRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_unary_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.ExportRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.ExportResponse.SerializeToString,
+            ),
+            'Import': grpc.unary_unary_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.ImportRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.Session.SerializeToString,
+            ),
+            'Calibrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Calibrate,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.CalibrateRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.CalibrateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +354,141 @@ class Sessions:
             '/threadline.v1.Sessions/BuildContext',
             threadline_dot_v1_dot_session__pb2.BuildContextRequest.SerializeToString,
             threadline_dot_v1_dot_session__pb2.BuildContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/Fork',
+            threadline_dot_v1_dot_session__pb2.ForkRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/Delete',
+            threadline_dot_v1_dot_session__pb2.DeleteRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/Export',
+            threadline_dot_v1_dot_session__pb2.ExportRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.ExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/Import',
+            threadline_dot_v1_dot_session__pb2.ImportRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calibrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/Calibrate',
+            threadline_dot_v1_dot_session__pb2.CalibrateRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.CalibrateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,16 @@ class SessionsStub:
     otherwise ABORTED, with the current head in the details.
     """
     BuildContext: _grpc.UnaryUnaryMultiCallable[_session_pb2.BuildContextRequest, _session_pb2.BuildContextResponse]
+    Fork: _grpc.UnaryUnaryMultiCallable[_session_pb2.ForkRequest, _session_pb2.Session]
+    """A new session whose log is this one's prefix up to and including at_hash."""
+    Delete: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteRequest, _session_pb2.DeleteResponse]
+    """Removes the session and everything of it."""
+    Export: _grpc.UnaryUnaryMultiCallable[_session_pb2.ExportRequest, _session_pb2.ExportResponse]
+    """The session as JSON lines (a header line, then one line per message)."""
+    Import: _grpc.UnaryUnaryMultiCallable[_session_pb2.ImportRequest, _session_pb2.Session]
+    """Re-creates an exported session (same id, timestamps and hashes; chain verified)."""
+    Calibrate: _grpc.UnaryUnaryMultiCallable[_session_pb2.CalibrateRequest, _session_pb2.CalibrateResponse]
+    """Records what a model server counted for a prompt, to calibrate token estimates."""
 
 @_typing.type_check_only
 class SessionsAsyncStub(SessionsStub):
@@ -61,6 +71,16 @@ class SessionsAsyncStub(SessionsStub):
     otherwise ABORTED, with the current head in the details.
     """
     BuildContext: _aio.UnaryUnaryMultiCallable[_session_pb2.BuildContextRequest, _session_pb2.BuildContextResponse]  # type: ignore[assignment]
+    Fork: _aio.UnaryUnaryMultiCallable[_session_pb2.ForkRequest, _session_pb2.Session]  # type: ignore[assignment]
+    """A new session whose log is this one's prefix up to and including at_hash."""
+    Delete: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteRequest, _session_pb2.DeleteResponse]  # type: ignore[assignment]
+    """Removes the session and everything of it."""
+    Export: _aio.UnaryUnaryMultiCallable[_session_pb2.ExportRequest, _session_pb2.ExportResponse]  # type: ignore[assignment]
+    """The session as JSON lines (a header line, then one line per message)."""
+    Import: _aio.UnaryUnaryMultiCallable[_session_pb2.ImportRequest, _session_pb2.Session]  # type: ignore[assignment]
+    """Re-creates an exported session (same id, timestamps and hashes; chain verified)."""
+    Calibrate: _aio.UnaryUnaryMultiCallable[_session_pb2.CalibrateRequest, _session_pb2.CalibrateResponse]  # type: ignore[assignment]
+    """Records what a model server counted for a prompt, to calibrate token estimates."""
 
 class SessionsServicer(metaclass=_abc_1.ABCMeta):
     """Sessions owns conversation persistence: an append-only, hash-chained log
@@ -105,5 +125,45 @@ class SessionsServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.BuildContextRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.BuildContextResponse, _abc.Awaitable[_session_pb2.BuildContextResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Fork(
+        self,
+        request: _session_pb2.ForkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]:
+        """A new session whose log is this one's prefix up to and including at_hash."""
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _session_pb2.DeleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.DeleteResponse, _abc.Awaitable[_session_pb2.DeleteResponse]]:
+        """Removes the session and everything of it."""
+
+    @_abc_1.abstractmethod
+    def Export(
+        self,
+        request: _session_pb2.ExportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ExportResponse, _abc.Awaitable[_session_pb2.ExportResponse]]:
+        """The session as JSON lines (a header line, then one line per message)."""
+
+    @_abc_1.abstractmethod
+    def Import(
+        self,
+        request: _session_pb2.ImportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]:
+        """Re-creates an exported session (same id, timestamps and hashes; chain verified)."""
+
+    @_abc_1.abstractmethod
+    def Calibrate(
+        self,
+        request: _session_pb2.CalibrateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.CalibrateResponse, _abc.Awaitable[_session_pb2.CalibrateResponse]]:
+        """Records what a model server counted for a prompt, to calibrate token estimates."""
 
 def add_SessionsServicer_to_server(servicer: SessionsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
