@@ -46,14 +46,74 @@ async def build_context(
     reserve_output_tokens: int = 0,
     memory_summary: str = "",
     estimator: TokenEstimator = DEFAULT_ESTIMATOR,
+    keep_recent_min: int = 0,
 ) -> ContextResult:
     """Select what of the session fits in budget_tokens - reserve_output_tokens.
 
     Reads the log newest first through `store.recent()` and stops at the first
     group that no longer fits, so a long session costs only what is returned.
     Raises FailedPrecondition when the system prompt and memory summary alone
-    exceed the budget.
+    exceed the budget, or when the `keep_recent_min` newest messages do not fit
+    (the first user message gives way to them first).
     """
+    if keep_recent_min < 0:
+        raise InvalidArgument(f"keep_recent_min must be >= 0, got {keep_recent_min}")
+    result = await _build(
+        store,
+        tenant,
+        session_id,
+        budget_tokens,
+        reserve_output_tokens,
+        memory_summary,
+        estimator,
+        pin_first_user=True,
+    )
+    recent_kept = _suffix_length(result)
+    if recent_kept >= min(keep_recent_min, result.dropped_count + recent_kept):
+        return result
+    result = await _build(
+        store,
+        tenant,
+        session_id,
+        budget_tokens,
+        reserve_output_tokens,
+        memory_summary,
+        estimator,
+        pin_first_user=False,
+    )
+    recent_kept = _suffix_length(result)
+    if recent_kept < min(keep_recent_min, result.dropped_count + recent_kept):
+        raise FailedPrecondition(
+            f"context budget too small: the {keep_recent_min} most recent messages "
+            f"(keep_recent_min) do not fit in {budget_tokens - reserve_output_tokens} tokens; "
+            f"{recent_kept} do",
+            details={"keep_recent_min": str(keep_recent_min), "fit": str(recent_kept)},
+        )
+    return result
+
+
+def _suffix_length(result: ContextResult) -> int:
+    """How many of the newest stored messages the context holds, without a gap."""
+    stored = [m.seq for m in result.messages if m.hash]
+    count = 0
+    for seq in reversed(stored):
+        if count and seq != stored[len(stored) - count] - 1:
+            break
+        count += 1
+    return count
+
+
+async def _build(
+    store: SessionReader,
+    tenant: str,
+    session_id: str,
+    budget_tokens: int,
+    reserve_output_tokens: int,
+    memory_summary: str,
+    estimator: TokenEstimator,
+    *,
+    pin_first_user: bool,
+) -> ContextResult:
     if budget_tokens <= 0:
         raise InvalidArgument(f"budget_tokens must be > 0, got {budget_tokens}")
     if reserve_output_tokens < 0:
@@ -83,7 +143,7 @@ async def build_context(
 
     # Read the log as of session.head: appends racing with this call are not seen.
     total = session.message_count
-    pinned = await store.first_user_message(tenant, session_id)
+    pinned = await store.first_user_message(tenant, session_id) if pin_first_user else None
     if pinned is not None and (pinned.seq >= total or estimator.estimate(pinned) > remaining):
         pinned = None
     if pinned is not None:

@@ -160,6 +160,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             reserve_output_tokens=request.reserve_output_tokens,
             memory_summary=request.memory_summary,
             estimator=estimator,
+            keep_recent_min=request.keep_recent_min,
         )
         dropped_from, dropped_until = dropped_range(result.messages, result.dropped_count)
         if result.dropped_count:

@@ -450,3 +450,29 @@ def test_context_is_the_longest_legal_suffix_that_fits(
         if m.role == common_pb2.ROLE_TOOL:
             # A result is kept exactly when the call it answers is kept.
             assert (m.seq in seqs) == (m.tool_call_id in kept_calls)
+
+
+async def test_keep_recent_min_wins_over_the_first_user_message() -> None:
+    texts = ["first " + "q" * 80] + [f"m{i} " + "x" * 36 for i in range(6)]
+    messages = [
+        Message(role=common_pb2.ROLE_USER if i % 2 == 0 else common_pb2.ROLE_ASSISTANT, content=t)
+        for i, t in enumerate(texts)
+    ]
+    store, session_id = await _seed(messages)
+    # Room for about three recent messages; pinning the long first user message
+    # would leave room for fewer.
+    result = await build_context(store, TENANT, session_id, budget_tokens=45, keep_recent_min=3)
+    assert [m.content[:2] for m in result.messages] == ["m3", "m4", "m5"]
+
+
+async def test_keep_recent_min_that_cannot_fit_is_refused() -> None:
+    messages = [
+        Message(
+            role=common_pb2.ROLE_USER if i % 2 == 0 else common_pb2.ROLE_ASSISTANT,
+            content=f"m{i} " + "x" * 36,
+        )
+        for i in range(6)
+    ]
+    store, session_id = await _seed(messages)
+    with pytest.raises(FailedPrecondition, match="keep_recent_min"):
+        await build_context(store, TENANT, session_id, budget_tokens=20, keep_recent_min=4)

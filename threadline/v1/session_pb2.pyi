@@ -334,6 +334,7 @@ class BuildContextRequest(_message.Message):
     RESERVE_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MEMORY_SUMMARY_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    KEEP_RECENT_MIN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     session_id: _builtins.str
     budget_tokens: _builtins.int
@@ -344,6 +345,10 @@ class BuildContextRequest(_message.Message):
     """Long-term memory to place after the system prompt, if any."""
     model: _builtins.str
     """The model the context is for: its calibrated chars-per-token ratio is used."""
+    keep_recent_min: _builtins.int
+    """At least this many of the newest messages are kept (the first user message
+    gives way to them); FAILED_PRECONDITION when they do not fit.
+    """
     def __init__(
         self,
         *,
@@ -353,10 +358,11 @@ class BuildContextRequest(_message.Message):
         reserve_output_tokens: _builtins.int = ...,
         memory_summary: _builtins.str = ...,
         model: _builtins.str = ...,
+        keep_recent_min: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_tokens", b"budget_tokens", "memory_summary", b"memory_summary", "model", b"model", "reserve_output_tokens", b"reserve_output_tokens", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_tokens", b"budget_tokens", "keep_recent_min", b"keep_recent_min", "memory_summary", b"memory_summary", "model", b"model", "reserve_output_tokens", b"reserve_output_tokens", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
