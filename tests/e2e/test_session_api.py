@@ -1,0 +1,42 @@
+"""Session lifecycle through the public gateway API: fork, export/import, delete."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import OTHER_KEY
+from threadline import errors
+from threadline.client import GatewayClient
+from threadline.stack import Stack
+from threadline.testing.fake_upstream import FakeUpstream, Script
+
+
+async def test_fork_export_import_and_delete_through_the_gateway(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Script(text="An answer.")
+    session = await gateway.create_session(title="original")
+    for text in ("first question", "second question"):
+        _ = [e async for e in gateway.converse(session.id, text)]
+    detail = await gateway.get_session(session.id)
+
+    fork = await gateway.fork_session(session.id, detail.messages[1].hash)
+    forked = await gateway.get_session(fork.id, verify_chain=True)
+    assert fork.forked_from == session.id
+    assert [m.content for m in forked.messages] == ["first question", "An answer."]
+
+    lines = await gateway.export_session(session.id)
+    await gateway.delete_session(session.id)
+    with pytest.raises(errors.NotFound):
+        await gateway.get_session(session.id)
+    restored = await gateway.import_session(lines)
+    assert restored.id == session.id and restored.head == detail.session.head
+
+    async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
+        with pytest.raises(errors.NotFound):
+            await other.fork_session(session.id, "")
+        with pytest.raises(errors.NotFound):
+            await other.export_session(session.id)
+        with pytest.raises(errors.NotFound):
+            await other.delete_session(session.id)
+    assert (await gateway.get_session(session.id, verify_chain=True)).chain_verified
