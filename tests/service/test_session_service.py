@@ -388,12 +388,12 @@ async def test_concurrent_appenders_each_land_exactly_once_in_a_valid_chain(
                 conflicts += 1
                 head = exc.current_head
 
-    await asyncio.gather(*(append_one(i) for i in range(30)))
+    await asyncio.gather(*(append_one(i) for i in range(50)))
 
     detail = await sessions.get(TENANT, session.id, include_messages=True, verify_chain=True)
     assert detail.chain_verified
     contents = [m.content for m in detail.messages]
-    assert sorted(contents) == sorted(f"writer {i}" for i in range(30))
-    assert [m.seq for m in detail.messages] == list(range(30))
-    assert detail.session.message_count == 30
+    assert sorted(contents) == sorted(f"writer {i}" for i in range(50))
+    assert [m.seq for m in detail.messages] == list(range(50))
+    assert detail.session.message_count == 50
     assert conflicts > 0  # they really did race
