@@ -210,12 +210,37 @@ class MemorySettings(_Section):
     max_summary_tokens: int = Field(default=256, gt=0)
 
 
+class ToolRule(_Section):
+    """What the model's tools may do under a path of the session's workspace."""
+
+    #: Relative to the workspace root; "" is the whole workspace.
+    path: str = ""
+    permission: Literal["read", "write"] = "read"
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        if value.startswith("/") or ".." in Path(value).parts:
+            raise ValueError(f"a rule's path is relative to the workspace, got {value!r}")
+        return value
+
+
 class ExecutorSettings(_Section):
     #: Token budget for the prompt sent to the model (context window minus headroom).
     context_budget_tokens: int = Field(default=4096, gt=0)
     max_output_tokens: int = Field(default=512, gt=0)
     #: How long a finished turn may wait for its session write on shutdown.
     turn_lease_ttl_s: float = Field(default=600.0, gt=0)
+    #: Offer the built-in tools (read_file, write_file, list_dir, search_text) to the
+    #: model. Off by default: the upstream must support tool calls.
+    tools_enabled: bool = False
+    #: Model requests per turn, tool rounds included.
+    max_iterations: int = Field(default=8, ge=1, le=100)
+    #: Per-session workspaces live under this directory; empty = `<data_dir>/workspaces`.
+    workspace_root: str = ""
+    tool_rules: tuple[ToolRule, ...] = (ToolRule(path="", permission="write"),)
+    max_file_bytes: int = Field(default=1_000_000, gt=0)
+    max_tool_output_chars: int = Field(default=16_000, gt=0)
 
 
 class ApiKey(_Section):

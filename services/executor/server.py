@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import grpc.aio
 import redis.asyncio as aioredis
 
 from services.executor.leases import LocalTurnLeases, RedisTurnLeases, TurnLeases
 from services.executor.servicer import ExecutorServicer
+from services.executor.tools import ToolBox
 from services.executor.turn import TurnLimits, TurnRunner
+from services.executor.workspace import PermissionRule, Workspace
 from threadline.config import ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
+from threadline.ids import validate_session_id
 from threadline.peers import LlmClient, MemoryClient, SessionClient
 from threadline.server import ServiceHost, build_server
 from threadline.v1 import executor_pb2, executor_pb2_grpc
@@ -28,6 +34,22 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         leases = RedisTurnLeases(redis_client, ttl_s=settings.executor.turn_lease_ttl_s)
     else:
         leases = LocalTurnLeases()
+    tools: Callable[[str], ToolBox] | None = None
+    if settings.executor.tools_enabled:
+        executor = settings.executor
+        root = (
+            Path(executor.workspace_root)
+            if executor.workspace_root
+            else (settings.data_dir / "workspaces")
+        )
+        rules = [PermissionRule(rule.path, rule.permission) for rule in executor.tool_rules]
+
+        def tools(session_id: str) -> ToolBox:
+            # One directory per session: a session's tools never see another's files.
+            validate_session_id(session_id)  # it becomes a path
+            workspace = Workspace(root / session_id, rules, max_file_bytes=executor.max_file_bytes)
+            return ToolBox(workspace, max_output_chars=executor.max_tool_output_chars)
+
     turns = TurnRunner(
         sessions=sessions,
         memory=memory,
@@ -37,7 +59,9 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         limits=TurnLimits(
             context_budget_tokens=settings.executor.context_budget_tokens,
             max_output_tokens=settings.executor.max_output_tokens,
+            max_iterations=settings.executor.max_iterations,
         ),
+        tools=tools,
     )
 
     def register(server: grpc.aio.Server) -> list[str]:

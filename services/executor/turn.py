@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.executor.leases import TurnLeases
+from services.executor.tools import ToolBox
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.logs import get_logger
@@ -72,6 +73,7 @@ class Llm(Protocol):
 class TurnLimits:
     context_budget_tokens: int
     max_output_tokens: int
+    max_iterations: int = 8
 
 
 @dataclass
@@ -82,6 +84,8 @@ class TurnRunner:
     leases: TurnLeases
     events: EventPublisher
     limits: TurnLimits
+    #: The tools for a session, or None when tools are not offered to the model.
+    tools: Callable[[str], ToolBox] | None = None
     #: Writes of partial answers that must finish even though their turn was cancelled.
     pending_writes: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -158,64 +162,79 @@ class TurnRunner:
         yield executor_pb2.TurnEvent(
             started=executor_pb2.TurnStarted(turn_id=turn_id, session_id=session_id)
         )
-        try:
-            summary = await self._recall(tenant, session_id)
-            context = await self.sessions.build_context(
-                session_pb2.BuildContextRequest(
-                    tenant=tenant,
-                    session_id=session_id,
-                    budget_tokens=self.limits.context_budget_tokens,
-                    reserve_output_tokens=request.options.max_tokens
-                    or self.limits.max_output_tokens,
-                    memory_summary=summary,
-                    model=model or "default",
-                )
-            )
-        except errors.ThreadlineError as exc:
-            self._failed(tenant, session_id, turn_id, started, exc)
-            raise
-        chat = llm_pb2.ChatRequest(
-            model=model,
-            messages=context.messages,
-            max_tokens=request.options.max_tokens or self.limits.max_output_tokens,
-            tenant=tenant,
-            session_id=session_id,
-        )
-        if request.options.HasField("temperature"):
-            chat.temperature = request.options.temperature
-        text: list[str] = []
-        done: llm_pb2.ChatDone | None = None
-        try:
-            async for chunk in self.llm.stream_chat(chat):
-                kind = chunk.WhichOneof("chunk")
-                if kind == "delta":
-                    text.append(chunk.delta)
-                    yield executor_pb2.TurnEvent(delta=chunk.delta)
-                elif kind == "tool_call_delta":
-                    yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
-                elif kind == "done":
-                    done = chunk.done
-        except asyncio.CancelledError:
-            # Client gone or shutdown past its grace: keep what the user already saw.
-            self._store_partial_detached(
-                tenant, session_id, head, turn_id, started, "".join(text), "turn cancelled"
-            )
-            raise
-        except errors.ThreadlineError as exc:
-            if not text:
+        max_tokens = request.options.max_tokens or self.limits.max_output_tokens
+        toolbox = self.tools(session_id) if self.tools is not None else None
+        usage = common_pb2.Usage()
+        calls = 0
+        while True:
+            calls += 1
+            try:
+                context = await self._context(tenant, session_id, model, max_tokens)
+            except errors.ThreadlineError as exc:
                 self._failed(tenant, session_id, turn_id, started, exc)
                 raise
-            done = llm_pb2.ChatDone(
-                finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
-                content="".join(text),
-                error=exc.message,
+            chat = llm_pb2.ChatRequest(
+                model=model,
+                messages=context.messages,
+                max_tokens=max_tokens,
+                tenant=tenant,
+                session_id=session_id,
+                tools=toolbox.specs() if toolbox is not None else [],
             )
-        if done is None:
-            done = llm_pb2.ChatDone(
-                finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
-                content="".join(text),
-                error="the model stream ended without a result",
+            if request.options.HasField("temperature"):
+                chat.temperature = request.options.temperature
+            text: list[str] = []
+            done: llm_pb2.ChatDone | None = None
+            try:
+                async for chunk in self.llm.stream_chat(chat):
+                    kind = chunk.WhichOneof("chunk")
+                    if kind == "delta":
+                        text.append(chunk.delta)
+                        yield executor_pb2.TurnEvent(delta=chunk.delta)
+                    elif kind == "tool_call_delta":
+                        yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
+                    elif kind == "done":
+                        done = chunk.done
+            except asyncio.CancelledError:
+                # Client gone or shutdown past its grace: keep what the user already saw.
+                self._store_partial_detached(
+                    tenant, session_id, head, turn_id, started, "".join(text), "turn cancelled"
+                )
+                raise
+            except errors.ThreadlineError as exc:
+                if not text:
+                    self._failed(tenant, session_id, turn_id, started, exc)
+                    raise
+                done = llm_pb2.ChatDone(
+                    finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
+                    content="".join(text),
+                    error=exc.message,
+                )
+            if done is None:
+                done = llm_pb2.ChatDone(
+                    finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
+                    content="".join(text),
+                    error="the model stream ended without a result",
+                )
+            _add_usage(usage, done.usage)
+            wants_tools = (
+                toolbox is not None
+                and bool(done.tool_calls)
+                and done.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
             )
+            if wants_tools and toolbox is not None and calls < self.limits.max_iterations:
+                round_ = ToolRound(self, tenant, session_id, turn_id, calls, head)
+                async for event in round_.run(toolbox, done):
+                    yield event
+                head = round_.head
+                continue
+            if wants_tools:
+                # A model that keeps calling tools is stopped; its unexecuted calls are not
+                # stored (a call without its result is illegal in a conversation).
+                done.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                done.error = f"stopped after {calls} model calls (max_iterations)"
+                del done.tool_calls[:]
+            break
         interrupted = done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED
         answer = common_pb2.Message(
             role=common_pb2.ROLE_ASSISTANT, content=done.content, interrupted=interrupted
@@ -238,8 +257,9 @@ class TurnRunner:
             model=done.model,
             upstream=done.upstream,
             finish_reason=common_pb2.FinishReason.Name(done.finish_reason),
-            prompt_tokens=done.usage.prompt_tokens,
-            completion_tokens=done.usage.completion_tokens,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            model_calls=calls,
             latency_ms=latency_ms,
             error=done.error or None,
         )
@@ -247,13 +267,29 @@ class TurnRunner:
             done=executor_pb2.TurnDone(
                 turn_id=turn_id,
                 finish_reason=done.finish_reason,
-                usage=done.usage,
+                usage=usage,
                 model=done.model,
                 upstream=done.upstream,
                 head=head,
                 content=done.content,
                 latency_ms=latency_ms,
                 error=done.error,
+                model_calls=calls,
+            )
+        )
+
+    async def _context(
+        self, tenant: str, session_id: str, model: str, max_tokens: int
+    ) -> session_pb2.BuildContextResponse:
+        summary = await self._recall(tenant, session_id)
+        return await self.sessions.build_context(
+            session_pb2.BuildContextRequest(
+                tenant=tenant,
+                session_id=session_id,
+                budget_tokens=self.limits.context_budget_tokens,
+                reserve_output_tokens=max_tokens,
+                memory_summary=summary,
+                model=model or "default",
             )
         )
 
@@ -331,3 +367,95 @@ class TurnRunner:
         task = asyncio.create_task(store(), name=f"store-partial-{turn_id}")
         self.pending_writes.add(task)
         task.add_done_callback(self.pending_writes.discard)
+
+
+def _add_usage(total: common_pb2.Usage, more: common_pb2.Usage) -> None:
+    total.prompt_tokens += more.prompt_tokens
+    total.completion_tokens += more.completion_tokens
+    total.cached_tokens += more.cached_tokens
+    total.total_tokens += more.total_tokens
+
+
+@dataclass
+class ToolRound:
+    """One round of tool calls: the assistant's calls, then each result, all stored.
+
+    Every message is appended as it completes, so a crash loses at most the one in
+    flight; if the turn is cancelled mid-round, the calls not yet run get a
+    "cancelled" result, so the log never holds a call without its answer.
+    """
+
+    runner: TurnRunner
+    tenant: str
+    session_id: str
+    turn_id: str
+    call_number: int
+    head: str
+
+    async def run(
+        self, toolbox: ToolBox, done: llm_pb2.ChatDone
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        prefix = f"{self.turn_id}:{self.call_number}"
+        assistant = common_pb2.Message(
+            role=common_pb2.ROLE_ASSISTANT, content=done.content, tool_calls=done.tool_calls
+        )
+        self.head = await self.runner._append(
+            self.tenant, self.session_id, self.head, [assistant], f"{prefix}:assistant"
+        )
+        for index, call in enumerate(done.tool_calls):
+            try:
+                result = await toolbox.call(call.name, call.arguments_json)
+            except asyncio.CancelledError:
+                self._answer_the_rest_detached(done.tool_calls[index:], prefix, index)
+                raise
+            if result.status == "denied":
+                self.runner.events.emit(
+                    "tool.denied",
+                    tenant=self.tenant,
+                    session_id=self.session_id,
+                    turn_id=self.turn_id,
+                    tool=call.name,
+                    tool_call_id=call.id,
+                    reason=result.reason,
+                )
+            message = common_pb2.Message(
+                role=common_pb2.ROLE_TOOL,
+                tool_call_id=call.id,
+                name=call.name,
+                content=result.content,
+            )
+            self.head = await self.runner._append(
+                self.tenant, self.session_id, self.head, [message], f"{prefix}:tool:{index}"
+            )
+            yield executor_pb2.TurnEvent(
+                tool_result=executor_pb2.ToolResult(
+                    tool_call_id=call.id,
+                    name=call.name,
+                    content=result.content,
+                    status=result.status,
+                )
+            )
+
+    def _answer_the_rest_detached(
+        self, calls: Sequence[common_pb2.ToolCall], prefix: str, first: int
+    ) -> None:
+        async def store() -> None:
+            messages = [
+                common_pb2.Message(
+                    role=common_pb2.ROLE_TOOL,
+                    tool_call_id=call.id,
+                    name=call.name,
+                    content="cancelled: the turn ended before this tool ran",
+                )
+                for call in calls
+            ]
+            try:
+                await self.runner._append(
+                    self.tenant, self.session_id, self.head, messages, f"{prefix}:cancelled:{first}"
+                )
+            except errors.ThreadlineError as exc:
+                log.error("turn.tool_results_lost", session_id=self.session_id, error=exc.message)
+
+        task = asyncio.create_task(store(), name=f"cancel-tools-{self.turn_id}")
+        self.runner.pending_writes.add(task)
+        task.add_done_callback(self.runner.pending_writes.discard)

@@ -26,7 +26,7 @@ from threadline.v1 import common_pb2 as threadline_dot_v1_dot_common__pb2
 from threadline.v1 import llm_pb2 as threadline_dot_v1_dot_llm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cthreadline/v1/executor.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/common.proto\x1a\x17threadline/v1/llm.proto\"Z\n\x0bTurnOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"p\n\x0eRunTurnRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"2\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xd7\x01\n\x08TurnDone\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.threadline.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\x12\r\n\x05\x65rror\x18\t \x01(\t\"\xb6\x01\n\tTurnEvent\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.threadline.v1.TurnStartedH\x00\x12\x0f\n\x05\x64\x65lta\x18\x02 \x01(\tH\x00\x12\x37\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1c.threadline.v1.ToolCallDeltaH\x00\x12\'\n\x04\x64one\x18\x04 \x01(\x0b\x32\x17.threadline.v1.TurnDoneH\x00\x42\x07\n\x05\x65vent2P\n\x08\x45xecutor\x12\x44\n\x07RunTurn\x12\x1d.threadline.v1.RunTurnRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cthreadline/v1/executor.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/common.proto\x1a\x17threadline/v1/llm.proto\"Z\n\x0bTurnOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"p\n\x0eRunTurnRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"2\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xec\x01\n\x08TurnDone\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.threadline.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0bmodel_calls\x18\n \x01(\x05\"Q\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"\xe8\x01\n\tTurnEvent\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.threadline.v1.TurnStartedH\x00\x12\x0f\n\x05\x64\x65lta\x18\x02 \x01(\tH\x00\x12\x37\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1c.threadline.v1.ToolCallDeltaH\x00\x12\'\n\x04\x64one\x18\x04 \x01(\x0b\x32\x17.threadline.v1.TurnDoneH\x00\x12\x30\n\x0btool_result\x18\x05 \x01(\x0b\x32\x19.threadline.v1.ToolResultH\x00\x42\x07\n\x05\x65vent2P\n\x08\x45xecutor\x12\x44\n\x07RunTurn\x12\x1d.threadline.v1.RunTurnRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TURNSTARTED']._serialized_start=306
   _globals['_TURNSTARTED']._serialized_end=356
   _globals['_TURNDONE']._serialized_start=359
-  _globals['_TURNDONE']._serialized_end=574
-  _globals['_TURNEVENT']._serialized_start=577
-  _globals['_TURNEVENT']._serialized_end=759
-  _globals['_EXECUTOR']._serialized_start=761
-  _globals['_EXECUTOR']._serialized_end=841
+  _globals['_TURNDONE']._serialized_end=595
+  _globals['_TOOLRESULT']._serialized_start=597
+  _globals['_TOOLRESULT']._serialized_end=678
+  _globals['_TURNEVENT']._serialized_start=681
+  _globals['_TURNEVENT']._serialized_end=913
+  _globals['_EXECUTOR']._serialized_start=915
+  _globals['_EXECUTOR']._serialized_end=995
 # @@protoc_insertion_point(module_scope)

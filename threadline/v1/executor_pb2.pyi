@@ -110,6 +110,7 @@ class TurnDone(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MODEL_CALLS_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     finish_reason: _common_pb2.FinishReason.ValueType
     model: _builtins.str
@@ -120,6 +121,8 @@ class TurnDone(_message.Message):
     latency_ms: _builtins.int
     error: _builtins.str
     """Why the answer is partial, when it is."""
+    model_calls: _builtins.int
+    """Model requests the turn made (1 plus one per round of tool calls)."""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -134,14 +137,46 @@ class TurnDone(_message.Message):
         content: _builtins.str = ...,
         latency_ms: _builtins.int = ...,
         error: _builtins.str = ...,
+        model_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "error", b"error", "finish_reason", b"finish_reason", "head", b"head", "latency_ms", b"latency_ms", "model", b"model", "turn_id", b"turn_id", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "error", b"error", "finish_reason", b"finish_reason", "head", b"head", "latency_ms", b"latency_ms", "model", b"model", "model_calls", b"model_calls", "turn_id", b"turn_id", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TurnDone: _TypeAlias = TurnDone  # noqa: Y015
+
+@_typing.final
+class ToolResult(_message.Message):
+    """A tool the model called, and what it returned (as sent back to the model)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    tool_call_id: _builtins.str
+    name: _builtins.str
+    content: _builtins.str
+    status: _builtins.str
+    """"ok", "error" or "denied"."""
+    def __init__(
+        self,
+        *,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        content: _builtins.str = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "status", b"status", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolResult: _TypeAlias = ToolResult  # noqa: Y015
 
 @_typing.final
 class TurnEvent(_message.Message):
@@ -151,6 +186,7 @@ class TurnEvent(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     TOOL_CALL_DELTA_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     @_builtins.property
     def started(self) -> Global___TurnStarted: ...
@@ -158,6 +194,8 @@ class TurnEvent(_message.Message):
     def tool_call_delta(self) -> _llm_pb2.ToolCallDelta: ...
     @_builtins.property
     def done(self) -> Global___TurnDone: ...
+    @_builtins.property
+    def tool_result(self) -> Global___ToolResult: ...
     def __init__(
         self,
         *,
@@ -165,12 +203,13 @@ class TurnEvent(_message.Message):
         delta: _builtins.str = ...,
         tool_call_delta: _llm_pb2.ToolCallDelta | None = ...,
         done: Global___TurnDone | None = ...,
+        tool_result: Global___ToolResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "tool_call_delta", "done"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "tool_call_delta", "done", "tool_result"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

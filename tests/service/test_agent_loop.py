@@ -1,0 +1,205 @@
+"""The agent loop: model ↔ tool rounds through the real executor, session and
+llm_proxy servers, the fake upstream scripting the tool calls."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import make_settings
+from tests.service.conftest import EventRecorder, attrs, private_stack
+from threadline.channels import streaming
+from threadline.config import Settings
+from threadline.peers import ExecutorClient, SessionClient
+from threadline.stack import Stack
+from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.v1 import common_pb2, executor_pb2, session_pb2
+
+TENANT = "acme"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Settings:
+    return make_settings(
+        tmp_path,
+        fake_upstream.base_url,
+        redis_url=redis_url,
+        executor={
+            "tools_enabled": True,
+            "max_iterations": 3,
+            "workspace_root": str(tmp_path / "workspaces"),
+            "tool_rules": [
+                {"path": "", "permission": "write"},
+                {"path": "docs", "permission": "read"},
+            ],
+        },
+    )
+
+
+@pytest.fixture
+async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[Stack]:
+    async with private_stack(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def clients(stack: Stack) -> AsyncIterator[tuple[ExecutorClient, SessionClient]]:
+    executor = ExecutorClient(stack.address("executor"))
+    sessions = SessionClient(stack.address("session"))
+    yield executor, sessions
+    await executor.close()
+    await sessions.close()
+
+
+@pytest.fixture
+async def events(stack: Stack) -> AsyncIterator[EventRecorder]:
+    recorder = EventRecorder(stack.bus, await stack.bus.subscribe())
+    yield recorder
+    await recorder.close()
+
+
+async def new_session(sessions: SessionClient) -> str:
+    return (await sessions.create(session_pb2.SessionsCreateRequest(tenant=TENANT))).id
+
+
+async def run(executor: ExecutorClient, session_id: str, text: str) -> list[executor_pb2.TurnEvent]:
+    request = executor_pb2.RunTurnRequest(tenant=TENANT, session_id=session_id, input=text)
+    return [e async for e in streaming(executor.run_turn(request))]
+
+
+def workspace(settings: Settings, session_id: str) -> Path:
+    return Path(settings.executor.workspace_root) / session_id
+
+
+async def test_a_two_tool_turn_stores_every_message_in_order(
+    settings: Settings,
+    clients: tuple[ExecutorClient, SessionClient],
+    fake_upstream: FakeUpstream,
+) -> None:
+    executor, sessions = clients
+    session_id = await new_session(sessions)
+    fake_upstream.enqueue(
+        Script(
+            tool_calls=[
+                ("write_file", json.dumps({"path": "notes/plan.txt", "content": "step one"})),
+                ("read_file", json.dumps({"path": "notes/plan.txt"})),
+            ]
+        ),
+        Script(text="The plan says: step one."),
+    )
+
+    events = await run(executor, session_id, "Write the plan, then read it back.")
+
+    results = [e.tool_result for e in events if e.WhichOneof("event") == "tool_result"]
+    assert [(r.name, r.status) for r in results] == [("write_file", "ok"), ("read_file", "ok")]
+    assert "step one" in results[1].content
+    done = events[-1].done
+    assert done.content == "The plan says: step one." and done.model_calls == 2
+    assert (workspace(settings, session_id) / "notes/plan.txt").read_text() == "step one"
+    detail = await sessions.get(TENANT, session_id, include_messages=True, verify_chain=True)
+    roles = [common_pb2.Role.Name(m.role) for m in detail.messages]
+    assert roles == ["ROLE_USER", "ROLE_ASSISTANT", "ROLE_TOOL", "ROLE_TOOL", "ROLE_ASSISTANT"]
+    calls = detail.messages[1].tool_calls
+    assert [m.tool_call_id for m in detail.messages[2:4]] == [c.id for c in calls]
+    # The second model request carried the tool results back.
+    second = fake_upstream.chat_requests()[-1].body
+    assert second is not None
+    assert [m["role"] for m in second["messages"]][-3:] == ["assistant", "tool", "tool"]
+    assert {t["function"]["name"] for t in second["tools"]} >= {"read_file", "write_file"}
+
+
+@pytest.mark.parametrize(
+    ("call", "why"),
+    [
+        (("read_file", {"path": "../../etc/passwd"}), "leaves the workspace"),
+        (("read_file", {"path": "/etc/passwd"}), "/etc/passwd"),
+        (("write_file", {"path": "docs/readme.md", "content": "x"}), "read-only"),
+    ],
+)
+async def test_escapes_and_forbidden_writes_are_refused_and_reported(
+    settings: Settings,
+    clients: tuple[ExecutorClient, SessionClient],
+    fake_upstream: FakeUpstream,
+    events: EventRecorder,
+    call: tuple[str, dict[str, str]],
+    why: str,
+) -> None:
+    executor, sessions = clients
+    session_id = await new_session(sessions)
+    name, arguments = call
+    fake_upstream.enqueue(Script(tool_calls=[(name, json.dumps(arguments))]), Script(text="ok"))
+
+    turn = await run(executor, session_id, "try it")
+
+    (result,) = [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
+    assert result.status == "denied" and why in result.content
+    (denied,) = await events.wait_for("tool.denied", session_id=session_id)
+    assert attrs(denied)["tool"] == name and why in attrs(denied)["reason"]
+    assert not (workspace(settings, session_id) / "docs/readme.md").exists()
+    assert turn[-1].done.content == "ok"
+
+
+async def test_a_symlink_out_of_the_workspace_is_refused(
+    settings: Settings,
+    clients: tuple[ExecutorClient, SessionClient],
+    fake_upstream: FakeUpstream,
+    tmp_path: Path,
+) -> None:
+    executor, sessions = clients
+    session_id = await new_session(sessions)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    root = workspace(settings, session_id)
+    root.mkdir(parents=True)
+    (root / "link.txt").symlink_to(secret)
+    fake_upstream.enqueue(
+        Script(tool_calls=[("read_file", json.dumps({"path": "link.txt"}))]), Script(text="ok")
+    )
+    turn = await run(executor, session_id, "read the link")
+    (result,) = [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
+    assert result.status == "denied" and "top secret" not in result.content
+
+
+async def test_unknown_tools_and_bad_arguments_come_back_as_results(
+    clients: tuple[ExecutorClient, SessionClient], fake_upstream: FakeUpstream
+) -> None:
+    executor, sessions = clients
+    session_id = await new_session(sessions)
+    fake_upstream.enqueue(
+        Script(tool_calls=[("launch_rocket", "{}"), ("read_file", "not json")]),
+        Script(text="Sorry."),
+    )
+    turn = await run(executor, session_id, "go")
+    results = [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
+    assert [r.status for r in results] == ["error", "error"]
+    assert "launch_rocket" in results[0].content
+    assert turn[-1].done.content == "Sorry."
+
+
+async def test_max_iterations_stops_a_model_that_calls_tools_forever(
+    clients: tuple[ExecutorClient, SessionClient], fake_upstream: FakeUpstream
+) -> None:
+    executor, sessions = clients
+    session_id = await new_session(sessions)
+    fake_upstream.default = Script(tool_calls=[("list_dir", "{}")])
+    turn = await run(executor, session_id, "loop")
+    done = turn[-1].done
+    assert done.model_calls == 3
+    assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert "max_iterations" in done.error
+    assert len(fake_upstream.chat_requests()) == 3
+    detail = await sessions.get(TENANT, session_id, include_messages=True, verify_chain=True)
+    # Two executed rounds are stored with their results; the third call is not.
+    assert [common_pb2.Role.Name(m.role) for m in detail.messages] == [
+        "ROLE_USER",
+        "ROLE_ASSISTANT",
+        "ROLE_TOOL",
+        "ROLE_ASSISTANT",
+        "ROLE_TOOL",
+        "ROLE_ASSISTANT",
+    ]
+    assert not detail.messages[-1].tool_calls
