@@ -8,6 +8,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,12 +29,15 @@ from threadline.config import (
 )
 from threadline.logs import configure_logging, get_logger
 from threadline.server import wait_for_shutdown_signal
+from threadline.v1 import executor_pb2
 
 app = typer.Typer(
     help="threadline: LLM agent conversations on self-hosted model servers.", no_args_is_help=True
 )
 events_app = typer.Typer(help="Lifecycle events.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+tasks_app = typer.Typer(help="Background tasks.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
 app.add_typer(events_app, name="events")
 app.add_typer(keys_app, name="keys")
 err = Console(stderr=True)
@@ -286,6 +290,111 @@ async def _tail(target: tuple[str, str], types: list[str], session_id: str, as_j
                 f"{event.session_id or '-'} {json.dumps(attrs, separators=(',', ':'))}",
                 highlight=False,
             )
+
+
+def _task_line(task: executor_pb2.Task) -> str:
+    cost = f" ${task.cost:.4f}" if task.cost else ""
+    return (
+        f"{task.id}  {task.status:<9} {task.agent_type:<12} {task.runner:<7} "
+        f"in={task.tokens_in} out={task.tokens_out}{cost} {task.duration_ms} ms  "
+        f"{task.reason[:60]}"
+    )
+
+
+def _tasks(action: Callable[[GatewayClient], Awaitable[None]], target: tuple[str, str]) -> None:
+    async def run() -> None:
+        async with GatewayClient(target[0], api_key=target[1]) as client:
+            await action(client)
+
+    try:
+        asyncio.run(run())
+    except errors.ThreadlineError as exc:
+        fail(f"{exc.code}: {exc.message}")
+        raise typer.Exit(1) from None
+
+
+@tasks_app.command("submit")
+def tasks_submit(
+    prompt: Annotated[str, typer.Argument(help="What the task should do.")],
+    agent_type: Annotated[str, typer.Option(help="Empty: the classifier chooses.")] = "",
+    workspace: Annotated[str, typer.Option(help="Workspace directory name.")] = "",
+    budget: Annotated[int, typer.Option(help="Token budget (0: unlimited).")] = 0,
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Queue a background task and print its id."""
+
+    async def action(client: GatewayClient) -> None:
+        task = await client.submit_task(
+            prompt, agent_type=agent_type, workspace=workspace, budget_tokens=budget
+        )
+        print(_task_line(task))
+
+    _tasks(action, _gateway(address, api_key, data_dir))
+
+
+@tasks_app.command("list")
+def tasks_list(
+    status: Annotated[str, typer.Option(help="Only tasks in this status.")] = "",
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Your tenant's tasks, newest first."""
+
+    async def action(client: GatewayClient) -> None:
+        for task in (await client.list_tasks(status=status)).tasks:
+            print(_task_line(task))
+
+    _tasks(action, _gateway(address, api_key, data_dir))
+
+
+@tasks_app.command("get")
+def tasks_get(
+    task_id: Annotated[str, typer.Argument()],
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """One task's record as JSON."""
+
+    async def action(client: GatewayClient) -> None:
+        task = await client.get_task(task_id)
+        print(json_format.MessageToJson(task, preserving_proto_field_name=True))
+
+    _tasks(action, _gateway(address, api_key, data_dir))
+
+
+@tasks_app.command("cancel")
+def tasks_cancel(
+    task_id: Annotated[str, typer.Argument()],
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Cancel a queued or running task (a command runner's whole process group is stopped)."""
+
+    async def action(client: GatewayClient) -> None:
+        print(_task_line(await client.cancel_task(task_id)))
+
+    _tasks(action, _gateway(address, api_key, data_dir))
+
+
+@tasks_app.command("logs")
+def tasks_logs(
+    task_id: Annotated[str, typer.Argument()],
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """The task's output log as stream-json lines; follows a running task to its end."""
+
+    async def action(client: GatewayClient) -> None:
+        async for entry in client.watch_task(task_id):
+            print(entry.json, flush=True)
+
+    _tasks(action, _gateway(address, api_key, data_dir))
 
 
 @keys_app.command("hash")

@@ -91,6 +91,34 @@ class GatewayClient:
         request = gateway_pb2.ImportSessionRequest(lines=list(lines))
         return await unary(self._stub.ImportSession(request, metadata=self._metadata))
 
+    async def submit_task(
+        self, prompt: str, *, agent_type: str = "", workspace: str = "", budget_tokens: int = 0
+    ) -> executor_pb2.Task:
+        request = gateway_pb2.SubmitTaskRequest(
+            prompt=prompt,
+            agent_type=agent_type,
+            workspace=workspace,
+            budget_tokens=budget_tokens,
+        )
+        return await unary(self._stub.SubmitTask(request, metadata=self._metadata))
+
+    async def get_task(self, task_id: str) -> executor_pb2.Task:
+        request = gateway_pb2.GetTaskRequest(task_id=task_id)
+        return await unary(self._stub.GetTask(request, metadata=self._metadata))
+
+    async def list_tasks(self, *, status: str = "", limit: int = 0) -> executor_pb2.TaskList:
+        request = gateway_pb2.ListTasksRequest(status=status, limit=limit)
+        return await unary(self._stub.ListTasks(request, metadata=self._metadata))
+
+    async def cancel_task(self, task_id: str) -> executor_pb2.Task:
+        request = gateway_pb2.CancelTaskRequest(task_id=task_id)
+        return await unary(self._stub.CancelTask(request, metadata=self._metadata))
+
+    def watch_task(self, task_id: str) -> AsyncIterator[executor_pb2.TaskLogEntry]:
+        """The task's output log (stream-json lines) from the start, until it ends."""
+        request = gateway_pb2.WatchTaskRequest(task_id=task_id)
+        return streaming(self._stub.WatchTask(request, metadata=self._metadata))
+
     def converse(
         self,
         session_id: str,

@@ -225,6 +225,53 @@ class ToolRule(_Section):
         return value
 
 
+class AgentTypeSettings(_Section):
+    """A kind of background task and the runner that does it."""
+
+    #: What it is for: the classifier reads this to choose.
+    description: str
+    runner: Literal["local", "command"] = "local"
+    #: The `command` runner's argv; `{prompt}`, `{workspace}`, `{task_id}` are filled in.
+    argv: tuple[str, ...] = ()
+    #: Model route for the `local` runner; empty uses the default route.
+    model: str = ""
+    timeout_s: float = Field(default=600, gt=0)
+
+    @model_validator(mode="after")
+    def _argv_for_commands(self) -> AgentTypeSettings:
+        if self.runner == "command" and not self.argv:
+            raise ValueError("a command agent type needs argv")
+        return self
+
+
+class Price(_Section):
+    input_per_1k: float = Field(default=0, ge=0)
+    output_per_1k: float = Field(default=0, ge=0)
+
+
+class TaskSettings(_Section):
+    #: Task records: empty = `<data_dir>/tasks.db`; `sqlite:///path` or `redis://...`.
+    database: str = ""
+    max_concurrency: int = Field(default=2, ge=1)
+    max_queue: int = Field(default=100, ge=1)
+    agent_types: dict[str, AgentTypeSettings] = {
+        "general": AgentTypeSettings(description="An agent that works on files with tools.")
+    }
+    default_agent_type: str = "general"
+    #: Model route for the classifier's one call; empty uses the default route.
+    classifier_model: str = ""
+    #: Per-model prices; models not listed cost 0 (local models).
+    prices: dict[str, Price] = {}
+
+    @model_validator(mode="after")
+    def _default_known(self) -> TaskSettings:
+        if self.default_agent_type not in self.agent_types:
+            raise ValueError(
+                f"default_agent_type {self.default_agent_type!r} is not one of the agent_types"
+            )
+        return self
+
+
 class ExecutorSettings(_Section):
     #: Token budget for the prompt sent to the model (context window minus headroom).
     context_budget_tokens: int = Field(default=4096, gt=0)
@@ -241,6 +288,7 @@ class ExecutorSettings(_Section):
     tool_rules: tuple[ToolRule, ...] = (ToolRule(path="", permission="write"),)
     max_file_bytes: int = Field(default=1_000_000, gt=0)
     max_tool_output_chars: int = Field(default=16_000, gt=0)
+    tasks: TaskSettings = TaskSettings()
 
 
 class ApiKey(_Section):

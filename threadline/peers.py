@@ -181,6 +181,35 @@ class ExecutorClient(_Peer):
         super().__init__(address)
         self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
 
+    async def submit_task(self, request: executor_pb2.TasksSubmitRequest) -> executor_pb2.Task:
+        return await unary(self.stub.SubmitTask(request))
+
+    async def get_task(self, tenant: str, task_id: str) -> executor_pb2.Task:
+        return await unary(
+            self.stub.GetTask(executor_pb2.TasksGetRequest(tenant=tenant, task_id=task_id))
+        )
+
+    async def list_tasks(
+        self, tenant: str, status: str = "", limit: int = 0
+    ) -> executor_pb2.TaskList:
+        return await unary(
+            self.stub.ListTasks(
+                executor_pb2.TasksListRequest(tenant=tenant, status=status, limit=limit)
+            )
+        )
+
+    async def cancel_task(self, tenant: str, task_id: str) -> executor_pb2.Task:
+        return await unary(
+            self.stub.CancelTask(executor_pb2.TasksCancelRequest(tenant=tenant, task_id=task_id))
+        )
+
+    def watch_task(
+        self, tenant: str, task_id: str, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall[executor_pb2.TasksWatchRequest, executor_pb2.TaskLogEntry]:
+        return self.stub.WatchTask(
+            executor_pb2.TasksWatchRequest(tenant=tenant, task_id=task_id), timeout=timeout
+        )
+
     def run_turn(
         self, request: executor_pb2.RunTurnRequest, *, timeout: float | None = None
     ) -> grpc.aio.UnaryStreamCall[executor_pb2.RunTurnRequest, executor_pb2.TurnEvent]:

@@ -154,6 +154,51 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         caller = _caller(self.auth, context)
         return await self.sessions.import_session(caller.tenant, request.lines)
 
+    async def SubmitTask(
+        self, request: gateway_pb2.SubmitTaskRequest, context: Context
+    ) -> executor_pb2.Task:
+        caller = _caller(self.auth, context)
+        return await self.executor.submit_task(
+            executor_pb2.TasksSubmitRequest(
+                tenant=caller.tenant,
+                prompt=request.prompt,
+                agent_type=request.agent_type,
+                workspace=request.workspace,
+                budget_tokens=request.budget_tokens,
+            )
+        )
+
+    async def GetTask(
+        self, request: gateway_pb2.GetTaskRequest, context: Context
+    ) -> executor_pb2.Task:
+        caller = _caller(self.auth, context)
+        return await self.executor.get_task(caller.tenant, request.task_id)
+
+    async def ListTasks(
+        self, request: gateway_pb2.ListTasksRequest, context: Context
+    ) -> executor_pb2.TaskList:
+        caller = _caller(self.auth, context)
+        return await self.executor.list_tasks(caller.tenant, request.status, request.limit)
+
+    async def CancelTask(
+        self, request: gateway_pb2.CancelTaskRequest, context: Context
+    ) -> executor_pb2.Task:
+        caller = _caller(self.auth, context)
+        return await self.executor.cancel_task(caller.tenant, request.task_id)
+
+    async def WatchTask(
+        self, request: gateway_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[executor_pb2.TaskLogEntry]:
+        caller = _caller(self.auth, context)
+        call = self.executor.watch_task(caller.tenant, request.task_id)
+        try:
+            async for entry in call:
+                yield entry
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
     async def Converse(
         self, request: gateway_pb2.ConverseRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TurnEvent]:

@@ -72,7 +72,7 @@ async def run(executor: ExecutorClient, session_id: str, text: str) -> list[exec
 
 
 def workspace(settings: Settings, session_id: str) -> Path:
-    return Path(settings.executor.workspace_root) / session_id
+    return Path(settings.executor.workspace_root) / "sessions" / session_id
 
 
 async def test_a_two_tool_turn_stores_every_message_in_order(

@@ -40,6 +40,31 @@ class ExecutorStub:
                 request_serializer=threadline_dot_v1_dot_executor__pb2.RunTurnRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_executor__pb2.TurnEvent.FromString,
                 _registered_method=True)
+        self.SubmitTask = channel.unary_unary(
+                '/threadline.v1.Executor/SubmitTask',
+                request_serializer=threadline_dot_v1_dot_executor__pb2.TasksSubmitRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.Task.FromString,
+                _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/threadline.v1.Executor/GetTask',
+                request_serializer=threadline_dot_v1_dot_executor__pb2.TasksGetRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.Task.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/threadline.v1.Executor/ListTasks',
+                request_serializer=threadline_dot_v1_dot_executor__pb2.TasksListRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.TaskList.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/threadline.v1.Executor/CancelTask',
+                request_serializer=threadline_dot_v1_dot_executor__pb2.TasksCancelRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.Task.FromString,
+                _registered_method=True)
+        self.WatchTask = channel.unary_stream(
+                '/threadline.v1.Executor/WatchTask',
+                request_serializer=threadline_dot_v1_dot_executor__pb2.TasksWatchRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -54,6 +79,38 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTask(self, request, context):
+        """Queues a background task; an empty agent_type lets the classifier choose.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTask(self, request, context):
+        """The task's output log from the start, then live, until the task ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +118,31 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.RunTurn,
                     request_deserializer=threadline_dot_v1_dot_executor__pb2.RunTurnRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_executor__pb2.TurnEvent.SerializeToString,
+            ),
+            'SubmitTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTask,
+                    request_deserializer=threadline_dot_v1_dot_executor__pb2.TasksSubmitRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.Task.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=threadline_dot_v1_dot_executor__pb2.TasksGetRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.Task.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=threadline_dot_v1_dot_executor__pb2.TasksListRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.TaskList.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=threadline_dot_v1_dot_executor__pb2.TasksCancelRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.Task.SerializeToString,
+            ),
+            'WatchTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTask,
+                    request_deserializer=threadline_dot_v1_dot_executor__pb2.TasksWatchRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +173,141 @@ class Executor:
             '/threadline.v1.Executor/RunTurn',
             threadline_dot_v1_dot_executor__pb2.RunTurnRequest.SerializeToString,
             threadline_dot_v1_dot_executor__pb2.TurnEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Executor/SubmitTask',
+            threadline_dot_v1_dot_executor__pb2.TasksSubmitRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Executor/GetTask',
+            threadline_dot_v1_dot_executor__pb2.TasksGetRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Executor/ListTasks',
+            threadline_dot_v1_dot_executor__pb2.TasksListRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.TaskList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Executor/CancelTask',
+            threadline_dot_v1_dot_executor__pb2.TasksCancelRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/threadline.v1.Executor/WatchTask',
+            threadline_dot_v1_dot_executor__pb2.TasksWatchRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,13 @@ class ExecutorStub:
     """One turn at a time per session: a concurrent turn gets ABORTED
     ("session busy").
     """
+    SubmitTask: _grpc.UnaryUnaryMultiCallable[_executor_pb2.TasksSubmitRequest, _executor_pb2.Task]
+    """Queues a background task; an empty agent_type lets the classifier choose."""
+    GetTask: _grpc.UnaryUnaryMultiCallable[_executor_pb2.TasksGetRequest, _executor_pb2.Task]
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_executor_pb2.TasksListRequest, _executor_pb2.TaskList]
+    CancelTask: _grpc.UnaryUnaryMultiCallable[_executor_pb2.TasksCancelRequest, _executor_pb2.Task]
+    WatchTask: _grpc.UnaryStreamMultiCallable[_executor_pb2.TasksWatchRequest, _executor_pb2.TaskLogEntry]
+    """The task's output log from the start, then live, until the task ends."""
 
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
@@ -47,6 +54,13 @@ class ExecutorAsyncStub(ExecutorStub):
     """One turn at a time per session: a concurrent turn gets ABORTED
     ("session busy").
     """
+    SubmitTask: _aio.UnaryUnaryMultiCallable[_executor_pb2.TasksSubmitRequest, _executor_pb2.Task]  # type: ignore[assignment]
+    """Queues a background task; an empty agent_type lets the classifier choose."""
+    GetTask: _aio.UnaryUnaryMultiCallable[_executor_pb2.TasksGetRequest, _executor_pb2.Task]  # type: ignore[assignment]
+    ListTasks: _aio.UnaryUnaryMultiCallable[_executor_pb2.TasksListRequest, _executor_pb2.TaskList]  # type: ignore[assignment]
+    CancelTask: _aio.UnaryUnaryMultiCallable[_executor_pb2.TasksCancelRequest, _executor_pb2.Task]  # type: ignore[assignment]
+    WatchTask: _aio.UnaryStreamMultiCallable[_executor_pb2.TasksWatchRequest, _executor_pb2.TaskLogEntry]  # type: ignore[assignment]
+    """The task's output log from the start, then live, until the task ends."""
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     """Executor runs the agent loop for a session's turns."""
@@ -60,5 +74,42 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         """One turn at a time per session: a concurrent turn gets ABORTED
         ("session busy").
         """
+
+    @_abc_1.abstractmethod
+    def SubmitTask(
+        self,
+        request: _executor_pb2.TasksSubmitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.Task, _abc.Awaitable[_executor_pb2.Task]]:
+        """Queues a background task; an empty agent_type lets the classifier choose."""
+
+    @_abc_1.abstractmethod
+    def GetTask(
+        self,
+        request: _executor_pb2.TasksGetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.Task, _abc.Awaitable[_executor_pb2.Task]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _executor_pb2.TasksListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.TaskList, _abc.Awaitable[_executor_pb2.TaskList]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelTask(
+        self,
+        request: _executor_pb2.TasksCancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.Task, _abc.Awaitable[_executor_pb2.Task]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchTask(
+        self,
+        request: _executor_pb2.TasksWatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_pb2.TaskLogEntry], _abc.AsyncIterator[_executor_pb2.TaskLogEntry]]:
+        """The task's output log from the start, then live, until the task ends."""
 
 def add_ExecutorServicer_to_server(servicer: ExecutorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

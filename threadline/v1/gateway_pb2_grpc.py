@@ -79,6 +79,31 @@ class GatewayStub:
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_executor__pb2.TurnEvent.FromString,
                 _registered_method=True)
+        self.SubmitTask = channel.unary_unary(
+                '/threadline.v1.Gateway/SubmitTask',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.SubmitTaskRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.Task.FromString,
+                _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/threadline.v1.Gateway/GetTask',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.Task.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/threadline.v1.Gateway/ListTasks',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.TaskList.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/threadline.v1.Gateway/CancelTask',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.Task.FromString,
+                _registered_method=True)
+        self.WatchTask = channel.unary_stream(
+                '/threadline.v1.Gateway/WatchTask',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.WatchTaskRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/threadline.v1.Gateway/WatchEvents',
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.WatchEventsRequest.SerializeToString,
@@ -140,6 +165,37 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTask(self, request, context):
+        """Background tasks (see Executor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Live lifecycle events of the caller's tenant.
         """
@@ -189,6 +245,31 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Converse,
                     request_deserializer=threadline_dot_v1_dot_gateway__pb2.ConverseRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_executor__pb2.TurnEvent.SerializeToString,
+            ),
+            'SubmitTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTask,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.SubmitTaskRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.Task.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.GetTaskRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.Task.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.ListTasksRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.TaskList.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.CancelTaskRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.Task.SerializeToString,
+            ),
+            'WatchTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTask,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.WatchTaskRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -414,6 +495,141 @@ class Gateway:
             '/threadline.v1.Gateway/Converse',
             threadline_dot_v1_dot_gateway__pb2.ConverseRequest.SerializeToString,
             threadline_dot_v1_dot_executor__pb2.TurnEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/SubmitTask',
+            threadline_dot_v1_dot_gateway__pb2.SubmitTaskRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/GetTask',
+            threadline_dot_v1_dot_gateway__pb2.GetTaskRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/ListTasks',
+            threadline_dot_v1_dot_gateway__pb2.ListTasksRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.TaskList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/CancelTask',
+            threadline_dot_v1_dot_gateway__pb2.CancelTaskRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/threadline.v1.Gateway/WatchTask',
+            threadline_dot_v1_dot_gateway__pb2.WatchTaskRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class GatewayStub:
     ImportSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]
     Converse: _grpc.UnaryStreamMultiCallable[_gateway_pb2.ConverseRequest, _executor_pb2.TurnEvent]
     """Sends one user message and streams the turn back."""
+    SubmitTask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.SubmitTaskRequest, _executor_pb2.Task]
+    """Background tasks (see Executor)."""
+    GetTask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetTaskRequest, _executor_pb2.Task]
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListTasksRequest, _executor_pb2.TaskList]
+    CancelTask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CancelTaskRequest, _executor_pb2.Task]
+    WatchTask: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchTaskRequest, _executor_pb2.TaskLogEntry]
     WatchEvents: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchEventsRequest, _events_pb2.LifecycleEvent]
     """Live lifecycle events of the caller's tenant."""
 
@@ -66,6 +72,12 @@ class GatewayAsyncStub(GatewayStub):
     ImportSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     Converse: _aio.UnaryStreamMultiCallable[_gateway_pb2.ConverseRequest, _executor_pb2.TurnEvent]  # type: ignore[assignment]
     """Sends one user message and streams the turn back."""
+    SubmitTask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.SubmitTaskRequest, _executor_pb2.Task]  # type: ignore[assignment]
+    """Background tasks (see Executor)."""
+    GetTask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetTaskRequest, _executor_pb2.Task]  # type: ignore[assignment]
+    ListTasks: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListTasksRequest, _executor_pb2.TaskList]  # type: ignore[assignment]
+    CancelTask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CancelTaskRequest, _executor_pb2.Task]  # type: ignore[assignment]
+    WatchTask: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchTaskRequest, _executor_pb2.TaskLogEntry]  # type: ignore[assignment]
     WatchEvents: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchEventsRequest, _events_pb2.LifecycleEvent]  # type: ignore[assignment]
     """Live lifecycle events of the caller's tenant."""
 
@@ -130,6 +142,42 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.TurnEvent], _abc.AsyncIterator[_executor_pb2.TurnEvent]]:
         """Sends one user message and streams the turn back."""
+
+    @_abc_1.abstractmethod
+    def SubmitTask(
+        self,
+        request: _gateway_pb2.SubmitTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.Task, _abc.Awaitable[_executor_pb2.Task]]:
+        """Background tasks (see Executor)."""
+
+    @_abc_1.abstractmethod
+    def GetTask(
+        self,
+        request: _gateway_pb2.GetTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.Task, _abc.Awaitable[_executor_pb2.Task]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _gateway_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.TaskList, _abc.Awaitable[_executor_pb2.TaskList]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelTask(
+        self,
+        request: _gateway_pb2.CancelTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.Task, _abc.Awaitable[_executor_pb2.Task]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchTask(
+        self,
+        request: _gateway_pb2.WatchTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_pb2.TaskLogEntry], _abc.AsyncIterator[_executor_pb2.TaskLogEntry]]: ...
 
     @_abc_1.abstractmethod
     def WatchEvents(

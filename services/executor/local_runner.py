@@ -1,0 +1,218 @@
+"""The `local` runner: a background task done by the agent loop through llm_proxy.
+
+Unlike an interactive turn, a task has no session: its conversation (system
+prompt, the task as the user message, then the model's calls and the tools'
+results) lives in memory for the run, and what a user can read back is the
+task's output log, one stream-json object per event:
+
+    {"type": "delta", "text": ...}                 the text of one model call
+    {"type": "assistant", "content": ...}          one per model call
+    {"type": "tool_call", "id", "name", "arguments"}
+    {"type": "tool_result", "id", "name", "status", "content"}
+    {"type": "answer", "content": ...}             the final report
+
+Deltas are coalesced per model call: the log is for reading back, not for
+watching characters arrive, and one line per token would swamp it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from services.executor.tasks import LogWriter, RunOutcome, TaskRecord
+from services.executor.tools import ToolBox
+from threadline import errors
+from threadline.logs import get_logger
+from threadline.v1 import common_pb2, llm_pb2
+
+_logger = get_logger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an autonomous agent. Use the tools to do the task in the workspace, "
+    "then answer with a short report."
+)
+
+#: Finish reasons after which the content is an answer to report (LENGTH: cut short
+#: by max_tokens, still the model's answer).
+_ANSWERED = frozenset(
+    {
+        common_pb2.FINISH_REASON_STOP,
+        common_pb2.FINISH_REASON_LENGTH,
+        common_pb2.FINISH_REASON_UNSPECIFIED,
+    }
+)
+
+
+class StreamingModel(Protocol):
+    def stream_chat(self, request: llm_pb2.ChatRequest) -> AsyncIterator[llm_pb2.ChatChunk]: ...
+
+
+@dataclass
+class _Usage:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    model: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LocalRunner:
+    def __init__(
+        self,
+        llm: StreamingModel,
+        tools: Callable[[str], ToolBox],
+        *,
+        model: str = "",
+        max_iterations: int = 8,
+        max_tokens: int = 1024,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        name: str = "local",
+    ) -> None:
+        if max_iterations < 1:
+            raise errors.InvalidArgument(f"max_iterations must be at least 1, got {max_iterations}")
+        if max_tokens < 1:
+            raise errors.InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
+        self.llm = llm
+        self.tools = tools
+        self.model = model
+        self.max_iterations = max_iterations
+        self.max_tokens = max_tokens
+        self.system_prompt = system_prompt
+        self.name = name
+
+    async def run(self, task: TaskRecord, log: LogWriter) -> RunOutcome:
+        usage = _Usage()
+        try:
+            answer, note = await self._loop(task, log, usage)
+        except _Failed as exc:
+            return _outcome("failed", exc.reason, usage)
+        await log({"type": "answer", "content": answer})
+        return _outcome("succeeded", note, usage)
+
+    async def _loop(self, task: TaskRecord, log: LogWriter, usage: _Usage) -> tuple[str, str]:
+        """The final answer and a note about it, or _Failed with the reason."""
+        try:
+            toolbox = self.tools(task.workspace)
+        except errors.ThreadlineError as exc:
+            raise _Failed(f"workspace unusable: {exc.message}") from None
+        specs = toolbox.specs()
+        messages = [
+            common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=self.system_prompt),
+            common_pb2.Message(role=common_pb2.ROLE_USER, content=task.prompt),
+        ]
+        for call_number in range(1, self.max_iterations + 1):
+            max_tokens = self.max_tokens
+            if task.budget_tokens > 0:
+                left = task.budget_tokens - usage.total
+                if left <= 0:
+                    raise _Failed(_over_budget(task, usage))
+                # The answer alone must not be able to overshoot what is left.
+                max_tokens = min(max_tokens, left)
+            request = llm_pb2.ChatRequest(
+                model=self.model,
+                messages=messages,
+                tools=specs,
+                max_tokens=max_tokens,
+                tenant=task.tenant,
+            )
+            done = await self._call(request, log, usage)
+            if done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED:
+                raise _Failed(f"the model's answer was cut: {done.error or 'no reason given'}")
+            if task.budget_tokens > 0 and usage.total > task.budget_tokens:
+                raise _Failed(_over_budget(task, usage))
+            if not done.tool_calls:
+                if done.finish_reason not in _ANSWERED:
+                    name = common_pb2.FinishReason.Name(done.finish_reason)
+                    raise _Failed(f"the model stopped with {name}: {done.error or done.content}")
+                note = ""
+                if done.finish_reason == common_pb2.FINISH_REASON_LENGTH:
+                    note = "the answer reached max_tokens and may be cut short"
+                return done.content, note
+            if call_number == self.max_iterations:
+                # Its last calls are not run: nothing would read their results.
+                break
+            messages.append(
+                common_pb2.Message(
+                    role=common_pb2.ROLE_ASSISTANT, content=done.content, tool_calls=done.tool_calls
+                )
+            )
+            for call in done.tool_calls:
+                await log(
+                    {
+                        "type": "tool_call",
+                        "id": call.id,
+                        "name": call.name,
+                        "arguments": call.arguments_json,
+                    }
+                )
+                result = await toolbox.call(call.name, call.arguments_json)
+                await log(
+                    {
+                        "type": "tool_result",
+                        "id": call.id,
+                        "name": call.name,
+                        "status": result.status,
+                        "content": result.content,
+                    }
+                )
+                messages.append(
+                    common_pb2.Message(
+                        role=common_pb2.ROLE_TOOL,
+                        tool_call_id=call.id,
+                        name=call.name,
+                        content=result.content,
+                    )
+                )
+        raise _Failed(f"stopped after {self.max_iterations} model calls (max_iterations)")
+
+    async def _call(
+        self, request: llm_pb2.ChatRequest, log: LogWriter, usage: _Usage
+    ) -> llm_pb2.ChatDone:
+        """One streamed model call, logged and counted; _Failed if there is no answer."""
+        text: list[str] = []
+        done: llm_pb2.ChatDone | None = None
+        failure = ""
+        try:
+            async for chunk in self.llm.stream_chat(request):
+                kind = chunk.WhichOneof("chunk")
+                if kind == "delta":
+                    text.append(chunk.delta)
+                elif kind == "done":
+                    done = chunk.done
+        except errors.ThreadlineError as exc:
+            failure = exc.message
+        if text:
+            await log({"type": "delta", "text": "".join(text)})
+        if done is None:
+            raise _Failed(failure or "the model stream ended without a result")
+        usage.tokens_in += done.usage.prompt_tokens
+        usage.tokens_out += done.usage.completion_tokens
+        usage.model = done.model or usage.model
+        await log({"type": "assistant", "content": done.content})
+        return done
+
+
+def _over_budget(task: TaskRecord, usage: _Usage) -> str:
+    return f"token budget exceeded: used {usage.total} of {task.budget_tokens} tokens"
+
+
+def _outcome(status: Literal["succeeded", "failed"], reason: str, usage: _Usage) -> RunOutcome:
+    if status == "failed":
+        _logger.info("local_runner.failed", reason=reason, model_tokens=usage.total)
+    return RunOutcome(
+        status=status,
+        reason=reason,
+        model=usage.model,
+        tokens_in=usage.tokens_in,
+        tokens_out=usage.tokens_out,
+    )

@@ -1,0 +1,153 @@
+"""Background tasks through the public gateway: command and local runners, the
+classifier, cancel, logs, records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import OTHER_KEY, make_settings
+from threadline import errors
+from threadline.client import GatewayClient
+from threadline.config import Settings
+from threadline.stack import Stack, start_stack
+from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.v1 import executor_pb2
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Settings:
+    return make_settings(
+        tmp_path,
+        fake_upstream.base_url,
+        redis_url=redis_url,
+        executor={
+            "workspace_root": str(tmp_path / "ws"),
+            "tasks": {
+                "max_concurrency": 1,
+                "max_queue": 2,
+                "default_agent_type": "general",
+                "agent_types": {
+                    "general": {"description": "Works on files with tools."},
+                    "echo": {
+                        "description": "Repeats the prompt with a shell command.",
+                        "runner": "command",
+                        "argv": ["sh", "-c", 'echo "got: $1"; echo second line', "sh", "{prompt}"],
+                    },
+                    "sleeper": {
+                        "description": "Sleeps for a long time.",
+                        "runner": "command",
+                        "argv": ["sh", "-c", "sleep 30 & echo child $!; wait"],
+                    },
+                },
+                "prices": {"fake-model": {"input_per_1k": 1.0, "output_per_1k": 2.0}},
+            },
+        },
+    )
+
+
+@pytest.fixture
+async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[Stack]:
+    running = await start_stack(settings, ephemeral_ports=True)
+    yield running
+    await running.stop(1.0)
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for init to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def finished(client: GatewayClient, task_id: str) -> executor_pb2.Task:
+    async with asyncio.timeout(15):
+        while True:
+            task = await client.get_task(task_id)
+            if task.status in ("succeeded", "failed", "cancelled"):
+                return task
+            await asyncio.sleep(0.05)
+
+
+async def logs(client: GatewayClient, task_id: str) -> list[dict[str, object]]:
+    return [json.loads(entry.json) async for entry in client.watch_task(task_id)]
+
+
+async def test_a_command_task_streams_its_output_and_records_the_result(
+    gateway: GatewayClient,
+) -> None:
+    task = await gateway.submit_task("hello there", agent_type="echo")
+    assert task.status == "queued" and task.runner == "command"
+    entries = await logs(gateway, task.id)
+    done = await finished(gateway, task.id)
+    assert done.status == "succeeded" and done.exit_code == 0
+    lines = [e["line"] for e in entries if e.get("type") == "stdout"]
+    assert lines == ["got: hello there", "second line"]
+    assert entries[-1]["type"] == "result"
+    assert [t.id for t in (await gateway.list_tasks()).tasks] == [task.id]
+
+
+async def test_cancel_stops_a_command_and_its_children(gateway: GatewayClient) -> None:
+    task = await gateway.submit_task("sleep", agent_type="sleeper")
+    child = 0
+    async for entry in gateway.watch_task(task.id):
+        line = json.loads(entry.json)
+        if line.get("type") == "stdout" and str(line["line"]).startswith("child"):
+            child = int(str(line["line"]).split()[1])
+            break
+    cancelled = await gateway.cancel_task(task.id)
+    assert cancelled.status == "cancelled"
+    await asyncio.sleep(0.5)
+    assert not alive(child)
+
+
+async def test_the_classifier_picks_the_type_and_a_local_task_records_cost(
+    gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.enqueue(
+        Script(text='{"agent_type": "general", "reasons": "it is about files"}'),
+        Script(text="Nothing to do: the workspace is empty."),
+    )
+    task = await gateway.submit_task("Tidy the workspace.")
+    assert task.agent_type == "general" and "it is about files" in task.reason
+    done = await finished(gateway, task.id)
+    assert done.status == "succeeded", done.reason
+    assert done.tokens_in > 0 and done.tokens_out > 0
+    expected = done.tokens_in / 1000 * 1.0 + done.tokens_out / 1000 * 2.0
+    assert done.cost == pytest.approx(expected)
+    entries = await logs(gateway, task.id)
+    assert any(e.get("type") == "answer" for e in entries)
+
+
+async def test_a_full_queue_is_refused_and_other_tenants_see_nothing(
+    stack: Stack, gateway: GatewayClient
+) -> None:
+    first = await gateway.submit_task("one", agent_type="sleeper")
+    await gateway.submit_task("two", agent_type="sleeper")
+    await gateway.submit_task("three", agent_type="sleeper")
+    with pytest.raises(errors.ResourceExhausted):
+        await gateway.submit_task("four", agent_type="sleeper")
+    async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
+        with pytest.raises(errors.NotFound):
+            await other.get_task(first.id)
+        assert (await other.list_tasks()).tasks == []
+    for task in (await gateway.list_tasks()).tasks:
+        await gateway.cancel_task(task.id)
+
+
+async def test_bad_task_input_names_the_problem(gateway: GatewayClient) -> None:
+    with pytest.raises(errors.InvalidArgument, match="prompt is empty"):
+        await gateway.submit_task("  ")
+    with pytest.raises(errors.InvalidArgument, match="unknown agent_type"):
+        await gateway.submit_task("x", agent_type="nope")
+    with pytest.raises(errors.InvalidArgument, match="plain directory name"):
+        await gateway.submit_task("x", agent_type="echo", workspace="../etc")
+    with pytest.raises(errors.InvalidArgument, match="malformed task id"):
+        await gateway.get_task("nope")

@@ -1,0 +1,144 @@
+"""Both task stores, one set of behaviours: real SQLite in tmp_path, real Redis."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.executor.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
+from services.executor.tasks import TaskRecord, new_task_id
+from threadline.errors import AlreadyExists, InvalidArgument, NotFound
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-bytes"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
+) -> AsyncIterator[TaskStore]:
+    if request.param == "sqlite":
+        sqlite = SqliteTaskStore(tmp_path / "tasks.db")
+        await sqlite.open()
+        yield sqlite
+        await sqlite.close()
+        return
+    client = aioredis.from_url(redis_url, decode_responses=request.param == "redis")
+    prefix = f"test:{uuid.uuid4().hex}:"
+    yield RedisTaskStore(client, prefix=prefix)
+    keys = [key async for key in client.scan_iter(match=prefix + "*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+def make_task(tenant: str = "acme", created_at: float = 1000.0, **fields: object) -> TaskRecord:
+    task = TaskRecord(
+        id=new_task_id(),
+        tenant=tenant,
+        prompt="review the repo",
+        agent_type="reviewer",
+        runner="command",
+        workspace="/tmp/ws",
+        created_at=created_at,
+    )
+    for name, value in fields.items():
+        setattr(task, name, value)
+    return task
+
+
+async def test_round_trip_keeps_every_field(store: TaskStore) -> None:
+    task = make_task(budget_tokens=500, reason="looks like a review")
+    await store.create(task)
+    assert await store.get("acme", task.id) == task
+
+    task.status = "succeeded"
+    task.model = "gpt-x"
+    task.tokens_in, task.tokens_out, task.cost = 120, 30, 0.0123
+    task.exit_code = 0
+    task.started_at, task.finished_at = 1001.5, 1004.0
+    await store.update(task)
+    got = await store.get("acme", task.id)
+    assert got == task
+    assert got.duration_s == 2.5
+
+
+async def test_other_tenants_and_unknown_ids_are_not_found(store: TaskStore) -> None:
+    task = make_task()
+    await store.create(task)
+    with pytest.raises(NotFound):
+        await store.get("other", task.id)
+    with pytest.raises(NotFound):
+        await store.get("acme", new_task_id())
+    with pytest.raises(AlreadyExists):
+        await store.create(task)
+    with pytest.raises(NotFound):
+        await store.update(make_task())
+
+
+async def test_list_is_newest_first_per_tenant_with_status_filter(store: TaskStore) -> None:
+    tasks = [make_task(created_at=1000.0 + i) for i in range(5)]
+    for task in tasks:
+        await store.create(task)
+    await store.create(make_task(tenant="other", created_at=2000.0))
+    tasks[1].status = "running"
+    tasks[3].status = "running"
+    await store.update(tasks[1])
+    await store.update(tasks[3])
+
+    assert [t.id for t in await store.list("acme")] == [t.id for t in reversed(tasks)]
+    assert [t.id for t in await store.list("acme", limit=2)] == [tasks[4].id, tasks[3].id]
+    running = await store.list("acme", status="running")
+    assert [t.id for t in running] == [tasks[3].id, tasks[1].id]
+    assert [t.id for t in await store.list("acme", status="queued", limit=1)] == [tasks[4].id]
+    with pytest.raises(InvalidArgument):
+        await store.list("acme", status="sleeping")
+
+
+async def test_by_status_spans_tenants_oldest_first(store: TaskStore) -> None:
+    late = make_task(tenant="acme", created_at=3000.0)
+    early = make_task(tenant="other", created_at=1000.0)
+    done = make_task(tenant="acme", created_at=500.0, status="failed")
+    for task in (late, early, done):
+        await store.create(task)
+    assert [t.id for t in await store.by_status("queued")] == [early.id, late.id]
+    late.status = "running"
+    await store.update(late)
+    assert [t.id for t in await store.by_status("queued")] == [early.id]
+    assert [t.id for t in await store.by_status("running")] == [late.id]
+    assert [t.id for t in await store.by_status("failed")] == [done.id]
+
+
+async def test_log_lines_are_numbered_json_and_read_after_a_seq(store: TaskStore) -> None:
+    task = make_task()
+    other = make_task()
+    entries = [{"type": "stdout", "line": f"line {i} ✓"} for i in range(3)]
+    assert [await store.append_log(task.id, e) for e in entries] == [0, 1, 2]
+    assert await store.append_log(other.id, {"type": "result"}) == 0
+
+    lines = await store.read_log(task.id)
+    assert [seq for seq, _ in lines] == [0, 1, 2]
+    assert [json.loads(line) for _, line in lines] == entries
+    assert all("\n" not in line for _, line in lines)
+    assert [seq for seq, _ in await store.read_log(task.id, after=1)] == [2]
+    assert await store.read_log(task.id, after=2) == []
+    assert await store.read_log(new_task_id()) == []
+
+
+async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    first = SqliteTaskStore(path)
+    await first.open()
+    task = make_task()
+    await first.create(task)
+    await first.append_log(task.id, {"type": "stdout", "line": "x"})
+    await first.close()
+    second = SqliteTaskStore(path)
+    await second.open()
+    try:
+        assert await second.get("acme", task.id) == task
+        assert await second.append_log(task.id, {"type": "result"}) == 1
+    finally:
+        await second.close()
