@@ -260,8 +260,6 @@ class TaskSettings(_Section):
     default_agent_type: str = "general"
     #: Model route for the classifier's one call; empty uses the default route.
     classifier_model: str = ""
-    #: Per-model prices; models not listed cost 0 (local models).
-    prices: dict[str, Price] = {}
 
     @model_validator(mode="after")
     def _default_known(self) -> TaskSettings:
@@ -289,6 +287,22 @@ class ExecutorSettings(_Section):
     max_file_bytes: int = Field(default=1_000_000, gt=0)
     max_tool_output_chars: int = Field(default=16_000, gt=0)
     tasks: TaskSettings = TaskSettings()
+    #: Before each model request inside a turn, compact the session when its context
+    #: would pass this fraction of context_budget_tokens. 0 disables it, and 0 is all
+    #: this version accepts: compaction arrives with the memory service's Compact.
+    compact_request_threshold: float = 0.0
+    #: Per-model prices for turns and tasks; models not listed cost 0 (local models).
+    prices: dict[str, Price] = {}
+
+    @field_validator("compact_request_threshold")
+    @classmethod
+    def _no_compaction_yet(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError(
+                "mid-turn compaction needs the memory service's Compact, which this version "
+                "does not have: keep 0"
+            )
+        return value
 
 
 class ApiKey(_Section):

@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 from services.executor.tasks import LogWriter, RunOutcome, TaskRecord
 from services.executor.tools import ToolBox
 from threadline import errors
+from threadline.events import EventPublisher
 from threadline.logs import get_logger
 from threadline.v1 import common_pb2, llm_pb2
 
@@ -77,6 +78,7 @@ class LocalRunner:
         max_tokens: int = 1024,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         name: str = "local",
+        events: EventPublisher | None = None,
     ) -> None:
         if max_iterations < 1:
             raise errors.InvalidArgument(f"max_iterations must be at least 1, got {max_iterations}")
@@ -89,6 +91,7 @@ class LocalRunner:
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
         self.name = name
+        self.events = events
 
     async def run(self, task: TaskRecord, log: LogWriter) -> RunOutcome:
         usage = _Usage()
@@ -156,6 +159,15 @@ class LocalRunner:
                     }
                 )
                 result = await toolbox.call(call.name, call.arguments_json)
+                if result.status == "denied" and self.events is not None:
+                    self.events.emit(
+                        "tool.denied",
+                        tenant=task.tenant,
+                        task_id=task.id,
+                        tool=call.name,
+                        tool_call_id=call.id,
+                        reason=result.reason,
+                    )
                 await log(
                     {
                         "type": "tool_result",

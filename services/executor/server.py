@@ -61,6 +61,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
             validate_session_id(session_id)  # it becomes a path
             return toolbox(root / "sessions" / session_id)
 
+    prices = {m: (p.input_per_1k, p.output_per_1k) for m, p in executor.prices.items()}
     turns = TurnRunner(
         sessions=sessions,
         memory=memory,
@@ -73,17 +74,18 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
             max_iterations=settings.executor.max_iterations,
         ),
         tools=tools,
+        prices=prices,
     )
 
     events = EventPublisher(bus, SERVICE)
     task_store, task_redis = await open_task_store(settings)
     pool = TaskPool(
         task_store,
-        task_runners(executor.tasks, llm, lambda path: toolbox(Path(path)), executor),
+        task_runners(executor.tasks, llm, lambda path: toolbox(Path(path)), executor, turns.events),
         events,
         max_concurrency=executor.tasks.max_concurrency,
         max_queue=executor.tasks.max_queue,
-        prices={m: (p.input_per_1k, p.output_per_1k) for m, p in executor.tasks.prices.items()},
+        prices=prices,
     )
     classifier = Classifier(
         llm,
@@ -138,6 +140,7 @@ def task_runners(
     llm: LlmClient,
     toolbox: Callable[[str], ToolBox],
     executor: ExecutorSettings,
+    events: EventPublisher,
 ) -> dict[str, Runner]:
     """A runner per kind, each dispatching on the task's agent type."""
     local: dict[str, Runner] = {}
@@ -152,5 +155,6 @@ def task_runners(
                 model=spec.model,
                 max_iterations=executor.max_iterations,
                 max_tokens=executor.max_output_tokens,
+                events=events,
             )
     return {"local": ByAgentType("local", local), "command": ByAgentType("command", command)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,6 +74,8 @@ class TurnLimits:
     context_budget_tokens: int
     max_output_tokens: int
     max_iterations: int = 8
+    #: Fraction of context_budget_tokens past which a turn compacts first; 0 = never.
+    compact_request_threshold: float = 0.0
 
 
 @dataclass
@@ -86,6 +88,8 @@ class TurnRunner:
     limits: TurnLimits
     #: The tools for a session, or None when tools are not offered to the model.
     tools: Callable[[str], ToolBox] | None = None
+    #: Model → (price per 1k prompt tokens, per 1k completion tokens).
+    prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     #: Writes of partial answers that must finish even though their turn was cancelled.
     pending_writes: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -170,6 +174,7 @@ class TurnRunner:
             calls += 1
             try:
                 context = await self._context(tenant, session_id, model, max_tokens)
+                self._check_compaction(context)
             except errors.ThreadlineError as exc:
                 self._failed(tenant, session_id, turn_id, started, exc)
                 raise
@@ -247,6 +252,8 @@ class TurnRunner:
             )
             raise
         latency_ms = int((time.perf_counter() - started) * 1000)
+        price_in, price_out = self.prices.get(done.model, (0.0, 0.0))
+        cost = usage.prompt_tokens / 1000 * price_in + usage.completion_tokens / 1000 * price_out
         if not interrupted and not done.usage_estimated and done.usage.prompt_tokens:
             await self._calibrate(model or "default", context.messages, done.usage.prompt_tokens)
         self.events.emit(
@@ -260,6 +267,7 @@ class TurnRunner:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             model_calls=calls,
+            cost=cost,
             latency_ms=latency_ms,
             error=done.error or None,
         )
@@ -275,8 +283,20 @@ class TurnRunner:
                 latency_ms=latency_ms,
                 error=done.error,
                 model_calls=calls,
+                cost=cost,
             )
         )
+
+    def _check_compaction(self, context: session_pb2.BuildContextResponse) -> None:
+        """The mid-turn compaction hook: where a turn will ask memory to compact the
+        session and continue on the new one. Until memory can compact, the setting is
+        held at 0 by config validation, so reaching past it is a wiring error."""
+        threshold = self.limits.compact_request_threshold
+        if threshold and context.token_estimate > threshold * self.limits.context_budget_tokens:
+            raise errors.FailedPrecondition(
+                "mid-turn compaction is not available in this version "
+                "(executor.compact_request_threshold must be 0)"
+            )
 
     async def _context(
         self, tenant: str, session_id: str, model: str, max_tokens: int

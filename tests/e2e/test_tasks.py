@@ -45,8 +45,8 @@ def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Set
                         "argv": ["sh", "-c", "sleep 30 & echo child $!; wait"],
                     },
                 },
-                "prices": {"fake-model": {"input_per_1k": 1.0, "output_per_1k": 2.0}},
             },
+            "prices": {"fake-model": {"input_per_1k": 1.0, "output_per_1k": 2.0}},
         },
     )
 

@@ -203,3 +203,25 @@ async def test_max_iterations_stops_a_model_that_calls_tools_forever(
         "ROLE_ASSISTANT",
     ]
     assert not detail.messages[-1].tool_calls
+
+
+async def test_a_turn_records_its_cost_from_the_price_table(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        fake_upstream.base_url,
+        redis_url=redis_url,
+        executor={"prices": {"fake-model": {"input_per_1k": 3.0, "output_per_1k": 6.0}}},
+    )
+    async with private_stack(settings) as running:
+        executor = ExecutorClient(running.address("executor"))
+        sessions = SessionClient(running.address("session"))
+        try:
+            session_id = await new_session(sessions)
+            done = (await run(executor, session_id, "What does it cost?"))[-1].done
+        finally:
+            await executor.close()
+            await sessions.close()
+    expected = done.usage.prompt_tokens * 3.0 / 1000 + done.usage.completion_tokens * 6.0 / 1000
+    assert done.usage.prompt_tokens > 0 and done.cost == pytest.approx(expected)

@@ -408,3 +408,8 @@ def test_cli_exits_2_naming_the_bad_setting(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "executor.max_output_tokens (THREADLINE_EXECUTOR__MAX_OUTPUT_TOKENS)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mid_turn_compaction_cannot_be_switched_on_before_memory_supports_it() -> None:
+    with pytest.raises(ConfigError, match=r"compact_request_threshold.*keep 0"):
+        load_settings(environ={"THREADLINE_EXECUTOR__COMPACT_REQUEST_THRESHOLD": "0.8"})

@@ -114,6 +114,7 @@ class TurnDone(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MODEL_CALLS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     finish_reason: _common_pb2.FinishReason.ValueType
     model: _builtins.str
@@ -126,6 +127,8 @@ class TurnDone(_message.Message):
     """Why the answer is partial, when it is."""
     model_calls: _builtins.int
     """Model requests the turn made (1 plus one per round of tool calls)."""
+    cost: _builtins.float
+    """From the configured price table; 0 for models without a price (local ones)."""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -141,10 +144,11 @@ class TurnDone(_message.Message):
         latency_ms: _builtins.int = ...,
         error: _builtins.str = ...,
         model_calls: _builtins.int = ...,
+        cost: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "error", b"error", "finish_reason", b"finish_reason", "head", b"head", "latency_ms", b"latency_ms", "model", b"model", "model_calls", b"model_calls", "turn_id", b"turn_id", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "error", b"error", "finish_reason", b"finish_reason", "head", b"head", "latency_ms", b"latency_ms", "model", b"model", "model_calls", b"model_calls", "turn_id", b"turn_id", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
