@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import functools
 import json
-import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -25,13 +23,12 @@ from redis.exceptions import RedisError
 from services.executor.tasks import TASK_STATUSES, TaskRecord, TaskStatus
 from threadline.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-
-_log = logging.getLogger(__name__)
+from threadline.sqlite import open_database
+from threadline.sqlite import transaction as _transaction
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -156,18 +153,6 @@ def _task_from_row(row: sqlite3.Row) -> TaskRecord:
     return TaskRecord.from_dict({column: row[column] for column in _COLUMNS})
 
 
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
-    conn.execute(begin)
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
 class SqliteTaskStore:
     """TaskStore on a SQLite file. `await open()` before use, `await close()` after.
 
@@ -248,49 +233,13 @@ class SqliteTaskStore:
         return self._conn
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise FailedPrecondition(
-                    f"task store {self.path}: WAL journal mode unavailable (got {mode})"
-                )
-            conn.execute("PRAGMA synchronous = FULL")
-            self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        # All pending steps in one transaction: never half-migrated.
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise FailedPrecondition(
-                    f"task store {self.path} has schema version {version}; this build "
-                    f"supports up to {SCHEMA_VERSION}"
-                )
-            for target, step in enumerate(MIGRATIONS[version:], start=version + 1):
-                try:
-                    for statement in step:
-                        conn.execute(statement)
-                except sqlite3.DatabaseError as exc:
-                    raise FailedPrecondition(
-                        f"task store {self.path}: migration to schema version {target} "
-                        f"failed: {exc}"
-                    ) from exc
-            if version < SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                _log.info(
-                    "task store %s migrated from schema version %d to %d",
-                    self.path,
-                    version,
-                    SCHEMA_VERSION,
-                )
+        self._conn = open_database(
+            self.path,
+            name="task store",
+            migrations=MIGRATIONS,
+            busy_timeout_ms=self._busy_timeout_ms,
+            foreign_keys=False,
+        )
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from threadline.sqlite import open_database
+
 T = TypeVar("T")
 
 _MIGRATIONS = [
-    """
+    [
+        """
     CREATE TABLE memories (
         tenant TEXT NOT NULL,
         session_id TEXT NOT NULL,
@@ -26,7 +29,9 @@ _MIGRATIONS = [
         next_offset INTEGER NOT NULL,
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (tenant, session_id)
-    );
+    )
+    """,
+        """
     CREATE TABLE memory_history (
         tenant TEXT NOT NULL,
         session_id TEXT NOT NULL,
@@ -34,9 +39,10 @@ _MIGRATIONS = [
         to_seq INTEGER NOT NULL,
         summary TEXT NOT NULL,
         created_at INTEGER NOT NULL
-    );
-    CREATE INDEX memory_history_session ON memory_history (tenant, session_id, from_seq);
+    )
     """,
+        "CREATE INDEX memory_history_session ON memory_history (tenant, session_id, from_seq)",
+    ],
 ]
 
 
@@ -82,23 +88,7 @@ class SqliteMemoryStore:
         return self._conn
 
     def _open_sync(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in filter(str.strip, script.split(";")):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={number}")
-                conn.execute("COMMIT")
-            except Exception:
-                conn.execute("ROLLBACK")
-                conn.close()
-                raise
-        self._conn = conn
+        self._conn = open_database(self.path, name="memory store", migrations=_MIGRATIONS)
 
     def _close_sync(self) -> None:
         if self._conn is not None:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import functools
 import json
-import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -44,15 +42,17 @@ from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
 from services.session.validation import validate_messages
 from threadline.errors import (
     AlreadyExists,
-    FailedPrecondition,
     HeadMismatch,
     InvalidArgument,
     Unavailable,
 )
 from threadline.ids import new_session_id, validate_session_id
+from threadline.logs import get_logger
+from threadline.sqlite import open_database
+from threadline.sqlite import transaction as _transaction
 from threadline.v1 import common_pb2, session_pb2
 
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -265,18 +265,6 @@ def _insert_messages(
         "INSERT INTO tool_calls (session_id, call_id, seq) VALUES (?, ?, ?)",
         [(session_id, call.id, msg.seq) for msg in batch for call in msg.tool_calls],
     )
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
-    conn.execute(begin)
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 class SqliteSessionStore:
@@ -499,7 +487,7 @@ class SqliteSessionStore:
                 if not after:
                     break
         if removed:
-            _log.info("session store %s: removed %d orphaned rows", self.path, removed)
+            _log.info("session.orphans_removed", path=str(self.path), removed=removed)
         return removed
 
     async def calibration(self, model: str) -> float | None:
@@ -520,54 +508,13 @@ class SqliteSessionStore:
         return self._conn
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; every one is explicit.
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            # First, so that the pragmas and the migration wait for other processes.
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise FailedPrecondition(
-                    f"session store {self.path}: WAL journal mode unavailable (got {mode})"
-                )
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        # One transaction for all pending steps: a failed migration leaves the
-        # file exactly as it was, never half-migrated.
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise FailedPrecondition(
-                    f"session store {self.path} has schema version {version}; this build "
-                    f"supports up to {SCHEMA_VERSION}"
-                )
-            for target, step in enumerate(MIGRATIONS[version:], start=version + 1):
-                try:
-                    for statement in step:
-                        conn.execute(statement)
-                except sqlite3.DatabaseError as exc:
-                    # Raised inside the transaction, so the file is rolled back whole.
-                    raise FailedPrecondition(
-                        f"session store {self.path}: migration to schema version {target} "
-                        f"failed: {exc}"
-                    ) from exc
-            if version < SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                _log.info(
-                    "session store %s migrated from schema version %d to %d",
-                    self.path,
-                    version,
-                    SCHEMA_VERSION,
-                )
+        self._conn = open_database(
+            self.path,
+            name="session store",
+            migrations=MIGRATIONS,
+            busy_timeout_ms=self._busy_timeout_ms,
+            foreign_keys=True,
+        )
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
