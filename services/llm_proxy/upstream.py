@@ -173,15 +173,13 @@ class Upstream:
                 reads = response.aiter_raw().__aiter__()
                 output_seen = False
                 finished = False
+                # Keep-alives do not move it: the first token has its own deadline.
+                watchdog = _ReadWatchdog(first_token_deadline)
+                exits.callback(watchdog.close)
                 while True:
-                    if output_seen:
-                        wait, phase = timeouts.idle_between_chunks_s, "idle"
-                    else:
-                        # Keep-alives do not count: the first token has its own deadline.
-                        wait, phase = first_token_deadline - loop.time(), "first_token"
+                    phase = "idle" if output_seen else "first_token"
                     try:
-                        async with asyncio.timeout(max(wait, 0)):
-                            chunk = await reads.__anext__()
+                        chunk = await watchdog.read(reads)
                     except StopAsyncIteration:
                         for event in _merged(parser.finish()):
                             finished = finished or isinstance(event, Finish)
@@ -206,10 +204,14 @@ class Upstream:
                             f"upstream sent nothing for {limit:g}s ({phase.replace('_', ' ')})",
                             retryable=False,
                         ) from None
+                    if output_seen:
+                        watchdog.deadline = loop.time() + timeouts.idle_between_chunks_s
                     datas = parser.feed(chunk)
                     done = "[DONE]" in (d.strip() for d in datas)
                     for event in _merged(d for d in datas if d.strip() != "[DONE]"):
-                        output_seen = output_seen or isinstance(event, TextDelta | ToolDelta)
+                        if not output_seen and isinstance(event, TextDelta | ToolDelta):
+                            output_seen = True
+                            watchdog.deadline = loop.time() + timeouts.idle_between_chunks_s
                         finished = finished or isinstance(event, Finish)
                         yield event
                     if done:
@@ -228,6 +230,51 @@ class Upstream:
             raise UpstreamFailure(
                 "transport", f"{type(exc).__name__}: {exc}", retryable=True
             ) from None
+
+
+class _ReadWatchdog:
+    """The deadline of a stream's next read, with one timer for the whole stream.
+
+    Moving the deadline is a float store; the timer, when it fires early, re-arms
+    itself for the current deadline. A per-read `asyncio.timeout` would schedule and
+    cancel a timer for every chunk, a large share of the proxy's CPU on fast streams.
+    The task is only ever cancelled while it waits in `read`, never elsewhere.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.deadline = deadline
+        self.expired = False
+        self._reading = False
+        self._handle = self._loop.call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now < self.deadline:
+            self._handle = self._loop.call_at(self.deadline, self._check)
+        elif not self._reading:
+            self._handle = self._loop.call_later(0.01, self._check)
+        else:
+            self.expired = True
+            self._task.cancel()
+
+    async def read(self, reads: AsyncIterator[bytes]) -> bytes:
+        self._reading = True
+        try:
+            return await reads.__anext__()
+        except asyncio.CancelledError:
+            # Our own cancel (and no one else's) means the deadline passed.
+            if self.expired and self._task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._reading = False
+
+    def close(self) -> None:
+        self._handle.cancel()
 
 
 def _merged(datas: Iterable[str]) -> Iterator[StreamEvent]:
