@@ -7,14 +7,20 @@ without locks and the event loop never blocks on disk.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
-from threadline.errors import FailedPrecondition
+from threadline.errors import FailedPrecondition, Unavailable
 from threadline.logs import get_logger
 
+P = ParamSpec("P")
+T = TypeVar("T")
 log = get_logger(__name__)
 
 #: Each migration is a list of statements; migration N brings the file to version N.
@@ -90,3 +96,47 @@ def migrate(conn: sqlite3.Connection, *, path: Path, name: str, migrations: Migr
                 version_from=version,
                 version_to=latest,
             )
+
+
+class SqliteThread:
+    """The one thread a store's SQLite work runs on: writes serialise without locks
+    and the event loop never waits on the disk."""
+
+    def __init__(self, name: str, thread_name: str) -> None:
+        self.name = name
+        self._thread_name = thread_name
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self, open_fn: Callable[[], None]) -> None:
+        if self._executor is not None:
+            raise RuntimeError(f"{self.name} is already open")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._thread_name)
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, open_fn)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+
+    async def stop(self, close_fn: Callable[[], None]) -> None:
+        """Run `close_fn` after every statement already submitted. Safe twice."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, close_fn)
+        finally:
+            executor.shutdown(wait=False)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        executor = self._executor
+        if executor is None:
+            raise Unavailable(f"{self.name} is not open")
+        call = functools.partial(fn, *args, **kwargs)
+        try:
+            # If the caller is cancelled the statement still runs to completion: a
+            # write may commit unseen, and a retry then sees its effect.
+            return await asyncio.get_running_loop().run_in_executor(executor, call)
+        except sqlite3.OperationalError as exc:
+            # Locked, disk full, I/O error: the caller may retry later.
+            raise Unavailable(f"{self.name}: {exc}") from exc

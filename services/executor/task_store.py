@@ -7,13 +7,10 @@ Logs are append-only stream-json: one JSON object per line, numbered from 0.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import functools
 import json
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -27,7 +24,7 @@ from threadline.errors import (
     NotFound,
     Unavailable,
 )
-from threadline.sqlite import open_database
+from threadline.sqlite import SqliteThread, open_database
 from threadline.sqlite import transaction as _transaction
 
 _P = ParamSpec("_P")
@@ -163,40 +160,18 @@ class SqliteTaskStore:
     def __init__(self, path: Path, *, busy_timeout_ms: int = 5_000) -> None:
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = SqliteThread("task store", "task-sqlite")
         # Created, used and closed on the worker thread only.
         self._conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
-        if self._executor is not None:
-            raise RuntimeError(f"task store {self.path} is already open")
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-sqlite")
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._open_sync)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        self._executor = executor
+        await self._thread.start(self._open_sync)
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        try:
-            # Queued behind every statement already submitted, so those finish first.
-            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
-        finally:
-            executor.shutdown(wait=False)
+        await self._thread.stop(self._close_sync)
 
     async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        executor = self._executor
-        if executor is None:
-            raise Unavailable("task store is not open")
-        call = functools.partial(fn, *args, **kwargs)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, call)
-        except sqlite3.OperationalError as exc:
-            raise Unavailable(f"task store: {exc}") from exc
+        return await self._thread.run(fn, *args, **kwargs)
 
     # -- TaskStore --------------------------------------------------------------
 

@@ -15,10 +15,10 @@ import structlog
 
 from services.gateway.auth import ApiKeyAuthenticator, Caller
 from threadline import errors
+from threadline.channels import streaming
 from threadline.events import EventBus, Subscription
 from threadline.ids import validate_session_id
 from threadline.peers import ExecutorClient, SessionClient
-from threadline.status import from_rpc_error
 from threadline.v1 import (
     events_pb2,
     executor_pb2,
@@ -190,14 +190,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TaskLogEntry]:
         caller = _caller(self.auth, context)
-        call = self.executor.watch_task(caller.tenant, request.task_id)
-        try:
-            async for entry in call:
-                yield entry
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+        async for entry in streaming(self.executor.watch_task(caller.tenant, request.task_id)):
+            yield entry
 
     async def Converse(
         self, request: gateway_pb2.ConverseRequest, context: Context
@@ -227,14 +221,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ),
             timeout=context.time_remaining(),
         )
-        try:
-            async for event in call:
-                yield event
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            # Our caller left (or we failed): stop the turn instead of orphaning it.
-            call.cancel()
+        # Leaving early (our caller left, or we failed) cancels the turn: never orphaned.
+        async for event in streaming(call):
+            yield event
 
     async def WatchEvents(
         self, request: gateway_pb2.WatchEventsRequest, context: Context

@@ -6,18 +6,12 @@ advances past messages whose summary was not stored.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-from threadline.sqlite import open_database
-
-T = TypeVar("T")
+from threadline.sqlite import SqliteThread, open_database
 
 _MIGRATIONS = [
     [
@@ -56,31 +50,22 @@ class SessionMemory:
 class SqliteMemoryStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        # One thread owns the connection: writes serialise and the loop never blocks.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-sqlite")
+        self._thread = SqliteThread("memory store", "memory-sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._closed = False
 
     async def open(self) -> None:
-        await self._run(self._open_sync)
+        await self._thread.start(self._open_sync)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._run(self._close_sync)
-        self._executor.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        await self._thread.stop(self._close_sync)
 
     async def get(self, tenant: str, session_id: str) -> SessionMemory:
-        return await self._run(self._get_sync, tenant, session_id)
+        return await self._thread.run(self._get_sync, tenant, session_id)
 
     async def save(
         self, tenant: str, session_id: str, *, summary: str, from_seq: int, next_offset: int
     ) -> None:
-        await self._run(self._save_sync, tenant, session_id, summary, from_seq, next_offset)
+        await self._thread.run(self._save_sync, tenant, session_id, summary, from_seq, next_offset)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:

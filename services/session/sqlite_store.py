@@ -9,13 +9,10 @@ executor relies on when it stores a partial answer.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import functools
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar
@@ -48,7 +45,7 @@ from threadline.errors import (
 )
 from threadline.ids import new_session_id, validate_session_id
 from threadline.logs import get_logger
-from threadline.sqlite import open_database
+from threadline.sqlite import SqliteThread, open_database
 from threadline.sqlite import transaction as _transaction
 from threadline.v1 import common_pb2, session_pb2
 
@@ -287,31 +284,16 @@ class SqliteSessionStore:
         self.max_messages_per_append = max_messages_per_append
         self._estimator = estimator
         self._busy_timeout_ms = busy_timeout_ms
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = SqliteThread("session store", "session-sqlite")
         # Created, used and closed on the worker thread only.
         self._conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
         """Open the file, set the pragmas and apply pending migrations."""
-        if self._executor is not None:
-            raise RuntimeError(f"session store {self.path} is already open")
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-sqlite")
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._open_sync)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        self._executor = executor
+        await self._thread.start(self._open_sync)
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        try:
-            # Queued behind every statement already submitted, so those finish first.
-            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
-        finally:
-            executor.shutdown(wait=False)
+        await self._thread.stop(self._close_sync)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -326,17 +308,7 @@ class SqliteSessionStore:
         await self.close()
 
     async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        executor = self._executor
-        if executor is None:
-            raise Unavailable("session store is not open")
-        call = functools.partial(fn, *args, **kwargs)
-        try:
-            # If the caller is cancelled the statement still runs to completion:
-            # an append may commit unseen, and a retry then sees the moved head.
-            return await asyncio.get_running_loop().run_in_executor(executor, call)
-        except sqlite3.OperationalError as exc:
-            # Locked, disk full, I/O error: the caller may retry later.
-            raise Unavailable(f"session store: {exc}") from exc
+        return await self._thread.run(fn, *args, **kwargs)
 
     # -- SessionStore ---------------------------------------------------------
 
