@@ -203,11 +203,42 @@ class SessionSettings(_Section):
 
 
 class MemorySettings(_Section):
-    #: SQLite file; empty means `<data_dir>/memory.db`.
+    #: SQLite file; empty means `<data_dir>/memory.db`. Replicas share it (see deployment).
     database: str = ""
-    #: Model route for summaries; empty uses the upstream's model.
+    #: Model route for summaries and extraction; empty uses the default route.
     model: str = ""
     max_summary_tokens: int = Field(default=256, gt=0)
+    #: The window the summarising model's prompt must fit (instructions, summary,
+    #: messages and the answer); longer spans are summarised in chunks.
+    summary_window_tokens: int = Field(default=4096, gt=0)
+    #: Consolidate when a session's unconsolidated tokens pass this fraction of the
+    #: context window its turns use; 0 disables.
+    consolidate_fraction: float = Field(default=0.5, ge=0, le=1)
+    #: Consolidate a session idle this long with new messages since the last run; 0 disables.
+    idle_consolidate_s: float = Field(default=600, ge=0)
+    #: Extract when the tokens since the extract pointer pass this; 0 disables.
+    extract_threshold: int = Field(default=2000, ge=0)
+    #: Compact before a turn when the last turn's reported prompt tokens passed this
+    #: fraction of the context window; 0 disables.
+    compact_threshold: float = Field(default=0.8, ge=0, le=1)
+    #: Newest tokens the compacted session keeps verbatim (from at least the last user message).
+    compact_retained_tokens: int = Field(default=1024, ge=0)
+    #: A job running longer than this fails (and counts towards the failure limit).
+    job_timeout_s: float = Field(default=120, gt=0)
+    #: Consecutive failures after which consolidation archives the raw text and
+    #: compaction is disabled for the session until it changes.
+    max_failures: int = Field(default=3, ge=1)
+    #: Jobs one replica runs at once (each on a different session).
+    workers: int = Field(default=2, ge=1)
+    #: How often idle sessions are looked for.
+    scan_interval_s: float = Field(default=30, gt=0)
+    #: Per-session lease (Redis) while a replica works on it; renewed at a third of this.
+    lease_ttl_s: float = Field(default=30, gt=0)
+    #: A job delivered to a replica that has not touched it for this long is taken
+    #: over by another (the first one died).
+    claim_idle_s: float = Field(default=60, gt=0)
+    #: Tokens Recall may return (summary plus extracted items) when the caller names none.
+    recall_budget_tokens: int = Field(default=512, gt=0)
 
 
 class ToolRule(_Section):
@@ -287,22 +318,12 @@ class ExecutorSettings(_Section):
     max_file_bytes: int = Field(default=1_000_000, gt=0)
     max_tool_output_chars: int = Field(default=16_000, gt=0)
     tasks: TaskSettings = TaskSettings()
-    #: Before each model request inside a turn, compact the session when its context
-    #: would pass this fraction of context_budget_tokens. 0 disables it, and 0 is all
-    #: this version accepts: compaction arrives with the memory service's Compact.
-    compact_request_threshold: float = 0.0
+    #: Before each model request inside a tool loop, compact the session (through
+    #: memory) when the prompt would pass this fraction of context_budget_tokens; 0
+    #: disables. The turn then goes on in the new session.
+    compact_request_threshold: float = Field(default=0.0, ge=0, le=1)
     #: Per-model prices for turns and tasks; models not listed cost 0 (local models).
     prices: dict[str, Price] = {}
-
-    @field_validator("compact_request_threshold")
-    @classmethod
-    def _no_compaction_yet(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError(
-                "mid-turn compaction needs the memory service's Compact, which this version "
-                "does not have: keep 0"
-            )
-        return value
 
 
 class ApiKey(_Section):

@@ -161,10 +161,21 @@ class MemoryClient(_Peer):
         super().__init__(address)
         self.stub = memory_pb2_grpc.MemoryStub(self.channel)
 
-    async def recall(self, tenant: str, session_id: str) -> memory_pb2.RecallResponse:
+    async def recall(
+        self, tenant: str, session_id: str, *, query: str = "", budget_tokens: int = 0
+    ) -> memory_pb2.RecallResponse:
         return await unary(
-            self.stub.Recall(memory_pb2.RecallRequest(tenant=tenant, session_id=session_id))
+            self.stub.Recall(
+                memory_pb2.RecallRequest(
+                    tenant=tenant, session_id=session_id, query=query, budget_tokens=budget_tokens
+                )
+            )
         )
+
+    async def record_activity(
+        self, request: memory_pb2.RecordActivityRequest, *, timeout: float | None = None
+    ) -> memory_pb2.RecordActivityResponse:
+        return await unary(self.stub.RecordActivity(request, timeout=timeout))
 
     async def consolidate(
         self, tenant: str, session_id: str, model: str = ""
@@ -174,6 +185,17 @@ class MemoryClient(_Peer):
                 memory_pb2.ConsolidateRequest(tenant=tenant, session_id=session_id, model=model)
             )
         )
+
+    async def extract(self, request: memory_pb2.JobRequest) -> memory_pb2.Job:
+        return await unary(self.stub.Extract(request))
+
+    async def compact(
+        self, request: memory_pb2.JobRequest, *, timeout: float | None = None
+    ) -> memory_pb2.Job:
+        return await unary(self.stub.Compact(request, timeout=timeout))
+
+    async def get_job(self, tenant: str, job_id: str) -> memory_pb2.Job:
+        return await unary(self.stub.GetJob(memory_pb2.GetJobRequest(tenant=tenant, job_id=job_id)))
 
 
 class ExecutorClient(_Peer):

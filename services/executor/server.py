@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from services.executor.classifier import AgentType, Classifier
 from services.executor.command_runner import CommandRunner
-from services.executor.leases import LocalTurnLeases, RedisTurnLeases, TurnLeases
+from services.executor.leases import TurnLeases
 from services.executor.local_runner import LocalRunner
 from services.executor.pool import TaskPool
 from services.executor.servicer import ExecutorServicer
@@ -23,6 +23,7 @@ from services.executor.workspace import PermissionRule, Workspace
 from threadline.config import ExecutorSettings, ServiceName, Settings, TaskSettings
 from threadline.events import EventBus, EventPublisher
 from threadline.ids import validate_session_id
+from threadline.leases import LocalLeases, RedisLeases
 from threadline.peers import LlmClient, MemoryClient, SessionClient
 from threadline.server import ServiceHost, build_server
 from threadline.v1 import executor_pb2, executor_pb2_grpc
@@ -38,9 +39,13 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     leases: TurnLeases
     if settings.redis_url:
         redis_client = aioredis.from_url(settings.redis_url)
-        leases = RedisTurnLeases(redis_client, ttl_s=settings.executor.turn_lease_ttl_s)
+        leases = TurnLeases(
+            RedisLeases(
+                redis_client, ttl_s=settings.executor.turn_lease_ttl_s, prefix="threadline:turn:"
+            )
+        )
     else:
-        leases = LocalTurnLeases()
+        leases = TurnLeases(LocalLeases())
     executor = settings.executor
     root = (
         Path(executor.workspace_root)
@@ -72,6 +77,9 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
             context_budget_tokens=settings.executor.context_budget_tokens,
             max_output_tokens=settings.executor.max_output_tokens,
             max_iterations=settings.executor.max_iterations,
+            compact_request_threshold=settings.executor.compact_request_threshold,
+            # A compaction waits for its job: the job's own timeout, plus a lease wait.
+            compact_timeout_s=settings.memory.job_timeout_s + 2 * settings.memory.lease_ttl_s,
         ),
         tools=tools,
         prices=prices,

@@ -9,6 +9,7 @@ failure mid-stream, client gone, shutdown) is stored as it stands with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -60,7 +61,17 @@ class Sessions(Protocol):
 
 
 class Memory(Protocol):
-    async def recall(self, tenant: str, session_id: str) -> memory_pb2.RecallResponse: ...
+    async def recall(
+        self, tenant: str, session_id: str, *, query: str = ..., budget_tokens: int = ...
+    ) -> memory_pb2.RecallResponse: ...
+
+    async def compact(
+        self, request: memory_pb2.JobRequest, *, timeout: float | None = ...
+    ) -> memory_pb2.Job: ...
+
+    async def record_activity(
+        self, request: memory_pb2.RecordActivityRequest, *, timeout: float | None = ...
+    ) -> memory_pb2.RecordActivityResponse: ...
 
 
 class Llm(Protocol):
@@ -74,8 +85,11 @@ class TurnLimits:
     context_budget_tokens: int
     max_output_tokens: int
     max_iterations: int = 8
-    #: Fraction of context_budget_tokens past which a turn compacts first; 0 = never.
+    #: Fraction of context_budget_tokens past which a request inside a tool loop is
+    #: preceded by a compaction of the session; 0 = never.
     compact_request_threshold: float = 0.0
+    #: How long a turn waits for a compaction before going on without it.
+    compact_timeout_s: float = 180.0
 
 
 @dataclass
@@ -110,8 +124,9 @@ class TurnRunner:
             raise errors.InvalidArgument("input is empty: send the user's message")
         # Ownership first: another tenant must get NOT_FOUND, never "session busy".
         session = (await self.sessions.get(request.tenant, request.session_id)).session
-        async with self.leases.hold(request.session_id):
-            async for event in self._run(request, session):
+        async with contextlib.AsyncExitStack() as leases:
+            await leases.enter_async_context(self.leases.hold(request.session_id))
+            async for event in self._run(request, session, leases):
                 yield event
 
     async def _append(
@@ -143,12 +158,24 @@ class TurnRunner:
         raise errors.Aborted(f"session {session_id} keeps changing under the turn; retry")
 
     async def _run(
-        self, request: executor_pb2.RunTurnRequest, session: session_pb2.Session
+        self,
+        request: executor_pb2.RunTurnRequest,
+        session: session_pb2.Session,
+        leases: contextlib.AsyncExitStack,
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         tenant, session_id = request.tenant, request.session_id
         turn_id = "turn_" + uuid.uuid4().hex
         started = time.perf_counter()
         model = request.options.model or session.model
+        recalled = await self._recall(tenant, session_id, request.input)
+        if recalled.compact_due:
+            # The last turn's prompt, as the model server counted it, passed
+            # memory.compact_threshold: this turn starts in a compacted session.
+            compacted = await self._compact(tenant, session_id, "pre_run", leases)
+            if compacted is not None:
+                session_id, session = compacted.compacted.to_session_id, compacted.session
+                recalled = await self._recall(tenant, session_id, request.input)
+                yield compacted.event
         head = await self._append(
             tenant,
             session_id,
@@ -170,11 +197,29 @@ class TurnRunner:
         toolbox = self.tools(session_id) if self.tools is not None else None
         usage = common_pb2.Usage()
         calls = 0
+        last_prompt_tokens = 0
+        compacted_in_turn = False
         while True:
             calls += 1
             try:
-                context = await self._context(tenant, session_id, model, max_tokens)
-                self._check_compaction(context)
+                context = await self._context(
+                    tenant, session_id, model, max_tokens, recalled.context
+                )
+                if (
+                    calls > 1
+                    and not compacted_in_turn
+                    and self._over_request_threshold(context, last_prompt_tokens)
+                ):
+                    compacted_in_turn = True
+                    compacted = await self._compact(tenant, session_id, "mid_turn", leases)
+                    if compacted is not None:
+                        session_id = compacted.compacted.to_session_id
+                        head = compacted.session.head
+                        recalled = await self._recall(tenant, session_id, request.input)
+                        yield compacted.event
+                        context = await self._context(
+                            tenant, session_id, model, max_tokens, recalled.context
+                        )
             except errors.ThreadlineError as exc:
                 self._failed(tenant, session_id, turn_id, started, exc)
                 raise
@@ -222,6 +267,7 @@ class TurnRunner:
                     error="the model stream ended without a result",
                 )
             _add_usage(usage, done.usage)
+            last_prompt_tokens = done.usage.prompt_tokens
             wants_tools = (
                 toolbox is not None
                 and bool(done.tool_calls)
@@ -256,6 +302,12 @@ class TurnRunner:
         cost = usage.prompt_tokens / 1000 * price_in + usage.completion_tokens / 1000 * price_out
         if not interrupted and not done.usage_estimated and done.usage.prompt_tokens:
             await self._calibrate(model or "default", context.messages, done.usage.prompt_tokens)
+        self._record_activity_detached(
+            tenant,
+            session_id,
+            model,
+            0 if done.usage_estimated else last_prompt_tokens,
+        )
         self.events.emit(
             "turn.interrupted" if interrupted else "turn.completed",
             tenant=tenant,
@@ -284,31 +336,60 @@ class TurnRunner:
                 error=done.error,
                 model_calls=calls,
                 cost=cost,
+                session_id=session_id,
             )
         )
 
-    def _check_compaction(self, context: session_pb2.BuildContextResponse) -> None:
-        """The mid-turn compaction hook: where a turn will ask memory to compact the
-        session and continue on the new one. Until memory can compact, the setting is
-        held at 0 by config validation, so reaching past it is a wiring error."""
+    def _over_request_threshold(
+        self, context: session_pb2.BuildContextResponse, last_prompt_tokens: int
+    ) -> bool:
+        """Would the next request pass compact_request_threshold? Judged by the larger of
+        the prompt the server counted last time (it only grows inside a tool loop) and
+        the calibrated estimate of the prompt about to be sent."""
         threshold = self.limits.compact_request_threshold
-        if threshold and context.token_estimate > threshold * self.limits.context_budget_tokens:
-            raise errors.FailedPrecondition(
-                "mid-turn compaction is not available in this version "
-                "(executor.compact_request_threshold must be 0)"
+        if not threshold:
+            return False
+        prompt = max(context.token_estimate, last_prompt_tokens)
+        return prompt > threshold * self.limits.context_budget_tokens
+
+    async def _compact(
+        self, tenant: str, session_id: str, trigger: str, leases: contextlib.AsyncExitStack
+    ) -> Compacted | None:
+        """Compact through memory and take the new session's lease; None when it did not
+        happen (refused, failed, memory down): the turn goes on where it was."""
+        try:
+            job = await self.memory.compact(
+                memory_pb2.JobRequest(
+                    tenant=tenant, session_id=session_id, wait=True, trigger=trigger
+                ),
+                timeout=self.limits.compact_timeout_s,
             )
+        except errors.ThreadlineError as exc:
+            log.warning("turn.compaction_skipped", trigger=trigger, error=exc.message)
+            return None
+        if job.state != memory_pb2.JOB_STATE_SUCCEEDED or not job.new_session_id:
+            log.warning("turn.compaction_failed", trigger=trigger, job_id=job.id, error=job.error)
+            return None
+        await leases.enter_async_context(self.leases.hold(job.new_session_id))
+        session = (await self.sessions.get(tenant, job.new_session_id)).session
+        compacted = executor_pb2.TurnCompacted(
+            from_session_id=session_id,
+            to_session_id=job.new_session_id,
+            job_id=job.id,
+            trigger=trigger,
+        )
+        return Compacted(compacted, session)
 
     async def _context(
-        self, tenant: str, session_id: str, model: str, max_tokens: int
+        self, tenant: str, session_id: str, model: str, max_tokens: int, memory: str
     ) -> session_pb2.BuildContextResponse:
-        summary = await self._recall(tenant, session_id)
         return await self.sessions.build_context(
             session_pb2.BuildContextRequest(
                 tenant=tenant,
                 session_id=session_id,
                 budget_tokens=self.limits.context_budget_tokens,
                 reserve_output_tokens=max_tokens,
-                memory_summary=summary,
+                memory_summary=memory,
                 model=model or "default",
             )
         )
@@ -329,13 +410,38 @@ class TurnRunner:
         except errors.ThreadlineError as exc:
             log.warning("turn.calibration_failed", error=exc.message)
 
-    async def _recall(self, tenant: str, session_id: str) -> str:
+    async def _recall(self, tenant: str, session_id: str, query: str) -> memory_pb2.RecallResponse:
         # Memory is an enhancement: a turn goes on without it rather than failing.
         try:
-            return (await self.memory.recall(tenant, session_id)).summary
+            return await self.memory.recall(tenant, session_id, query=query)
         except errors.ThreadlineError as exc:
             log.warning("turn.recall_failed", error=exc.message)
-            return ""
+            return memory_pb2.RecallResponse()
+
+    def _record_activity_detached(
+        self, tenant: str, session_id: str, model: str, prompt_tokens: int
+    ) -> None:
+        """Tell memory what the turn cost, after the turn: its jobs run beside the
+        next turns and never delay this one."""
+
+        async def record() -> None:
+            try:
+                await self.memory.record_activity(
+                    memory_pb2.RecordActivityRequest(
+                        tenant=tenant,
+                        session_id=session_id,
+                        model=model,
+                        prompt_tokens=prompt_tokens,
+                        context_window_tokens=self.limits.context_budget_tokens,
+                    ),
+                    timeout=10.0,
+                )
+            except errors.ThreadlineError as exc:
+                log.warning("turn.record_activity_failed", error=exc.message)
+
+        task = asyncio.create_task(record(), name=f"record-activity-{session_id}")
+        self.pending_writes.add(task)
+        task.add_done_callback(self.pending_writes.discard)
 
     def _failed(
         self,
@@ -387,6 +493,17 @@ class TurnRunner:
         task = asyncio.create_task(store(), name=f"store-partial-{turn_id}")
         self.pending_writes.add(task)
         task.add_done_callback(self.pending_writes.discard)
+
+
+@dataclass(frozen=True)
+class Compacted:
+    compacted: executor_pb2.TurnCompacted
+    #: The new session, as the turn goes on in it.
+    session: session_pb2.Session
+
+    @property
+    def event(self) -> executor_pb2.TurnEvent:
+        return executor_pb2.TurnEvent(compacted=self.compacted)
 
 
 def _add_usage(total: common_pb2.Usage, more: common_pb2.Usage) -> None:

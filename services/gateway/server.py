@@ -8,7 +8,7 @@ from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.servicer import GatewayServicer, InputLimits
 from threadline.config import ServiceName, Settings
 from threadline.events import EventBus
-from threadline.peers import ExecutorClient, SessionClient
+from threadline.peers import ExecutorClient, MemoryClient, SessionClient
 from threadline.server import ServiceHost, build_server
 from threadline.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -18,10 +18,12 @@ SERVICE: ServiceName = "gateway"
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
     sessions = SessionClient(settings.addresses.session)
     executor = ExecutorClient(settings.addresses.executor)
+    memory = MemoryClient(settings.addresses.memory)
     servicer = GatewayServicer(
         ApiKeyAuthenticator(settings.gateway.api_keys),
         sessions,
         executor,
+        memory,
         bus,
         InputLimits(max_input_chars=settings.gateway.max_input_chars),
     )
@@ -38,4 +40,5 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host.on_drain(servicer.end_watches)
     host.on_stop(sessions.close)
     host.on_stop(executor.close)
+    host.on_stop(memory.close)
     return host

@@ -18,12 +18,13 @@ from threadline import errors
 from threadline.channels import streaming
 from threadline.events import EventBus, Subscription
 from threadline.ids import validate_session_id
-from threadline.peers import ExecutorClient, SessionClient
+from threadline.peers import ExecutorClient, MemoryClient, SessionClient
 from threadline.v1 import (
     events_pb2,
     executor_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
+    memory_pb2,
     session_pb2,
 )
 
@@ -72,12 +73,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         auth: ApiKeyAuthenticator,
         sessions: SessionClient,
         executor: ExecutorClient,
+        memory: MemoryClient,
         bus: EventBus,
         limits: InputLimits,
     ) -> None:
         self.auth = auth
         self.sessions = sessions
         self.executor = executor
+        self.memory = memory
         self.bus = bus
         self.limits = limits
         self._draining = asyncio.Event()
@@ -153,6 +156,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> session_pb2.Session:
         caller = _caller(self.auth, context)
         return await self.sessions.import_session(caller.tenant, request.lines)
+
+    async def CompactSession(
+        self, request: gateway_pb2.CompactSessionRequest, context: Context
+    ) -> memory_pb2.Job:
+        caller = _caller(self.auth, context)
+        validate_session_id(request.session_id)
+        return await self.memory.compact(
+            memory_pb2.JobRequest(
+                tenant=caller.tenant, session_id=request.session_id, wait=request.wait
+            ),
+            timeout=context.time_remaining(),
+        )
+
+    async def GetMemoryJob(
+        self, request: gateway_pb2.GetMemoryJobRequest, context: Context
+    ) -> memory_pb2.Job:
+        caller = _caller(self.auth, context)
+        return await self.memory.get_job(caller.tenant, request.job_id)
 
     async def SubmitTask(
         self, request: gateway_pb2.SubmitTaskRequest, context: Context

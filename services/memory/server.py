@@ -1,14 +1,25 @@
-"""Wiring for memory: SQLite memory store, session and llm_proxy peers, servicer."""
+"""Wiring for memory: store, session and llm_proxy peers, job queue and leases, servicer."""
 
 from __future__ import annotations
 
-import grpc.aio
+import os
+import secrets
+import socket
 
-from services.memory.consolidation import Consolidator
+import grpc.aio
+import redis.asyncio as aioredis
+
+from services.memory.compaction import Compactor
+from services.memory.consolidation import Consolidator, SummaryModel
+from services.memory.extraction import Extractor
+from services.memory.jobs import JobSettings, MemoryJobs
+from services.memory.queue import JobQueue, LocalJobQueue, RedisJobQueue
 from services.memory.servicer import MemoryServicer
 from services.memory.store import SqliteMemoryStore
+from services.memory.triggers import Thresholds
 from threadline.config import ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
+from threadline.leases import Leases, LocalLeases, RedisLeases
 from threadline.peers import LlmClient, SessionClient
 from threadline.server import ServiceHost, build_server
 from threadline.v1 import memory_pb2, memory_pb2_grpc
@@ -17,31 +28,88 @@ SERVICE: ServiceName = "memory"
 
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
+    config = settings.memory
     path = settings.sqlite_path("memory")
     path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteMemoryStore(path)
     await store.open()
     sessions = SessionClient(settings.addresses.session)
     llm = LlmClient(settings.addresses.llm_proxy)
-    consolidator = Consolidator(
+    redis_client: aioredis.Redis | None = None
+    queue: JobQueue
+    leases: Leases
+    if settings.redis_url:
+        redis_client = aioredis.from_url(settings.redis_url)
+        consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        queue = RedisJobQueue(redis_client, consumer=consumer, claim_idle_s=config.claim_idle_s)
+        leases = RedisLeases(
+            redis_client, ttl_s=config.lease_ttl_s, prefix="threadline:memory:lease:"
+        )
+    else:
+        queue = LocalJobQueue()
+        leases = LocalLeases()
+    summaries = SummaryModel(
+        llm=llm,
+        model=config.model,
+        max_summary_tokens=config.max_summary_tokens,
+        window_tokens=config.summary_window_tokens,
+    )
+    jobs = MemoryJobs(
         store=store,
         sessions=sessions,
-        summariser=llm,
+        queue=queue,
+        leases=leases,
         events=EventPublisher(bus, SERVICE),
-        model=settings.memory.model,
-        max_summary_tokens=settings.memory.max_summary_tokens,
+        consolidator=Consolidator(store, sessions, summaries, config.max_failures),
+        extractor=Extractor(
+            store,
+            sessions,
+            llm,
+            config.model,
+            max_output_tokens=config.max_summary_tokens * 2,
+            window_tokens=config.summary_window_tokens,
+        ),
+        compactor=Compactor(
+            store,
+            sessions,
+            llm,
+            summaries,
+            retained_tokens=config.compact_retained_tokens,
+            max_failures=config.max_failures,
+        ),
+        settings=JobSettings(
+            thresholds=Thresholds(
+                consolidate_fraction=config.consolidate_fraction,
+                extract_threshold=config.extract_threshold,
+                compact_threshold=config.compact_threshold,
+            ),
+            idle_consolidate_s=config.idle_consolidate_s,
+            job_timeout_s=config.job_timeout_s,
+            workers=config.workers,
+            scan_interval_s=config.scan_interval_s,
+            lease_ttl_s=config.lease_ttl_s,
+            claim_idle_s=config.claim_idle_s,
+        ),
+    )
+    servicer = MemoryServicer(
+        jobs,
+        store,
+        # A waiting caller gets the answer even when the job first waits for a lease.
+        wait_timeout_s=config.job_timeout_s + 2 * config.lease_ttl_s,
+        recall_budget_tokens=config.recall_budget_tokens,
     )
 
     def register(server: grpc.aio.Server) -> list[str]:
-        memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(consolidator), server)
+        memory_pb2_grpc.add_MemoryServicer_to_server(servicer, server)
         return [memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name]
 
-    host, _ = build_server(
-        SERVICE,
-        register,
-        address=address or settings.bind_address(SERVICE),
-    )
-    host.on_stop(store.close)
-    host.on_stop(sessions.close)
+    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
+    # Closers run last-registered first: the workers stop before what they use closes.
+    if redis_client is not None:
+        host.on_stop(redis_client.aclose)
     host.on_stop(llm.close)
+    host.on_stop(sessions.close)
+    host.on_stop(store.close)
+    host.on_stop(jobs.stop)
+    await jobs.start()
     return host

@@ -6,35 +6,135 @@ from typing import Any
 
 import grpc.aio
 
-from services.memory.consolidation import Consolidator
+from services.memory.jobs import JobKind, MemoryJobs
+from services.memory.recall import recall
+from services.memory.store import SqliteMemoryStore
 from threadline import errors
-from threadline.v1 import memory_pb2, memory_pb2_grpc
+from threadline.ids import validate_session_id
+from threadline.v1 import common_pb2, memory_pb2, memory_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_TRIGGERS = ("request", "pre_run", "mid_turn")
 
 
 def _check(tenant: str, session_id: str) -> None:
     if not tenant:
         raise errors.InvalidArgument("tenant is required")
-    if not session_id:
-        raise errors.InvalidArgument("session_id is required")
+    validate_session_id(session_id)
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServicer):
-    def __init__(self, consolidator: Consolidator) -> None:
-        self.consolidator = consolidator
+    def __init__(
+        self,
+        jobs: MemoryJobs,
+        store: SqliteMemoryStore,
+        *,
+        wait_timeout_s: float,
+        recall_budget_tokens: int,
+    ) -> None:
+        self.jobs = jobs
+        self.store = store
+        self.wait_timeout_s = wait_timeout_s
+        self.recall_budget_tokens = recall_budget_tokens
+
+    async def RecordActivity(
+        self, request: memory_pb2.RecordActivityRequest, context: Context
+    ) -> memory_pb2.RecordActivityResponse:
+        _check(request.tenant, request.session_id)
+        if request.prompt_tokens < 0 or request.context_window_tokens < 0:
+            raise errors.InvalidArgument("prompt_tokens and context_window_tokens must be >= 0")
+        return await self.jobs.record_activity(request)
 
     async def Consolidate(
         self, request: memory_pb2.ConsolidateRequest, context: Context
     ) -> memory_pb2.ConsolidateResponse:
         _check(request.tenant, request.session_id)
-        return await self.consolidator.consolidate(
-            request.tenant, request.session_id, request.model
+        job = await self._run(
+            request.tenant, request.session_id, "consolidate", "request", request.model, True
         )
+        if job.state == memory_pb2.JOB_STATE_FAILED:
+            raise errors.Unavailable(
+                f"consolidation of session {request.session_id} failed: {job.error}",
+                details={"job_id": job.id},
+            )
+        memory = await self.store.get(request.tenant, request.session_id)
+        return memory_pb2.ConsolidateResponse(
+            consolidated=job.items > 0,
+            offset=memory.offset,
+            summary=memory.summary,
+            messages_consolidated=job.items,
+            usage=_usage(job),
+            job=job,
+        )
+
+    async def Extract(self, request: memory_pb2.JobRequest, context: Context) -> memory_pb2.Job:
+        return await self._job_request(request, "extract")
+
+    async def Compact(self, request: memory_pb2.JobRequest, context: Context) -> memory_pb2.Job:
+        return await self._job_request(request, "compact")
+
+    async def GetJob(self, request: memory_pb2.GetJobRequest, context: Context) -> memory_pb2.Job:
+        job = await self.jobs.job(request.job_id) if request.job_id else None
+        # Another tenant's job does not exist, as far as this caller can tell.
+        if job is None or job.tenant != request.tenant:
+            raise errors.NotFound(f"memory job {request.job_id!r} not found")
+        return job
 
     async def Recall(
         self, request: memory_pb2.RecallRequest, context: Context
     ) -> memory_pb2.RecallResponse:
         _check(request.tenant, request.session_id)
-        memory = await self.consolidator.recall(request.tenant, request.session_id)
-        return memory_pb2.RecallResponse(summary=memory.summary, offset=memory.offset)
+        if request.budget_tokens < 0:
+            raise errors.InvalidArgument("budget_tokens must be >= 0")
+        memory = await self.store.get(request.tenant, request.session_id)
+        items = await self.store.items(request.tenant, request.session_id)
+        recalled = recall(
+            memory.summary,
+            items,
+            request.query,
+            request.budget_tokens or self.recall_budget_tokens,
+        )
+        return memory_pb2.RecallResponse(
+            summary=recalled.summary,
+            offset=memory.offset,
+            items=[
+                memory_pb2.ExtractedItem(
+                    kind=i.kind,
+                    json=i.json,
+                    from_seq=i.from_seq,
+                    to_seq=i.to_seq,
+                    mentions=i.mentions,
+                )
+                for i in recalled.items
+            ],
+            context=recalled.context,
+            compact_due=await self.jobs.compact_due(request.tenant, request.session_id),
+        )
+
+    async def _job_request(self, request: memory_pb2.JobRequest, kind: JobKind) -> memory_pb2.Job:
+        _check(request.tenant, request.session_id)
+        trigger = request.trigger or "request"
+        if trigger not in _TRIGGERS:
+            raise errors.InvalidArgument(
+                f"unknown trigger {trigger!r}; expected one of {', '.join(_TRIGGERS)}"
+            )
+        return await self._run(
+            request.tenant, request.session_id, kind, trigger, request.model, request.wait
+        )
+
+    async def _run(
+        self, tenant: str, session_id: str, kind: JobKind, trigger: str, model: str, wait: bool
+    ) -> memory_pb2.Job:
+        job = await self.jobs.submit(tenant, session_id, kind, trigger, model)
+        if not wait:
+            return job
+        return await self.jobs.wait(job.id, self.wait_timeout_s)
+
+
+def _usage(job: memory_pb2.Job) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=int(job.tokens_in),
+        completion_tokens=int(job.tokens_out),
+        total_tokens=int(job.tokens_in + job.tokens_out),
+    )

@@ -203,7 +203,7 @@ async def test_upstream_failure_keeps_the_offset_and_publishes_failed(
     assert (recalled.summary, recalled.offset) == ("", 0)
     (failed,) = await events.wait_for("memory.consolidation.failed")
     assert failed.session_id == session_id and failed.tenant == TENANT
-    assert "overloaded" in attrs(failed)["error"]
+    assert "overloaded" in attrs(failed)["reason"]
     await events.settle()
     assert events.of_type("memory.consolidation.done") == []
 
@@ -248,9 +248,10 @@ async def test_consolidation_publishes_started_and_done_with_tokens(
     ]
     (started,) = events.of_type("memory.consolidation.started")
     assert started.session_id == session_id and started.service == "memory"
-    assert attrs(started)["messages"] == 4 and attrs(started)["from_seq"] == 0
+    assert attrs(started)["job_id"] == result.job.id == attrs(done)["job_id"]
     assert done.session_id == session_id and done.tenant == TENANT
-    assert attrs(done)["offset"] == 4
+    assert attrs(done)["offset"] == 4 and attrs(done)["messages"] == 4
+    assert attrs(done)["duration_ms"] >= 0
     assert attrs(done)["tokens_in"] == result.usage.prompt_tokens > 0
     assert attrs(done)["tokens_out"] == result.usage.completion_tokens > 0
 

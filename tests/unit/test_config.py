@@ -410,6 +410,14 @@ def test_cli_exits_2_naming_the_bad_setting(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_mid_turn_compaction_cannot_be_switched_on_before_memory_supports_it() -> None:
-    with pytest.raises(ConfigError, match=r"compact_request_threshold.*keep 0"):
-        load_settings(environ={"THREADLINE_EXECUTOR__COMPACT_REQUEST_THRESHOLD": "0.8"})
+def test_compaction_thresholds_are_fractions_of_the_window() -> None:
+    settings = load_settings(
+        environ={
+            "THREADLINE_EXECUTOR__COMPACT_REQUEST_THRESHOLD": "0.8",
+            "THREADLINE_MEMORY__COMPACT_THRESHOLD": "0",
+        }
+    )
+    assert settings.executor.compact_request_threshold == 0.8
+    assert settings.memory.compact_threshold == 0
+    with pytest.raises(ConfigError, match=r"memory.compact_threshold"):
+        load_settings(environ={"THREADLINE_MEMORY__COMPACT_THRESHOLD": "1.5"})

@@ -115,6 +115,7 @@ class TurnDone(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     MODEL_CALLS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     finish_reason: _common_pb2.FinishReason.ValueType
     model: _builtins.str
@@ -129,6 +130,10 @@ class TurnDone(_message.Message):
     """Model requests the turn made (1 plus one per round of tool calls)."""
     cost: _builtins.float
     """From the configured price table; 0 for models without a price (local ones)."""
+    session_id: _builtins.str
+    """The session the turn was stored in: the requested one, or the session it was
+    compacted into during the turn.
+    """
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -145,10 +150,11 @@ class TurnDone(_message.Message):
         error: _builtins.str = ...,
         model_calls: _builtins.int = ...,
         cost: _builtins.float = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "error", b"error", "finish_reason", b"finish_reason", "head", b"head", "latency_ms", b"latency_ms", "model", b"model", "model_calls", b"model_calls", "turn_id", b"turn_id", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "error", b"error", "finish_reason", b"finish_reason", "head", b"head", "latency_ms", b"latency_ms", "model", b"model", "model_calls", b"model_calls", "session_id", b"session_id", "turn_id", b"turn_id", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,6 +200,7 @@ class TurnEvent(_message.Message):
     TOOL_CALL_DELTA_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
+    COMPACTED_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     @_builtins.property
     def started(self) -> Global___TurnStarted: ...
@@ -203,6 +210,12 @@ class TurnEvent(_message.Message):
     def done(self) -> Global___TurnDone: ...
     @_builtins.property
     def tool_result(self) -> Global___ToolResult: ...
+    @_builtins.property
+    def compacted(self) -> Global___TurnCompacted:
+        """The session was compacted before a model request: the turn goes on, and is
+        stored, in the new session; later turns should use it.
+        """
+
     def __init__(
         self,
         *,
@@ -211,16 +224,47 @@ class TurnEvent(_message.Message):
         tool_call_delta: _llm_pb2.ToolCallDelta | None = ...,
         done: Global___TurnDone | None = ...,
         tool_result: Global___ToolResult | None = ...,
+        compacted: Global___TurnCompacted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "tool_call_delta", "done", "tool_result"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "tool_call_delta", "done", "tool_result", "compacted"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___TurnEvent: _TypeAlias = TurnEvent  # noqa: Y015
+
+@_typing.final
+class TurnCompacted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_SESSION_ID_FIELD_NUMBER: _builtins.int
+    TO_SESSION_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    from_session_id: _builtins.str
+    to_session_id: _builtins.str
+    job_id: _builtins.str
+    """The memory job that compacted it."""
+    trigger: _builtins.str
+    """"pre_run" (before the turn) or "mid_turn" (before a request inside a tool loop)."""
+    def __init__(
+        self,
+        *,
+        from_session_id: _builtins.str = ...,
+        to_session_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        trigger: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_session_id", b"from_session_id", "job_id", b"job_id", "to_session_id", b"to_session_id", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnCompacted: _TypeAlias = TurnCompacted  # noqa: Y015
 
 @_typing.final
 class Task(_message.Message):

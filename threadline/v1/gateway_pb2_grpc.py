@@ -6,6 +6,7 @@ import warnings
 from threadline.v1 import events_pb2 as threadline_dot_v1_dot_events__pb2
 from threadline.v1 import executor_pb2 as threadline_dot_v1_dot_executor__pb2
 from threadline.v1 import gateway_pb2 as threadline_dot_v1_dot_gateway__pb2
+from threadline.v1 import memory_pb2 as threadline_dot_v1_dot_memory__pb2
 from threadline.v1 import session_pb2 as threadline_dot_v1_dot_session__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -73,6 +74,16 @@ class GatewayStub:
                 '/threadline.v1.Gateway/ImportSession',
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.ImportSessionRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_session__pb2.Session.FromString,
+                _registered_method=True)
+        self.CompactSession = channel.unary_unary(
+                '/threadline.v1.Gateway/CompactSession',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.CompactSessionRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_memory__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetMemoryJob = channel.unary_unary(
+                '/threadline.v1.Gateway/GetMemoryJob',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.GetMemoryJobRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_memory__pb2.Job.FromString,
                 _registered_method=True)
         self.Converse = channel.unary_stream(
                 '/threadline.v1.Gateway/Converse',
@@ -153,6 +164,20 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ImportSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactSession(self, request, context):
+        """Moves the session to a new one holding a summary and the recent tail; the
+        job's new_session_id (and the compact.done event) name it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMemoryJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -240,6 +265,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ImportSession,
                     request_deserializer=threadline_dot_v1_dot_gateway__pb2.ImportSessionRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_session__pb2.Session.SerializeToString,
+            ),
+            'CompactSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactSession,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.CompactSessionRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_memory__pb2.Job.SerializeToString,
+            ),
+            'GetMemoryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMemoryJob,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.GetMemoryJobRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_memory__pb2.Job.SerializeToString,
             ),
             'Converse': grpc.unary_stream_rpc_method_handler(
                     servicer.Converse,
@@ -468,6 +503,60 @@ class Gateway:
             '/threadline.v1.Gateway/ImportSession',
             threadline_dot_v1_dot_gateway__pb2.ImportSessionRequest.SerializeToString,
             threadline_dot_v1_dot_session__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/CompactSession',
+            threadline_dot_v1_dot_gateway__pb2.CompactSessionRequest.SerializeToString,
+            threadline_dot_v1_dot_memory__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMemoryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/GetMemoryJob',
+            threadline_dot_v1_dot_gateway__pb2.GetMemoryJobRequest.SerializeToString,
+            threadline_dot_v1_dot_memory__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

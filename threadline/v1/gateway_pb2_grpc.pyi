@@ -8,6 +8,7 @@ from grpc import aio as _aio
 from threadline.v1 import events_pb2 as _events_pb2
 from threadline.v1 import executor_pb2 as _executor_pb2
 from threadline.v1 import gateway_pb2 as _gateway_pb2
+from threadline.v1 import memory_pb2 as _memory_pb2
 from threadline.v1 import session_pb2 as _session_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -45,6 +46,11 @@ class GatewayStub:
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DeleteSessionRequest, _session_pb2.DeleteResponse]
     ExportSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ExportSessionRequest, _session_pb2.ExportResponse]
     ImportSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]
+    CompactSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CompactSessionRequest, _memory_pb2.Job]
+    """Moves the session to a new one holding a summary and the recent tail; the
+    job's new_session_id (and the compact.done event) name it.
+    """
+    GetMemoryJob: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetMemoryJobRequest, _memory_pb2.Job]
     Converse: _grpc.UnaryStreamMultiCallable[_gateway_pb2.ConverseRequest, _executor_pb2.TurnEvent]
     """Sends one user message and streams the turn back."""
     SubmitTask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.SubmitTaskRequest, _executor_pb2.Task]
@@ -70,6 +76,11 @@ class GatewayAsyncStub(GatewayStub):
     DeleteSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DeleteSessionRequest, _session_pb2.DeleteResponse]  # type: ignore[assignment]
     ExportSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ExportSessionRequest, _session_pb2.ExportResponse]  # type: ignore[assignment]
     ImportSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
+    CompactSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CompactSessionRequest, _memory_pb2.Job]  # type: ignore[assignment]
+    """Moves the session to a new one holding a summary and the recent tail; the
+    job's new_session_id (and the compact.done event) name it.
+    """
+    GetMemoryJob: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetMemoryJobRequest, _memory_pb2.Job]  # type: ignore[assignment]
     Converse: _aio.UnaryStreamMultiCallable[_gateway_pb2.ConverseRequest, _executor_pb2.TurnEvent]  # type: ignore[assignment]
     """Sends one user message and streams the turn back."""
     SubmitTask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.SubmitTaskRequest, _executor_pb2.Task]  # type: ignore[assignment]
@@ -134,6 +145,23 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.ImportSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]: ...
+
+    @_abc_1.abstractmethod
+    def CompactSession(
+        self,
+        request: _gateway_pb2.CompactSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.Job, _abc.Awaitable[_memory_pb2.Job]]:
+        """Moves the session to a new one holding a summary and the recent tail; the
+        job's new_session_id (and the compact.done event) name it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMemoryJob(
+        self,
+        request: _gateway_pb2.GetMemoryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.Job, _abc.Awaitable[_memory_pb2.Job]]: ...
 
     @_abc_1.abstractmethod
     def Converse(

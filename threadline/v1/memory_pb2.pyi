@@ -3,8 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from threadline.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -16,6 +20,87 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _JobState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
+    JOB_STATE_QUEUED: _JobState.ValueType  # 1
+    JOB_STATE_RUNNING: _JobState.ValueType  # 2
+    JOB_STATE_SUCCEEDED: _JobState.ValueType  # 3
+    JOB_STATE_FAILED: _JobState.ValueType  # 4
+
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
+
+JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
+JOB_STATE_QUEUED: JobState.ValueType  # 1
+JOB_STATE_RUNNING: JobState.ValueType  # 2
+JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
+JOB_STATE_FAILED: JobState.ValueType  # 4
+Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+@_typing.final
+class RecordActivityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    session_id: _builtins.str
+    model: _builtins.str
+    """The model the turn used (summaries use memory.model)."""
+    prompt_tokens: _builtins.int
+    """prompt_tokens the model server reported for the turn's last request; 0 if unknown."""
+    context_window_tokens: _builtins.int
+    """The context window the turn's prompt had to fit (the executor's budget)."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        context_window_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordActivityRequest: _TypeAlias = RecordActivityRequest  # noqa: Y015
+
+@_typing.final
+class RecordActivityResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    COMPACT_DUE_FIELD_NUMBER: _builtins.int
+    compact_due: _builtins.bool
+    """The next turn should compact first: the last reported prompt passed compact_threshold."""
+    @_builtins.property
+    def started(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+        """Jobs this activity started (their triggers passed)."""
+
+    def __init__(
+        self,
+        *,
+        started: _abc.Iterable[Global___Job] | None = ...,
+        compact_due: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact_due", b"compact_due", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordActivityResponse: _TypeAlias = RecordActivityResponse  # noqa: Y015
 
 @_typing.final
 class ConsolidateRequest(_message.Message):
@@ -52,6 +137,7 @@ class ConsolidateResponse(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     MESSAGES_CONSOLIDATED_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
     consolidated: _builtins.bool
     """False when there was nothing new to consolidate."""
     offset: _builtins.int
@@ -60,6 +146,10 @@ class ConsolidateResponse(_message.Message):
     messages_consolidated: _builtins.int
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job that did it (kind "consolidate")."""
+
     def __init__(
         self,
         *,
@@ -68,14 +158,152 @@ class ConsolidateResponse(_message.Message):
         summary: _builtins.str = ...,
         messages_consolidated: _builtins.int = ...,
         usage: _common_pb2.Usage | None = ...,
+        job: Global___Job | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consolidated", b"consolidated", "messages_consolidated", b"messages_consolidated", "offset", b"offset", "summary", b"summary", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consolidated", b"consolidated", "job", b"job", "messages_consolidated", b"messages_consolidated", "offset", b"offset", "summary", b"summary", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsolidateResponse: _TypeAlias = ConsolidateResponse  # noqa: Y015
+
+@_typing.final
+class JobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    session_id: _builtins.str
+    model: _builtins.str
+    """Model route for the job; empty uses memory.model."""
+    wait: _builtins.bool
+    """Reply when the job has finished instead of when it is queued."""
+    trigger: _builtins.str
+    """Who asks, for the record and events: "request" (default), "pre_run", "mid_turn"."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        wait: _builtins.bool = ...,
+        trigger: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "session_id", b"session_id", "tenant", b"tenant", "trigger", b"trigger", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRequest: _TypeAlias = JobRequest  # noqa: Y015
+
+@_typing.final
+class GetJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TOKENS_IN_FIELD_NUMBER: _builtins.int
+    TOKENS_OUT_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEW_SESSION_ID_FIELD_NUMBER: _builtins.int
+    ARCHIVED_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: _builtins.str
+    """"consolidate", "extract" or "compact"."""
+    tenant: _builtins.str
+    session_id: _builtins.str
+    state: Global___JobState.ValueType
+    trigger: _builtins.str
+    """What started it: "request", "tokens", "idle", "pre_run", "mid_turn"."""
+    head: _builtins.str
+    """The session's head when the job ran: one job per (kind, session, head)."""
+    error: _builtins.str
+    """Why it failed."""
+    tokens_in: _builtins.int
+    tokens_out: _builtins.int
+    duration_ms: _builtins.int
+    offset: _builtins.int
+    """consolidate: the new offset; extract: the new extract pointer."""
+    items: _builtins.int
+    """extract: items stored (after merging duplicates)."""
+    new_session_id: _builtins.str
+    """compact: the session that continues the conversation."""
+    archived: _builtins.bool
+    """consolidate: the raw text was archived after repeated failures."""
+    model: _builtins.str
+    """Model route the job uses; empty for memory.model."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
+        trigger: _builtins.str = ...,
+        head: _builtins.str = ...,
+        error: _builtins.str = ...,
+        tokens_in: _builtins.int = ...,
+        tokens_out: _builtins.int = ...,
+        duration_ms: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        offset: _builtins.int = ...,
+        items: _builtins.int = ...,
+        new_session_id: _builtins.str = ...,
+        archived: _builtins.bool = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "created_at", b"created_at", "duration_ms", b"duration_ms", "error", b"error", "finished_at", b"finished_at", "head", b"head", "id", b"id", "items", b"items", "kind", b"kind", "model", b"model", "new_session_id", b"new_session_id", "offset", b"offset", "session_id", b"session_id", "state", b"state", "tenant", b"tenant", "tokens_in", b"tokens_in", "tokens_out", b"tokens_out", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015
 
 @_typing.final
 class RecallRequest(_message.Message):
@@ -83,21 +311,64 @@ class RecallRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    BUDGET_TOKENS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     session_id: _builtins.str
+    query: _builtins.str
+    """What the next turn is about (the user's input): ranks the extracted items."""
+    budget_tokens: _builtins.int
+    """Tokens the summary and items may take; 0 uses memory.recall_budget_tokens."""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        query: _builtins.str = ...,
+        budget_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_tokens", b"budget_tokens", "query", b"query", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecallRequest: _TypeAlias = RecallRequest  # noqa: Y015
+
+@_typing.final
+class ExtractedItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    FROM_SEQ_FIELD_NUMBER: _builtins.int
+    TO_SEQ_FIELD_NUMBER: _builtins.int
+    MENTIONS_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"decision", "discussion", "attempt" or "request"."""
+    json: _builtins.str
+    """The item as JSON (the fields of its kind)."""
+    from_seq: _builtins.int
+    """Source range: messages [from_seq, to_seq]."""
+    to_seq: _builtins.int
+    mentions: _builtins.int
+    """How many extractions found it (duplicates merge)."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        json: _builtins.str = ...,
+        from_seq: _builtins.int = ...,
+        to_seq: _builtins.int = ...,
+        mentions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_seq", b"from_seq", "json", b"json", "kind", b"kind", "mentions", b"mentions", "to_seq", b"to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtractedItem: _TypeAlias = ExtractedItem  # noqa: Y015
 
 @_typing.final
 class RecallResponse(_message.Message):
@@ -105,17 +376,29 @@ class RecallResponse(_message.Message):
 
     SUMMARY_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    COMPACT_DUE_FIELD_NUMBER: _builtins.int
     summary: _builtins.str
     offset: _builtins.int
+    context: _builtins.str
+    """Summary and items rendered as one block for the prompt; empty when there is nothing."""
+    compact_due: _builtins.bool
+    """The next turn should compact first (the last reported prompt passed compact_threshold)."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExtractedItem]: ...
     def __init__(
         self,
         *,
         summary: _builtins.str = ...,
         offset: _builtins.int = ...,
+        items: _abc.Iterable[Global___ExtractedItem] | None = ...,
+        context: _builtins.str = ...,
+        compact_due: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact_due", b"compact_due", "context", b"context", "items", b"items", "offset", b"offset", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

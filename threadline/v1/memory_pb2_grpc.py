@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class MemoryStub:
-    """Memory keeps long conversations useful: it folds old messages into a
-    per-session summary that the executor injects into the prompt.
+    """Memory keeps long conversations useful without blocking a turn: it folds old
+    messages into a per-session summary (consolidation), pulls structured facts
+    out of them (extraction), and moves an over-full session to a new, compacted
+    one (compaction). Jobs run in the background, one replica per session at a
+    time; on-demand requests return a job id to follow with GetJob.
     """
 
     def __init__(self, channel):
@@ -36,10 +39,30 @@ class MemoryStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.RecordActivity = channel.unary_unary(
+                '/threadline.v1.Memory/RecordActivity',
+                request_serializer=threadline_dot_v1_dot_memory__pb2.RecordActivityRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_memory__pb2.RecordActivityResponse.FromString,
+                _registered_method=True)
         self.Consolidate = channel.unary_unary(
                 '/threadline.v1.Memory/Consolidate',
                 request_serializer=threadline_dot_v1_dot_memory__pb2.ConsolidateRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_memory__pb2.ConsolidateResponse.FromString,
+                _registered_method=True)
+        self.Extract = channel.unary_unary(
+                '/threadline.v1.Memory/Extract',
+                request_serializer=threadline_dot_v1_dot_memory__pb2.JobRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_memory__pb2.Job.FromString,
+                _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/threadline.v1.Memory/Compact',
+                request_serializer=threadline_dot_v1_dot_memory__pb2.JobRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_memory__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/threadline.v1.Memory/GetJob',
+                request_serializer=threadline_dot_v1_dot_memory__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_memory__pb2.Job.FromString,
                 _registered_method=True)
         self.Recall = channel.unary_unary(
                 '/threadline.v1.Memory/Recall',
@@ -49,20 +72,52 @@ class MemoryStub:
 
 
 class MemoryServicer:
-    """Memory keeps long conversations useful: it folds old messages into a
-    per-session summary that the executor injects into the prompt.
+    """Memory keeps long conversations useful without blocking a turn: it folds old
+    messages into a per-session summary (consolidation), pulls structured facts
+    out of them (extraction), and moves an over-full session to a new, compacted
+    one (compaction). Jobs run in the background, one replica per session at a
+    time; on-demand requests return a job id to follow with GetJob.
     """
 
-    def Consolidate(self, request, context):
-        """Summarises the session's messages that are not yet consolidated into its
-        memory, then advances the offset.
+    def RecordActivity(self, request, context):
+        """What the executor reports after each turn: the session's head and the prompt
+        tokens the model server counted. Starts the jobs whose triggers it passes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Recall(self, request, context):
+    def Consolidate(self, request, context):
+        """Summarises the session's messages that are not yet consolidated into its
+        memory, then advances the offset. Runs at once (the reply carries the result).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Extract(self, request, context):
+        """Extracts decisions, discussions, attempts and requests since the extract pointer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Compact(self, request, context):
+        """Moves the session to a new one: a summary plus the retained tail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Recall(self, request, context):
+        """What to inject into a prompt: the summary and the most relevant extracted items.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -70,10 +125,30 @@ class MemoryServicer:
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'RecordActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordActivity,
+                    request_deserializer=threadline_dot_v1_dot_memory__pb2.RecordActivityRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_memory__pb2.RecordActivityResponse.SerializeToString,
+            ),
             'Consolidate': grpc.unary_unary_rpc_method_handler(
                     servicer.Consolidate,
                     request_deserializer=threadline_dot_v1_dot_memory__pb2.ConsolidateRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_memory__pb2.ConsolidateResponse.SerializeToString,
+            ),
+            'Extract': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extract,
+                    request_deserializer=threadline_dot_v1_dot_memory__pb2.JobRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_memory__pb2.Job.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=threadline_dot_v1_dot_memory__pb2.JobRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_memory__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=threadline_dot_v1_dot_memory__pb2.GetJobRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_memory__pb2.Job.SerializeToString,
             ),
             'Recall': grpc.unary_unary_rpc_method_handler(
                     servicer.Recall,
@@ -89,9 +164,39 @@ def add_MemoryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Memory:
-    """Memory keeps long conversations useful: it folds old messages into a
-    per-session summary that the executor injects into the prompt.
+    """Memory keeps long conversations useful without blocking a turn: it folds old
+    messages into a per-session summary (consolidation), pulls structured facts
+    out of them (extraction), and moves an over-full session to a new, compacted
+    one (compaction). Jobs run in the background, one replica per session at a
+    time; on-demand requests return a job id to follow with GetJob.
     """
+
+    @staticmethod
+    def RecordActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Memory/RecordActivity',
+            threadline_dot_v1_dot_memory__pb2.RecordActivityRequest.SerializeToString,
+            threadline_dot_v1_dot_memory__pb2.RecordActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Consolidate(request,
@@ -110,6 +215,87 @@ class Memory:
             '/threadline.v1.Memory/Consolidate',
             threadline_dot_v1_dot_memory__pb2.ConsolidateRequest.SerializeToString,
             threadline_dot_v1_dot_memory__pb2.ConsolidateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extract(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Memory/Extract',
+            threadline_dot_v1_dot_memory__pb2.JobRequest.SerializeToString,
+            threadline_dot_v1_dot_memory__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Memory/Compact',
+            threadline_dot_v1_dot_memory__pb2.JobRequest.SerializeToString,
+            threadline_dot_v1_dot_memory__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Memory/GetJob',
+            threadline_dot_v1_dot_memory__pb2.GetJobRequest.SerializeToString,
+            threadline_dot_v1_dot_memory__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

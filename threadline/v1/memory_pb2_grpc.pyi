@@ -27,37 +27,76 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MemoryStub:
-    """Memory keeps long conversations useful: it folds old messages into a
-    per-session summary that the executor injects into the prompt.
+    """Memory keeps long conversations useful without blocking a turn: it folds old
+    messages into a per-session summary (consolidation), pulls structured facts
+    out of them (extraction), and moves an over-full session to a new, compacted
+    one (compaction). Jobs run in the background, one replica per session at a
+    time; on-demand requests return a job id to follow with GetJob.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MemoryAsyncStub: ...
+    RecordActivity: _grpc.UnaryUnaryMultiCallable[_memory_pb2.RecordActivityRequest, _memory_pb2.RecordActivityResponse]
+    """What the executor reports after each turn: the session's head and the prompt
+    tokens the model server counted. Starts the jobs whose triggers it passes.
+    """
     Consolidate: _grpc.UnaryUnaryMultiCallable[_memory_pb2.ConsolidateRequest, _memory_pb2.ConsolidateResponse]
     """Summarises the session's messages that are not yet consolidated into its
-    memory, then advances the offset.
+    memory, then advances the offset. Runs at once (the reply carries the result).
     """
+    Extract: _grpc.UnaryUnaryMultiCallable[_memory_pb2.JobRequest, _memory_pb2.Job]
+    """Extracts decisions, discussions, attempts and requests since the extract pointer."""
+    Compact: _grpc.UnaryUnaryMultiCallable[_memory_pb2.JobRequest, _memory_pb2.Job]
+    """Moves the session to a new one: a summary plus the retained tail."""
+    GetJob: _grpc.UnaryUnaryMultiCallable[_memory_pb2.GetJobRequest, _memory_pb2.Job]
     Recall: _grpc.UnaryUnaryMultiCallable[_memory_pb2.RecallRequest, _memory_pb2.RecallResponse]
+    """What to inject into a prompt: the summary and the most relevant extracted items."""
 
 @_typing.type_check_only
 class MemoryAsyncStub(MemoryStub):
-    """Memory keeps long conversations useful: it folds old messages into a
-    per-session summary that the executor injects into the prompt.
+    """Memory keeps long conversations useful without blocking a turn: it folds old
+    messages into a per-session summary (consolidation), pulls structured facts
+    out of them (extraction), and moves an over-full session to a new, compacted
+    one (compaction). Jobs run in the background, one replica per session at a
+    time; on-demand requests return a job id to follow with GetJob.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    RecordActivity: _aio.UnaryUnaryMultiCallable[_memory_pb2.RecordActivityRequest, _memory_pb2.RecordActivityResponse]  # type: ignore[assignment]
+    """What the executor reports after each turn: the session's head and the prompt
+    tokens the model server counted. Starts the jobs whose triggers it passes.
+    """
     Consolidate: _aio.UnaryUnaryMultiCallable[_memory_pb2.ConsolidateRequest, _memory_pb2.ConsolidateResponse]  # type: ignore[assignment]
     """Summarises the session's messages that are not yet consolidated into its
-    memory, then advances the offset.
+    memory, then advances the offset. Runs at once (the reply carries the result).
     """
+    Extract: _aio.UnaryUnaryMultiCallable[_memory_pb2.JobRequest, _memory_pb2.Job]  # type: ignore[assignment]
+    """Extracts decisions, discussions, attempts and requests since the extract pointer."""
+    Compact: _aio.UnaryUnaryMultiCallable[_memory_pb2.JobRequest, _memory_pb2.Job]  # type: ignore[assignment]
+    """Moves the session to a new one: a summary plus the retained tail."""
+    GetJob: _aio.UnaryUnaryMultiCallable[_memory_pb2.GetJobRequest, _memory_pb2.Job]  # type: ignore[assignment]
     Recall: _aio.UnaryUnaryMultiCallable[_memory_pb2.RecallRequest, _memory_pb2.RecallResponse]  # type: ignore[assignment]
+    """What to inject into a prompt: the summary and the most relevant extracted items."""
 
 class MemoryServicer(metaclass=_abc_1.ABCMeta):
-    """Memory keeps long conversations useful: it folds old messages into a
-    per-session summary that the executor injects into the prompt.
+    """Memory keeps long conversations useful without blocking a turn: it folds old
+    messages into a per-session summary (consolidation), pulls structured facts
+    out of them (extraction), and moves an over-full session to a new, compacted
+    one (compaction). Jobs run in the background, one replica per session at a
+    time; on-demand requests return a job id to follow with GetJob.
     """
+
+    @_abc_1.abstractmethod
+    def RecordActivity(
+        self,
+        request: _memory_pb2.RecordActivityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.RecordActivityResponse, _abc.Awaitable[_memory_pb2.RecordActivityResponse]]:
+        """What the executor reports after each turn: the session's head and the prompt
+        tokens the model server counted. Starts the jobs whose triggers it passes.
+        """
 
     @_abc_1.abstractmethod
     def Consolidate(
@@ -66,14 +105,38 @@ class MemoryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memory_pb2.ConsolidateResponse, _abc.Awaitable[_memory_pb2.ConsolidateResponse]]:
         """Summarises the session's messages that are not yet consolidated into its
-        memory, then advances the offset.
+        memory, then advances the offset. Runs at once (the reply carries the result).
         """
+
+    @_abc_1.abstractmethod
+    def Extract(
+        self,
+        request: _memory_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.Job, _abc.Awaitable[_memory_pb2.Job]]:
+        """Extracts decisions, discussions, attempts and requests since the extract pointer."""
+
+    @_abc_1.abstractmethod
+    def Compact(
+        self,
+        request: _memory_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.Job, _abc.Awaitable[_memory_pb2.Job]]:
+        """Moves the session to a new one: a summary plus the retained tail."""
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _memory_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.Job, _abc.Awaitable[_memory_pb2.Job]]: ...
 
     @_abc_1.abstractmethod
     def Recall(
         self,
         request: _memory_pb2.RecallRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_memory_pb2.RecallResponse, _abc.Awaitable[_memory_pb2.RecallResponse]]: ...
+    ) -> _typing.Union[_memory_pb2.RecallResponse, _abc.Awaitable[_memory_pb2.RecallResponse]]:
+        """What to inject into a prompt: the summary and the most relevant extracted items."""
 
 def add_MemoryServicer_to_server(servicer: MemoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,427 @@
+"""Memory jobs: queued, run one session at a time across replicas, recorded, announced.
+
+A job is a record in the memory store plus an id on the job queue. A worker
+takes the next id, takes the session's lease (waiting while another replica
+works the session), and runs the job under a timeout. A job is idempotent by
+(kind, session, head): if one of its kind already succeeded on the session's
+current head, a redelivered or duplicate job takes that result instead of
+calling the model again. Whatever happens, the record is finished, the event
+published and the delivery acknowledged; a failing job never stops a worker,
+and the idle scan survives a failing session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.memory import triggers
+from services.memory.compaction import Compactor, is_refusal
+from services.memory.consolidation import Consolidator, JobResult
+from services.memory.extraction import Extractor
+from services.memory.queue import Delivery, JobQueue, LocalJobQueue
+from services.memory.store import Activity, SqliteMemoryStore, now_us
+from threadline import errors
+from threadline.events import EventPublisher
+from threadline.leases import HeldLease, Leases
+from threadline.logs import get_logger
+from threadline.v1 import memory_pb2, session_pb2
+
+log = get_logger(__name__)
+
+JobKind = Literal["consolidate", "extract", "compact"]
+KINDS: tuple[JobKind, ...] = ("consolidate", "extract", "compact")
+
+#: Event type prefix per kind: <prefix>.started/done/failed (compaction: compact.start).
+_EVENTS: dict[str, tuple[str, str, str]] = {
+    "consolidate": (
+        "memory.consolidation.started",
+        "memory.consolidation.done",
+        "memory.consolidation.failed",
+    ),
+    "extract": (
+        "memory.extraction.started",
+        "memory.extraction.done",
+        "memory.extraction.failed",
+    ),
+    "compact": ("compact.start", "compact.done", "compact.failed"),
+}
+_FINISHED = (memory_pb2.JOB_STATE_SUCCEEDED, memory_pb2.JOB_STATE_FAILED)
+
+
+class SessionsForJobs(Protocol):
+    async def get(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        include_messages: bool = ...,
+        verify_chain: bool = ...,
+        from_seq: int = ...,
+    ) -> session_pb2.SessionDetail: ...
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    thresholds: triggers.Thresholds
+    idle_consolidate_s: float
+    job_timeout_s: float
+    workers: int
+    scan_interval_s: float
+    lease_ttl_s: float
+    claim_idle_s: float
+
+
+def _timestamp(us: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMicroseconds(us)
+    return stamp
+
+
+@dataclass
+class MemoryJobs:
+    store: SqliteMemoryStore
+    sessions: SessionsForJobs
+    queue: JobQueue
+    leases: Leases
+    events: EventPublisher
+    consolidator: Consolidator
+    extractor: Extractor
+    compactor: Compactor
+    settings: JobSettings
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _finished: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if isinstance(self.queue, LocalJobQueue):
+            # Nothing else remembers an in-process queue across a restart.
+            for job_id in await self.store.unfinished_jobs():
+                await self.queue.put(job_id)
+        for index in range(self.settings.workers):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"memory-worker-{index}"))
+        self._tasks.append(asyncio.create_task(self._scan_forever(), name="memory-idle-scan"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    # -- submitting --------------------------------------------------------------
+
+    async def submit(
+        self, tenant: str, session_id: str, kind: JobKind, trigger: str, model: str = ""
+    ) -> memory_pb2.Job:
+        """Queue a job, or return the one of this kind already queued or running."""
+        active = await self.store.active_job(tenant, session_id, kind)
+        if active is not None:
+            return active
+        if kind == "compact":
+            await self.compactor.check(tenant, session_id)
+        else:
+            await self.sessions.get(tenant, session_id)  # NOT_FOUND now, not in the job
+        job = memory_pb2.Job(
+            id="job_" + uuid.uuid4().hex,
+            kind=kind,
+            tenant=tenant,
+            session_id=session_id,
+            state=memory_pb2.JOB_STATE_QUEUED,
+            trigger=trigger,
+            created_at=_timestamp(now_us()),
+            model=model,
+        )
+        await self.store.put_job(job)
+        await self.queue.put(job.id)
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> memory_pb2.Job:
+        """The job once finished (another replica may run it); DEADLINE_EXCEEDED after timeout."""
+        deadline = time.monotonic() + timeout_s
+        event = self._finished.setdefault(job_id, asyncio.Event())
+        try:
+            while True:
+                job = await self.job(job_id)
+                if job is not None and job.state in _FINISHED:
+                    return job
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise errors.DeadlineExceeded(f"memory job {job_id} is still running")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, 0.2))
+        finally:
+            self._finished.pop(job_id, None)
+
+    async def job(self, job_id: str) -> memory_pb2.Job | None:
+        return await self.store.job(job_id)
+
+    async def record_activity(
+        self, request: memory_pb2.RecordActivityRequest
+    ) -> memory_pb2.RecordActivityResponse:
+        tenant, session_id = request.tenant, request.session_id
+        activity = Activity(
+            tenant,
+            session_id,
+            request.model,
+            request.prompt_tokens,
+            request.context_window_tokens,
+            now_us(),
+        )
+        await self.store.record_activity(activity)
+        response = memory_pb2.RecordActivityResponse(
+            compact_due=triggers.compaction_due(self.settings.thresholds, activity)
+        )
+        thresholds = self.settings.thresholds
+        if thresholds.consolidate_fraction <= 0 and thresholds.extract_threshold <= 0:
+            return response
+        memory = await self.store.get(tenant, session_id)
+        detail = await self.sessions.get(
+            tenant,
+            session_id,
+            include_messages=True,
+            from_seq=min(memory.offset, memory.extract_offset),
+        )
+        window = request.context_window_tokens
+        if triggers.consolidation_due(thresholds, memory, detail.messages, window):
+            response.started.append(await self.submit(tenant, session_id, "consolidate", "tokens"))
+        if triggers.extraction_due(thresholds, memory, detail.messages):
+            response.started.append(await self.submit(tenant, session_id, "extract", "tokens"))
+        return response
+
+    async def compact_due(self, tenant: str, session_id: str) -> bool:
+        activity = await self.store.activity(tenant, session_id)
+        return triggers.compaction_due(self.settings.thresholds, activity)
+
+    # -- the idle scan -----------------------------------------------------------
+
+    async def scan_idle(self) -> list[memory_pb2.Job]:
+        """Queue consolidation for sessions idle past idle_consolidate_s with new messages."""
+        if self.settings.idle_consolidate_s <= 0:
+            return []
+        cutoff = now_us() - int(self.settings.idle_consolidate_s * 1_000_000)
+        started: list[memory_pb2.Job] = []
+        for activity in await self.store.idle_since(cutoff):
+            try:
+                pending = await self.consolidator.pending(activity.tenant, activity.session_id)
+                if pending:
+                    started.append(
+                        await self.submit(
+                            activity.tenant, activity.session_id, "consolidate", "idle"
+                        )
+                    )
+            except errors.NotFound:
+                pass  # deleted since: nothing to consolidate, ever
+            except Exception:
+                # One broken session must not stop the scan of the others.
+                log.exception("memory.idle_check_failed", session_id=activity.session_id)
+                continue
+            await self.store.mark_idle_checked(
+                activity.tenant, activity.session_id, activity.last_active
+            )
+        return started
+
+    async def _scan_forever(self) -> None:
+        while True:
+            try:
+                await self.scan_idle()
+            except Exception:
+                log.exception("memory.idle_scan_failed")
+            await asyncio.sleep(self.settings.scan_interval_s)
+
+    # -- running -----------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                delivery = await self.queue.get()
+            except Exception:
+                log.exception("memory.queue_read_failed")
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                await self.handle(delivery)
+            except Exception:
+                log.exception("memory.job_crashed", job_id=delivery.job_id)
+
+    async def handle(self, delivery: Delivery) -> None:
+        job = await self.store.job(delivery.job_id)
+        if job is None or job.state in _FINISHED:
+            await delivery.ack()
+            return
+        if delivery.reclaimed:
+            log.info("memory.job_taken_over", job_id=job.id, session_id=job.session_id)
+        lease = await self._lease(job, delivery.touch)
+        if lease is None:
+            # Someone else has worked the session all along: queue it behind them.
+            await self.queue.put(job.id)
+            await delivery.ack()
+            return
+        keeper = asyncio.create_task(self._keep(delivery.touch), name=f"touch-{job.id}")
+        try:
+            await self._run(job)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await lease.release()
+        # Not reached when cancelled (shutdown): the job stays unacknowledged, to be
+        # taken over by another replica or run again at the next start.
+        await delivery.ack()
+        event = self._finished.get(job.id)
+        if event is not None:
+            event.set()
+
+    async def _lease(
+        self, job: memory_pb2.Job, touch: Callable[[], Awaitable[None]]
+    ) -> HeldLease | None:
+        name = f"{job.tenant}:{job.session_id}"
+        deadline = time.monotonic() + self.settings.lease_ttl_s * 2
+        next_touch = time.monotonic() + self.settings.claim_idle_s / 3
+        while True:
+            held = await self.leases.acquire(name)
+            if held is not None or time.monotonic() > deadline:
+                return held
+            if time.monotonic() > next_touch:
+                await touch()
+                next_touch = time.monotonic() + self.settings.claim_idle_s / 3
+            await asyncio.sleep(0.05)
+
+    async def _keep(self, touch: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.claim_idle_s / 3)
+            try:
+                await touch()
+            except Exception:
+                log.warning("memory.job_touch_failed", exc_info=True)
+
+    async def _run(self, job: memory_pb2.Job) -> None:
+        tenant, session_id, kind = job.tenant, job.session_id, job.kind
+        started_type, done_type, failed_type = _EVENTS[kind]
+        result = JobResult()
+        started = time.perf_counter()
+        try:
+            head = (await self.sessions.get(tenant, session_id)).session.head
+            earlier = await self.store.succeeded_job(tenant, session_id, kind, head)
+            if earlier is not None:
+                # Already done on this very head (a redelivery, or a duplicate request).
+                self._copy_result(job, earlier)
+                job.state = memory_pb2.JOB_STATE_SUCCEEDED
+                job.finished_at.CopyFrom(_timestamp(now_us()))
+                await self.store.put_job(job)
+                return
+            job.head = head
+            job.state = memory_pb2.JOB_STATE_RUNNING
+            await self.store.put_job(job)
+            self.events.emit(started_type, tenant=tenant, session_id=session_id, **self._attrs(job))
+            async with asyncio.timeout(self.settings.job_timeout_s):
+                await self._domain(kind).run(tenant, session_id, job.model, result)
+        except Exception as exc:
+            error = self._describe(exc)
+            if kind == "consolidate":
+                failures = await self._suppress(
+                    self.consolidator.failed(tenant, session_id, result)
+                )
+            elif kind == "compact" and job.head and not is_refusal(exc):
+                failures = await self._suppress(
+                    self.store.count_failure(tenant, session_id, "compact", job.head)
+                )
+            else:
+                failures = None
+            self._finish(job, result, started, memory_pb2.JOB_STATE_FAILED, error)
+            await self.store.put_job(job)
+            self.events.emit(
+                failed_type,
+                tenant=tenant,
+                session_id=session_id,
+                reason=error,
+                failures=failures,
+                **self._attrs(job),
+            )
+            if not isinstance(exc, errors.ThreadlineError | TimeoutError):
+                log.exception("memory.job_failed", job_id=job.id)
+            return
+        if kind == "consolidate":
+            await self.store.reset_failures(tenant, session_id, "consolidate")
+        self._finish(job, result, started, memory_pb2.JOB_STATE_SUCCEEDED, "")
+        await self.store.put_job(job)
+        self.events.emit(
+            done_type,
+            tenant=tenant,
+            session_id=session_id,
+            skipped=result.skipped or None,
+            **result.extra,
+            **self._attrs(job),
+        )
+
+    def _domain(self, kind: str) -> Consolidator | Extractor | Compactor:
+        if kind == "consolidate":
+            return self.consolidator
+        return self.extractor if kind == "extract" else self.compactor
+
+    @staticmethod
+    async def _suppress(work: Awaitable[int]) -> int | None:
+        try:
+            return await work
+        except Exception:
+            log.exception("memory.failure_bookkeeping_failed")
+            return None
+
+    def _finish(
+        self,
+        job: memory_pb2.Job,
+        result: JobResult,
+        started: float,
+        state: memory_pb2.JobState.ValueType,
+        error: str,
+    ) -> None:
+        job.state = state
+        job.error = error
+        job.tokens_in = result.tokens_in
+        job.tokens_out = result.tokens_out
+        job.offset = result.offset
+        job.items = result.items
+        job.new_session_id = result.new_session_id
+        job.archived = result.archived
+        job.duration_ms = int((time.perf_counter() - started) * 1000)
+        job.finished_at.CopyFrom(_timestamp(now_us()))
+
+    def _copy_result(self, job: memory_pb2.Job, earlier: memory_pb2.Job) -> None:
+        # Nothing is done again (items stay 0); a compaction names the session it made.
+        job.head = earlier.head
+        job.offset = earlier.offset
+        job.new_session_id = earlier.new_session_id
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            return f"timed out after {self.settings.job_timeout_s:g}s"
+        if isinstance(exc, errors.ThreadlineError):
+            return exc.message
+        return f"{type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _attrs(job: memory_pb2.Job) -> dict[str, object]:
+        attrs: dict[str, object] = {"job_id": job.id, "trigger": job.trigger}
+        if job.state in _FINISHED:
+            attrs.update(
+                tokens_in=job.tokens_in,
+                tokens_out=job.tokens_out,
+                duration_ms=job.duration_ms,
+            )
+            if job.kind == "compact" and job.new_session_id:
+                attrs["new_session_id"] = job.new_session_id
+            elif job.kind != "compact":
+                attrs["offset"] = job.offset
+                attrs["messages" if job.kind == "consolidate" else "items"] = job.items
+            if job.archived:
+                attrs["archived"] = True
+        return attrs

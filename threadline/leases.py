@@ -1,0 +1,99 @@
+"""Named leases: one holder at a time, across replicas when Redis is configured.
+
+In-process leases serve a single process. In Redis a lease is a key set if
+absent, with an expiry and a random token, renewed while held and released only
+by its holder (compare-and-delete), so replicas exclude each other and a
+crashed holder's lease expires by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from threadline.logs import get_logger
+
+log = get_logger(__name__)
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class HeldLease(Protocol):
+    async def release(self) -> None: ...
+
+
+class Leases(Protocol):
+    async def acquire(self, name: str) -> HeldLease | None:
+        """The lease on `name`, or None when someone else holds it."""
+
+
+class _LocalHeld:
+    def __init__(self, held: set[str], name: str) -> None:
+        self._held = held
+        self._name = name
+
+    async def release(self) -> None:
+        self._held.discard(self._name)
+
+
+class LocalLeases:
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+
+    async def acquire(self, name: str) -> HeldLease | None:
+        if name in self._held:
+            return None
+        self._held.add(name)
+        return _LocalHeld(self._held, name)
+
+
+class _RedisHeld:
+    def __init__(self, client: aioredis.Redis, key: str, token: str, ttl_ms: int) -> None:
+        self._client = client
+        self._key = key
+        self._token = token
+        self._ttl_ms = ttl_ms
+        self._renewer = asyncio.create_task(self._renew(), name=f"lease-renew-{key}")
+
+    async def release(self) -> None:
+        self._renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._renewer
+        try:
+            await self._client.eval(_RELEASE, 1, self._key, self._token)
+        except Exception:
+            # It expires on its own; a failed release only delays the next holder.
+            log.warning("lease.release_failed", key=self._key, exc_info=True)
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_ms / 3000)
+            try:
+                await self._client.eval(_RENEW, 1, self._key, self._token, str(self._ttl_ms))
+            except Exception:
+                log.warning("lease.renew_failed", key=self._key, exc_info=True)
+
+
+class RedisLeases:
+    def __init__(self, client: aioredis.Redis, *, ttl_s: float, prefix: str) -> None:
+        self._client = client
+        self._ttl_ms = int(ttl_s * 1000)
+        self._prefix = prefix
+
+    async def acquire(self, name: str) -> HeldLease | None:
+        key = self._prefix + name
+        token = secrets.token_hex(16)
+        if not await self._client.set(key, token, nx=True, px=self._ttl_ms):
+            return None
+        return _RedisHeld(self._client, key, token, self._ttl_ms)
