@@ -71,6 +71,14 @@ def make_settings(tmp_path: Path, upstream_url: str | None, **overrides: Any) ->
         "llm": {
             "retry": {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.2, "budget_s": 5},
         },
+        # Memory's background jobs would take scripted answers meant for the test's own
+        # requests: tests that exercise a trigger switch it on.
+        "memory": {
+            "consolidate_fraction": 0,
+            "idle_consolidate_s": 0,
+            "extract_threshold": 0,
+            "compact_threshold": 0,
+        },
     }
     if upstream_url is not None:
         data["llm"]["upstream"] = {

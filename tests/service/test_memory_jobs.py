@@ -1,0 +1,500 @@
+"""Memory's background jobs through real llm_proxy, session, memory and executor servers.
+
+The fake upstream serves two models: the conversation's (`fake-model`) and the
+summariser's (`summarizer`, memory.model), so each test scripts the two apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import FAKE_MODEL, make_settings
+from tests.service.conftest import EventRecorder, attrs, private_stack, upstream_config
+from threadline import errors
+from threadline.channels import streaming
+from threadline.config import ServiceName, Settings
+from threadline.peers import ExecutorClient, MemoryClient, SessionClient
+from threadline.stack import Stack
+from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.v1 import common_pb2, executor_pb2, memory_pb2, session_pb2
+
+TENANT = "acme"
+SUMMARIZER = "summarizer"
+SUMMARY = "Ada plans a trip to Lyon; she prefers trains."
+HEADER = "[Compacted context summary]"
+
+
+def memory_settings(
+    tmp_path: Path, fake: FakeUpstream, redis_url: str, *, executor: Any = None, **memory: Any
+) -> Settings:
+    upstream = upstream_config(fake.base_url, first_token_s=2, total_s=10)
+    upstream["models"] = [FAKE_MODEL, SUMMARIZER]
+    return make_settings(
+        tmp_path,
+        fake.base_url,
+        redis_url=redis_url,
+        llm={"upstream": upstream, "default_route": ""},
+        memory={
+            "model": SUMMARIZER,
+            "scan_interval_s": 0.1,
+            "claim_idle_s": 1.0,
+            "lease_ttl_s": 2.0,
+            "job_timeout_s": 5.0,
+            "compact_retained_tokens": 40,
+            **memory,
+        },
+        executor={"context_budget_tokens": 400, **(executor or {})},
+    )
+
+
+def write_summary(text: str = SUMMARY) -> Script:
+    return Script(tool_calls=[("write_summary", json.dumps({"summary": text}))])
+
+
+def user(content: str) -> common_pb2.Message:
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=content)
+
+
+def assistant(content: str) -> common_pb2.Message:
+    return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=content)
+
+
+def exchange(n: int, words: int = 10) -> list[common_pb2.Message]:
+    """n user/assistant pairs of about `words` words each."""
+    out = []
+    for i in range(n):
+        out.append(user(f"question {i} " + "lorem " * words))
+        out.append(assistant(f"answer {i} " + "ipsum " * words))
+    return out
+
+
+class Clients:
+    def __init__(self, stack: Stack) -> None:
+        self.sessions = SessionClient(stack.address("session"))
+        self.memory = MemoryClient(stack.address("memory"))
+        self.executor = (
+            ExecutorClient(stack.address("executor")) if "executor" in stack.hosts else None
+        )
+
+    async def close(self) -> None:
+        await self.sessions.close()
+        await self.memory.close()
+        if self.executor is not None:
+            await self.executor.close()
+
+    async def session(self, messages: list[common_pb2.Message], system: str = "") -> str:
+        created = await self.sessions.create(
+            session_pb2.SessionsCreateRequest(tenant=TENANT, system_prompt=system)
+        )
+        if messages:
+            await self.sessions.append(TENANT, created.id, "", messages)
+        return created.id
+
+    async def add(self, session_id: str, *messages: common_pb2.Message) -> None:
+        head = (await self.sessions.get(TENANT, session_id)).session.head
+        await self.sessions.append(TENANT, session_id, head, list(messages))
+
+    async def activity(
+        self, session_id: str, prompt_tokens: int = 0, window: int = 400
+    ) -> memory_pb2.RecordActivityResponse:
+        return await self.memory.record_activity(
+            memory_pb2.RecordActivityRequest(
+                tenant=TENANT,
+                session_id=session_id,
+                model=FAKE_MODEL,
+                prompt_tokens=prompt_tokens,
+                context_window_tokens=window,
+            )
+        )
+
+    async def wait_job(self, job_id: str, timeout_s: float = 10.0) -> memory_pb2.Job:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = await self.memory.get_job(TENANT, job_id)
+            if job.state in (memory_pb2.JOB_STATE_SUCCEEDED, memory_pb2.JOB_STATE_FAILED):
+                return job
+            assert time.monotonic() < deadline, f"job {job_id} still {job.state}"
+            await asyncio.sleep(0.02)
+
+    async def compact(self, session_id: str) -> memory_pb2.Job:
+        return await self.memory.compact(
+            memory_pb2.JobRequest(tenant=TENANT, session_id=session_id, wait=True)
+        )
+
+    async def turn(self, session_id: str, text: str) -> list[executor_pb2.TurnEvent]:
+        assert self.executor is not None
+        request = executor_pb2.RunTurnRequest(tenant=TENANT, session_id=session_id, input=text)
+        return [e async for e in streaming(self.executor.run_turn(request))]
+
+
+Start = Callable[..., contextlib.AbstractAsyncContextManager[tuple[Clients, EventRecorder]]]
+
+
+@pytest.fixture
+def start(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> Start:
+    """Start a private stack with these memory settings (and `executor=` ones)."""
+
+    @contextlib.asynccontextmanager
+    async def started(
+        services: tuple[ServiceName, ...] = ("llm_proxy", "session", "memory"),
+        executor: dict[str, Any] | None = None,
+        **memory: Any,
+    ) -> AsyncIterator[tuple[Clients, EventRecorder]]:
+        settings = memory_settings(tmp_path, fake_upstream, redis_url, executor=executor, **memory)
+        async with private_stack(settings, list(services)) as stack:
+            clients = Clients(stack)
+            recorder = EventRecorder(stack.bus, await stack.bus.subscribe())
+            try:
+                yield clients, recorder
+            finally:
+                await recorder.close()
+                await clients.close()
+
+    return started
+
+
+def summarizer_requests(fake: FakeUpstream) -> list[dict[str, Any]]:
+    return [r.body for r in fake.chat_requests() if r.body and r.body["model"] == SUMMARIZER]
+
+
+# -- triggers ------------------------------------------------------------------------
+
+
+async def test_consolidation_fires_at_its_fraction_of_the_window_and_not_before(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY))
+    async with start(consolidate_fraction=0.5) as (clients, events):
+        # Two exchanges of about 25 tokens a message: 100 < 0.5 * 400.
+        session_id = await clients.session(exchange(2, words=20))
+        assert not (await clients.activity(session_id, window=400)).started
+
+        await clients.add(session_id, *exchange(3, words=20))
+        response = await clients.activity(session_id, window=400)
+
+        (job,) = response.started
+        assert (job.kind, job.trigger) == ("consolidate", "tokens")
+        done = await clients.wait_job(job.id)
+        assert done.state == memory_pb2.JOB_STATE_SUCCEEDED and done.offset == 10
+        recalled = await clients.memory.recall(TENANT, session_id)
+        assert (recalled.summary, recalled.offset) == (SUMMARY, 10)
+        (event,) = await events.wait_for("memory.consolidation.done")
+        assert attrs(event)["job_id"] == job.id and attrs(event)["trigger"] == "tokens"
+
+
+async def test_extraction_fires_past_its_threshold(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    decision = {"options": ["train", "plane"], "chosen": "train", "rationale": "cheaper"}
+    fake_upstream.route(SUMMARIZER, Script(text=json.dumps({"decisions": [decision]})))
+    async with start(extract_threshold=100) as (clients, _events):
+        session_id = await clients.session(exchange(1, words=20))
+        assert not (await clients.activity(session_id)).started
+
+        await clients.add(session_id, *exchange(3, words=20))
+        (job,) = (await clients.activity(session_id)).started
+
+        assert job.kind == "extract"
+        done = await clients.wait_job(job.id)
+        assert done.state == memory_pb2.JOB_STATE_SUCCEEDED and done.items == 1
+        assert done.offset == 8
+        (request,) = summarizer_requests(fake_upstream)
+        assert request["response_format"] == {"type": "json_object"}
+        recalled = await clients.memory.recall(TENANT, session_id, query="train or plane?")
+        (item,) = recalled.items
+        assert item.kind == "decision" and json.loads(item.json)["chosen"] == "train"
+        assert (item.from_seq, item.to_seq) == (0, 7)
+        assert "Decision: train" in recalled.context
+
+
+async def test_thresholds_of_zero_never_fire(start: Start, fake_upstream: FakeUpstream) -> None:
+    async with start(
+        consolidate_fraction=0, extract_threshold=0, compact_threshold=0, idle_consolidate_s=0
+    ) as (clients, events):
+        session_id = await clients.session(exchange(30, words=30))
+        response = await clients.activity(session_id, prompt_tokens=400, window=400)
+        await asyncio.sleep(0.5)  # several idle scans
+
+        assert not response.started and not response.compact_due
+        assert not (await clients.memory.recall(TENANT, session_id)).compact_due
+        assert fake_upstream.chat_requests() == []
+        assert events.types("memory.") == [] and events.types("compact.") == []
+
+
+async def test_compaction_is_due_from_the_reported_prompt_not_an_estimate(start: Start) -> None:
+    async with start(compact_threshold=0.75) as (clients, _events):
+        # A tiny session: an estimate would never call it full.
+        session_id = await clients.session(exchange(1, words=2))
+        assert not (await clients.activity(session_id, prompt_tokens=299)).compact_due
+        assert (await clients.activity(session_id, prompt_tokens=300)).compact_due
+        assert (await clients.memory.recall(TENANT, session_id)).compact_due
+
+
+async def test_idle_sessions_are_consolidated_and_active_ones_left_alone(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY))
+    async with start(idle_consolidate_s=0.4) as (clients, events):
+        idle = await clients.session(exchange(2))
+        busy = await clients.session(exchange(2))
+        await clients.activity(idle)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            await clients.activity(busy)  # keeps being active
+            await asyncio.sleep(0.1)
+
+        done = events.of_type("memory.consolidation.done")
+        assert [e.session_id for e in done] == [idle]
+        assert attrs(done[0])["trigger"] == "idle"
+        # Idle again with nothing new: no second run (the busy one, idle at last, runs).
+        await clients.activity(idle)
+        await asyncio.sleep(0.8)
+        done = events.of_type("memory.consolidation.done")
+        assert [e.session_id for e in done] == [idle, busy]
+        assert len(summarizer_requests(fake_upstream)) == 2
+
+
+async def test_a_failing_job_leaves_the_workers_running(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    boom = Script.error(500, "boom")
+    # llm_proxy retries a 500 (3 attempts in these settings) before giving up.
+    fake_upstream.route_sequence(SUMMARIZER, [boom, boom, boom, Script(text=SUMMARY)])
+    async with start(workers=1) as (clients, events):
+        broken = await clients.session(exchange(2))
+        fine = await clients.session(exchange(2))
+
+        with pytest.raises(errors.Unavailable, match="boom"):
+            await clients.memory.consolidate(TENANT, broken)
+        result = await clients.memory.consolidate(TENANT, fine)
+
+        assert result.consolidated and result.summary == SUMMARY
+        (failed,) = events.of_type("memory.consolidation.failed")
+        assert failed.session_id == broken and "boom" in attrs(failed)["reason"]
+
+
+async def test_the_offset_survives_a_restart(start: Start, fake_upstream: FakeUpstream) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY))
+    async with start() as (clients, _events):
+        session_id = await clients.session(exchange(2))
+        await clients.memory.consolidate(TENANT, session_id)
+    async with start() as (clients, _events):
+        recalled = await clients.memory.recall(TENANT, session_id)
+        assert (recalled.summary, recalled.offset) == (SUMMARY, 4)
+        again = await clients.memory.consolidate(TENANT, session_id)
+        assert not again.consolidated
+        await clients.add(session_id, *exchange(1))
+        more = await clients.memory.consolidate(TENANT, session_id)
+        assert more.consolidated and more.messages_consolidated == 2 and more.offset == 6
+    assert len(summarizer_requests(fake_upstream)) == 2
+
+
+async def test_three_failures_archive_the_raw_text_so_the_session_moves_on(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script.error(400, "summariser refuses"))
+    async with start(max_failures=3) as (clients, events):
+        session_id = await clients.session(exchange(2))
+        for _ in range(2):
+            with pytest.raises(errors.Unavailable):
+                await clients.memory.consolidate(TENANT, session_id)
+            assert (await clients.memory.recall(TENANT, session_id)).offset == 0
+
+        with pytest.raises(errors.Unavailable):
+            await clients.memory.consolidate(TENANT, session_id)
+
+        assert (await clients.memory.recall(TENANT, session_id)).offset == 4
+        failures = [attrs(e) for e in events.of_type("memory.consolidation.failed")]
+        assert [f["failures"] for f in failures] == [1, 2, 3]
+        assert failures[-1]["archived"] is True
+
+
+async def test_a_span_larger_than_the_summarisers_window_goes_in_chunks(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY))
+    async with start(summary_window_tokens=600, max_summary_tokens=50) as (clients, _events):
+        session_id = await clients.session(exchange(20, words=40))
+
+        result = await clients.memory.consolidate(TENANT, session_id)
+
+        assert result.offset == 40 and result.messages_consolidated == 40
+        requests = summarizer_requests(fake_upstream)
+        assert len(requests) >= 3
+        for body in requests:
+            prompt_chars = sum(len(m["content"]) for m in body["messages"])
+            assert prompt_chars / 4 + body["max_tokens"] <= 600
+
+
+async def test_malformed_extraction_is_retried_once_then_the_job_fails(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text="not json at all"))
+    async with start() as (clients, events):
+        session_id = await clients.session(exchange(2))
+
+        job = await clients.memory.extract(
+            memory_pb2.JobRequest(tenant=TENANT, session_id=session_id, wait=True)
+        )
+
+        assert job.state == memory_pb2.JOB_STATE_FAILED and "malformed" in job.error
+        requests = summarizer_requests(fake_upstream)
+        assert len(requests) == 2 and "not valid" in requests[1]["messages"][-1]["content"]
+        assert list((await clients.memory.recall(TENANT, session_id)).items) == []
+        (failed,) = events.of_type("memory.extraction.failed")
+        assert attrs(failed)["job_id"] == job.id
+
+
+async def test_duplicate_extracted_items_merge(start: Start, fake_upstream: FakeUpstream) -> None:
+    first = {"discussions": [{"topic": "Trip", "points": ["dates"]}]}
+    second = {"discussions": [{"topic": "trip ", "points": ["dates", "budget"]}]}
+    fake_upstream.route_sequence(
+        SUMMARIZER, [Script(text=json.dumps(first)), Script(text=json.dumps(second))]
+    )
+    async with start() as (clients, _events):
+        session_id = await clients.session(exchange(1))
+        request = memory_pb2.JobRequest(tenant=TENANT, session_id=session_id, wait=True)
+        await clients.memory.extract(request)
+        await clients.add(session_id, *exchange(1))
+        await clients.memory.extract(request)
+
+        (item,) = (await clients.memory.recall(TENANT, session_id)).items
+        assert json.loads(item.json)["points"] == ["dates", "budget"]
+        assert (item.mentions, item.from_seq, item.to_seq) == (2, 0, 3)
+
+
+# -- compaction ----------------------------------------------------------------------
+
+
+async def test_compaction_makes_a_new_session_with_the_summary_and_the_tail(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, write_summary())
+    async with start(compact_retained_tokens=40) as (clients, events):
+        messages = exchange(4, words=20)
+        messages.append(user("And which train should I take?"))
+        session_id = await clients.session(messages, system="Be brief.")
+
+        job = await clients.compact(session_id)
+
+        assert job.state == memory_pb2.JOB_STATE_SUCCEEDED and job.new_session_id
+        new = await clients.sessions.get(TENANT, job.new_session_id, include_messages=True)
+        assert new.session.compacted_from == session_id
+        assert new.session.system_prompt == "Be brief."
+        first, *tail = new.messages
+        assert first.content == f"{HEADER}\n{SUMMARY}"
+        # The question just asked survives, verbatim, at the end.
+        assert [m.content for m in tail] == [m.content for m in messages[-len(tail) :]]
+        assert tail[-1].content == "And which train should I take?"
+        assert events.types("compact.") == ["compact.start", "compact.done"]
+        done = events.of_type("compact.done")[0]
+        assert attrs(done)["new_session_id"] == job.new_session_id
+        assert attrs(done)["job_id"] == job.id and attrs(done)["tokens_in"] > 0
+        (request,) = summarizer_requests(fake_upstream)
+        assert [t["function"]["name"] for t in request["tools"]] == ["write_summary"]
+        assert "question 0" in request["messages"][-1]["content"]
+
+
+async def test_a_summariser_that_will_not_call_write_summary_is_nudged_once_then_fails(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route_sequence(SUMMARIZER, [Script(text="Here is a summary."), write_summary()])
+    async with start() as (clients, _events):
+        session_id = await clients.session(exchange(4, words=20))
+        job = await clients.compact(session_id)
+        assert job.state == memory_pb2.JOB_STATE_SUCCEEDED
+        nudge = summarizer_requests(fake_upstream)[1]["messages"][-1]["content"]
+        assert "write_summary" in nudge
+
+    fake_upstream.reset()
+    fake_upstream.route(SUMMARIZER, Script(text="I'd rather chat."))
+    async with start() as (clients, events):
+        session_id = await clients.session(exchange(4, words=20))
+        job = await clients.compact(session_id)
+        assert job.state == memory_pb2.JOB_STATE_FAILED and "write_summary" in job.error
+        assert events.types("compact.") == ["compact.start", "compact.failed"]
+        assert "write_summary" in attrs(events.of_type("compact.failed")[0])["reason"]
+        assert len(summarizer_requests(fake_upstream)) == 2
+
+
+async def test_compacting_right_after_a_compaction_is_refused(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, write_summary())
+    async with start() as (clients, _events):
+        session_id = await clients.session(exchange(4, words=20))
+        job = await clients.compact(session_id)
+
+        with pytest.raises(errors.FailedPrecondition, match="just made by compaction"):
+            await clients.compact(job.new_session_id)
+
+        # Once the conversation goes on, it may be compacted again.
+        await clients.add(job.new_session_id, *exchange(3, words=20))
+        again = await clients.compact(job.new_session_id)
+        assert again.state == memory_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_three_failures_disable_compaction_until_the_session_changes(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script.error(400, "bad request"))
+    async with start(max_failures=3) as (clients, _events):
+        session_id = await clients.session(exchange(4, words=20))
+        for _ in range(3):
+            assert (await clients.compact(session_id)).state == memory_pb2.JOB_STATE_FAILED
+
+        with pytest.raises(errors.FailedPrecondition, match="disabled until the session changes"):
+            await clients.compact(session_id)
+
+        await clients.add(session_id, *exchange(1))
+        fake_upstream.route(SUMMARIZER, write_summary())
+        assert (await clients.compact(session_id)).state == memory_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_the_extract_pointer_starts_over_on_the_compacted_session(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    empty = Script(text=json.dumps({"decisions": []}))
+    async with start() as (clients, _events):
+        session_id = await clients.session(exchange(4, words=20))
+        fake_upstream.route(SUMMARIZER, empty)
+        request = memory_pb2.JobRequest(tenant=TENANT, session_id=session_id, wait=True)
+        assert (await clients.memory.extract(request)).offset == 8
+        fake_upstream.route(SUMMARIZER, write_summary())
+        job = await clients.compact(session_id)
+        fake_upstream.route(SUMMARIZER, empty)
+
+        extracted = await clients.memory.extract(
+            memory_pb2.JobRequest(tenant=TENANT, session_id=job.new_session_id, wait=True)
+        )
+
+        new = await clients.sessions.get(TENANT, job.new_session_id)
+        assert extracted.offset == new.session.message_count
+        prompt = summarizer_requests(fake_upstream)[-1]["messages"][-1]["content"]
+        assert HEADER in prompt  # read from seq 0 of the new session
+
+
+async def test_a_repeated_compaction_of_one_head_makes_one_new_session(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, write_summary())
+    async with start() as (clients, _events):
+        session_id = await clients.session(exchange(4, words=20))
+        first = await clients.compact(session_id)
+        # The same head again (a redelivery, a retried request) gets the session the
+        # first one made, without a model call.
+        second = await clients.compact(session_id)
+        assert second.new_session_id == first.new_session_id
+        assert second.id != first.id
+        assert len(summarizer_requests(fake_upstream)) == 1
