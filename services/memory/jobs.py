@@ -96,6 +96,8 @@ class MemoryJobs:
     extractor: Extractor
     compactor: Compactor
     settings: JobSettings
+    #: This replica's name, on the jobs it runs and their events.
+    worker: str
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _finished: dict[str, asyncio.Event] = field(default_factory=dict)
 
@@ -320,6 +322,7 @@ class MemoryJobs:
                 await self.store.put_job(job)
                 return
             job.head = head
+            job.worker = self.worker
             job.state = memory_pb2.JOB_STATE_RUNNING
             await self.store.put_job(job)
             self.events.emit(started_type, tenant=tenant, session_id=session_id, **self._attrs(job))
@@ -410,7 +413,11 @@ class MemoryJobs:
 
     @staticmethod
     def _attrs(job: memory_pb2.Job) -> dict[str, object]:
-        attrs: dict[str, object] = {"job_id": job.id, "trigger": job.trigger}
+        attrs: dict[str, object] = {
+            "job_id": job.id,
+            "trigger": job.trigger,
+            "worker": job.worker,
+        }
         if job.state in _FINISHED:
             attrs.update(
                 tokens_in=job.tokens_in,

@@ -36,12 +36,12 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     sessions = SessionClient(settings.addresses.session)
     llm = LlmClient(settings.addresses.llm_proxy)
     redis_client: aioredis.Redis | None = None
+    worker = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     queue: JobQueue
     leases: Leases
     if settings.redis_url:
         redis_client = aioredis.from_url(settings.redis_url)
-        consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        queue = RedisJobQueue(redis_client, consumer=consumer, claim_idle_s=config.claim_idle_s)
+        queue = RedisJobQueue(redis_client, consumer=worker, claim_idle_s=config.claim_idle_s)
         leases = RedisLeases(
             redis_client, ttl_s=config.lease_ttl_s, prefix="threadline:memory:lease:"
         )
@@ -90,6 +90,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
             lease_ttl_s=config.lease_ttl_s,
             claim_idle_s=config.claim_idle_s,
         ),
+        worker=worker,
     )
     servicer = MemoryServicer(
         jobs,

@@ -23,7 +23,7 @@ from threadline import errors
 from threadline.channels import streaming
 from threadline.config import ServiceName, Settings
 from threadline.peers import ExecutorClient, MemoryClient, SessionClient
-from threadline.stack import Stack
+from threadline.stack import Stack, start_stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import common_pb2, executor_pb2, memory_pb2, session_pb2
 
@@ -498,3 +498,225 @@ async def test_a_repeated_compaction_of_one_head_makes_one_new_session(
         assert second.new_session_id == first.new_session_id
         assert second.id != first.id
         assert len(summarizer_requests(fake_upstream)) == 1
+
+
+# -- turns ---------------------------------------------------------------------------
+
+TURN_SERVICES: tuple[ServiceName, ...] = ("llm_proxy", "session", "memory", "executor")
+
+
+async def compact_due(clients: Clients, session_id: str) -> None:
+    """Wait for the executor's detached RecordActivity to make compaction due."""
+    deadline = time.monotonic() + 5
+    while not (await clients.memory.recall(TENANT, session_id)).compact_due:
+        assert time.monotonic() < deadline, "compaction never became due"
+        await asyncio.sleep(0.02)
+
+
+def kinds(events: list[executor_pb2.TurnEvent]) -> list[str]:
+    return [str(e.WhichOneof("event")) for e in events]
+
+
+async def test_a_turn_past_compact_threshold_compacts_first_and_goes_on_in_the_new_session(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, write_summary())
+    async with start(TURN_SERVICES, compact_threshold=0.5, executor={"max_output_tokens": 32}) as (
+        clients,
+        events,
+    ):
+        session_id = await clients.session(exchange(4, words=30))
+        first = await clients.turn(session_id, "Where was I?")
+        assert first[-1].done.session_id == session_id
+        await compact_due(clients, session_id)
+
+        turn = await clients.turn(session_id, "Which train, then?")
+
+        assert kinds(turn)[:2] == ["compacted", "started"]
+        compacted = turn[0].compacted
+        assert (compacted.from_session_id, compacted.trigger) == (session_id, "pre_run")
+        done = turn[-1].done
+        (event,) = await events.wait_for("compact.done")
+        assert done.session_id == compacted.to_session_id == attrs(event)["new_session_id"]
+        assert turn[1].started.session_id == done.session_id
+        assert events.types("compact.") == ["compact.start", "compact.done"]
+        new = await clients.sessions.get(TENANT, done.session_id, include_messages=True)
+        contents = [m.content for m in new.messages]
+        assert contents[0].startswith(HEADER)
+        assert contents[-2:] == ["Which train, then?", done.content]
+        assert new.session.head == done.head
+        # The old session is left as it was before the turn.
+        old = await clients.sessions.get(TENANT, session_id)
+        assert old.session.message_count == 8 + 2
+
+
+async def test_a_failed_compaction_lets_the_turn_go_on_in_the_old_session(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script.error(400, "no tools here"))
+    async with start(TURN_SERVICES, compact_threshold=0.5, executor={"max_output_tokens": 32}) as (
+        clients,
+        events,
+    ):
+        session_id = await clients.session(exchange(4, words=30))
+        await clients.turn(session_id, "Where was I?")
+        await compact_due(clients, session_id)
+
+        turn = await clients.turn(session_id, "Which train, then?")
+
+        assert "compacted" not in kinds(turn)
+        assert turn[-1].done.session_id == session_id and turn[-1].done.content
+        assert events.types("compact.") == ["compact.start", "compact.failed"]
+
+
+async def test_a_mid_turn_compaction_lets_the_turn_finish_in_the_new_session(
+    start: Start, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    fake_upstream.route(SUMMARIZER, write_summary())
+    fake_upstream.enqueue(
+        Script(tool_calls=[("list_dir", json.dumps({"path": ""}))]),
+        Script(text="Nothing in there."),
+    )
+    executor = {
+        "tools_enabled": True,
+        "compact_request_threshold": 0.3,
+        "max_output_tokens": 32,
+        "workspace_root": str(tmp_path / "workspaces"),
+    }
+    async with start(TURN_SERVICES, executor=executor) as (clients, events):
+        session_id = await clients.session(exchange(3, words=30))
+
+        turn = await clients.turn(session_id, "What is in my workspace?")
+
+        assert kinds(turn)[0] == "started" and "compacted" in kinds(turn)
+        assert kinds(turn).index("tool_result") < kinds(turn).index("compacted")
+        compacted = next(e.compacted for e in turn if e.WhichOneof("event") == "compacted")
+        assert (compacted.from_session_id, compacted.trigger) == (session_id, "mid_turn")
+        done = turn[-1].done
+        assert done.content == "Nothing in there." and done.model_calls == 2
+        assert done.session_id == compacted.to_session_id
+        new = await clients.sessions.get(TENANT, done.session_id, include_messages=True)
+        roles = [common_pb2.Role.Name(m.role) for m in new.messages]
+        # Summary, then the turn so far (question, call, result), then the answer.
+        assert roles[0] == "ROLE_USER" and new.messages[0].content.startswith(HEADER)
+        assert roles[-4:] == ["ROLE_USER", "ROLE_ASSISTANT", "ROLE_TOOL", "ROLE_ASSISTANT"]
+        assert new.messages[-4].content == "What is in my workspace?"
+        assert new.messages[-1].content == "Nothing in there."
+        # The second model request was built from the new session.
+        second = fake_upstream.chat_requests()[-1].body
+        assert second is not None and HEADER in json.dumps(second["messages"])
+        assert events.types("compact.") == ["compact.start", "compact.done"]
+
+
+async def test_a_running_consolidation_does_not_slow_a_turn_down(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    # The summary takes about 2 s to stream; the turn must not wait for it.
+    fake_upstream.route(SUMMARIZER, Script(text="slow " * 20, token_delay_s=0.1))
+    async with start(TURN_SERVICES, executor={"max_output_tokens": 32}) as (clients, events):
+        session_id = await clients.session(exchange(4))
+        consolidation = asyncio.create_task(clients.memory.consolidate(TENANT, session_id))
+        await events.wait_for("memory.consolidation.started")
+
+        started = time.perf_counter()
+        turn = await clients.turn(session_id, "Still there?")
+        latency = time.perf_counter() - started
+
+        assert turn[-1].done.content and latency < 0.5
+        assert not consolidation.done()
+        result = await consolidation
+        assert result.consolidated and result.offset == 8
+
+
+# -- replicas ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def second_memory(first: Stack) -> AsyncIterator[Stack]:
+    """Another memory replica beside `first`'s: same Redis, store, peers and bus."""
+    stack = await start_stack(
+        first.settings, services=["memory"], bus=first.bus, ephemeral_ports=True
+    )
+    try:
+        yield stack
+    finally:
+        await stack.stop(1.0)
+
+
+async def test_two_replicas_never_work_one_session_at_once(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # Valid both as a summary and as an extraction; slow enough to overlap without leases.
+    fake_upstream.route(SUMMARIZER, Script(text=json.dumps({"decisions": []}), token_delay_s=0.05))
+    settings = memory_settings(tmp_path, fake_upstream, redis_url, workers=2)
+    async with private_stack(settings, ["llm_proxy", "session", "memory"]) as first:
+        recorder = EventRecorder(first.bus, await first.bus.subscribe())
+        async with second_memory(first) as second:
+            a = Clients(first)
+            b = MemoryClient(second.address("memory"))
+            sessions = [await a.session(exchange(2)) for _ in range(3)]
+            jobs = []
+            for session_id in sessions:
+                request = memory_pb2.JobRequest(tenant=TENANT, session_id=session_id)
+                jobs.append(await a.memory.extract(request))
+                jobs.append(await b.extract(request))  # the same job (one per kind)
+            # Consolidations of the same sessions, asked of the other replica at once.
+            consolidated = await asyncio.gather(*(b.consolidate(TENANT, s) for s in sessions))
+            jobs += [c.job for c in consolidated]
+            finished = [await a.wait_job(job.id, 20) for job in jobs]
+            await b.close()
+            await a.close()
+        await recorder.close()
+
+    assert all(job.state == memory_pb2.JOB_STATE_SUCCEEDED for job in finished)
+    assert len({job.worker for job in finished}) == 2, "both replicas should have worked"
+    spans: dict[str, list[tuple[float, float]]] = {}
+    opened: dict[str, float] = {}
+    for event in recorder.events:
+        at = event.time.ToNanoseconds() / 1e9
+        job_id = attrs(event).get("job_id")
+        if event.type.endswith((".started", ".start")):
+            opened[str(job_id)] = at
+        elif event.type.endswith((".done", ".failed")) and str(job_id) in opened:
+            spans.setdefault(event.session_id, []).append((opened[str(job_id)], at))
+    for session_id in sessions:
+        intervals = sorted(spans[session_id])
+        assert len(intervals) == 2  # extract, consolidate
+        assert intervals[0][1] <= intervals[1][0], f"overlapping jobs on {session_id}"
+
+
+async def test_a_dead_replicas_job_is_taken_over(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text="slow " * 10, token_delay_s=0.3))
+    settings = memory_settings(tmp_path, fake_upstream, redis_url, workers=1)
+    async with private_stack(settings, ["llm_proxy", "session", "memory"]) as first:
+        clients = Clients(first)
+        session_id = await clients.session(exchange(2))
+        job = await clients.memory.extract(
+            memory_pb2.JobRequest(tenant=TENANT, session_id=session_id)
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            running = await clients.memory.get_job(TENANT, job.id)
+            if running.state == memory_pb2.JOB_STATE_RUNNING:
+                break
+            assert time.monotonic() < deadline, "the job never started"
+            await asyncio.sleep(0.02)
+        first_worker = running.worker
+        async with second_memory(first) as second:
+            # The first replica dies mid-job: its delivery is never acknowledged.
+            await first.hosts.pop("memory").stop(0)
+            other = MemoryClient(second.address("memory"))
+            fake_upstream.route(SUMMARIZER, Script(text=json.dumps({"decisions": []})))
+            deadline = time.monotonic() + 10
+            while True:
+                taken = await other.get_job(TENANT, job.id)
+                if taken.state == memory_pb2.JOB_STATE_SUCCEEDED:
+                    break
+                assert time.monotonic() < deadline, f"job not taken over: {taken}"
+                await asyncio.sleep(0.05)
+            await other.close()
+        await clients.close()
+
+    assert taken.worker != first_worker and taken.offset == 4

@@ -246,6 +246,7 @@ class Job(_message.Message):
     NEW_SESSION_ID_FIELD_NUMBER: _builtins.int
     ARCHIVED_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     """"consolidate", "extract" or "compact"."""
@@ -271,6 +272,8 @@ class Job(_message.Message):
     """consolidate: the raw text was archived after repeated failures."""
     model: _builtins.str
     """Model route the job uses; empty for memory.model."""
+    worker: _builtins.str
+    """The memory replica that ran it (host-pid-random), last one if it was taken over."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -296,10 +299,11 @@ class Job(_message.Message):
         new_session_id: _builtins.str = ...,
         archived: _builtins.bool = ...,
         model: _builtins.str = ...,
+        worker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "created_at", b"created_at", "duration_ms", b"duration_ms", "error", b"error", "finished_at", b"finished_at", "head", b"head", "id", b"id", "items", b"items", "kind", b"kind", "model", b"model", "new_session_id", b"new_session_id", "offset", b"offset", "session_id", b"session_id", "state", b"state", "tenant", b"tenant", "tokens_in", b"tokens_in", "tokens_out", b"tokens_out", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "created_at", b"created_at", "duration_ms", b"duration_ms", "error", b"error", "finished_at", b"finished_at", "head", b"head", "id", b"id", "items", b"items", "kind", b"kind", "model", b"model", "new_session_id", b"new_session_id", "offset", b"offset", "session_id", b"session_id", "state", b"state", "tenant", b"tenant", "tokens_in", b"tokens_in", "tokens_out", b"tokens_out", "trigger", b"trigger", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
