@@ -147,7 +147,8 @@ class Compactor:
     async def check(
         self, tenant: str, session_id: str
     ) -> tuple[session_pb2.SessionDetail, SessionMemory]:
-        """The session and its memory state; FAILED_PRECONDITION (reason compaction_refused) if it may not be compacted now."""
+        """The session and its memory state; FAILED_PRECONDITION (ErrorInfo reason
+        compaction_refused) if it may not be compacted now."""
         detail = await self.sessions.get(tenant, session_id, include_messages=True)
         memory = await self.store.get(tenant, session_id)
         reason = refusal(

@@ -16,6 +16,8 @@ from services.memory import transcript
 from services.memory.store import Item
 
 _WORD = re.compile(r"\w{3,}")
+_SUMMARY_HEADING = "Summary of the conversation so far:\n"
+_ITEMS_HEADING = "Known from earlier in the conversation:"
 
 
 def _words(text: str) -> set[str]:
@@ -59,16 +61,21 @@ def recall(summary: str, items: Sequence[Item], query: str, budget_tokens: int) 
         # Stored newest first: a lower position is more recent.
         return (-overlap, -item.mentions, position)
 
-    used = transcript.tokens_of_text(summary)
-    if used > budget_tokens:
-        # The summary alone is over budget: keep its end, the most recent part.
-        summary = summary[-budget_tokens * transcript.CHARS_PER_TOKEN :]
-        used = budget_tokens
+    used = 0
+    if summary:
+        used = transcript.tokens_of_text(_SUMMARY_HEADING + summary)
+        if used > budget_tokens:
+            # The summary alone is over budget: keep its end, the most recent part.
+            keep = max(budget_tokens - transcript.tokens_of_text(_SUMMARY_HEADING), 0)
+            summary = summary[len(summary) - keep * transcript.CHARS_PER_TOKEN :] if keep else ""
+            used = transcript.tokens_of_text(_SUMMARY_HEADING + summary) if summary else 0
     chosen: list[Item] = []
     lines: list[str] = []
     for _, item in sorted(enumerate(items), key=rank):
-        text = "- " + describe(item)
-        cost = transcript.tokens_of_text(text)
+        text = "\n- " + describe(item)
+        cost = transcript.tokens_of_text(text) + (
+            0 if lines else transcript.tokens_of_text(_ITEMS_HEADING + "\n\n")
+        )
         if used + cost > budget_tokens:
             continue
         used += cost
@@ -76,7 +83,7 @@ def recall(summary: str, items: Sequence[Item], query: str, budget_tokens: int) 
         lines.append(text)
     parts = []
     if summary:
-        parts.append("Summary of the conversation so far:\n" + summary)
+        parts.append(_SUMMARY_HEADING + summary)
     if lines:
-        parts.append("Known from earlier in the conversation:\n" + "\n".join(lines))
+        parts.append(_ITEMS_HEADING + "".join(lines))
     return Recalled(summary, chosen, "\n\n".join(parts))
