@@ -22,6 +22,7 @@ from threadline.v1 import (
     executor_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
+    memory_pb2,
     session_pb2,
 )
 
@@ -90,6 +91,15 @@ class GatewayClient:
     async def import_session(self, lines: Sequence[str]) -> session_pb2.Session:
         request = gateway_pb2.ImportSessionRequest(lines=list(lines))
         return await unary(self._stub.ImportSession(request, metadata=self._metadata))
+
+    async def compact_session(self, session_id: str, *, wait: bool = True) -> memory_pb2.Job:
+        """Move the session to a new, compacted one; the job's new_session_id names it."""
+        request = gateway_pb2.CompactSessionRequest(session_id=session_id, wait=wait)
+        return await unary(self._stub.CompactSession(request, metadata=self._metadata))
+
+    async def get_memory_job(self, job_id: str) -> memory_pb2.Job:
+        request = gateway_pb2.GetMemoryJobRequest(job_id=job_id)
+        return await unary(self._stub.GetMemoryJob(request, metadata=self._metadata))
 
     async def submit_task(
         self, prompt: str, *, agent_type: str = "", workspace: str = "", budget_tokens: int = 0

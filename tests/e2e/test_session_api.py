@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import OTHER_KEY
@@ -9,6 +11,7 @@ from threadline import errors
 from threadline.client import GatewayClient
 from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.v1 import memory_pb2
 
 
 async def test_fork_export_import_and_delete_through_the_gateway(
@@ -40,3 +43,32 @@ async def test_fork_export_import_and_delete_through_the_gateway(
         with pytest.raises(errors.NotFound):
             await other.delete_session(session.id)
     assert (await gateway.get_session(session.id, verify_chain=True)).chain_verified
+
+
+async def test_compact_session_through_the_gateway(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Script(text="An answer that goes on for a while. " * 8)
+    session = await gateway.create_session(title="long")
+    for text in ("first question", "second question", "third question"):
+        _ = [e async for e in gateway.converse(session.id, text)]
+    fake_upstream.default = Script(
+        tool_calls=[("write_summary", json.dumps({"summary": "Three questions asked."}))]
+    )
+
+    job = await gateway.compact_session(session.id)
+
+    assert job.state == memory_pb2.JOB_STATE_SUCCEEDED
+    assert (await gateway.get_memory_job(job.id)).new_session_id == job.new_session_id
+    new = await gateway.get_session(job.new_session_id, verify_chain=True)
+    assert new.session.compacted_from == session.id and new.chain_verified
+    assert new.messages[0].content == "[Compacted context summary]\nThree questions asked."
+    assert new.messages[-1].content == (await gateway.get_session(session.id)).messages[-1].content
+
+    async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
+        with pytest.raises(errors.NotFound):
+            await other.compact_session(session.id)
+        with pytest.raises(errors.NotFound):
+            await other.get_memory_job(job.id)
+    with pytest.raises(errors.InvalidArgument, match="malformed session id"):
+        await gateway.compact_session("nope")
