@@ -48,7 +48,7 @@ async def test_fork_export_import_and_delete_through_the_gateway(
 async def test_compact_session_through_the_gateway(
     stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
 ) -> None:
-    fake_upstream.default = Script(text="An answer that goes on for a while. " * 8)
+    fake_upstream.default = Script(text="An answer that goes on for a while. " * 60)
     session = await gateway.create_session(title="long")
     for text in ("first question", "second question", "third question"):
         _ = [e async for e in gateway.converse(session.id, text)]
