@@ -30,6 +30,8 @@ from threadline.config import UpstreamSettings
 from threadline.errors import FailedPrecondition
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: How long the end of a body after [DONE] is waited for (see `_drain`).
+_DRAIN_S = 0.05
 
 
 class UpstreamFailure(Exception):
@@ -215,6 +217,7 @@ class Upstream:
                         finished = finished or isinstance(event, Finish)
                         yield event
                     if done:
+                        await _drain(reads)
                         return
         except httpx.ConnectError as exc:
             raise UpstreamFailure("connect", f"cannot connect: {exc}", retryable=True) from None
@@ -230,6 +233,19 @@ class Upstream:
             raise UpstreamFailure(
                 "transport", f"{type(exc).__name__}: {exc}", retryable=True
             ) from None
+
+
+async def _drain(reads: AsyncIterator[bytes]) -> None:
+    """Read the body's end after [DONE] so the connection goes back to the pool.
+
+    Servers end the body right after [DONE] (usually in the same read); leaving it
+    unread would make httpx close the connection and the next request connect
+    again. One that lingers is not waited on: its connection is closed instead.
+    """
+    with contextlib.suppress(TimeoutError, StopAsyncIteration, httpx.HTTPError):
+        async with asyncio.timeout(_DRAIN_S):
+            async for _ in reads:
+                pass
 
 
 class _ReadWatchdog:

@@ -136,6 +136,20 @@ async def test_chat_returns_the_whole_answer_in_one_response(
     assert response.done.model == FAKE_MODEL and response.done.upstream == "fake"
 
 
+async def test_sequential_answers_reuse_one_upstream_connection(
+    llm: LlmClient, fake_upstream: FakeUpstream
+) -> None:
+    # Connecting again for every request costs the proxy a TCP handshake each time.
+    fake_upstream.default = Script(tokens=20)
+    before = fake_upstream.connections_accepted
+
+    for _ in range(5):
+        chunks = await collect(llm, request())
+        assert chunks[-1].done.finish_reason == common_pb2.FINISH_REASON_STOP
+
+    assert fake_upstream.connections_accepted - before == 1
+
+
 async def test_list_models_names_the_served_model_and_its_upstream(llm: LlmClient) -> None:
     listed = await unary(llm.stub.ListModels(llm_pb2.ListModelsRequest()))
     assert list(listed.models) == [llm_pb2.ModelInfo(id=FAKE_MODEL, upstream="fake")]

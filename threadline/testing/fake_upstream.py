@@ -372,6 +372,8 @@ class FakeUpstream:
         self.requests: list[RecordedRequest] = []
         #: Times a client closed its connection while a response was pending.
         self.disconnects = 0
+        #: Connections accepted since start (a client that pools them opens few).
+        self.connections_accepted = 0
         self._routes: dict[str, deque[Script]] = {}
         self._queue: deque[Script] = deque()
         self._server: asyncio.Server | None = None
@@ -534,6 +536,7 @@ class FakeUpstream:
         task = asyncio.current_task()
         assert task is not None
         self._connections[conn] = task
+        self.connections_accepted += 1
         self._notify()
         try:
             while not self._stopping:
