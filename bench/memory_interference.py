@@ -1,13 +1,17 @@
 """Turn latency with and without memory consolidation running beside the turns.
 
-    python -m bench.memory_interference [--sessions 32] [--turns 10] [--rounds 2]
+    python -m bench.memory_interference [--sessions 32] [--busy-sessions 32]
+        [--turns 10] [--rounds 10] [--workers 2] [--duty-cycle 0.5] [--token-ms 0]
 
-All five services and the fake upstream in this process. Each round measures,
-one after the other, `--sessions` concurrent conversations doing `--turns`
-turns each, once quiet and once while consolidations run back to back on as
-many other sessions (each with 400 messages to summarise, in chunks, the
-summariser streaming 64 tokens a chunk), as many at once as memory.workers.
-Prints p50/p99 per phase and the ratio of the p99s.
+As deployed: the fake model server and each of the five services run in their
+own process (`threadline serve <service>`); this process is the client. Each
+round measures, one after the other, `--sessions` concurrent conversations
+doing `--turns` turns each (16 tokens an answer), once quiet and once while
+consolidations run back to back on `--busy-sessions` other sessions (400
+messages each, summarised in chunks, 64 tokens a summary), as many at once as memory.workers.
+`--token-ms` paces the fake model server's tokens (0: as fast as it can write,
+which makes every service CPU-bound on this machine). Prints p50/p99 per
+phase, the ratio of the p99s, and the CPU each process used in each phase.
 """
 
 from __future__ import annotations
@@ -15,21 +19,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import yaml
+
+from bench.processes import cpu_seconds, free_port, process, wait_grpc, wait_http
 from threadline.client import GatewayClient
-from threadline.config import hash_api_key, load_settings
-from threadline.logs import configure_logging
+from threadline.config import SERVICE_NAMES, hash_api_key
 from threadline.peers import MemoryClient, SessionClient
-from threadline.stack import Stack, start_stack
-from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import common_pb2, session_pb2
 
 KEY = "bench-key"
 TENANT = "bench"
+CHAT_MODEL = "fake-model"
+SUMMARY_MODEL = "summarizer"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -55,94 +64,149 @@ async def conversations(gateway: str, sessions: int, turns: int) -> list[float]:
 async def long_session(sessions: SessionClient, exchanges: int) -> str:
     created = await sessions.create(session_pb2.SessionsCreateRequest(tenant=TENANT))
     for _ in range(exchanges // 20):
-        await add_exchanges(sessions, created.id, 20)
+        head = (await sessions.get(TENANT, created.id)).session.head
+        messages = []
+        for i in range(20):
+            messages.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=f"q{i} " * 40))
+            messages.append(
+                common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=f"a{i} " * 40)
+            )
+        await sessions.append(TENANT, created.id, head, messages)
     return created.id
 
 
-async def add_exchanges(sessions: SessionClient, session_id: str, n: int) -> None:
-    head = (await sessions.get(TENANT, session_id)).session.head
-    messages = []
-    for i in range(n):
-        messages.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=f"q{i} " * 40))
-        messages.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=f"a{i} " * 40))
-    await sessions.append(TENANT, session_id, head, messages)
-
-
-async def consolidate_all(stack: Stack, session_ids: list[str], done: list[int]) -> None:
+async def consolidate_all(memory: MemoryClient, session_ids: list[str], done: list[int]) -> None:
     """Ask for every session's consolidation at once: memory's workers take them in turn."""
-    memory = MemoryClient(stack.address("memory"))
 
     async def one(session_id: str) -> None:
         await memory.consolidate(TENANT, session_id)
         done[0] += 1
 
-    try:
-        await asyncio.gather(*(one(s) for s in session_ids))
-    finally:
-        await memory.close()
+    await asyncio.gather(*(one(s) for s in session_ids))
 
 
-async def main(n_sessions: int, turns: int, rounds: int, workers: int) -> None:
-    configure_logging("error")
-    async with FakeUpstream(models=("fake-model", "summarizer"), default=Script(tokens=16)) as fake:
-        fake.route("summarizer", Script(tokens=64))
-        with tempfile.TemporaryDirectory() as data_dir:
-            settings = load_settings(
-                environ={},
-                overrides={
-                    "data_dir": str(Path(data_dir)),
-                    "log_level": "error",
-                    "gateway": {"api_keys": [{"sha256": hash_api_key(KEY), "tenant": TENANT}]},
-                    "llm": {
-                        "upstream": {
-                            "base_url": fake.base_url,
-                            "models": ["fake-model", "summarizer"],
-                        },
-                        "default_route": "",
-                    },
-                    # Only the consolidations this benchmark asks for.
-                    "memory": {
-                        "model": "summarizer",
-                        "consolidate_fraction": 0,
-                        "idle_consolidate_s": 0,
-                        "extract_threshold": 0,
-                        "compact_threshold": 0,
-                        "workers": workers,
-                    },
-                },
-            )
-            stack = await start_stack(settings, ephemeral_ports=True)
-            try:
-                gateway = stack.address("gateway")
-                sessions = SessionClient(stack.address("session"))
-                # Enough long sessions that consolidation never runs dry while measured.
-                busy = [
-                    [await long_session(sessions, 200) for _ in range(n_sessions)]
-                    for _ in range(rounds)
-                ]
-                await sessions.close()
-                await conversations(gateway, 4, 2)  # warm-up
-                quiet: list[float] = []
-                loaded: list[float] = []
-                consolidations = [0]
-                for round_sessions in busy:
+def config(
+    data_dir: Path, fake_url: str, ports: Mapping[str, int], workers: int, duty_cycle: float
+) -> dict[str, object]:
+    return {
+        "data_dir": str(data_dir),
+        "log_level": "error",
+        "addresses": {name: f"127.0.0.1:{port}" for name, port in ports.items()},
+        "gateway": {"api_keys": [{"sha256": hash_api_key(KEY), "tenant": TENANT}]},
+        "llm": {
+            "upstream": {"base_url": fake_url, "models": [CHAT_MODEL, SUMMARY_MODEL]},
+            "default_route": "",
+        },
+        # Only the consolidations this benchmark asks for.
+        "memory": {
+            "model": SUMMARY_MODEL,
+            "consolidate_fraction": 0,
+            "idle_consolidate_s": 0,
+            "extract_threshold": 0,
+            "compact_threshold": 0,
+            "workers": workers,
+            "duty_cycle": duty_cycle,
+        },
+    }
+
+
+class CpuMeter:
+    """CPU seconds each child used during a phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.totals: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        before = {n: cpu_seconds(p) for n, p in self.pids.items()}
+        yield
+        spent = self.totals.setdefault(name, dict.fromkeys(self.pids, 0.0))
+        for n, p in self.pids.items():
+            spent[n] += cpu_seconds(p) - before[n]
+
+
+async def main(
+    n_sessions: int,
+    busy_sessions: int,
+    turns: int,
+    rounds: int,
+    workers: int,
+    duty_cycle: float,
+    token_ms: float,
+) -> None:
+    ports: dict[str, int] = {name: free_port() for name in SERVICE_NAMES}
+    fake_port = free_port()
+    fake_url = f"http://127.0.0.1:{fake_port}/v1"
+    fake = (
+        sys.executable,
+        "-m",
+        "threadline.testing.fake_upstream",
+        "--port",
+        str(fake_port),
+        "--tokens",
+        "16",
+        "--model",
+        CHAT_MODEL,
+        "--model",
+        SUMMARY_MODEL,
+        "--model-tokens",
+        f"{SUMMARY_MODEL}=64",
+        "--token-delay",
+        str(token_ms / 1000),
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "threadline.yaml"
+        config_path.write_text(
+            yaml.safe_dump(config(Path(tmp) / "data", fake_url, ports, workers, duty_cycle))
+        )
+        pids: dict[str, int] = {}
+        async with contextlib.AsyncExitStack() as children:
+            pids["model server"] = await children.enter_async_context(process(*fake))
+            await wait_http(f"{fake_url}/models")
+            for name in SERVICE_NAMES:
+                argv = (sys.executable, "-m", "threadline.cli", "serve", name)
+                pids[name] = await children.enter_async_context(
+                    process(*argv, "--config", str(config_path), env=env)
+                )
+            for port in ports.values():
+                await wait_grpc(f"127.0.0.1:{port}")
+            gateway = f"127.0.0.1:{ports['gateway']}"
+            sessions = SessionClient(f"127.0.0.1:{ports['session']}")
+            memory = MemoryClient(f"127.0.0.1:{ports['memory']}")
+            # Enough long sessions that consolidation never runs dry while measured.
+            busy = [
+                [await long_session(sessions, 200) for _ in range(busy_sessions)]
+                for _ in range(rounds)
+            ]
+            await sessions.close()
+            await conversations(gateway, 4, 2)  # warm-up
+            meter = CpuMeter(pids)
+            quiet: list[float] = []
+            loaded: list[float] = []
+            consolidations = [0]
+            for round_sessions in busy:
+                with meter.phase("alone"):
                     quiet += await conversations(gateway, n_sessions, turns)
-                    background = asyncio.create_task(
-                        consolidate_all(stack, round_sessions, consolidations)
-                    )
-                    await asyncio.sleep(0.5)  # consolidations under way
+                background = asyncio.create_task(
+                    consolidate_all(memory, round_sessions, consolidations)
+                )
+                await asyncio.sleep(0.5)  # consolidations under way
+                with meter.phase("beside"):
                     loaded += await conversations(gateway, n_sessions, turns)
-                    still_running = not background.done()
-                    background.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await background
-                    if not still_running:
-                        print("warning: consolidation ran dry before the turns ended")
-            finally:
-                await stack.stop(1)
+                still_running = not background.done()
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+                if not still_running:
+                    print("warning: consolidation ran dry before the turns ended")
+            await memory.close()
+    pace = f"{token_ms:g} ms a token" if token_ms else "unpaced"
     print(
         f"{n_sessions} concurrent sessions x {turns} turns of 16 tokens, {rounds} rounds, "
-        f"{workers} memory workers"
+        f"{workers} memory workers at duty cycle {duty_cycle:g}, model server {pace}; "
+        "one process per service"
     )
     print(f"{'':36}{'p50 ms':>10}{'p99 ms':>10}")
     print(f"{'turns alone':36}{statistics.median(quiet):10.1f}{pct(quiet, 0.99):10.1f}")
@@ -151,6 +215,10 @@ async def main(n_sessions: int, turns: int, rounds: int, workers: int) -> None:
         f"{pct(loaded, 0.99):10.1f}"
     )
     print(f"consolidations finished meanwhile: {consolidations[0]}")
+    print("CPU seconds per process:", end="")
+    for phase, spent in meter.totals.items():
+        print(f"\n  {phase:>7}: " + ", ".join(f"{n} {s:.1f}" for n, s in spent.items()), end="")
+    print()
     print(
         f"ratio p50: {statistics.median(loaded) / statistics.median(quiet):.2f}x, "
         f"p99: {pct(loaded, 0.99) / pct(quiet, 0.99):.2f}x (target p99 <= 1.10x)"
@@ -160,8 +228,23 @@ async def main(n_sessions: int, turns: int, rounds: int, workers: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=32)
+    parser.add_argument(
+        "--busy-sessions", type=int, default=32, help="sessions to consolidate per round"
+    )
     parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="memory.workers")
+    parser.add_argument("--duty-cycle", type=float, default=0.5, help="memory.duty_cycle")
+    parser.add_argument("--token-ms", type=float, default=0.0, help="model server pacing")
     args = parser.parse_args()
-    asyncio.run(main(args.sessions, args.turns, args.rounds, args.workers))
+    asyncio.run(
+        main(
+            args.sessions,
+            args.busy_sessions,
+            args.turns,
+            args.rounds,
+            args.workers,
+            args.duty_cycle,
+            args.token_ms,
+        )
+    )

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.processes import free_port, process, wait_grpc, wait_http
 from threadline.channels import connect
 from threadline.v1 import common_pb2, llm_pb2, llm_pb2_grpc
 
@@ -38,45 +35,6 @@ class Sample:
     ttft_ms: float
     tokens: int
     seconds: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def process(*argv: str, env: dict[str, str] | None = None) -> AsyncIterator[None]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        yield
-    finally:
-        proc.terminate()
-        await proc.wait()
-
-
-async def wait_http(url: str) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(200):
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.05)
-    raise TimeoutError(url)
-
-
-async def wait_grpc(address: str) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(200):
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return
-            await asyncio.sleep(0.05)
-    raise TimeoutError(address)
 
 
 async def direct_once(client: httpx.AsyncClient) -> Sample:

@@ -54,6 +54,9 @@ _EVENTS: dict[str, tuple[str, str, str]] = {
     "compact": ("compact.start", "compact.done", "compact.failed"),
 }
 _FINISHED = (memory_pb2.JOB_STATE_SUCCEEDED, memory_pb2.JOB_STATE_FAILED)
+#: How often a waiting caller looks for a job another replica finishes: first, at most.
+_WAIT_POLL_FIRST_S = 0.2
+_WAIT_POLL_MAX_S = 2.0
 
 
 class SessionsForJobs(Protocol):
@@ -151,6 +154,10 @@ class MemoryJobs:
         """The job once finished (another replica may run it); DEADLINE_EXCEEDED after timeout."""
         deadline = time.monotonic() + timeout_s
         event = self._finished.setdefault(job_id, asyncio.Event())
+        # A job finished here sets the event; one finished by another replica is only
+        # seen in the store, so look again, less often the longer the job takes (many
+        # waiting callers must not turn into a stream of store reads).
+        poll_s = _WAIT_POLL_FIRST_S
         try:
             while True:
                 job = await self.job(job_id)
@@ -160,7 +167,8 @@ class MemoryJobs:
                 if remaining <= 0:
                     raise errors.DeadlineExceeded(f"memory job {job_id} is still running")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, 0.2))
+                    await asyncio.wait_for(event.wait(), min(remaining, poll_s))
+                poll_s = min(poll_s * 2, _WAIT_POLL_MAX_S)
         finally:
             self._finished.pop(job_id, None)
 

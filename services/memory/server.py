@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -13,6 +14,7 @@ from services.memory.compaction import Compactor
 from services.memory.consolidation import Consolidator, SummaryModel
 from services.memory.extraction import Extractor
 from services.memory.jobs import JobSettings, MemoryJobs
+from services.memory.pacing import PacedLlm
 from services.memory.queue import JobQueue, LocalJobQueue, RedisJobQueue
 from services.memory.servicer import MemoryServicer
 from services.memory.store import SqliteMemoryStore
@@ -48,23 +50,26 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     else:
         queue = LocalJobQueue()
         leases = LocalLeases()
+    # Consolidation and extraction give way to turns; compaction (a turn may wait) does not.
+    background_llm = PacedLlm(llm, config.duty_cycle)
     summaries = SummaryModel(
         llm=llm,
         model=config.model,
         max_summary_tokens=config.max_summary_tokens,
         window_tokens=config.summary_window_tokens,
     )
+    background_summaries = dataclasses.replace(summaries, llm=background_llm)
     jobs = MemoryJobs(
         store=store,
         sessions=sessions,
         queue=queue,
         leases=leases,
         events=EventPublisher(bus, SERVICE),
-        consolidator=Consolidator(store, sessions, summaries, config.max_failures),
+        consolidator=Consolidator(store, sessions, background_summaries, config.max_failures),
         extractor=Extractor(
             store,
             sessions,
-            llm,
+            background_llm,
             config.model,
             max_output_tokens=config.max_summary_tokens * 2,
             window_tokens=config.summary_window_tokens,

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from threadline.testing.fake_upstream import FakeUpstream, Script, estimate_prompt_tokens
+from threadline.testing.fake_upstream import main as fake_upstream_cli
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},  # 8 chars
@@ -474,7 +475,7 @@ async def test_unknown_path_is_404_and_recorded(
     assert fake.requests[0].body == {"input": "x"}
 
 
-async def test_cli_serves_the_default_script() -> None:
+async def test_cli_serves_the_default_script_and_per_model_lengths() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -483,6 +484,12 @@ async def test_cli_serves_the_default_script() -> None:
         "0",
         "--tokens",
         "5",
+        "--model",
+        "fake-model",
+        "--model",
+        "summarizer",
+        "--model-tokens",
+        "summarizer=2",
         stdout=asyncio.subprocess.PIPE,
     )
     try:
@@ -491,7 +498,16 @@ async def test_cli_serves_the_default_script() -> None:
         base_url = line.decode().split()[-1]
         async with httpx.AsyncClient(base_url=base_url, timeout=5.0) as client:
             events = await stream_events(client, chat())
+            summary = await stream_events(client, chat(model="summarizer"))
         assert content_of(events) == "tok0 tok1 tok2 tok3 tok4 "
+        assert content_of(summary) == "tok0 tok1 "
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=5.0) == 0
+
+
+def test_cli_refuses_a_malformed_model_tokens_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        fake_upstream_cli(["--model-tokens", "summarizer=many"])
+
+    assert "--model-tokens takes MODEL=N" in capsys.readouterr().err

@@ -967,7 +967,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--first-token-delay", type=float, default=0.0, help="seconds before the first token"
     )
     parser.add_argument("--model", action="append", default=None, help="model to list (repeatable)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--model-tokens",
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="answer MODEL with N tokens instead of --tokens (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.model_tokens = {
+            model: int(n) for model, _, n in (item.partition("=") for item in args.model_tokens)
+        }
+    except ValueError:
+        parser.error("--model-tokens takes MODEL=N with N a whole number")
+    return args
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
@@ -984,6 +998,8 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    for model, tokens in args.model_tokens.items():
+        fake.route(model, dataclasses.replace(script, tokens=tokens))
     async with fake:
         print(f"fake upstream serving on {fake.base_url}", flush=True)
         await stop.wait()
