@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from threadline.v1 import common_pb2, llm_pb2
 
 _ROLES = {
@@ -138,8 +140,10 @@ def parse_chunk(data: str) -> list[StreamEvent]:
 
 def _parse_chunk(data: str) -> list[StreamEvent]:
     try:
-        chunk = json.loads(data)
-    except json.JSONDecodeError as exc:
+        # orjson: one decode per streamed token is the proxy's largest Python cost,
+        # and orjson does it in about a quarter of the time the standard library takes.
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
         raise MalformedChunk(f"chunk is not JSON: {data[:80]!r}") from exc
     if not isinstance(chunk, dict):
         raise MalformedChunk(f"chunk is not an object: {data[:80]!r}")
