@@ -1,14 +1,17 @@
 """Turn latency with and without memory consolidation running beside the turns.
 
-    python -m bench.memory_interference [--sessions 32] [--busy-sessions 32]
-        [--turns 10] [--rounds 10] [--workers 2] [--duty-cycle 0.5] [--token-ms 0]
+    python -m bench.memory_interference [--sessions 32] [--busy-sessions 48]
+        [--turns 10] [--rounds 10] [--workers 2] [--duty-cycle 0.1] [--token-ms 0]
 
 As deployed: the fake model server and each of the five services run in their
 own process (`threadline serve <service>`); this process is the client. Each
-round measures, one after the other, `--sessions` concurrent conversations
+round measures, one after the other (the order alternates by round),
+`--sessions` concurrent conversations
 doing `--turns` turns each (16 tokens an answer), once quiet and once while
-consolidations run back to back on `--busy-sessions` other sessions (400
-messages each, summarised in chunks, 64 tokens a summary), as many at once as memory.workers.
+consolidations run back to back on other sessions (400 messages each,
+summarised in chunks, 64 tokens a summary; `--busy-sessions` of them ready per
+round), as many at once as memory.workers, each asked for when the last one
+finished so that none is left to run into the next quiet phase.
 `--token-ms` paces the fake model server's tokens (0: as fast as it can write,
 which makes every service CPU-bound on this machine). Prints p50/p99 per
 phase, the ratio of the p99s, and the CPU each process used in each phase.
@@ -31,7 +34,7 @@ import yaml
 
 from bench.processes import cpu_seconds, free_port, process, wait_grpc, wait_http
 from threadline.client import GatewayClient
-from threadline.config import SERVICE_NAMES, hash_api_key
+from threadline.config import SERVICE_NAMES, MemorySettings, hash_api_key
 from threadline.peers import MemoryClient, SessionClient
 from threadline.v1 import common_pb2, session_pb2
 
@@ -75,14 +78,26 @@ async def long_session(sessions: SessionClient, exchanges: int) -> str:
     return created.id
 
 
-async def consolidate_all(memory: MemoryClient, session_ids: list[str], done: list[int]) -> None:
-    """Ask for every session's consolidation at once: memory's workers take them in turn."""
+async def consolidate_until(
+    memory: MemoryClient, pool: list[str], stop: asyncio.Event, in_flight: int, done: list[int]
+) -> bool:
+    """Keep `in_flight` consolidations going (one per memory worker) until `stop`.
 
-    async def one(session_id: str) -> None:
-        await memory.consolidate(TENANT, session_id)
-        done[0] += 1
+    Each is asked for when the last finished, so no backlog is left queued in
+    memory to run into the next quiet phase. False if the pool ran out first.
+    """
+    sessions = iter(pool)
 
-    await asyncio.gather(*(one(s) for s in session_ids))
+    async def one_after_another() -> bool:
+        while not stop.is_set():
+            session_id = next(sessions, None)
+            if session_id is None:
+                return False
+            await memory.consolidate(TENANT, session_id)
+            done[0] += 1
+        return True
+
+    return all(await asyncio.gather(*(one_after_another() for _ in range(in_flight))))
 
 
 def config(
@@ -185,22 +200,39 @@ async def main(
             meter = CpuMeter(pids)
             quiet: list[float] = []
             loaded: list[float] = []
+            #: p99 beside / p99 alone of each round: the two phases of a round share
+            #: the machine's conditions, so their spread shows the noise.
+            paired: list[float] = []
             consolidations = [0]
-            for round_sessions in busy:
+
+            async def alone() -> None:
                 with meter.phase("alone"):
-                    quiet += await conversations(gateway, n_sessions, turns)
+                    quiet.extend(await conversations(gateway, n_sessions, turns))
+
+            async def beside(pool: list[str]) -> None:
+                stop = asyncio.Event()
                 background = asyncio.create_task(
-                    consolidate_all(memory, round_sessions, consolidations)
+                    consolidate_until(memory, pool, stop, workers, consolidations)
                 )
                 await asyncio.sleep(0.5)  # consolidations under way
                 with meter.phase("beside"):
-                    loaded += await conversations(gateway, n_sessions, turns)
-                still_running = not background.done()
-                background.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await background
-                if not still_running:
+                    loaded.extend(await conversations(gateway, n_sessions, turns))
+                stop.set()
+                # The jobs in flight finish before the next quiet phase starts.
+                if not await background:
                     print("warning: consolidation ran dry before the turns ended")
+
+            for index, pool in enumerate(busy):
+                before = len(quiet), len(loaded)
+                # Alternate which phase goes first: the stores grow as the run goes on,
+                # and a fixed order would make the second phase look slower.
+                if index % 2 == 0:
+                    await alone()
+                    await beside(pool)
+                else:
+                    await beside(pool)
+                    await alone()
+                paired.append(pct(loaded[before[1] :], 0.99) / pct(quiet[before[0] :], 0.99))
             await memory.close()
     pace = f"{token_ms:g} ms a token" if token_ms else "unpaced"
     print(
@@ -220,6 +252,11 @@ async def main(
         print(f"\n  {phase:>7}: " + ", ".join(f"{n} {s:.1f}" for n, s in spent.items()), end="")
     print()
     print(
+        "p99 ratio round by round: "
+        + " ".join(f"{r:.2f}" for r in paired)
+        + f" (median {statistics.median(paired):.2f}x)"
+    )
+    print(
         f"ratio p50: {statistics.median(loaded) / statistics.median(quiet):.2f}x, "
         f"p99: {pct(loaded, 0.99) / pct(quiet, 0.99):.2f}x (target p99 <= 1.10x)"
     )
@@ -229,12 +266,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument(
-        "--busy-sessions", type=int, default=32, help="sessions to consolidate per round"
+        "--busy-sessions", type=int, default=48, help="sessions ready to consolidate per round"
     )
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="memory.workers")
-    parser.add_argument("--duty-cycle", type=float, default=0.5, help="memory.duty_cycle")
+    parser.add_argument(
+        "--duty-cycle",
+        type=float,
+        default=MemorySettings().duty_cycle,
+        help="memory.duty_cycle (default: the setting's default)",
+    )
     parser.add_argument("--token-ms", type=float, default=0.0, help="model server pacing")
     args = parser.parse_args()
     asyncio.run(

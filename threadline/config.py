@@ -228,12 +228,15 @@ class MemorySettings(_Section):
     #: Consecutive failures after which consolidation archives the raw text and
     #: compaction is disabled for the session until it changes.
     max_failures: int = Field(default=3, ge=1)
-    #: Jobs one replica runs at once (each on a different session).
+    #: Consolidation and extraction jobs one replica runs at once (each on a different session).
     workers: int = Field(default=2, ge=1)
-    #: Share of a worker's time consolidation and extraction spend in model calls:
-    #: after each call it rests (1/duty_cycle - 1) times as long as the call took,
-    #: so background jobs give way to turns. 1 never rests; compaction never rests.
-    duty_cycle: float = Field(default=0.5, gt=0, le=1)
+    #: Compaction jobs one replica runs at once: workers of their own, so a turn waiting
+    #: for a compaction never queues behind background jobs.
+    compaction_workers: int = Field(default=2, ge=1)
+    #: While turns run (a Recall in the last 5 s), consolidation and extraction rest
+    #: after each chunk (1/duty_cycle - 1) times as long as it took (at most 1 s a
+    #: rest), so background work gives way to turns. 1 never rests; compaction never rests.
+    duty_cycle: float = Field(default=0.1, gt=0, le=1)
     #: How often idle sessions are looked for.
     scan_interval_s: float = Field(default=30, gt=0)
     #: Per-session lease (Redis) while a replica works on it; renewed at a third of this.

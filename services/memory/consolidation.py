@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.memory import transcript
+from services.memory.pacing import Pacer
 from services.memory.store import SqliteMemoryStore
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2
@@ -130,6 +131,8 @@ class Consolidator:
     sessions: SessionReader
     summaries: SummaryModel
     max_failures: int = 3
+    #: Rests between chunks while turns run (see pacing).
+    pacer: Pacer = field(default_factory=Pacer)
 
     async def pending(self, tenant: str, session_id: str) -> list[common_pb2.Message]:
         """The messages the next consolidation would summarise."""
@@ -138,6 +141,7 @@ class Consolidator:
         return messages[: transcript.turn_boundary(messages)]
 
     async def run(self, tenant: str, session_id: str, model: str, result: JobResult) -> None:
+        paced = self.pacer.begin()
         span = await self.pending(tenant, session_id)
         if not span:
             memory = await self.store.get(tenant, session_id)
@@ -159,6 +163,7 @@ class Consolidator:
                 next_offset=result.offset,
             )
             result.items += len(chunk)
+            await paced.rest()
 
     async def failed(self, tenant: str, session_id: str, result: JobResult) -> int:
         """Count a failure; at the limit, archive the pending span's raw text and move on.

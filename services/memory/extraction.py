@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from services.memory import transcript
 from services.memory.consolidation import JobResult, SessionReader, Summariser
+from services.memory.pacing import Pacer
 from services.memory.store import Item, SqliteMemoryStore
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2
@@ -137,6 +138,8 @@ class Extractor:
     model: str
     max_output_tokens: int
     window_tokens: int
+    #: Rests between chunks while turns run (see pacing).
+    pacer: Pacer = field(default_factory=Pacer)
 
     async def pending(self, tenant: str, session_id: str) -> list[common_pb2.Message]:
         memory = await self.store.get(tenant, session_id)
@@ -144,6 +147,7 @@ class Extractor:
         return messages[: transcript.turn_boundary(messages)]
 
     async def run(self, tenant: str, session_id: str, model: str, result: JobResult) -> None:
+        paced = self.pacer.begin()
         span = await self.pending(tenant, session_id)
         if not span:
             result.offset = (await self.store.get(tenant, session_id)).extract_offset
@@ -165,6 +169,7 @@ class Extractor:
             result.offset = chunk[-1].seq + 1
             await self.store.save_items(tenant, session_id, merged, next_pointer=result.offset)
             result.items += len(found)
+            await paced.rest()
 
     async def _extract(
         self,

@@ -26,6 +26,7 @@ from services.memory import triggers
 from services.memory.compaction import Compactor, is_refusal
 from services.memory.consolidation import Consolidator, JobResult
 from services.memory.extraction import Extractor
+from services.memory.pacing import work_timeout
 from services.memory.queue import Delivery, JobQueue, LocalJobQueue
 from services.memory.store import Activity, SqliteMemoryStore, now_us
 from threadline import errors
@@ -77,6 +78,7 @@ class JobSettings:
     idle_consolidate_s: float
     job_timeout_s: float
     workers: int
+    compaction_workers: int
     scan_interval_s: float
     lease_ttl_s: float
     claim_idle_s: float
@@ -92,7 +94,10 @@ def _timestamp(us: int) -> Timestamp:
 class MemoryJobs:
     store: SqliteMemoryStore
     sessions: SessionsForJobs
+    #: Consolidation and extraction; compaction has a queue (and workers) of its own
+    #: so that a turn waiting for one never queues behind background work.
     queue: JobQueue
+    compactions: JobQueue
     leases: Leases
     events: EventPublisher
     consolidator: Consolidator
@@ -110,9 +115,15 @@ class MemoryJobs:
         if isinstance(self.queue, LocalJobQueue):
             # Nothing else remembers an in-process queue across a restart.
             for job_id in await self.store.unfinished_jobs():
-                await self.queue.put(job_id)
+                job = await self.store.job(job_id)
+                if job is not None:
+                    await self._queue_for(job.kind).put(job_id)
         for index in range(self.settings.workers):
-            self._tasks.append(asyncio.create_task(self._work(), name=f"memory-worker-{index}"))
+            work = self._work(self.queue)
+            self._tasks.append(asyncio.create_task(work, name=f"memory-worker-{index}"))
+        for index in range(self.settings.compaction_workers):
+            work = self._work(self.compactions)
+            self._tasks.append(asyncio.create_task(work, name=f"memory-compactor-{index}"))
         self._tasks.append(asyncio.create_task(self._scan_forever(), name="memory-idle-scan"))
 
     async def stop(self) -> None:
@@ -147,7 +158,7 @@ class MemoryJobs:
             model=model,
         )
         await self.store.put_job(job)
-        await self.queue.put(job.id)
+        await self._queue_for(kind).put(job.id)
         return job
 
     async def wait(self, job_id: str, timeout_s: float) -> memory_pb2.Job:
@@ -250,10 +261,13 @@ class MemoryJobs:
 
     # -- running -----------------------------------------------------------------
 
-    async def _work(self) -> None:
+    def _queue_for(self, kind: str) -> JobQueue:
+        return self.compactions if kind == "compact" else self.queue
+
+    async def _work(self, queue: JobQueue) -> None:
         while True:
             try:
-                delivery = await self.queue.get()
+                delivery = await queue.get()
             except Exception:
                 log.exception("memory.queue_read_failed")
                 await asyncio.sleep(1.0)
@@ -273,7 +287,7 @@ class MemoryJobs:
         lease = await self._lease(job, delivery.touch)
         if lease is None:
             # Someone else has worked the session all along: queue it behind them.
-            await self.queue.put(job.id)
+            await self._queue_for(job.kind).put(job.id)
             await delivery.ack()
             return
         keeper = asyncio.create_task(self._keep(delivery.touch), name=f"touch-{job.id}")
@@ -334,7 +348,7 @@ class MemoryJobs:
             job.state = memory_pb2.JOB_STATE_RUNNING
             await self.store.put_job(job)
             self.events.emit(started_type, tenant=tenant, session_id=session_id, **self._attrs(job))
-            async with asyncio.timeout(self.settings.job_timeout_s):
+            async with work_timeout(self.settings.job_timeout_s):
                 await self._domain(kind).run(tenant, session_id, job.model, result)
         except Exception as exc:
             error = self._describe(exc)

@@ -1,43 +1,87 @@
-"""Background jobs give way: a model call is followed by a rest in proportion.
+"""Background jobs give way to turns: while turns run, each step is followed by a rest.
 
-Consolidation and extraction are never urgent, and each of their model calls
-costs CPU in llm_proxy, the session service and this one, the same CPU a
-user's turn needs. Like PostgreSQL's autovacuum cost delay, a worker rests
-after each call for `(1 / duty_cycle - 1)` times as long as the call took: at
-0.5 it rests as long as it worked. Calls slow down when the system is busy, so
-the rests grow with the load. Compaction is not paced: a turn may be waiting.
+Consolidation and extraction are never urgent, and every step of theirs (the
+session read, the model call, the store write) costs CPU in the session
+service, llm_proxy and memory, and time on the model server: what a user's
+turn needs. Like PostgreSQL's autovacuum cost delay, a job rests after each
+step for `(1 / duty_cycle - 1)` times as long as the step took (at 0.1, nine
+times as long), so its work is spread thin rather than done in bursts. Steps
+slow down when the system is busy, so the rests grow with the load. With no
+turn for a while (no Recall served here for `quiet_after_s`) nothing is waiting
+and jobs do not rest.
+
+A resting job holds its session's lease, so one rest is at most `max_rest_s`: a
+compaction of the same session (a turn waits for it) is never held up long.
+Compaction has workers of its own and never rests. Rests do not count towards
+the job's timeout (`work_timeout`): that is there to catch hung work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
-from services.memory.consolidation import Summariser
-from threadline.v1 import llm_pb2
+#: The running job's timeout, which its rests push back.
+_TIMEOUT: ContextVar[asyncio.Timeout | None] = ContextVar("memory_job_timeout", default=None)
 
 
-@dataclass
-class PacedLlm:
-    llm: Summariser
-    #: Share of a worker's time spent in model calls, in (0, 1]; 1 never rests.
-    duty_cycle: float
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-
-    async def chat(
-        self, request: llm_pb2.ChatRequest, *, timeout: float | None = None
-    ) -> llm_pb2.ChatResponse:
-        started = time.monotonic()
+@contextlib.asynccontextmanager
+async def work_timeout(seconds: float) -> AsyncIterator[None]:
+    """`asyncio.timeout(seconds)` over a job's work: its rests are not counted."""
+    async with asyncio.timeout(seconds) as timeout:
+        token = _TIMEOUT.set(timeout)
         try:
-            response = await self.llm.chat(request, timeout=timeout)
-        except Exception:
-            await self._rest(started)  # a failing upstream is not asked again at once either
-            raise
-        await self._rest(started)
-        return response
+            yield
+        finally:
+            _TIMEOUT.reset(token)
 
-    async def _rest(self, started: float) -> None:
-        if self.duty_cycle < 1:
-            await self.sleep((time.monotonic() - started) * (1 / self.duty_cycle - 1))
+
+class TurnActivity:
+    """When this replica last served a turn (its Recall)."""
+
+    def __init__(self, quiet_after_s: float = 5.0) -> None:
+        self.quiet_after_s = quiet_after_s
+        self._last = float("-inf")
+
+    def seen(self) -> None:
+        self._last = time.monotonic()
+
+    def busy(self) -> bool:
+        return time.monotonic() - self._last < self.quiet_after_s
+
+
+@dataclass(frozen=True)
+class Pacer:
+    #: Share of a job's time spent working while turns run, in (0, 1]; 1 never rests.
+    duty_cycle: float = 1.0
+    #: Longest single rest (the job holds its session's lease meanwhile).
+    max_rest_s: float = 1.0
+    #: Whether turns are running now; without one, always.
+    busy: Callable[[], bool] = field(default=lambda: True, compare=False)
+    sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, compare=False)
+
+    def begin(self) -> PacedJob:
+        """Start timing one job's first step."""
+        return PacedJob(self)
+
+
+class PacedJob:
+    def __init__(self, pacer: Pacer) -> None:
+        self._pacer = pacer
+        self._since = time.monotonic()
+
+    async def rest(self) -> None:
+        """Rest for the work done since the job began or last rested, if turns run."""
+        pacer = self._pacer
+        if pacer.duty_cycle < 1 and pacer.busy():
+            worked = time.monotonic() - self._since
+            pause = min(worked * (1 / pacer.duty_cycle - 1), pacer.max_rest_s)
+            timeout = _TIMEOUT.get()
+            if timeout is not None and (deadline := timeout.when()) is not None:
+                timeout.reschedule(deadline + pause)
+            await pacer.sleep(pause)
+        self._since = time.monotonic()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import socket
@@ -14,7 +13,7 @@ from services.memory.compaction import Compactor
 from services.memory.consolidation import Consolidator, SummaryModel
 from services.memory.extraction import Extractor
 from services.memory.jobs import JobSettings, MemoryJobs
-from services.memory.pacing import PacedLlm
+from services.memory.pacing import Pacer, TurnActivity
 from services.memory.queue import JobQueue, LocalJobQueue, RedisJobQueue
 from services.memory.servicer import MemoryServicer
 from services.memory.store import SqliteMemoryStore
@@ -40,39 +39,48 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     redis_client: aioredis.Redis | None = None
     worker = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     queue: JobQueue
+    compactions: JobQueue
     leases: Leases
     if settings.redis_url:
         redis_client = aioredis.from_url(settings.redis_url)
         queue = RedisJobQueue(redis_client, consumer=worker, claim_idle_s=config.claim_idle_s)
+        compactions = RedisJobQueue(
+            redis_client,
+            consumer=worker,
+            claim_idle_s=config.claim_idle_s,
+            stream="threadline:memory:compactions",
+        )
         leases = RedisLeases(
             redis_client, ttl_s=config.lease_ttl_s, prefix="threadline:memory:lease:"
         )
     else:
-        queue = LocalJobQueue()
+        queue, compactions = LocalJobQueue(), LocalJobQueue()
         leases = LocalLeases()
-    # Consolidation and extraction give way to turns; compaction (a turn may wait) does not.
-    background_llm = PacedLlm(llm, config.duty_cycle)
     summaries = SummaryModel(
         llm=llm,
         model=config.model,
         max_summary_tokens=config.max_summary_tokens,
         window_tokens=config.summary_window_tokens,
     )
-    background_summaries = dataclasses.replace(summaries, llm=background_llm)
+    # Consolidation and extraction give way to turns; compaction (a turn may wait) does not.
+    turns = TurnActivity()
+    pacer = Pacer(config.duty_cycle, busy=turns.busy)
     jobs = MemoryJobs(
         store=store,
         sessions=sessions,
         queue=queue,
+        compactions=compactions,
         leases=leases,
         events=EventPublisher(bus, SERVICE),
-        consolidator=Consolidator(store, sessions, background_summaries, config.max_failures),
+        consolidator=Consolidator(store, sessions, summaries, config.max_failures, pacer),
         extractor=Extractor(
             store,
             sessions,
-            background_llm,
+            llm,
             config.model,
             max_output_tokens=config.max_summary_tokens * 2,
             window_tokens=config.summary_window_tokens,
+            pacer=pacer,
         ),
         compactor=Compactor(
             store,
@@ -91,6 +99,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
             idle_consolidate_s=config.idle_consolidate_s,
             job_timeout_s=config.job_timeout_s,
             workers=config.workers,
+            compaction_workers=config.compaction_workers,
             scan_interval_s=config.scan_interval_s,
             lease_ttl_s=config.lease_ttl_s,
             claim_idle_s=config.claim_idle_s,
@@ -100,9 +109,11 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     servicer = MemoryServicer(
         jobs,
         store,
-        # A waiting caller gets the answer even when the job first waits for a lease.
-        wait_timeout_s=config.job_timeout_s + 2 * config.lease_ttl_s,
+        # A waiting caller gets the answer even when the job first waits for a lease
+        # and, while turns run, rests between its steps (rests are not in the timeout).
+        wait_timeout_s=config.job_timeout_s / config.duty_cycle + 2 * config.lease_ttl_s,
         recall_budget_tokens=config.recall_budget_tokens,
+        turns=turns,
     )
 
     def register(server: grpc.aio.Server) -> list[str]:

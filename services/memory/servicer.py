@@ -7,6 +7,7 @@ from typing import Any
 import grpc.aio
 
 from services.memory.jobs import JobKind, MemoryJobs
+from services.memory.pacing import TurnActivity
 from services.memory.recall import recall
 from services.memory.store import SqliteMemoryStore
 from threadline import errors
@@ -32,11 +33,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         *,
         wait_timeout_s: float,
         recall_budget_tokens: int,
+        turns: TurnActivity | None = None,
     ) -> None:
         self.jobs = jobs
         self.store = store
         self.wait_timeout_s = wait_timeout_s
         self.recall_budget_tokens = recall_budget_tokens
+        #: Every turn recalls first: background jobs give way while turns run.
+        self.turns = turns or TurnActivity()
 
     async def RecordActivity(
         self, request: memory_pb2.RecordActivityRequest, context: Context
@@ -85,6 +89,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self, request: memory_pb2.RecallRequest, context: Context
     ) -> memory_pb2.RecallResponse:
         _check(request.tenant, request.session_id)
+        self.turns.seen()
         if request.budget_tokens < 0:
             raise errors.InvalidArgument("budget_tokens must be >= 0")
         memory = await self.store.get(request.tenant, request.session_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -337,6 +338,69 @@ async def test_a_span_larger_than_the_summarisers_window_goes_in_chunks(
             assert prompt_chars / 4 + body["max_tokens"] <= 600
 
 
+def summary_gaps(fake: FakeUpstream) -> list[float]:
+    sent = [r.received_at for r in fake.chat_requests() if r.body["model"] == SUMMARIZER]
+    assert len(sent) >= 2
+    return [later - earlier for earlier, later in itertools.pairwise(sent)]
+
+
+async def test_while_turns_run_consolidation_rests_between_chunks(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    # Each summary takes about 0.2 s; at a quarter duty cycle the job rests three
+    # times that long after each chunk, so the next request comes no sooner.
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=0.2))
+    paced = {"summary_window_tokens": 600, "max_summary_tokens": 50, "duty_cycle": 0.25}
+    async with start(**paced, job_timeout_s=2) as (clients, _events):
+        session_id = await clients.session(exchange(8, words=40))
+        await clients.memory.recall(TENANT, await clients.session(exchange(1)))  # a turn
+
+        result = await clients.memory.consolidate(TENANT, session_id)
+
+    # The rests pushed the job past its 2 s of work time without timing it out.
+    assert result.offset == 16
+    gaps = summary_gaps(fake_upstream)
+    assert len(gaps) >= 2 and min(gaps) >= 0.2 + 3 * 0.2 * 0.9
+
+
+async def test_with_no_turn_running_consolidation_runs_at_full_speed(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=0.2))
+    paced = {"summary_window_tokens": 600, "max_summary_tokens": 50, "duty_cycle": 0.25}
+    async with start(**paced) as (clients, _events):
+        session_id = await clients.session(exchange(8, words=40))
+
+        await clients.memory.consolidate(TENANT, session_id)
+
+    assert max(summary_gaps(fake_upstream)) < 0.2 + 3 * 0.2 * 0.5
+
+
+async def test_a_compaction_does_not_wait_for_a_resting_background_worker(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    # The only background worker is busy with a long, resting consolidation; the
+    # compaction a turn waits for runs on a worker of its own meanwhile.
+    fake_upstream.route_sequence(
+        SUMMARIZER, [Script(text=SUMMARY, first_token_delay_s=0.2), write_summary()]
+    )
+    paced = {"summary_window_tokens": 600, "max_summary_tokens": 50, "duty_cycle": 0.1}
+    async with start(workers=1, **paced) as (clients, events):
+        await clients.memory.recall(TENANT, await clients.session(exchange(1)))  # a turn
+        busy = await clients.session(exchange(8, words=40))
+        consolidation = asyncio.create_task(clients.memory.consolidate(TENANT, busy))
+        await events.wait_for("memory.consolidation.started")
+        long = await clients.session([*exchange(4, words=20), user("And then?")])
+
+        started = time.monotonic()
+        job = await clients.compact(long)
+
+        assert job.state == memory_pb2.JOB_STATE_SUCCEEDED and job.new_session_id
+        assert time.monotonic() - started < 1.0
+        assert not consolidation.done()
+        consolidation.cancel()
+
+
 async def test_malformed_extraction_is_retried_once_then_the_job_fails(
     start: Start, fake_upstream: FakeUpstream
 ) -> None:
@@ -611,9 +675,11 @@ async def test_a_mid_turn_compaction_lets_the_turn_finish_in_the_new_session(
 async def test_a_running_consolidation_does_not_slow_a_turn_down(
     start: Start, fake_upstream: FakeUpstream
 ) -> None:
-    # The summary takes about 2 s to stream; the turn must not wait for it.
+    # The summary takes about 2 s to stream; the turn must not wait for it, even with
+    # the job never resting for turns (duty cycle 1).
     fake_upstream.route(SUMMARIZER, Script(text="slow " * 20, token_delay_s=0.1))
-    async with start(TURN_SERVICES, executor={"max_output_tokens": 32}) as (clients, events):
+    turn_settings = {"max_output_tokens": 32}
+    async with start(TURN_SERVICES, executor=turn_settings, duty_cycle=1.0) as (clients, events):
         session_id = await clients.session(exchange(4))
         consolidation = asyncio.create_task(clients.memory.consolidate(TENANT, session_id))
         await events.wait_for("memory.consolidation.started")

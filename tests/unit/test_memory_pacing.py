@@ -1,83 +1,113 @@
-"""Background jobs rest after each model call in proportion to how long it took."""
+"""Background jobs rest after each step, in proportion, while turns run."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from services.memory.pacing import PacedLlm
-from threadline import errors
-from threadline.v1 import llm_pb2
+from services.memory.pacing import Pacer, TurnActivity, work_timeout
 
 
-class SlowLlm:
-    def __init__(self, seconds: float, fail: bool = False) -> None:
-        self.seconds = seconds
-        self.fail = fail
-        self.calls = 0
-
-    async def chat(
-        self, request: llm_pb2.ChatRequest, *, timeout: float | None = None
-    ) -> llm_pb2.ChatResponse:
-        self.calls += 1
-        await asyncio.sleep(self.seconds)
-        if self.fail:
-            raise errors.Unavailable("upstream down")
-        return llm_pb2.ChatResponse()
-
-
-def paced(llm: SlowLlm, duty_cycle: float) -> tuple[PacedLlm, list[float]]:
+def recording(
+    duty_cycle: float, busy: bool = True, max_rest_s: float = 10.0
+) -> tuple[Pacer, list[float]]:
     rests: list[float] = []
 
     async def record(seconds: float) -> None:
         rests.append(seconds)
 
-    return PacedLlm(llm, duty_cycle, sleep=record), rests
+    return Pacer(duty_cycle, max_rest_s, busy=lambda: busy, sleep=record), rests
 
 
-async def test_half_duty_rests_as_long_as_the_call_took() -> None:
-    llm, rests = paced(SlowLlm(0.05), 0.5)
+async def test_half_duty_rests_as_long_as_the_step_took() -> None:
+    pacer, rests = recording(0.5)
+    paced = pacer.begin()
+    await asyncio.sleep(0.05)  # the step's work
 
-    await llm.chat(llm_pb2.ChatRequest())
+    await paced.rest()
 
-    assert rests == [pytest.approx(0.05, abs=0.03)]
-    assert rests[0] >= 0.05
+    assert len(rests) == 1 and 0.05 <= rests[0] < 0.1
 
 
-async def test_quarter_duty_rests_three_times_as_long() -> None:
-    llm, rests = paced(SlowLlm(0.05), 0.25)
+async def test_a_tenth_duty_rests_nine_times_as_long() -> None:
+    pacer, rests = recording(0.1)
+    paced = pacer.begin()
+    await asyncio.sleep(0.05)
 
-    await llm.chat(llm_pb2.ChatRequest())
+    await paced.rest()
 
-    assert rests[0] == pytest.approx(3 * 0.05, rel=0.5)
-    assert rests[0] >= 0.15
+    assert 0.45 <= rests[0] < 0.9
+
+
+async def test_each_rest_counts_only_the_work_since_the_last_one() -> None:
+    pacer, rests = recording(0.5)
+    paced = pacer.begin()
+    await asyncio.sleep(0.08)
+    await paced.rest()
+    await asyncio.sleep(0.02)
+
+    await paced.rest()
+
+    assert rests[0] >= 0.08 and 0.02 <= rests[1] < 0.06
+
+
+async def test_one_rest_is_never_longer_than_the_cap() -> None:
+    pacer, rests = recording(0.1, max_rest_s=0.2)
+    paced = pacer.begin()
+    await asyncio.sleep(0.05)
+
+    await paced.rest()
+
+    assert rests == [0.2]
 
 
 async def test_full_duty_never_rests() -> None:
-    llm, rests = paced(SlowLlm(0.01), 1.0)
-
-    await llm.chat(llm_pb2.ChatRequest())
-
-    assert rests == []
-
-
-async def test_a_failed_call_is_followed_by_a_rest_and_still_raises() -> None:
-    llm, rests = paced(SlowLlm(0.02, fail=True), 0.5)
-
-    with pytest.raises(errors.Unavailable):
-        await llm.chat(llm_pb2.ChatRequest())
-
-    assert len(rests) == 1 and rests[0] >= 0.02
-
-
-async def test_a_cancelled_call_ends_at_once_without_resting() -> None:
-    llm, rests = paced(SlowLlm(10), 0.5)
-    task = asyncio.create_task(llm.chat(llm_pb2.ChatRequest()))
+    pacer, rests = recording(1.0)
+    paced = pacer.begin()
     await asyncio.sleep(0.01)
 
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await paced.rest()
 
     assert rests == []
+
+
+async def test_without_turns_running_a_job_never_rests() -> None:
+    pacer, rests = recording(0.1, busy=False)
+    paced = pacer.begin()
+    await asyncio.sleep(0.02)
+
+    await paced.rest()
+
+    assert rests == []
+
+
+def test_turns_count_as_running_for_a_while_after_the_last_one() -> None:
+    turns = TurnActivity(quiet_after_s=0.05)
+    assert not turns.busy()
+
+    turns.seen()
+    assert turns.busy()
+
+    time.sleep(0.06)
+    assert not turns.busy()
+
+
+async def test_rests_do_not_count_towards_the_job_timeout() -> None:
+    paced = Pacer(0.25, busy=lambda: True).begin()
+
+    async with work_timeout(0.3):
+        await asyncio.sleep(0.1)
+        await paced.rest()  # about 0.3 s: past the timeout unless pushed back
+        await asyncio.sleep(0.1)
+
+
+async def test_work_past_the_timeout_still_times_out() -> None:
+    paced = Pacer(0.25, busy=lambda: True).begin()
+
+    with pytest.raises(TimeoutError):
+        async with work_timeout(0.2):
+            await asyncio.sleep(0.05)
+            await paced.rest()
+            await asyncio.sleep(0.3)
