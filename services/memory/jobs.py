@@ -114,10 +114,8 @@ class MemoryJobs:
     async def start(self) -> None:
         if isinstance(self.queue, LocalJobQueue):
             # Nothing else remembers an in-process queue across a restart.
-            for job_id in await self.store.unfinished_jobs():
-                job = await self.store.job(job_id)
-                if job is not None:
-                    await self._queue_for(job.kind).put(job_id)
+            for job_id, kind in await self.store.unfinished_jobs():
+                await self._queue_for(kind).put(job_id)
         for index in range(self.settings.workers):
             work = self._work(self.queue)
             self._tasks.append(asyncio.create_task(work, name=f"memory-worker-{index}"))

@@ -238,8 +238,8 @@ class SqliteMemoryStore:
         """A queued or running job of `kind` for the session, if any."""
         return await self._thread.run(self._active_job_sync, tenant, session_id, kind)
 
-    async def unfinished_jobs(self) -> list[str]:
-        """Ids of queued or running jobs, oldest first."""
+    async def unfinished_jobs(self) -> list[tuple[str, str]]:
+        """(id, kind) of queued or running jobs, oldest first."""
         return await self._thread.run(self._unfinished_jobs_sync)
 
     async def succeeded_job(
@@ -487,13 +487,13 @@ class SqliteMemoryStore:
         )
         return None if row is None else memory_pb2.Job.FromString(row[0])
 
-    def _unfinished_jobs_sync(self) -> list[str]:
+    def _unfinished_jobs_sync(self) -> list[tuple[str, str]]:
         rows = (
             self._db()
-            .execute("SELECT id FROM jobs WHERE state IN (?, ?) ORDER BY rowid", _ACTIVE)
+            .execute("SELECT id, kind FROM jobs WHERE state IN (?, ?) ORDER BY rowid", _ACTIVE)
             .fetchall()
         )
-        return [row[0] for row in rows]
+        return [(row[0], row[1]) for row in rows]
 
     def _succeeded_job_sync(
         self, tenant: str, session_id: str, kind: str, head: str
