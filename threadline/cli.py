@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import secrets
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -40,13 +43,34 @@ tasks_app = typer.Typer(help="Background tasks.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(events_app, name="events")
 app.add_typer(keys_app, name="keys")
-err = Console(stderr=True)
+# soft_wrap: printed commands and paths must stay on one line to be copied as they are.
+err = Console(stderr=True, soft_wrap=True)
 log = get_logger("threadline.cli")
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (or THREADLINE_CONFIG).")
 ]
 DEV_KEY_FILE = "dev-api-key"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"threadline {importlib.metadata.version('threadline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """threadline: LLM agent conversations on self-hosted model servers."""
+
+
 DEV_TENANT = "dev"
 
 
@@ -83,6 +107,18 @@ def up(
     redis_url: Annotated[
         str | None, typer.Option(help="Redis for events and leases (default: in-process).")
     ] = None,
+    local_model: Annotated[
+        str | None,
+        typer.Option(help="Bundled model to serve with no upstream: smollm2-135m, gemma-3-270m."),
+    ] = None,
+    needs_local_model: Annotated[
+        bool,
+        typer.Option(
+            "--needs-local-model",
+            help="Start nothing; exit 0 if this configuration would start the bundled "
+            "local model (no upstream configured), 1 if not.",
+        ),
+    ] = False,
 ) -> None:
     """Run all five services in one process; start the bundled local model if no upstream."""
     overrides: dict[str, Any] = {}
@@ -90,7 +126,11 @@ def up(
         overrides["data_dir"] = str(data_dir)
     if redis_url is not None:
         overrides["redis_url"] = redis_url
+    if local_model is not None:
+        overrides["local_model"] = {"name": local_model}
     settings = _settings(config, overrides)
+    if needs_local_model:
+        raise typer.Exit(1 if settings.llm.all_upstreams else 0)
     configure_logging(settings.log_level)
     try:
         asyncio.run(_up(settings))
@@ -100,18 +140,23 @@ def up(
 
 
 async def _up(settings: Settings) -> None:
-    from threadline.local_model import LocalModelServer, local_upstream
+    from threadline.local_model import LOCAL_MODELS, LocalModelServer
     from threadline.stack import start_stack
 
     began = time.perf_counter()
     local: LocalModelServer | None = None
-    if settings.llm.upstream is None:
-        local = LocalModelServer(settings.data_dir)
-        err.print("no upstream configured: starting the bundled local model (Gemma 3 270M)...")
-        base_url = await local.start()
-        upstream = local_upstream(base_url)
+    if not settings.llm.all_upstreams:
+        model = LOCAL_MODELS[settings.local_model.name]
+        local = LocalModelServer(
+            settings.data_dir,
+            model=model,
+            port=settings.local_model.port,
+            n_ctx=settings.local_model.n_ctx,
+        )
+        err.print(f"no upstream configured: starting the bundled local model ({model.title})...")
+        await local.start()
         settings = settings.model_copy(
-            update={"llm": settings.llm.model_copy(update={"upstream": upstream})}
+            update={"llm": settings.llm.model_copy(update={"upstream": local.upstream()})}
         )
     key_note = ""
     if not settings.gateway.api_keys:
@@ -126,14 +171,29 @@ async def _up(settings: Settings) -> None:
         err.print(
             f"[green]threadline is up[/green] in {time.perf_counter() - began:.1f}s: "
             f"gateway at {settings.addresses.gateway}{key_note}\n"
-            f"chat with:  threadline chat --data-dir {settings.data_dir}\n"
-            "stop with Ctrl-C"
+            f"chat with:  {_chat_hint(settings)}\n"
+            "stop with Ctrl-C",
+            highlight=False,
         )
         await wait_for_shutdown_signal()
         await stack.stop()
     finally:
         if local is not None:
             await local.stop()
+
+
+def _chat_hint(settings: Settings) -> str:
+    """A `chat` command that works as printed, from any directory."""
+    program = Path(sys.argv[0])
+    on_path = shutil.which(program.name)
+    if on_path is not None and Path(on_path).resolve() == program.resolve():
+        command = program.name
+    else:
+        command = str(program.resolve())
+    data_dir = settings.data_dir.resolve()
+    return shlex.join(
+        [command, "chat", "--address", settings.addresses.gateway, "--data-dir", str(data_dir)]
+    )
 
 
 @app.command()

@@ -22,6 +22,8 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 ENV_PREFIX = "THREADLINE_"
 ServiceName = Literal["gateway", "executor", "llm_proxy", "session", "memory"]
 SERVICE_NAMES: tuple[ServiceName, ...] = ("gateway", "executor", "llm_proxy", "session", "memory")
+#: The models `threadline up` can serve itself (threadline.local_model.catalogue).
+LocalModelName = Literal["smollm2-135m", "gemma-3-270m"]
 
 
 class ConfigError(Exception):
@@ -373,6 +375,17 @@ class EventSettings(_Section):
     buffer_size: int = Field(default=10_000, gt=0)
 
 
+class LocalModelSettings(_Section):
+    """The model `threadline up` serves itself when no upstream is configured."""
+
+    #: smollm2-135m (instruction-tuned, the default) or gemma-3-270m (a base model).
+    name: LocalModelName = "smollm2-135m"
+    #: Port of its llama.cpp server on 127.0.0.1; 0 picks a free one.
+    port: int = Field(default=0, ge=0, lt=65536)
+    #: Context window the server allocates (tokens).
+    n_ctx: int = Field(default=8192, ge=512)
+
+
 class Settings(BaseSettings):
     """All of threadline's settings. Build with `load_settings`, not `Settings()`."""
 
@@ -396,6 +409,7 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = ExecutorSettings()
     gateway: GatewaySettings = GatewaySettings()
     events: EventSettings = EventSettings()
+    local_model: LocalModelSettings = LocalModelSettings()
 
     @field_validator("redis_url")
     @classmethod

@@ -32,10 +32,12 @@ from services.llm_proxy.openai_wire import (
 from services.llm_proxy.sse import SseParser
 from threadline.config import UpstreamSettings
 from threadline.errors import FailedPrecondition
+from threadline.logs import get_logger
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: How long the end of a body after [DONE] is waited for (see `_drain`).
 _DRAIN_S = 0.05
+_log = get_logger(__name__)
 
 
 class UpstreamFailure(Exception):
@@ -232,7 +234,11 @@ class Upstream:
                         await _drain(reads)
                         return
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamFailure("connect", f"cannot connect: {exc}", retryable=True) from None
+            # The socket error names an internal address: logs keep it, callers do not.
+            _log.warning("llm.connect_failed", upstream=self.name, error=str(exc))
+            raise UpstreamFailure(
+                "connect", f"cannot connect to upstream {self.name!r}", retryable=True
+            ) from None
         except aiohttp.ConnectionTimeoutError:
             raise UpstreamFailure(
                 "connect_timeout", f"no connection within {timeouts.connect_s:g}s", retryable=True
@@ -246,8 +252,9 @@ class Upstream:
                 "reset", f"connection broken: {exc or type(exc).__name__}", retryable=True
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
+            _log.warning("llm.transport_failed", upstream=self.name, error=str(exc))
             raise UpstreamFailure(
-                "transport", f"{type(exc).__name__}: {exc}", retryable=True
+                "transport", f"upstream {self.name!r}: {type(exc).__name__}", retryable=True
             ) from None
 
 

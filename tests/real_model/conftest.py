@@ -1,6 +1,6 @@
-"""A real llama.cpp server with the bundled Gemma 3 270M, shared by the whole session.
+"""A real llama.cpp server with the bundled SmolLM2 135M Instruct, shared by the whole session.
 
-Starting it costs a few seconds (assembling the .gguf, loading it), so every
+Starting it costs a second or two (loading the .gguf), so every
 real_model test talks to the same server.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 from typing import Any
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from threadline.errors import Unavailable
-from threadline.local_model import LOCAL_MODEL_ALIAS, LocalModelServer
+from threadline.local_model import LocalModelServer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.asyncio(loop_scope="session")]
 
@@ -49,11 +50,20 @@ async def test_lists_the_model_under_its_alias(local_model: LocalModelServer) ->
     async with _client(local_model) as client:
         response = await client.get("/models")
     assert response.status_code == 200
-    assert [m["id"] for m in response.json()["data"]] == [LOCAL_MODEL_ALIAS]
+    assert [m["id"] for m in response.json()["data"]] == ["smollm2-135m"]
+
+
+async def test_loads_the_weights_without_extra_buffer_types(local_model: LocalModelServer) -> None:
+    # ggml's AMX repack (an extra buffer type) crashes AMX CPUs at the first inference;
+    # with extra buffer types off, no tensor is offered to AMX or CPU_REPACK buffers,
+    # whatever this CPU supports (the log names them when they are on, AMX or not).
+    this_run = local_model.log_path.read_text().rsplit("--- threadline:", 1)[1]
+    assert "model buffer size" in this_run
+    assert not re.search(r"\b(AMX|CPU_REPACK)\b", this_run)
 
 
 async def test_answers_a_chat_completion(local_model: LocalModelServer) -> None:
-    body = {"model": local_model.model, "messages": MESSAGES, "max_tokens": 8}
+    body = {"model": local_model.model.alias, "messages": MESSAGES, "max_tokens": 8}
     async with _client(local_model) as client:
         response = await client.post("/chat/completions", json=body)
     assert response.status_code == 200, response.text
@@ -63,7 +73,7 @@ async def test_answers_a_chat_completion(local_model: LocalModelServer) -> None:
 
 
 async def test_streams_a_chat_completion_as_sse_chunks(local_model: LocalModelServer) -> None:
-    body = {"model": local_model.model, "messages": MESSAGES, "max_tokens": 8, "stream": True}
+    body = {"model": local_model.model.alias, "messages": MESSAGES, "max_tokens": 8, "stream": True}
     chunks = await _stream_chunks(local_model, body)
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
     text = "".join(
@@ -81,7 +91,7 @@ async def test_streams_a_chat_completion_as_sse_chunks(local_model: LocalModelSe
 )
 async def test_streams_a_usage_chunk_when_asked(local_model: LocalModelServer) -> None:
     body = {
-        "model": local_model.model,
+        "model": local_model.model.alias,
         "messages": MESSAGES,
         "max_tokens": 8,
         "stream": True,

@@ -8,20 +8,45 @@ from pathlib import Path
 
 import pytest
 
-from threadline import local_model
 from threadline.errors import FailedPrecondition
-from threadline.local_model import LOCAL_MODEL_ALIAS, LocalModelServer
+from threadline.local_model import GEMMA3_270M, SMOLLM2_135M, BundledModel, LocalModelServer
+from threadline.local_model.catalogue import ensure_gemma_file
+
+_MISSING = BundledModel(
+    alias="smollm2-135m",
+    title="not installed",
+    distribution="threadline-no-such-model",
+    module="threadline_no_such_model",
+    packaged_file="threadline_no_such_model/model.gguf",
+    chat_format=None,
+    system_role=True,
+)
 
 
-async def test_start_without_the_extra_says_how_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(local_model, "local_model_installed", lambda: False)
-    server = LocalModelServer(tmp_path)
+async def test_start_without_the_extra_says_how_to_install(tmp_path: Path) -> None:
+    server = LocalModelServer(tmp_path, model=_MISSING)
     with pytest.raises(FailedPrecondition, match=re.escape("pip install '.[local-model]'")):
         await server.start()
     assert server.pid is None
     assert not (tmp_path / "models").exists()
+
+
+def test_a_missing_model_package_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FailedPrecondition, match="'smollm2-135m' is not installed: pip install"):
+        _MISSING.gguf_path(tmp_path)
+
+
+@pytest.mark.skipif(not SMOLLM2_135M.installed(), reason="the local-model extra is not installed")
+def test_the_default_model_is_read_from_its_package_in_place(tmp_path: Path) -> None:
+    path = SMOLLM2_135M.gguf_path(tmp_path)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes()[:4] == b"GGUF"
+    assert not (tmp_path / "models").exists()
+
+
+def test_only_gemma_drops_system_messages() -> None:
+    assert SMOLLM2_135M.system_role and SMOLLM2_135M.chat_format is None
+    assert not GEMMA3_270M.system_role and GEMMA3_270M.chat_format == "gemma"
 
 
 async def test_stop_is_safe_before_start_and_twice(tmp_path: Path) -> None:
@@ -29,7 +54,7 @@ async def test_stop_is_safe_before_start_and_twice(tmp_path: Path) -> None:
     await server.stop()
     await server.stop()
     assert server.pid is None
-    assert server.model == LOCAL_MODEL_ALIAS
+    assert server.model is SMOLLM2_135M
     with pytest.raises(FailedPrecondition):
         _ = server.base_url
 
@@ -71,10 +96,10 @@ def test_ensure_model_file_assembles_once(tmp_path: Path, monkeypatch: pytest.Mo
     bundle = _FakeBundle(tmp_path / "chunks")
     _install_fake_bundle(monkeypatch, bundle)
 
-    path = local_model.ensure_model_file(tmp_path / "data")
+    path = ensure_gemma_file(tmp_path / "data")
     assert path == tmp_path / "data" / "models" / "gemma-3-270m-q4_k_m.gguf"
     assert path.read_bytes() == b"\x00" * 1000 + b"\x01" * 1000
-    assert local_model.ensure_model_file(tmp_path / "data") == path
+    assert ensure_gemma_file(tmp_path / "data") == path
     assert bundle.assembled == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
@@ -89,7 +114,7 @@ def test_ensure_model_file_replaces_a_truncated_file(
     target.parent.mkdir()
     target.write_bytes(b"\x00" * 10)
 
-    assert local_model.ensure_model_file(tmp_path) == target
+    assert ensure_gemma_file(tmp_path) == target
     assert target.stat().st_size == 2000
 
 
@@ -100,5 +125,5 @@ def test_ensure_model_file_leaves_nothing_behind_when_interrupted(
     _install_fake_bundle(monkeypatch, _FakeBundle(tmp_path / "chunks", fail_after_bytes=500))
 
     with pytest.raises(OSError, match="disk full"):
-        local_model.ensure_model_file(tmp_path)
+        ensure_gemma_file(tmp_path)
     assert list((tmp_path / "models").iterdir()) == []
