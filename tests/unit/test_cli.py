@@ -163,3 +163,33 @@ def test_no_arguments_shows_help(runner: CliRunner) -> None:
 
     for command in ("up", "serve", "chat", "events", "keys"):
         assert command in result.output
+
+
+def test_version_prints_the_release(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--version"])
+
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"threadline \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_up_needs_the_local_model_only_without_an_upstream(runner: CliRunner) -> None:
+    upstream = {
+        "THREADLINE_LLM__UPSTREAM__BASE_URL": "http://127.0.0.1:8000/v1",
+        "THREADLINE_LLM__UPSTREAM__MODEL": "my-model",
+    }
+    several = {
+        "THREADLINE_LLM__UPSTREAMS": '[{"name": "a", "base_url": "http://a:1/v1", "model": "m"}]'
+    }
+
+    assert runner.invoke(app, ["up", "--needs-local-model"]).exit_code == 0
+    assert runner.invoke(app, ["up", "--needs-local-model"], env=upstream).exit_code == 1
+    assert runner.invoke(app, ["up", "--needs-local-model"], env=several).exit_code == 1
+
+
+def test_up_with_an_unknown_local_model_names_the_choices(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["up", "--local-model", "llama-70b"])
+
+    assert result.exit_code == 2
+    said = _said(result.stderr)
+    assert "local_model.name (THREADLINE_LOCAL_MODEL__NAME)" in said
+    assert "'smollm2-135m' or 'gemma-3-270m'" in said
