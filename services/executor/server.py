@@ -8,18 +8,18 @@ from pathlib import Path
 import grpc.aio
 import redis.asyncio as aioredis
 
-from services.executor.classifier import AgentType, Classifier
-from services.executor.command_runner import CommandRunner
-from services.executor.leases import TurnLeases
-from services.executor.local_runner import LocalRunner
-from services.executor.pool import TaskPool
 from services.executor.servicer import ExecutorServicer
-from services.executor.task_service import ByAgentType, TaskService
-from services.executor.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
-from services.executor.tasks import Runner
-from services.executor.tools import ToolBox
-from services.executor.turn import TurnLimits, TurnRunner
-from services.executor.workspace import PermissionRule, Workspace
+from services.executor.tasks.classifier import AgentType, Classifier
+from services.executor.tasks.command_runner import CommandRunner
+from services.executor.tasks.local_runner import LocalRunner
+from services.executor.tasks.pool import TaskPool
+from services.executor.tasks.records import Runner
+from services.executor.tasks.service import ByAgentType, TaskService
+from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
+from services.executor.turns.leases import TurnLeases
+from services.executor.turns.tools import ToolBox
+from services.executor.turns.turn import TurnLimits, TurnRunner
+from services.executor.turns.workspace import PermissionRule, Workspace
 from threadline.config import ExecutorSettings, ServiceName, Settings, TaskSettings
 from threadline.events import EventBus, EventPublisher
 from threadline.ids import validate_session_id

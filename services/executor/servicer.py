@@ -8,11 +8,11 @@ from typing import Any
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
-from services.executor.pool import TaskPool
-from services.executor.task_service import TaskService
-from services.executor.task_store import TaskStore
-from services.executor.tasks import TaskRecord
-from services.executor.turn import TurnRunner
+from services.executor.tasks.pool import TaskPool
+from services.executor.tasks.records import TaskRecord
+from services.executor.tasks.service import TaskService
+from services.executor.tasks.store import TaskStore
+from services.executor.turns.turn import TurnRunner
 from threadline import errors
 from threadline.v1 import executor_pb2, executor_pb2_grpc
 

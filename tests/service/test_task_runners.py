@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from services.executor.classifier import AgentType, Classification, Classifier
-from services.executor.local_runner import LocalRunner
-from services.executor.tasks import RunOutcome, TaskRecord, new_task_id
-from services.executor.tools import ToolBox
-from services.executor.workspace import PermissionRule, Workspace
+from services.executor.tasks.classifier import AgentType, Classification, Classifier
+from services.executor.tasks.local_runner import LocalRunner
+from services.executor.tasks.records import RunOutcome, TaskRecord, new_task_id
+from services.executor.turns.tools import ToolBox
+from services.executor.turns.workspace import PermissionRule, Workspace
 from tests.conftest import FAKE_MODEL, make_settings
 from tests.service.conftest import private_stack
 from threadline.config import Settings

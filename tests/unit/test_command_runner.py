@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from services.executor.command_runner import CommandRunner
-from services.executor.tasks import TaskRecord, new_task_id
+from services.executor.tasks.command_runner import CommandRunner
+from services.executor.tasks.records import TaskRecord, new_task_id
 from threadline.errors import InvalidArgument
 
 

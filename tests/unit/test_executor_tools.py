@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.executor.tools import ToolBox, ToolResult
-from services.executor.workspace import PermissionRule, ToolDenied, Workspace
+from services.executor.turns.tools import ToolBox, ToolResult
+from services.executor.turns.workspace import PermissionRule, ToolDenied, Workspace
 from threadline import errors
 
 SECRET = "top secret\n"

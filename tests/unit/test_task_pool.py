@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
-from services.executor.command_runner import CommandRunner
-from services.executor.pool import TaskPool
-from services.executor.task_store import SqliteTaskStore
-from services.executor.tasks import TERMINAL, LogWriter, Runner, RunOutcome, TaskRecord, new_task_id
+from services.executor.tasks.command_runner import CommandRunner
+from services.executor.tasks.pool import TaskPool
+from services.executor.tasks.records import (
+    TERMINAL,
+    LogWriter,
+    Runner,
+    RunOutcome,
+    TaskRecord,
+    new_task_id,
+)
+from services.executor.tasks.store import SqliteTaskStore
 from threadline.errors import NotFound, ResourceExhausted
 from threadline.events import EventPublisher, InProcessEventBus, Subscription, attributes_of
 from threadline.v1.events_pb2 import LifecycleEvent

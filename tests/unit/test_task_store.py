@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from services.executor.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
-from services.executor.tasks import TaskRecord, new_task_id
+from services.executor.tasks.records import TaskRecord, new_task_id
+from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
 from threadline.errors import AlreadyExists, InvalidArgument, NotFound
 
 

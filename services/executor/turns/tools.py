@@ -4,7 +4,7 @@
 anything the model did or the filesystem refused: every outcome becomes a
 `ToolResult` whose `content` goes back to the model as the `tool` message, so a
 bad call costs one round, not the turn. Confinement and permissions live in
-`services.executor.workspace`; this module parses arguments, runs the file
+`services.executor.turns.workspace`; this module parses arguments, runs the file
 work off the event loop, and shapes what the model reads.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from services.executor.workspace import ToolDenied, Workspace, format_size
+from services.executor.turns.workspace import ToolDenied, Workspace, format_size
 from threadline.logs import get_logger
 from threadline.v1 import common_pb2
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.executor.classifier import Classifier
-from services.executor.pool import TaskPool
-from services.executor.tasks import LogWriter, Runner, RunOutcome, TaskRecord
+from services.executor.tasks.classifier import Classifier
+from services.executor.tasks.pool import TaskPool
+from services.executor.tasks.records import LogWriter, Runner, RunOutcome, TaskRecord
 from threadline import errors
 from threadline.config import AgentTypeSettings
 

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.executor.task_store import TaskStore
-from services.executor.tasks import TERMINAL, Runner, RunOutcome, TaskRecord, TaskStatus
+from services.executor.tasks.records import TERMINAL, Runner, RunOutcome, TaskRecord, TaskStatus
+from services.executor.tasks.store import TaskStore
 from threadline.errors import ResourceExhausted, Unavailable
 from threadline.events import EventPublisher
 from threadline.logs import get_logger

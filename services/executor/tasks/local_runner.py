@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from services.executor.tasks import LogWriter, RunOutcome, TaskRecord
-from services.executor.tools import ToolBox
+from services.executor.tasks.records import LogWriter, RunOutcome, TaskRecord
+from services.executor.turns.tools import ToolBox
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.logs import get_logger

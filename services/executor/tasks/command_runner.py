@@ -16,7 +16,7 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.executor.tasks import LogWriter, RunOutcome, TaskRecord
+from services.executor.tasks.records import LogWriter, RunOutcome, TaskRecord
 from threadline.errors import InvalidArgument
 from threadline.logs import get_logger
 

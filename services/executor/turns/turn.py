@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.executor.leases import TurnLeases
-from services.executor.tools import ToolBox
+from services.executor.turns.leases import TurnLeases
+from services.executor.turns.tools import ToolBox
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.logs import get_logger

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.executor.tasks import TASK_STATUSES, TaskRecord, TaskStatus
+from services.executor.tasks.records import TASK_STATUSES, TaskRecord, TaskStatus
 from threadline.errors import (
     AlreadyExists,
     InvalidArgument,

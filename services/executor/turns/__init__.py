@@ -1,0 +1,1 @@
+"""Turns: the agent loop of one conversation turn, its tools, workspace and lease."""
