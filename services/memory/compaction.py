@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from services.memory import transcript
 from services.memory.consolidation import JobResult, Summariser, SummaryModel
+from services.memory.sessions import SessionWriter
 from services.memory.store import SessionMemory, SqliteMemoryStore
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2, session_pb2
@@ -57,20 +57,6 @@ REFUSED = "compaction_refused"
 
 def is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, errors.FailedPrecondition) and exc.details.get("reason") == REFUSED
-
-
-class Sessions(Protocol):
-    async def get(
-        self,
-        tenant: str,
-        session_id: str,
-        *,
-        include_messages: bool = ...,
-        verify_chain: bool = ...,
-        from_seq: int = ...,
-    ) -> session_pb2.SessionDetail: ...
-
-    async def create(self, request: session_pb2.SessionsCreateRequest) -> session_pb2.Session: ...
 
 
 def tail_start(messages: Sequence[common_pb2.Message], retained_tokens: int) -> int:
@@ -138,7 +124,7 @@ def _copy(message: common_pb2.Message) -> common_pb2.Message:
 @dataclass
 class Compactor:
     store: SqliteMemoryStore
-    sessions: Sessions
+    sessions: SessionWriter
     llm: Summariser
     summaries: SummaryModel
     retained_tokens: int

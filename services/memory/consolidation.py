@@ -16,6 +16,7 @@ from typing import Protocol
 
 from services.memory import transcript
 from services.memory.pacing import Pacer
+from services.memory.sessions import SessionReader
 from services.memory.store import SqliteMemoryStore
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2
@@ -29,12 +30,6 @@ SUMMARY_INSTRUCTIONS = (
 
 #: Tokens kept free in the summarising prompt for wording around the messages.
 _PROMPT_OVERHEAD_TOKENS = 64
-
-
-class SessionReader(Protocol):
-    async def messages_from(
-        self, tenant: str, session_id: str, from_seq: int
-    ) -> list[common_pb2.Message]: ...
 
 
 class Summariser(Protocol):

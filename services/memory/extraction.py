@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from services.memory import transcript
-from services.memory.consolidation import JobResult, SessionReader, Summariser
+from services.memory.consolidation import JobResult, Summariser
 from services.memory.pacing import Pacer
+from services.memory.sessions import SessionReader
 from services.memory.store import Item, SqliteMemoryStore
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -28,12 +28,13 @@ from services.memory.consolidation import Consolidator, JobResult
 from services.memory.extraction import Extractor
 from services.memory.pacing import work_timeout
 from services.memory.queue import Delivery, JobQueue, LocalJobQueue
+from services.memory.sessions import SessionReader
 from services.memory.store import Activity, SqliteMemoryStore, now_us
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.leases import HeldLease, Leases
 from threadline.logs import get_logger
-from threadline.v1 import memory_pb2, session_pb2
+from threadline.v1 import memory_pb2
 
 log = get_logger(__name__)
 
@@ -60,18 +61,6 @@ _WAIT_POLL_FIRST_S = 0.2
 _WAIT_POLL_MAX_S = 2.0
 
 
-class SessionsForJobs(Protocol):
-    async def get(
-        self,
-        tenant: str,
-        session_id: str,
-        *,
-        include_messages: bool = ...,
-        verify_chain: bool = ...,
-        from_seq: int = ...,
-    ) -> session_pb2.SessionDetail: ...
-
-
 @dataclass(frozen=True)
 class JobSettings:
     thresholds: triggers.Thresholds
@@ -93,7 +82,7 @@ def _timestamp(us: int) -> Timestamp:
 @dataclass
 class MemoryJobs:
     store: SqliteMemoryStore
-    sessions: SessionsForJobs
+    sessions: SessionReader
     #: Consolidation and extraction; compaction has a queue (and workers) of its own
     #: so that a turn waiting for one never queues behind background work.
     queue: JobQueue
