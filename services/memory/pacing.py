@@ -14,6 +14,9 @@ A resting job holds its session's lease, so one rest is at most `max_rest_s`: a
 compaction of the same session (a turn waits for it) is never held up long.
 Compaction has workers of its own and never rests. Rests do not count towards
 the job's timeout (`work_timeout`): that is there to catch hung work.
+
+Time is read from an injected monotonic clock and rests taken through an
+injected sleep, so the arithmetic can be tested without waiting.
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ from dataclasses import dataclass, field
 _TIMEOUT: ContextVar[asyncio.Timeout | None] = ContextVar("memory_job_timeout", default=None)
 
 
+#: A monotonic clock in seconds, like `time.monotonic`.
+Clock = Callable[[], float]
+
+
 @contextlib.asynccontextmanager
-async def work_timeout(seconds: float) -> AsyncIterator[None]:
+async def work_timeout(seconds: float) -> AsyncIterator[asyncio.Timeout]:
     """`asyncio.timeout(seconds)` over a job's work: its rests are not counted."""
     async with asyncio.timeout(seconds) as timeout:
         token = _TIMEOUT.set(timeout)
         try:
-            yield
+            yield timeout
         finally:
             _TIMEOUT.reset(token)
 
@@ -43,15 +50,16 @@ async def work_timeout(seconds: float) -> AsyncIterator[None]:
 class TurnActivity:
     """When this replica last served a turn (its Recall)."""
 
-    def __init__(self, quiet_after_s: float = 5.0) -> None:
+    def __init__(self, quiet_after_s: float = 5.0, clock: Clock = time.monotonic) -> None:
         self.quiet_after_s = quiet_after_s
+        self._clock = clock
         self._last = float("-inf")
 
     def seen(self) -> None:
-        self._last = time.monotonic()
+        self._last = self._clock()
 
     def busy(self) -> bool:
-        return time.monotonic() - self._last < self.quiet_after_s
+        return self._clock() - self._last < self.quiet_after_s
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class Pacer:
     #: Whether turns are running now; without one, always.
     busy: Callable[[], bool] = field(default=lambda: True, compare=False)
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, compare=False)
+    clock: Clock = field(default=time.monotonic, compare=False)
 
     def begin(self) -> PacedJob:
         """Start timing one job's first step."""
@@ -72,16 +81,16 @@ class Pacer:
 class PacedJob:
     def __init__(self, pacer: Pacer) -> None:
         self._pacer = pacer
-        self._since = time.monotonic()
+        self._since = pacer.clock()
 
     async def rest(self) -> None:
         """Rest for the work done since the job began or last rested, if turns run."""
         pacer = self._pacer
         if pacer.duty_cycle < 1 and pacer.busy():
-            worked = time.monotonic() - self._since
+            worked = pacer.clock() - self._since
             pause = min(worked * (1 / pacer.duty_cycle - 1), pacer.max_rest_s)
             timeout = _TIMEOUT.get()
             if timeout is not None and (deadline := timeout.when()) is not None:
                 timeout.reschedule(deadline + pause)
             await pacer.sleep(pause)
-        self._since = time.monotonic()
+        self._since = pacer.clock()
