@@ -17,10 +17,11 @@ watching characters arrive, and one line per token would swamp it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
+from services.executor.model_call import NO_RESULT, ModelCall, StreamingModel
 from services.executor.tasks.records import LogWriter, RunOutcome, TaskRecord
 from services.executor.turns.tools import ToolBox
 from threadline import errors
@@ -44,10 +45,6 @@ _ANSWERED = frozenset(
         common_pb2.FINISH_REASON_UNSPECIFIED,
     }
 )
-
-
-class StreamingModel(Protocol):
-    def stream_chat(self, request: llm_pb2.ChatRequest) -> AsyncIterator[llm_pb2.ChatChunk]: ...
 
 
 @dataclass
@@ -114,18 +111,11 @@ class LocalRunner:
             common_pb2.Message(role=common_pb2.ROLE_USER, content=task.prompt),
         ]
         for call_number in range(1, self.max_iterations + 1):
-            max_tokens = self.max_tokens
-            if task.budget_tokens > 0:
-                left = task.budget_tokens - usage.total
-                if left <= 0:
-                    raise _Failed(_over_budget(task, usage))
-                # The answer alone must not be able to overshoot what is left.
-                max_tokens = min(max_tokens, left)
             request = llm_pb2.ChatRequest(
                 model=self.model,
                 messages=messages,
                 tools=specs,
-                max_tokens=max_tokens,
+                max_tokens=self._max_tokens(task, usage),
                 tenant=task.tenant,
             )
             done = await self._call(request, log, usage)
@@ -134,13 +124,7 @@ class LocalRunner:
             if task.budget_tokens > 0 and usage.total > task.budget_tokens:
                 raise _Failed(_over_budget(task, usage))
             if not done.tool_calls:
-                if done.finish_reason not in _ANSWERED:
-                    name = common_pb2.FinishReason.Name(done.finish_reason)
-                    raise _Failed(f"the model stopped with {name}: {done.error or done.content}")
-                note = ""
-                if done.finish_reason == common_pb2.FINISH_REASON_LENGTH:
-                    note = "the answer reached max_tokens and may be cut short"
-                return done.content, note
+                return _answer(done)
             if call_number == self.max_iterations:
                 # Its last calls are not run: nothing would read their results.
                 break
@@ -150,68 +134,75 @@ class LocalRunner:
                 )
             )
             for call in done.tool_calls:
-                await log(
-                    {
-                        "type": "tool_call",
-                        "id": call.id,
-                        "name": call.name,
-                        "arguments": call.arguments_json,
-                    }
-                )
-                result = await toolbox.call(call.name, call.arguments_json)
-                if result.status == "denied" and self.events is not None:
-                    self.events.emit(
-                        "tool.denied",
-                        tenant=task.tenant,
-                        task_id=task.id,
-                        tool=call.name,
-                        tool_call_id=call.id,
-                        reason=result.reason,
-                    )
-                await log(
-                    {
-                        "type": "tool_result",
-                        "id": call.id,
-                        "name": call.name,
-                        "status": result.status,
-                        "content": result.content,
-                    }
-                )
-                messages.append(
-                    common_pb2.Message(
-                        role=common_pb2.ROLE_TOOL,
-                        tool_call_id=call.id,
-                        name=call.name,
-                        content=result.content,
-                    )
-                )
+                messages.append(await self._run_tool(task, toolbox, call, log))
         raise _Failed(f"stopped after {self.max_iterations} model calls (max_iterations)")
+
+    def _max_tokens(self, task: TaskRecord, usage: _Usage) -> int:
+        if task.budget_tokens <= 0:
+            return self.max_tokens
+        left = task.budget_tokens - usage.total
+        if left <= 0:
+            raise _Failed(_over_budget(task, usage))
+        # The answer alone must not be able to overshoot what is left.
+        return min(self.max_tokens, left)
+
+    async def _run_tool(
+        self, task: TaskRecord, toolbox: ToolBox, call: common_pb2.ToolCall, log: LogWriter
+    ) -> common_pb2.Message:
+        """Run one tool call, logged; the tool message that answers it."""
+        arguments = call.arguments_json
+        await log({"type": "tool_call", "id": call.id, "name": call.name, "arguments": arguments})
+        result = await toolbox.call(call.name, call.arguments_json)
+        if result.status == "denied" and self.events is not None:
+            self.events.emit(
+                "tool.denied",
+                tenant=task.tenant,
+                task_id=task.id,
+                tool=call.name,
+                tool_call_id=call.id,
+                reason=result.reason,
+            )
+        await log(
+            {
+                "type": "tool_result",
+                "id": call.id,
+                "name": call.name,
+                "status": result.status,
+                "content": result.content,
+            }
+        )
+        return common_pb2.Message(
+            role=common_pb2.ROLE_TOOL, tool_call_id=call.id, name=call.name, content=result.content
+        )
 
     async def _call(
         self, request: llm_pb2.ChatRequest, log: LogWriter, usage: _Usage
     ) -> llm_pb2.ChatDone:
         """One streamed model call, logged and counted; _Failed if there is no answer."""
-        text: list[str] = []
-        done: llm_pb2.ChatDone | None = None
-        failure = ""
-        try:
-            async for chunk in self.llm.stream_chat(request):
-                kind = chunk.WhichOneof("chunk")
-                if kind == "delta":
-                    text.append(chunk.delta)
-                elif kind == "done":
-                    done = chunk.done
-        except errors.ThreadlineError as exc:
-            failure = exc.message
-        if text:
-            await log({"type": "delta", "text": "".join(text)})
+        call = ModelCall()
+        async for _ in call.stream(self.llm, request):
+            pass  # a task's deltas are logged once, as one entry, below
+        if call.partial:
+            await log({"type": "delta", "text": call.partial})
+        done = call.done
         if done is None:
-            raise _Failed(failure or "the model stream ended without a result")
+            raise _Failed(call.failure.message if call.failure else NO_RESULT)
         usage.tokens_in += done.usage.prompt_tokens
         usage.tokens_out += done.usage.completion_tokens
         usage.model = done.model or usage.model
         await log({"type": "assistant", "content": done.content})
         return done
+
+
+def _answer(done: llm_pb2.ChatDone) -> tuple[str, str]:
+    """The model's final answer and a note about it; _Failed when it is no answer."""
+    if done.finish_reason not in _ANSWERED:
+        name = common_pb2.FinishReason.Name(done.finish_reason)
+        raise _Failed(f"the model stopped with {name}: {done.error or done.content}")
+    note = ""
+    if done.finish_reason == common_pb2.FINISH_REASON_LENGTH:
+        note = "the answer reached max_tokens and may be cut short"
+    return done.content, note
 
 
 def _over_budget(task: TaskRecord, usage: _Usage) -> str:

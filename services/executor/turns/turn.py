@@ -4,6 +4,10 @@ The user's message is stored before the model is asked, so what the user said
 is never lost. The answer is stored when it ends; a cut answer (upstream
 failure mid-stream, client gone, shutdown) is stored as it stands with
 `interrupted = true`: what the user saw is never lost either.
+
+A turn reads like the design: prepare (recall, pre-run compaction, store the
+input), model calls (each with a fresh context, tool rounds in between), finish
+(store the answer, cost, calibration, events).
 """
 
 from __future__ import annotations
@@ -14,70 +18,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from services.executor.model_call import ModelCall
+from services.executor.turns.detached import DetachedWrites
 from services.executor.turns.leases import TurnLeases
+from services.executor.turns.peers import Llm, Memory, Sessions
+from services.executor.turns.tool_round import ToolRound
 from services.executor.turns.tools import ToolBox
+from services.executor.turns.writer import SessionWriter
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.logs import get_logger
-from threadline.v1 import (
-    common_pb2,
-    executor_pb2,
-    llm_pb2,
-    memory_pb2,
-    session_pb2,
-)
+from threadline.v1 import common_pb2, executor_pb2, llm_pb2, memory_pb2, session_pb2
 
 log = get_logger(__name__)
-
-
-class Sessions(Protocol):
-    async def get(
-        self,
-        tenant: str,
-        session_id: str,
-        *,
-        include_messages: bool = ...,
-        verify_chain: bool = ...,
-        from_seq: int = ...,
-    ) -> session_pb2.SessionDetail: ...
-
-    async def append(
-        self,
-        tenant: str,
-        session_id: str,
-        expected_head: str,
-        messages: Sequence[common_pb2.Message],
-        *,
-        request_id: str = ...,
-    ) -> session_pb2.AppendResponse: ...
-
-    async def build_context(
-        self, request: session_pb2.BuildContextRequest
-    ) -> session_pb2.BuildContextResponse: ...
-
-    async def calibrate(self, model: str, prompt_chars: int, prompt_tokens: int) -> float: ...
-
-
-class Memory(Protocol):
-    async def recall(
-        self, tenant: str, session_id: str, *, query: str = ..., budget_tokens: int = ...
-    ) -> memory_pb2.RecallResponse: ...
-
-    async def compact(
-        self, request: memory_pb2.JobRequest, *, timeout: float | None = ...
-    ) -> memory_pb2.Job: ...
-
-    async def record_activity(
-        self, request: memory_pb2.RecordActivityRequest, *, timeout: float | None = ...
-    ) -> memory_pb2.RecordActivityResponse: ...
-
-
-class Llm(Protocol):
-    def stream_chat(
-        self, request: llm_pb2.ChatRequest, *, timeout: float | None = ...
-    ) -> AsyncIterator[llm_pb2.ChatChunk]: ...
 
 
 @dataclass(frozen=True)
@@ -93,6 +47,51 @@ class TurnLimits:
 
 
 @dataclass
+class _Turn:
+    """What one turn carries from step to step (and from one model call to the next)."""
+
+    request: executor_pb2.RunTurnRequest
+    session_id: str
+    #: The session's head: moves with every message the turn stores.
+    head: str
+    model: str
+    max_tokens: int
+    turn_id: str = field(default_factory=lambda: "turn_" + uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    recalled: memory_pb2.RecallResponse = field(default_factory=memory_pb2.RecallResponse)
+    toolbox: ToolBox | None = None
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    calls: int = 0
+    #: Prompt tokens the server counted for the last call.
+    last_prompt_tokens: int = 0
+    compacted_in_turn: bool = False
+    #: The last model call's prompt and result.
+    context: session_pb2.BuildContextResponse = field(
+        default_factory=session_pb2.BuildContextResponse
+    )
+    done: llm_pb2.ChatDone = field(default_factory=llm_pb2.ChatDone)
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def latency_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)
+
+
+@dataclass(frozen=True)
+class Compacted:
+    compacted: executor_pb2.TurnCompacted
+    #: The new session, as the turn goes on in it.
+    session: session_pb2.Session
+
+    @property
+    def event(self) -> executor_pb2.TurnEvent:
+        return executor_pb2.TurnEvent(compacted=self.compacted)
+
+
+@dataclass
 class TurnRunner:
     sessions: Sessions
     memory: Memory
@@ -104,16 +103,15 @@ class TurnRunner:
     tools: Callable[[str], ToolBox] | None = None
     #: Model → (price per 1k prompt tokens, per 1k completion tokens).
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    #: Writes of partial answers that must finish even though their turn was cancelled.
-    pending_writes: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Writes that must finish even though their turn was cancelled.
+    detached: DetachedWrites = field(default_factory=DetachedWrites)
+
+    def __post_init__(self) -> None:
+        self.writer = SessionWriter(self.sessions, self.detached)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait (boundedly) for partial answers still being stored (called on shutdown)."""
-        if self.pending_writes:
-            log.info("turn.draining_writes", count=len(self.pending_writes))
-            _, pending = await asyncio.wait(self.pending_writes, timeout=timeout_s)
-            if pending:
-                log.error("turn.partial_writes_abandoned", count=len(pending))
+        await self.detached.drain(timeout_s)
 
     async def run(
         self, request: executor_pb2.RunTurnRequest
@@ -129,216 +127,209 @@ class TurnRunner:
             async for event in self._run(request, session, leases):
                 yield event
 
-    async def _append(
-        self,
-        tenant: str,
-        session_id: str,
-        head: str,
-        messages: Sequence[common_pb2.Message],
-        request_id: str,
-    ) -> str:
-        """Append after `head`; if someone else appended meanwhile, append after theirs.
-
-        The turn holds the session's lease, so a moved head means a direct Append
-        by another client: our messages still belong at the end. The request id
-        makes a retry after a lost reply safe: the store appends it at most once.
-        """
-        for attempt in range(5):
-            try:
-                response = await self.sessions.append(
-                    tenant, session_id, head, messages, request_id=request_id
-                )
-                return response.head
-            except errors.HeadMismatch as exc:
-                head = exc.current_head
-            except (errors.Unavailable, errors.DeadlineExceeded):
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.1 * 2**attempt)
-        raise errors.Aborted(f"session {session_id} keeps changing under the turn; retry")
-
     async def _run(
         self,
         request: executor_pb2.RunTurnRequest,
         session: session_pb2.Session,
         leases: contextlib.AsyncExitStack,
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
-        tenant, session_id = request.tenant, request.session_id
-        turn_id = "turn_" + uuid.uuid4().hex
-        started = time.perf_counter()
-        model = request.options.model or session.model
-        recalled = await self._recall(tenant, session_id, request.input)
-        if recalled.compact_due:
+        turn = _Turn(
+            request=request,
+            session_id=request.session_id,
+            head=session.head,
+            model=request.options.model or session.model,
+            max_tokens=request.options.max_tokens or self.limits.max_output_tokens,
+        )
+        async for event in self._prepare(turn, session, leases):
+            yield event
+        while True:
+            async for event in self._model_call(turn, leases):
+                yield event
+            if not self._wants_tools(turn):
+                break
+            round_ = ToolRound(
+                self.writer,
+                self.events,
+                tenant=turn.tenant,
+                session_id=turn.session_id,
+                turn_id=turn.turn_id,
+                call_number=turn.calls,
+                head=turn.head,
+            )
+            async for event in round_.run(self._toolbox(turn), turn.done):
+                yield event
+            turn.head = round_.head
+        yield await self._finish(turn)
+
+    async def _prepare(
+        self, turn: _Turn, session: session_pb2.Session, leases: contextlib.AsyncExitStack
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        """Recall, compact first if the last turn filled the window, store the input."""
+        turn.recalled = await self._recall(turn)
+        if turn.recalled.compact_due:
             # The last turn's prompt, as the model server counted it, passed
             # memory.compact_threshold: this turn starts in a compacted session.
-            compacted = await self._compact(tenant, session_id, "pre_run", leases)
+            compacted = await self._compact(turn, "pre_run", leases)
             if compacted is not None:
-                session_id, session = compacted.compacted.to_session_id, compacted.session
-                recalled = await self._recall(tenant, session_id, request.input)
+                turn.session_id, session = compacted.compacted.to_session_id, compacted.session
+                turn.head = session.head
+                turn.recalled = await self._recall(turn)
                 yield compacted.event
-        head = await self._append(
-            tenant,
-            session_id,
-            session.head,
-            [common_pb2.Message(role=common_pb2.ROLE_USER, content=request.input)],
-            f"{turn_id}:input",
+        user = common_pb2.Message(role=common_pb2.ROLE_USER, content=turn.request.input)
+        turn.head = await self.writer.append(
+            turn.tenant, turn.session_id, turn.head, [user], f"{turn.turn_id}:input"
         )
         self.events.emit(
             "turn.started",
-            tenant=tenant,
-            session_id=session_id,
-            turn_id=turn_id,
-            model=model or None,
+            tenant=turn.tenant,
+            session_id=turn.session_id,
+            turn_id=turn.turn_id,
+            model=turn.model or None,
         )
         yield executor_pb2.TurnEvent(
-            started=executor_pb2.TurnStarted(turn_id=turn_id, session_id=session_id)
+            started=executor_pb2.TurnStarted(turn_id=turn.turn_id, session_id=turn.session_id)
         )
-        max_tokens = request.options.max_tokens or self.limits.max_output_tokens
-        toolbox = self.tools(session_id) if self.tools is not None else None
-        usage = common_pb2.Usage()
-        calls = 0
-        last_prompt_tokens = 0
-        compacted_in_turn = False
-        while True:
-            calls += 1
-            try:
-                context = await self._context(
-                    tenant, session_id, model, max_tokens, recalled.context
-                )
-                if (
-                    calls > 1
-                    and not compacted_in_turn
-                    and self._over_request_threshold(context, last_prompt_tokens)
-                ):
-                    compacted_in_turn = True
-                    compacted = await self._compact(tenant, session_id, "mid_turn", leases)
-                    if compacted is not None:
-                        session_id = compacted.compacted.to_session_id
-                        head = compacted.session.head
-                        recalled = await self._recall(tenant, session_id, request.input)
-                        yield compacted.event
-                        context = await self._context(
-                            tenant, session_id, model, max_tokens, recalled.context
-                        )
-            except errors.ThreadlineError as exc:
-                self._failed(tenant, session_id, turn_id, started, exc)
-                raise
-            chat = llm_pb2.ChatRequest(
-                model=model,
-                messages=context.messages,
-                max_tokens=max_tokens,
-                tenant=tenant,
-                session_id=session_id,
-                tools=toolbox.specs() if toolbox is not None else [],
-            )
-            if request.options.HasField("temperature"):
-                chat.temperature = request.options.temperature
-            text: list[str] = []
-            done: llm_pb2.ChatDone | None = None
-            try:
-                async for chunk in self.llm.stream_chat(chat):
-                    kind = chunk.WhichOneof("chunk")
-                    if kind == "delta":
-                        text.append(chunk.delta)
-                        yield executor_pb2.TurnEvent(delta=chunk.delta)
-                    elif kind == "tool_call_delta":
-                        yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
-                    elif kind == "done":
-                        done = chunk.done
-            except asyncio.CancelledError:
-                # Client gone or shutdown past its grace: keep what the user already saw.
-                self._store_partial_detached(
-                    tenant, session_id, head, turn_id, started, "".join(text), "turn cancelled"
-                )
-                raise
-            except errors.ThreadlineError as exc:
-                if not text:
-                    self._failed(tenant, session_id, turn_id, started, exc)
-                    raise
-                done = llm_pb2.ChatDone(
-                    finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
-                    content="".join(text),
-                    error=exc.message,
-                )
-            if done is None:
-                done = llm_pb2.ChatDone(
-                    finish_reason=common_pb2.FINISH_REASON_INTERRUPTED,
-                    content="".join(text),
-                    error="the model stream ended without a result",
-                )
-            _add_usage(usage, done.usage)
-            last_prompt_tokens = done.usage.prompt_tokens
-            wants_tools = (
-                toolbox is not None
-                and bool(done.tool_calls)
-                and done.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
-            )
-            if wants_tools and toolbox is not None and calls < self.limits.max_iterations:
-                round_ = ToolRound(self, tenant, session_id, turn_id, calls, head)
-                async for event in round_.run(toolbox, done):
-                    yield event
-                head = round_.head
-                continue
-            if wants_tools:
-                # A model that keeps calling tools is stopped; its unexecuted calls are not
-                # stored (a call without its result is illegal in a conversation).
-                done.finish_reason = common_pb2.FINISH_REASON_LENGTH
-                done.error = f"stopped after {calls} model calls (max_iterations)"
-                del done.tool_calls[:]
-            break
+        turn.toolbox = self.tools(turn.session_id) if self.tools is not None else None
+
+    async def _model_call(
+        self, turn: _Turn, leases: contextlib.AsyncExitStack
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        """One request to the model, its deltas relayed; leaves the result in `turn.done`."""
+        turn.calls += 1
+        try:
+            turn.context, compacted = await self._request_context(turn, leases)
+        except errors.ThreadlineError as exc:
+            self._failed(turn, exc)
+            raise
+        if compacted is not None:
+            yield compacted.event
+        call = ModelCall()
+        try:
+            async for chunk in call.stream(self.llm, self._chat_request(turn)):
+                kind = chunk.WhichOneof("chunk")
+                if kind == "delta":
+                    yield executor_pb2.TurnEvent(delta=chunk.delta)
+                elif kind == "tool_call_delta":
+                    yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
+        except asyncio.CancelledError:
+            # Client gone or shutdown past its grace: keep what the user already saw.
+            self._store_partial_detached(turn, call.partial, "turn cancelled")
+            raise
+        try:
+            turn.done = call.result()
+        except errors.ThreadlineError as exc:
+            self._failed(turn, exc)
+            raise
+        _add_usage(turn.usage, turn.done.usage)
+        turn.last_prompt_tokens = turn.done.usage.prompt_tokens
+
+    async def _request_context(
+        self, turn: _Turn, leases: contextlib.AsyncExitStack
+    ) -> tuple[session_pb2.BuildContextResponse, Compacted | None]:
+        """The prompt for the next call; inside a tool loop, compacted first (once a turn)
+        when it would pass compact_request_threshold."""
+        context = await self._context(turn)
+        if turn.calls == 1 or turn.compacted_in_turn:
+            return context, None
+        if not self._over_request_threshold(context, turn.last_prompt_tokens):
+            return context, None
+        turn.compacted_in_turn = True
+        compacted = await self._compact(turn, "mid_turn", leases)
+        if compacted is None:
+            return context, None
+        turn.session_id = compacted.compacted.to_session_id
+        turn.head = compacted.session.head
+        turn.recalled = await self._recall(turn)
+        return await self._context(turn), compacted
+
+    def _chat_request(self, turn: _Turn) -> llm_pb2.ChatRequest:
+        chat = llm_pb2.ChatRequest(
+            model=turn.model,
+            messages=turn.context.messages,
+            max_tokens=turn.max_tokens,
+            tenant=turn.tenant,
+            session_id=turn.session_id,
+            tools=turn.toolbox.specs() if turn.toolbox is not None else [],
+        )
+        if turn.request.options.HasField("temperature"):
+            chat.temperature = turn.request.options.temperature
+        return chat
+
+    def _wants_tools(self, turn: _Turn) -> bool:
+        """Does the model's result ask for a tool round (and may it have one)?"""
+        done = turn.done
+        wants_tools = (
+            turn.toolbox is not None
+            and bool(done.tool_calls)
+            and done.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+        )
+        if not wants_tools or turn.calls < self.limits.max_iterations:
+            return wants_tools
+        # A model that keeps calling tools is stopped; its unexecuted calls are not
+        # stored (a call without its result is illegal in a conversation).
+        done.finish_reason = common_pb2.FINISH_REASON_LENGTH
+        done.error = f"stopped after {turn.calls} model calls (max_iterations)"
+        del done.tool_calls[:]
+        return False
+
+    def _toolbox(self, turn: _Turn) -> ToolBox:
+        assert turn.toolbox is not None, "a tool round needs the session's tools"
+        return turn.toolbox
+
+    async def _finish(self, turn: _Turn) -> executor_pb2.TurnEvent:
+        """Store the answer, then account for the turn: cost, calibration, activity, event."""
+        done = turn.done
         interrupted = done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED
         answer = common_pb2.Message(
             role=common_pb2.ROLE_ASSISTANT, content=done.content, interrupted=interrupted
         )
         try:
-            head = await self._append(tenant, session_id, head, [answer], f"{turn_id}:answer")
-        except asyncio.CancelledError:
-            self._store_partial_detached(
-                tenant, session_id, head, turn_id, started, done.content, "turn cancelled"
+            turn.head = await self.writer.append(
+                turn.tenant, turn.session_id, turn.head, [answer], f"{turn.turn_id}:answer"
             )
+        except asyncio.CancelledError:
+            self._store_partial_detached(turn, done.content, "turn cancelled")
             raise
-        latency_ms = int((time.perf_counter() - started) * 1000)
-        price_in, price_out = self.prices.get(done.model, (0.0, 0.0))
-        cost = usage.prompt_tokens / 1000 * price_in + usage.completion_tokens / 1000 * price_out
+        latency_ms = turn.latency_ms
+        cost = self._cost(done.model, turn.usage)
         if not interrupted and not done.usage_estimated and done.usage.prompt_tokens:
-            await self._calibrate(model or "default", context.messages, done.usage.prompt_tokens)
-        self._record_activity_detached(
-            tenant,
-            session_id,
-            model,
-            0 if done.usage_estimated else last_prompt_tokens,
-        )
+            await self._calibrate(turn, done.usage.prompt_tokens)
+        self._record_activity_detached(turn, 0 if done.usage_estimated else turn.last_prompt_tokens)
         self.events.emit(
             "turn.interrupted" if interrupted else "turn.completed",
-            tenant=tenant,
-            session_id=session_id,
-            turn_id=turn_id,
+            tenant=turn.tenant,
+            session_id=turn.session_id,
+            turn_id=turn.turn_id,
             model=done.model,
             upstream=done.upstream,
             finish_reason=common_pb2.FinishReason.Name(done.finish_reason),
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            model_calls=calls,
+            prompt_tokens=turn.usage.prompt_tokens,
+            completion_tokens=turn.usage.completion_tokens,
+            model_calls=turn.calls,
             cost=cost,
             latency_ms=latency_ms,
             error=done.error or None,
         )
-        yield executor_pb2.TurnEvent(
+        return executor_pb2.TurnEvent(
             done=executor_pb2.TurnDone(
-                turn_id=turn_id,
+                turn_id=turn.turn_id,
                 finish_reason=done.finish_reason,
-                usage=usage,
+                usage=turn.usage,
                 model=done.model,
                 upstream=done.upstream,
-                head=head,
+                head=turn.head,
                 content=done.content,
                 latency_ms=latency_ms,
                 error=done.error,
-                model_calls=calls,
+                model_calls=turn.calls,
                 cost=cost,
-                session_id=session_id,
+                session_id=turn.session_id,
             )
         )
+
+    def _cost(self, model: str, usage: common_pb2.Usage) -> float:
+        price_in, price_out = self.prices.get(model, (0.0, 0.0))
+        return usage.prompt_tokens / 1000 * price_in + usage.completion_tokens / 1000 * price_out
 
     def _over_request_threshold(
         self, context: session_pb2.BuildContextResponse, last_prompt_tokens: int
@@ -353,17 +344,15 @@ class TurnRunner:
         return prompt > threshold * self.limits.context_budget_tokens
 
     async def _compact(
-        self, tenant: str, session_id: str, trigger: str, leases: contextlib.AsyncExitStack
+        self, turn: _Turn, trigger: str, leases: contextlib.AsyncExitStack
     ) -> Compacted | None:
         """Compact through memory and take the new session's lease; None when it did not
         happen (refused, failed, memory down): the turn goes on where it was."""
+        request = memory_pb2.JobRequest(
+            tenant=turn.tenant, session_id=turn.session_id, wait=True, trigger=trigger
+        )
         try:
-            job = await self.memory.compact(
-                memory_pb2.JobRequest(
-                    tenant=tenant, session_id=session_id, wait=True, trigger=trigger
-                ),
-                timeout=self.limits.compact_timeout_s,
-            )
+            job = await self.memory.compact(request, timeout=self.limits.compact_timeout_s)
         except errors.ThreadlineError as exc:
             log.warning("turn.compaction_skipped", trigger=trigger, error=exc.message)
             return None
@@ -371,139 +360,112 @@ class TurnRunner:
             log.warning("turn.compaction_failed", trigger=trigger, job_id=job.id, error=job.error)
             return None
         await leases.enter_async_context(self.leases.hold(job.new_session_id))
-        session = (await self.sessions.get(tenant, job.new_session_id)).session
+        session = (await self.sessions.get(turn.tenant, job.new_session_id)).session
         compacted = executor_pb2.TurnCompacted(
-            from_session_id=session_id,
+            from_session_id=turn.session_id,
             to_session_id=job.new_session_id,
             job_id=job.id,
             trigger=trigger,
         )
         return Compacted(compacted, session)
 
-    async def _context(
-        self, tenant: str, session_id: str, model: str, max_tokens: int, memory: str
-    ) -> session_pb2.BuildContextResponse:
+    async def _context(self, turn: _Turn) -> session_pb2.BuildContextResponse:
         return await self.sessions.build_context(
             session_pb2.BuildContextRequest(
-                tenant=tenant,
-                session_id=session_id,
+                tenant=turn.tenant,
+                session_id=turn.session_id,
                 budget_tokens=self.limits.context_budget_tokens,
-                reserve_output_tokens=max_tokens,
-                memory_summary=memory,
-                model=model or "default",
+                reserve_output_tokens=turn.max_tokens,
+                memory_summary=turn.recalled.context,
+                model=turn.model or "default",
             )
         )
 
-    async def _calibrate(
-        self, model: str, messages: Sequence[common_pb2.Message], prompt_tokens: int
-    ) -> None:
+    async def _calibrate(self, turn: _Turn, prompt_tokens: int) -> None:
         """Tell the session store what the server counted for this prompt, so its
         estimates for this model follow the real tokenizer (best effort)."""
-        chars = sum(
-            len(m.content) + sum(len(c.name) + len(c.arguments_json) for c in m.tool_calls)
-            for m in messages
-        )
+        chars = _prompt_chars(turn.context.messages)
         if not chars:
             return
         try:
-            await self.sessions.calibrate(model, chars, prompt_tokens)
+            await self.sessions.calibrate(turn.model or "default", chars, prompt_tokens)
         except errors.ThreadlineError as exc:
             log.warning("turn.calibration_failed", error=exc.message)
 
-    async def _recall(self, tenant: str, session_id: str, query: str) -> memory_pb2.RecallResponse:
+    async def _recall(self, turn: _Turn) -> memory_pb2.RecallResponse:
         # Memory is an enhancement: a turn goes on without it rather than failing.
         try:
-            return await self.memory.recall(tenant, session_id, query=query)
+            return await self.memory.recall(turn.tenant, turn.session_id, query=turn.request.input)
         except errors.ThreadlineError as exc:
             log.warning("turn.recall_failed", error=exc.message)
             return memory_pb2.RecallResponse()
 
-    def _record_activity_detached(
-        self, tenant: str, session_id: str, model: str, prompt_tokens: int
-    ) -> None:
+    def _record_activity_detached(self, turn: _Turn, prompt_tokens: int) -> None:
         """Tell memory what the turn cost, after the turn: its jobs run beside the
         next turns and never delay this one."""
+        request = memory_pb2.RecordActivityRequest(
+            tenant=turn.tenant,
+            session_id=turn.session_id,
+            model=turn.model,
+            prompt_tokens=prompt_tokens,
+            context_window_tokens=self.limits.context_budget_tokens,
+        )
 
         async def record() -> None:
             try:
-                await self.memory.record_activity(
-                    memory_pb2.RecordActivityRequest(
-                        tenant=tenant,
-                        session_id=session_id,
-                        model=model,
-                        prompt_tokens=prompt_tokens,
-                        context_window_tokens=self.limits.context_budget_tokens,
-                    ),
-                    timeout=10.0,
-                )
+                await self.memory.record_activity(request, timeout=10.0)
             except errors.ThreadlineError as exc:
                 log.warning("turn.record_activity_failed", error=exc.message)
 
-        task = asyncio.create_task(record(), name=f"record-activity-{session_id}")
-        self.pending_writes.add(task)
-        task.add_done_callback(self.pending_writes.discard)
+        self.detached.start(record(), name=f"record-activity-{turn.session_id}")
 
-    def _failed(
-        self,
-        tenant: str,
-        session_id: str,
-        turn_id: str,
-        started: float,
-        exc: errors.ThreadlineError,
-    ) -> None:
+    def _failed(self, turn: _Turn, exc: errors.ThreadlineError) -> None:
         self.events.emit(
             "turn.failed",
-            tenant=tenant,
-            session_id=session_id,
-            turn_id=turn_id,
+            tenant=turn.tenant,
+            session_id=turn.session_id,
+            turn_id=turn.turn_id,
             code=exc.code,
             error=exc.message,
-            latency_ms=int((time.perf_counter() - started) * 1000),
+            latency_ms=turn.latency_ms,
         )
 
-    def _store_partial_detached(
-        self,
-        tenant: str,
-        session_id: str,
-        head: str,
-        turn_id: str,
-        started: float,
-        content: str,
-        reason: str,
-    ) -> None:
-        async def store() -> None:
-            if content:
-                message = common_pb2.Message(
-                    role=common_pb2.ROLE_ASSISTANT, content=content, interrupted=True
-                )
-                try:
-                    await self._append(tenant, session_id, head, [message], f"{turn_id}:answer")
-                except errors.ThreadlineError as exc:
-                    log.error("turn.partial_lost", session_id=session_id, error=exc.message)
+    def _store_partial_detached(self, turn: _Turn, content: str, reason: str) -> None:
+        """Store what the user saw of a cancelled turn, then report it interrupted."""
+
+        def interrupted() -> None:
             self.events.emit(
                 "turn.interrupted",
-                tenant=tenant,
-                session_id=session_id,
-                turn_id=turn_id,
+                tenant=turn.tenant,
+                session_id=turn.session_id,
+                turn_id=turn.turn_id,
                 error=reason,
                 partial_chars=len(content),
-                latency_ms=int((time.perf_counter() - started) * 1000),
+                latency_ms=turn.latency_ms,
             )
 
-        task = asyncio.create_task(store(), name=f"store-partial-{turn_id}")
-        self.pending_writes.add(task)
-        task.add_done_callback(self.pending_writes.discard)
+        if not content:
+            interrupted()
+            return
+        message = common_pb2.Message(
+            role=common_pb2.ROLE_ASSISTANT, content=content, interrupted=True
+        )
+        self.writer.append_detached(
+            turn.tenant,
+            turn.session_id,
+            turn.head,
+            [message],
+            f"{turn.turn_id}:answer",
+            lost="turn.partial_lost",
+            then=interrupted,
+        )
 
 
-@dataclass(frozen=True)
-class Compacted:
-    compacted: executor_pb2.TurnCompacted
-    #: The new session, as the turn goes on in it.
-    session: session_pb2.Session
-
-    @property
-    def event(self) -> executor_pb2.TurnEvent:
-        return executor_pb2.TurnEvent(compacted=self.compacted)
+def _prompt_chars(messages: Sequence[common_pb2.Message]) -> int:
+    return sum(
+        len(m.content) + sum(len(c.name) + len(c.arguments_json) for c in m.tool_calls)
+        for m in messages
+    )
 
 
 def _add_usage(total: common_pb2.Usage, more: common_pb2.Usage) -> None:
@@ -511,88 +473,3 @@ def _add_usage(total: common_pb2.Usage, more: common_pb2.Usage) -> None:
     total.completion_tokens += more.completion_tokens
     total.cached_tokens += more.cached_tokens
     total.total_tokens += more.total_tokens
-
-
-@dataclass
-class ToolRound:
-    """One round of tool calls: the assistant's calls, then each result, all stored.
-
-    Every message is appended as it completes, so a crash loses at most the one in
-    flight; if the turn is cancelled mid-round, the calls not yet run get a
-    "cancelled" result, so the log never holds a call without its answer.
-    """
-
-    runner: TurnRunner
-    tenant: str
-    session_id: str
-    turn_id: str
-    call_number: int
-    head: str
-
-    async def run(
-        self, toolbox: ToolBox, done: llm_pb2.ChatDone
-    ) -> AsyncIterator[executor_pb2.TurnEvent]:
-        prefix = f"{self.turn_id}:{self.call_number}"
-        assistant = common_pb2.Message(
-            role=common_pb2.ROLE_ASSISTANT, content=done.content, tool_calls=done.tool_calls
-        )
-        self.head = await self.runner._append(
-            self.tenant, self.session_id, self.head, [assistant], f"{prefix}:assistant"
-        )
-        for index, call in enumerate(done.tool_calls):
-            try:
-                result = await toolbox.call(call.name, call.arguments_json)
-            except asyncio.CancelledError:
-                self._answer_the_rest_detached(done.tool_calls[index:], prefix, index)
-                raise
-            if result.status == "denied":
-                self.runner.events.emit(
-                    "tool.denied",
-                    tenant=self.tenant,
-                    session_id=self.session_id,
-                    turn_id=self.turn_id,
-                    tool=call.name,
-                    tool_call_id=call.id,
-                    reason=result.reason,
-                )
-            message = common_pb2.Message(
-                role=common_pb2.ROLE_TOOL,
-                tool_call_id=call.id,
-                name=call.name,
-                content=result.content,
-            )
-            self.head = await self.runner._append(
-                self.tenant, self.session_id, self.head, [message], f"{prefix}:tool:{index}"
-            )
-            yield executor_pb2.TurnEvent(
-                tool_result=executor_pb2.ToolResult(
-                    tool_call_id=call.id,
-                    name=call.name,
-                    content=result.content,
-                    status=result.status,
-                )
-            )
-
-    def _answer_the_rest_detached(
-        self, calls: Sequence[common_pb2.ToolCall], prefix: str, first: int
-    ) -> None:
-        async def store() -> None:
-            messages = [
-                common_pb2.Message(
-                    role=common_pb2.ROLE_TOOL,
-                    tool_call_id=call.id,
-                    name=call.name,
-                    content="cancelled: the turn ended before this tool ran",
-                )
-                for call in calls
-            ]
-            try:
-                await self.runner._append(
-                    self.tenant, self.session_id, self.head, messages, f"{prefix}:cancelled:{first}"
-                )
-            except errors.ThreadlineError as exc:
-                log.error("turn.tool_results_lost", session_id=self.session_id, error=exc.message)
-
-        task = asyncio.create_task(store(), name=f"cancel-tools-{self.turn_id}")
-        self.runner.pending_writes.add(task)
-        task.add_done_callback(self.runner.pending_writes.discard)

@@ -1,0 +1,56 @@
+"""What a turn needs from the other services (satisfied by threadline.peers clients)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from threadline.v1 import common_pb2, llm_pb2, memory_pb2, session_pb2
+
+
+class Sessions(Protocol):
+    async def get(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        include_messages: bool = ...,
+        verify_chain: bool = ...,
+        from_seq: int = ...,
+    ) -> session_pb2.SessionDetail: ...
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        expected_head: str,
+        messages: Sequence[common_pb2.Message],
+        *,
+        request_id: str = ...,
+    ) -> session_pb2.AppendResponse: ...
+
+    async def build_context(
+        self, request: session_pb2.BuildContextRequest
+    ) -> session_pb2.BuildContextResponse: ...
+
+    async def calibrate(self, model: str, prompt_chars: int, prompt_tokens: int) -> float: ...
+
+
+class Memory(Protocol):
+    async def recall(
+        self, tenant: str, session_id: str, *, query: str = ..., budget_tokens: int = ...
+    ) -> memory_pb2.RecallResponse: ...
+
+    async def compact(
+        self, request: memory_pb2.JobRequest, *, timeout: float | None = ...
+    ) -> memory_pb2.Job: ...
+
+    async def record_activity(
+        self, request: memory_pb2.RecordActivityRequest, *, timeout: float | None = ...
+    ) -> memory_pb2.RecordActivityResponse: ...
+
+
+class Llm(Protocol):
+    def stream_chat(
+        self, request: llm_pb2.ChatRequest, *, timeout: float | None = ...
+    ) -> AsyncIterator[llm_pb2.ChatChunk]: ...
