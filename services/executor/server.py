@@ -29,82 +29,42 @@ from threadline.server import ServiceHost, build_server
 from threadline.v1 import executor_pb2, executor_pb2_grpc
 
 SERVICE: ServiceName = "executor"
+#: The tools over a workspace directory.
+ToolBoxes = Callable[[str], ToolBox]
 
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
     sessions = SessionClient(settings.addresses.session)
     memory = MemoryClient(settings.addresses.memory)
     llm = LlmClient(settings.addresses.llm_proxy)
-    redis_client: aioredis.Redis | None = None
-    leases: TurnLeases
-    if settings.redis_url:
-        redis_client = aioredis.from_url(settings.redis_url)
-        leases = TurnLeases(
-            RedisLeases(
-                redis_client, ttl_s=settings.executor.turn_lease_ttl_s, prefix="threadline:turn:"
-            )
-        )
-    else:
-        leases = TurnLeases(LocalLeases())
-    executor = settings.executor
-    root = (
-        Path(executor.workspace_root)
-        if executor.workspace_root
-        else settings.data_dir / ("workspaces")
-    )
-    rules = [PermissionRule(rule.path, rule.permission) for rule in executor.tool_rules]
-
-    def toolbox(directory: Path) -> ToolBox:
-        workspace = Workspace(directory, rules, max_file_bytes=executor.max_file_bytes)
-        return ToolBox(workspace, max_output_chars=executor.max_tool_output_chars)
-
-    tools: Callable[[str], ToolBox] | None = None
-    if executor.tools_enabled:
-
-        def tools(session_id: str) -> ToolBox:
-            # One directory per session: a session's tools never see another's files.
-            validate_session_id(session_id)  # it becomes a path
-            return toolbox(root / "sessions" / session_id)
-
-    prices = {m: (p.input_per_1k, p.output_per_1k) for m, p in executor.prices.items()}
+    redis_client = aioredis.from_url(settings.redis_url) if settings.redis_url else None
+    events = EventPublisher(bus, SERVICE)
+    toolbox = _toolboxes(settings.executor)
     turns = TurnRunner(
         sessions=sessions,
         memory=memory,
         llm=llm,
-        leases=leases,
-        events=EventPublisher(bus, SERVICE),
-        limits=TurnLimits(
-            context_budget_tokens=settings.executor.context_budget_tokens,
-            max_output_tokens=settings.executor.max_output_tokens,
-            max_iterations=settings.executor.max_iterations,
-            compact_request_threshold=settings.executor.compact_request_threshold,
-            # A compaction waits for its job: the job's own timeout, plus a lease wait.
-            compact_timeout_s=settings.memory.job_timeout_s + 2 * settings.memory.lease_ttl_s,
-        ),
-        tools=tools,
-        prices=prices,
+        leases=_turn_leases(settings, redis_client),
+        events=events,
+        limits=_turn_limits(settings),
+        tools=_session_tools(settings, toolbox) if settings.executor.tools_enabled else None,
+        prices=_prices(settings.executor),
     )
-
-    events = EventPublisher(bus, SERVICE)
     task_store, task_redis = await open_task_store(settings)
     pool = TaskPool(
         task_store,
-        task_runners(executor.tasks, llm, lambda path: toolbox(Path(path)), executor, turns.events),
+        task_runners(settings.executor.tasks, llm, toolbox, settings.executor, events),
         events,
-        max_concurrency=executor.tasks.max_concurrency,
-        max_queue=executor.tasks.max_queue,
-        prices=prices,
+        max_concurrency=settings.executor.tasks.max_concurrency,
+        max_queue=settings.executor.tasks.max_queue,
+        prices=_prices(settings.executor),
     )
-    classifier = Classifier(
-        llm,
-        [
-            AgentType(name, spec.description, spec.runner)
-            for name, spec in executor.tasks.agent_types.items()
-        ],
-        default=executor.tasks.default_agent_type,
-        model=executor.tasks.classifier_model,
+    task_service = TaskService(
+        pool,
+        _classifier(settings.executor.tasks, llm),
+        settings.executor.tasks.agent_types,
+        _workspace_root(settings) / "tasks",
     )
-    task_service = TaskService(pool, classifier, executor.tasks.agent_types, root / "tasks")
     await pool.start()
     servicer = ExecutorServicer(turns, task_service, pool, task_store)
 
@@ -129,6 +89,67 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host.on_stop(task_store.close)
     host.on_drain(lambda: pool.stop(settings.grace_period_s))
     return host
+
+
+def _turn_leases(settings: Settings, redis_client: aioredis.Redis | None) -> TurnLeases:
+    if redis_client is None:
+        return TurnLeases(LocalLeases())
+    ttl_s = settings.executor.turn_lease_ttl_s
+    return TurnLeases(RedisLeases(redis_client, ttl_s=ttl_s, prefix="threadline:turn:"))
+
+
+def _turn_limits(settings: Settings) -> TurnLimits:
+    executor = settings.executor
+    return TurnLimits(
+        context_budget_tokens=executor.context_budget_tokens,
+        max_output_tokens=executor.max_output_tokens,
+        max_iterations=executor.max_iterations,
+        compact_request_threshold=executor.compact_request_threshold,
+        # A compaction waits for its job: the job's own timeout, plus a lease wait.
+        compact_timeout_s=settings.memory.job_timeout_s + 2 * settings.memory.lease_ttl_s,
+    )
+
+
+def _workspace_root(settings: Settings) -> Path:
+    configured = settings.executor.workspace_root
+    return Path(configured) if configured else settings.data_dir / "workspaces"
+
+
+def _toolboxes(executor: ExecutorSettings) -> ToolBoxes:
+    """The tools over a workspace directory, under the configured permission rules."""
+    rules = [PermissionRule(rule.path, rule.permission) for rule in executor.tool_rules]
+
+    def toolbox(directory: str) -> ToolBox:
+        workspace = Workspace(Path(directory), rules, max_file_bytes=executor.max_file_bytes)
+        return ToolBox(workspace, max_output_chars=executor.max_tool_output_chars)
+
+    return toolbox
+
+
+def _session_tools(
+    settings: Settings, toolbox: Callable[[str], ToolBox]
+) -> Callable[[str], ToolBox]:
+    root = _workspace_root(settings) / "sessions"
+
+    def tools(session_id: str) -> ToolBox:
+        # One directory per session: a session's tools never see another's files.
+        validate_session_id(session_id)  # it becomes a path
+        return toolbox(str(root / session_id))
+
+    return tools
+
+
+def _prices(executor: ExecutorSettings) -> dict[str, tuple[float, float]]:
+    return {m: (p.input_per_1k, p.output_per_1k) for m, p in executor.prices.items()}
+
+
+def _classifier(tasks: TaskSettings, llm: LlmClient) -> Classifier:
+    agent_types = [
+        AgentType(name, s.description, s.runner) for name, s in tasks.agent_types.items()
+    ]
+    return Classifier(
+        llm, agent_types, default=tasks.default_agent_type, model=tasks.classifier_model
+    )
 
 
 async def open_task_store(settings: Settings) -> tuple[TaskStore, aioredis.Redis | None]:

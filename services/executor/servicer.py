@@ -9,7 +9,13 @@ import grpc.aio
 from google.protobuf import timestamp_pb2
 
 from services.executor.tasks.pool import TaskPool
-from services.executor.tasks.records import TaskRecord
+from services.executor.tasks.records import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    TASK_STATUSES,
+    TaskRecord,
+    is_task_id,
+)
 from services.executor.tasks.service import TaskService
 from services.executor.tasks.store import TaskStore
 from services.executor.turns.turn import TurnRunner
@@ -53,7 +59,7 @@ def task_proto(task: TaskRecord) -> executor_pb2.Task:
 
 
 def _task_id(task_id: str) -> str:
-    if not task_id.startswith("task_") or len(task_id) != 37:
+    if not is_task_id(task_id):
         raise errors.InvalidArgument(f"malformed task id {task_id[:80]!r}")
     return task_id
 
@@ -93,18 +99,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def ListTasks(
         self, request: executor_pb2.TasksListRequest, context: Context
     ) -> executor_pb2.TaskList:
-        if request.status and request.status not in (
-            "queued",
-            "running",
-            "succeeded",
-            "failed",
-            "cancelled",
-        ):
-            raise errors.InvalidArgument(f"unknown status {request.status!r}")
-        if not 0 <= request.limit <= 500:
-            raise errors.InvalidArgument(f"limit must be in [0, 500], got {request.limit}")
+        if request.status and request.status not in TASK_STATUSES:
+            raise errors.InvalidArgument(
+                f"unknown status {request.status[:40]!r}: expected one of "
+                f"{', '.join(sorted(TASK_STATUSES))}"
+            )
+        if not 0 <= request.limit <= LIST_LIMIT_MAX:
+            raise errors.InvalidArgument(
+                f"limit must be in [0, {LIST_LIMIT_MAX}], got {request.limit}"
+            )
         tasks = await self.store.list(
-            request.tenant, status=request.status, limit=request.limit or 50
+            request.tenant, status=request.status, limit=request.limit or LIST_LIMIT_DEFAULT
         )
         return executor_pb2.TaskList(tasks=[task_proto(t) for t in tasks])
 

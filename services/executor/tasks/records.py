@@ -8,6 +8,7 @@ store keeps, so a task outlives the executor process that ran it.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,8 +20,19 @@ TASK_STATUSES: frozenset[str] = frozenset({"queued", "running", "succeeded", "fa
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
+#: How many tasks one list returns when the caller names no limit, and at most.
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 500
+_TASK_ID = re.compile(r"task_[0-9a-f]{32}")
+
+
 def new_task_id() -> str:
     return "task_" + uuid.uuid4().hex
+
+
+def is_task_id(value: str) -> bool:
+    """Shaped like an id new_task_id makes (checked before it reaches a store)."""
+    return _TASK_ID.fullmatch(value) is not None
 
 
 @dataclass

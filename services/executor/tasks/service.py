@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.executor.tasks.classifier import Classifier
 from services.executor.tasks.pool import TaskPool
-from services.executor.tasks.records import LogWriter, Runner, RunOutcome, TaskRecord
+from services.executor.tasks.records import (
+    LogWriter,
+    Runner,
+    RunOutcome,
+    TaskRecord,
+    new_task_id,
+)
 from threadline import errors
 from threadline.config import AgentTypeSettings
 
@@ -74,7 +79,7 @@ class TaskService:
             chosen = await self.classifier.classify(prompt, tenant=tenant)
             agent_type = chosen.agent_type
             reason = f"classifier: {chosen.reasons}" + (" (default)" if chosen.fell_back else "")
-        task_id = "task_" + uuid.uuid4().hex
+        task_id = new_task_id()
         # Tenants never share a workspace: the name is scoped under the tenant.
         directory = self.workspace_root / tenant / (workspace or task_id)
         record = TaskRecord(
