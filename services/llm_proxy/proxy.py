@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,8 @@ class _Answer:
     started: float = field(default_factory=time.perf_counter)
     #: Completion tokens produced by an earlier, cut attempt that this one continues.
     carried_completion: int = 0
+    #: How the attempt failed; None while it runs and once it has answered.
+    failure: UpstreamFailure | RateLimited | None = None
 
     def estimated_completion(self) -> int:
         """Tokens of the text so far, at 4 characters per token (deltas may be merged)."""
@@ -68,6 +70,21 @@ class _Answer:
     @property
     def produced_output(self) -> bool:
         return self.deltas > 0
+
+    def continued_by(self, rest: _Answer) -> _Answer:
+        """This cut answer and the continuation that finished it, as one answer."""
+        return _Answer(
+            text=["".join(self.text), *rest.text],
+            finish_reason=rest.finish_reason,
+            usage=rest.usage,
+            deltas=self.deltas + rest.deltas,
+            # The cut attempt's text is part of the answer: bill it as completion.
+            carried_completion=(
+                self.usage.completion_tokens
+                if self.usage is not None
+                else self.estimated_completion()
+            ),
+        )
 
     def apply(self, event: StreamEvent) -> llm_pb2.ChatChunk | None:
         if isinstance(event, TextDelta):
@@ -156,6 +173,51 @@ def _failure_error(failure: UpstreamFailure) -> errors.ThreadlineError:
     return errors.Unavailable(f"upstream unavailable: {failure.message}", details=details)
 
 
+@dataclass(frozen=True)
+class _FailOver:
+    """A target gave up on the request: the route's next target is tried."""
+
+    #: As reported in `llm.failover` and the failover metric.
+    reason: str
+    failure: UpstreamFailure | RateLimited
+
+
+@dataclass
+class _RouteRun:
+    """One request on its way through a route's targets."""
+
+    route: ResolvedRoute
+    #: Routes this request has already been through: a context fallback is taken once.
+    followed: tuple[str, ...]
+    #: Attempts so far, over every target and route the request has been through.
+    attempt: int
+    #: When the route was entered (loop time): no retry starts past the retry budget.
+    started: float
+    #: What the caller is told when no target answers.
+    last: UpstreamFailure | RateLimited | None = None
+
+
+def _continuation(request: llm_pb2.ChatRequest, cut: _Answer) -> llm_pb2.ChatRequest:
+    """The request again, with the cut answer as a trailing assistant message to continue."""
+    continuation = llm_pb2.ChatRequest()
+    continuation.CopyFrom(request)
+    continuation.messages.append(
+        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="".join(cut.text))
+    )
+    return continuation
+
+
+def _continuation_targets(route: ResolvedRoute, index: int) -> Iterator[Target]:
+    """The targets after `index` that can continue a cut answer, one at a time.
+
+    Lazy on purpose: letting a request through a half-open circuit reserves its
+    probe, so the next target is only asked once the previous one has failed.
+    """
+    for target in route.targets[index + 1 :]:
+        if target.upstream.settings.capabilities.prefill and target.upstream.breaker.allow():
+            yield target
+
+
 class ChatProxy:
     def __init__(
         self,
@@ -187,131 +249,160 @@ class ChatProxy:
         followed: tuple[str, ...],
         attempts_before: int,
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        attempt = attempts_before
-        last: UpstreamFailure | RateLimited | None = None
+        """The route's targets in order, failing over, until one of them answers.
+
+        Raises what the last failure means to the caller when none does.
+        """
+        run = _RouteRun(route, followed, attempts_before, asyncio.get_running_loop().time())
         for index, target in enumerate(route.targets):
-            upstream = target.upstream
-            unsupported = _unsupported(request, target)
-            if unsupported or not upstream.breaker.allow():
-                reason = unsupported or "circuit_open"
-                self._emit("llm.target_skipped", target, reason=reason)
-                last = last or UpstreamFailure(
-                    reason, f"{upstream.name} skipped: {reason}", retryable=False
-                )
+            skipped = self._skipped(request, target)
+            if skipped is not None:
+                run.last = run.last or skipped
                 continue
-            tries = 0
-            reason = ""
-            while True:
-                attempt += 1
-                tries += 1
-                answer = _Answer()
-                try:
-                    try:
-                        async for chunk in self._attempt(request, target, attempt, answer):
-                            yield chunk
-                    except (asyncio.CancelledError, GeneratorExit):
-                        # The caller left mid-attempt: no verdict on the upstream, and a
-                        # half-open circuit must not stay reserved for this probe.
-                        upstream.breaker.release_probe()
-                        raise
-                except RateLimited as exc:
-                    upstream.breaker.release_probe()
-                    metrics.RATE_LIMITED.labels(upstream.name, exc.limit).inc()
-                    self._emit(
-                        "llm.rate_limited",
-                        target,
-                        attempt=attempt,
-                        limit=exc.limit,
-                        retry_after_s=round(exc.retry_after_s, 3),
-                    )
-                    last, reason = exc, "rate_limited"
-                    break
-                except UpstreamFailure as failure:
-                    if answer.produced_output:
-                        self._record_failure(target, failure, "interrupted")
-                        async for chunk in self._finish_cut_answer(
-                            request, route, index, answer, failure, attempt
-                        ):
-                            yield chunk
-                        return
-                    yield self._attempt_failed(target, failure, attempt)
-                    if failure.reason == "context_length_exceeded":
-                        fallback = route.context_fallback
-                        if fallback and fallback not in followed:
-                            self._emit(
-                                "llm.failover",
-                                target,
-                                attempt=attempt,
-                                reason=failure.reason,
-                                to_route=fallback,
-                            )
-                            async for chunk in self._serve(
-                                request,
-                                self.router.route(fallback),
-                                (*followed, route.name),
-                                attempt,
-                            ):
-                                yield chunk
-                            return
-                        raise _failure_error(failure) from None
-                    if _callers_fault(failure):
-                        raise _failure_error(failure) from None
-                    last, reason = failure, failure.reason
-                    if not failure.retryable:
-                        break  # a silent or stalled upstream is not waited on again
-                    if upstream.breaker.state is not CircuitState.CLOSED:
-                        break  # its circuit just opened: fallbacks serve from now on
-                    delay = self.retry.delay(
-                        tries, failure.retry_after_s, self.retry.budget_s - (loop.time() - started)
-                    )
-                    if delay is None:
-                        break
-                    metrics.RETRIES.labels(upstream.name, target.model, failure.reason).inc()
-                    self._emit(
-                        "llm.retry",
-                        target,
-                        attempt=attempt,
-                        reason=failure.reason,
-                        delay_s=round(delay, 3),
-                    )
-                    await self._sleep(delay)
-                    continue
-                if upstream.breaker.record_success():
-                    metrics.CIRCUIT_OPEN.labels(upstream.name).set(0)
-                    self._emit("llm.circuit_closed", target)
-                yield self._done(request, answer, target, attempt)
+            failover: _FailOver | None = None
+            async for step in self._attempts_on(request, run, index):
+                if isinstance(step, _FailOver):
+                    failover = step
+                else:
+                    yield step
+            if failover is None:
+                return  # answered
+            run.last = failover.failure
+            self._announce_failover(run, index, failover.reason)
+        raise self._exhausted(run)
+
+    async def _attempts_on(
+        self, request: llm_pb2.ChatRequest, run: _RouteRun, index: int
+    ) -> AsyncIterator[llm_pb2.ChatChunk | _FailOver]:
+        """Attempts on one target, retried with backoff while a retry can help.
+
+        Ends answered (a done chunk, however the answer ended: whole, continued,
+        interrupted or from the context fallback) or with a `_FailOver` last; raises
+        when the request itself is refused.
+        """
+        target = run.route.targets[index]
+        tries = 0
+        while True:
+            run.attempt += 1
+            tries += 1
+            answer = _Answer()
+            async for chunk in self._attempt(request, target, run.attempt, answer):
+                yield chunk
+            failure = answer.failure
+            if failure is None:
+                self._record_success(target)
+                yield self._done(request, answer, target, run.attempt)
                 return
-            following = route.targets[index + 1] if index + 1 < len(route.targets) else None
-            if following is not None:
-                metrics.FAILOVERS.labels(upstream.name, following.upstream.name, reason).inc()
-                self._emit(
-                    "llm.failover",
-                    target,
-                    attempt=attempt,
-                    reason=reason,
-                    to_upstream=following.upstream.name,
-                    to_model=following.model,
-                )
+            if isinstance(failure, RateLimited):
+                self._record_rate_limited(target, failure, run.attempt)
+                yield _FailOver("rate_limited", failure)
+                return
+            if answer.produced_output:
+                self._record_failure(target, failure, "interrupted")
+                async for chunk in self._finish_cut_answer(
+                    request, run.route, index, answer, failure, run.attempt
+                ):
+                    yield chunk
+                return
+            yield self._attempt_failed(target, failure, run.attempt)
+            if failure.reason == "context_length_exceeded":
+                async for chunk in self._context_fallback(request, run, target, failure):
+                    yield chunk
+                return
+            if _callers_fault(failure):
+                raise _failure_error(failure)
+            delay = self._retry_delay(run, target, failure, tries)
+            if delay is None:
+                yield _FailOver(failure.reason, failure)
+                return
+            await self._sleep(delay)
+
+    def _skipped(self, request: llm_pb2.ChatRequest, target: Target) -> UpstreamFailure | None:
+        """Why `target` is not tried for this request, or None when it may be."""
+        unsupported = _unsupported(request, target)
+        if not unsupported and target.upstream.breaker.allow():
+            return None
+        reason = unsupported or "circuit_open"
+        self._emit("llm.target_skipped", target, reason=reason)
+        return UpstreamFailure(reason, f"{target.upstream.name} skipped: {reason}", retryable=False)
+
+    def _retry_delay(
+        self, run: _RouteRun, target: Target, failure: UpstreamFailure, tries: int
+    ) -> float | None:
+        """The wait before trying `target` again, or None to fail over now."""
+        if not failure.retryable:
+            return None  # a silent or stalled upstream is not waited on again
+        if target.upstream.breaker.state is not CircuitState.CLOSED:
+            return None  # its circuit just opened: fallbacks serve from now on
+        elapsed = asyncio.get_running_loop().time() - run.started
+        delay = self.retry.delay(tries, failure.retry_after_s, self.retry.budget_s - elapsed)
+        if delay is None:
+            return None
+        metrics.RETRIES.labels(target.upstream.name, target.model, failure.reason).inc()
+        self._emit(
+            "llm.retry",
+            target,
+            attempt=run.attempt,
+            reason=failure.reason,
+            delay_s=round(delay, 3),
+        )
+        return delay
+
+    async def _context_fallback(
+        self,
+        request: llm_pb2.ChatRequest,
+        run: _RouteRun,
+        target: Target,
+        failure: UpstreamFailure,
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        """A prompt too long for this route goes to its context fallback route, once."""
+        fallback = run.route.context_fallback
+        if not fallback or fallback in run.followed:
+            raise _failure_error(failure)
+        self._emit(
+            "llm.failover", target, attempt=run.attempt, reason=failure.reason, to_route=fallback
+        )
+        async for chunk in self._serve(
+            request, self.router.route(fallback), (*run.followed, run.route.name), run.attempt
+        ):
+            yield chunk
+
+    def _announce_failover(self, run: _RouteRun, index: int, reason: str) -> None:
+        """The route moves on from target `index` to the next one, if there is one."""
+        if index + 1 >= len(run.route.targets):
+            return
+        target, following = run.route.targets[index], run.route.targets[index + 1]
+        metrics.FAILOVERS.labels(target.upstream.name, following.upstream.name, reason).inc()
+        self._emit(
+            "llm.failover",
+            target,
+            attempt=run.attempt,
+            reason=reason,
+            to_upstream=following.upstream.name,
+            to_model=following.model,
+        )
+
+    def _exhausted(self, run: _RouteRun) -> errors.ThreadlineError:
+        """No target answered: the last failure as the caller's status."""
+        last, route = run.last, run.route.name
         if isinstance(last, UpstreamFailure) and last.status == 429:
-            raise errors.ResourceExhausted(
-                f"every upstream of {route.name!r} is rate limiting: {last.message}",
+            return errors.ResourceExhausted(
+                f"every upstream of {route!r} is rate limiting: {last.message}",
                 retry_after_s=last.retry_after_s or self.retry.max_delay_s,
-                details={"reason": last.reason, "attempts": str(attempt)},
+                details={"reason": last.reason, "attempts": str(run.attempt)},
             )
         if isinstance(last, RateLimited):
-            raise errors.ResourceExhausted(
-                f"every upstream of {route.name!r} is at its rate limit",
+            return errors.ResourceExhausted(
+                f"every upstream of {route!r} is at its rate limit",
                 retry_after_s=last.retry_after_s,
                 details={"limit": last.limit, "upstream": last.upstream},
             )
         message = last.message if last is not None else "no upstream"
-        raise errors.Unavailable(
-            f"no upstream of {route.name!r} answered after {attempt} attempt(s): {message}",
+        return errors.Unavailable(
+            f"no upstream of {route!r} answered after {run.attempt} attempt(s): {message}",
             details={
-                "reason": last.reason if isinstance(last, UpstreamFailure) else "",
-                "attempts": str(attempt),
+                "reason": last.reason if last is not None else "",
+                "attempts": str(run.attempt),
             },
         )
 
@@ -324,6 +415,28 @@ class ChatProxy:
         *,
         prefill: bool = False,
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        """One attempt, relayed; how it failed, if it did, is left in `answer.failure`."""
+        try:
+            async for chunk in self._relay(request, target, attempt, answer, prefill=prefill):
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller left mid-attempt: no verdict on the upstream, and a
+            # half-open circuit must not stay reserved for this probe.
+            target.upstream.breaker.release_probe()
+            raise
+        except (UpstreamFailure, RateLimited) as failure:
+            answer.failure = failure
+
+    async def _relay(
+        self,
+        request: llm_pb2.ChatRequest,
+        target: Target,
+        attempt: int,
+        answer: _Answer,
+        *,
+        prefill: bool,
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        """Send the request to `target` and relay its answer; raises how it failed."""
         upstream = target.upstream
         settings = upstream.settings
         body = request_body(
@@ -377,71 +490,60 @@ class ChatProxy:
             error=failure.message,
             deltas_sent=answer.deltas,
         )
-        if not answer.tool_calls:
-            partial = "".join(answer.text)
-            continuation = llm_pb2.ChatRequest()
-            continuation.CopyFrom(request)
-            continuation.messages.append(
-                common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=partial)
+        if answer.tool_calls:
+            # Tool-call deltas already sent cannot be continued as text.
+            yield self._interrupted(request, answer, cut_at, attempt, failure)
+            return
+        continuation = _continuation(request, answer)
+        for target in _continuation_targets(route, index):
+            attempt += 1
+            self._emit(
+                "llm.failover",
+                cut_at,
+                attempt=attempt,
+                reason=failure.reason,
+                to_upstream=target.upstream.name,
+                to_model=target.model,
+                continuation=True,
             )
-            for target in route.targets[index + 1 :]:
-                if not target.upstream.settings.capabilities.prefill:
-                    continue
-                if not target.upstream.breaker.allow():
-                    continue
-                attempt += 1
-                self._emit(
-                    "llm.failover",
-                    cut_at,
-                    attempt=attempt,
-                    reason=failure.reason,
-                    to_upstream=target.upstream.name,
-                    to_model=target.model,
-                    continuation=True,
-                )
-                rest = _Answer()
-                try:
-                    try:
-                        async for chunk in self._attempt(
-                            continuation, target, attempt, rest, prefill=True
-                        ):
-                            yield chunk
-                    except (asyncio.CancelledError, GeneratorExit):
-                        target.upstream.breaker.release_probe()
-                        raise
-                except (UpstreamFailure, RateLimited) as exc:
-                    if isinstance(exc, UpstreamFailure):
-                        self._record_failure(target, exc, "failed")
-                    else:
-                        target.upstream.breaker.release_probe()
-                    if rest.produced_output:
-                        answer.text.extend(rest.text)
-                        answer.deltas += rest.deltas
-                        reason = exc if isinstance(exc, UpstreamFailure) else failure
-                        yield self._interrupted(request, answer, target, attempt, reason)
-                        return
-                    continue  # a refused continuation never masks the original failure
-                if target.upstream.breaker.record_success():
-                    metrics.CIRCUIT_OPEN.labels(target.upstream.name).set(0)
-                    self._emit("llm.circuit_closed", target)
-                combined = _Answer(
-                    text=[partial, *rest.text],
-                    finish_reason=rest.finish_reason,
-                    usage=rest.usage,
-                    deltas=answer.deltas + rest.deltas,
-                    # The cut attempt's text is part of the answer: bill it as completion.
-                    carried_completion=(
-                        answer.usage.completion_tokens
-                        if answer.usage is not None
-                        else answer.estimated_completion()
-                    ),
-                )
-                yield self._done(continuation, combined, target, attempt)
+            rest = _Answer()
+            async for chunk in self._attempt(continuation, target, attempt, rest, prefill=True):
+                yield chunk
+            if rest.failure is None:
+                self._record_success(target)
+                yield self._done(continuation, answer.continued_by(rest), target, attempt)
                 return
+            if isinstance(rest.failure, UpstreamFailure):
+                self._record_failure(target, rest.failure, "failed")
+            else:
+                target.upstream.breaker.release_probe()
+            if rest.produced_output:
+                answer.text.extend(rest.text)
+                answer.deltas += rest.deltas
+                cause = rest.failure if isinstance(rest.failure, UpstreamFailure) else failure
+                yield self._interrupted(request, answer, target, attempt, cause)
+                return
+            # A refused continuation never masks the original failure: on to the next.
         yield self._interrupted(request, answer, cut_at, attempt, failure)
 
     def _emit(self, type_: str, target: Target, **attributes: Any) -> None:
         self.events.emit(type_, upstream=target.upstream.name, model=target.model, **attributes)
+
+    def _record_success(self, target: Target) -> None:
+        if target.upstream.breaker.record_success():
+            metrics.CIRCUIT_OPEN.labels(target.upstream.name).set(0)
+            self._emit("llm.circuit_closed", target)
+
+    def _record_rate_limited(self, target: Target, limited: RateLimited, attempt: int) -> None:
+        target.upstream.breaker.release_probe()
+        metrics.RATE_LIMITED.labels(target.upstream.name, limited.limit).inc()
+        self._emit(
+            "llm.rate_limited",
+            target,
+            attempt=attempt,
+            limit=limited.limit,
+            retry_after_s=round(limited.retry_after_s, 3),
+        )
 
     def _record_failure(self, target: Target, failure: UpstreamFailure, outcome: str) -> None:
         upstream = target.upstream
