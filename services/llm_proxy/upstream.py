@@ -162,100 +162,119 @@ class Upstream:
         deltas are merged: a fast upstream costs one relayed message per read, not
         per token, while a slow one still gets every token through at once.
         """
-        timeouts = self.settings.timeouts
-        loop = asyncio.get_running_loop()
-        first_token_deadline = loop.time() + timeouts.first_token_s
+        # Taken before the request is sent: the first token is due this long after it.
+        first_token_deadline = (
+            asyncio.get_running_loop().time() + self.settings.timeouts.first_token_s
+        )
         try:
             async with contextlib.AsyncExitStack() as exits:
-                try:
-                    # A server that takes the request and never answers must not hold the
-                    # caller past the first-token deadline (no read timeout is set).
-                    async with asyncio.timeout(timeouts.first_token_s):
-                        response = await exits.enter_async_context(
-                            self.client.post(self.url, json=body)
-                        )
-                except TimeoutError:
-                    raise UpstreamFailure(
-                        "first_token_timeout",
-                        f"upstream sent nothing for {timeouts.first_token_s:g}s (first token)",
-                        retryable=False,
-                    ) from None
-                if response.status != 200:
-                    content = await response.read()
-                    raise classify_status(
-                        response.status, content, response.headers.get("retry-after")
-                    )
-                parser = SseParser()
-                reads = response.content.iter_any().__aiter__()
-                output_seen = False
-                finished = False
+                response = await self._open(body, exits)
                 # Keep-alives do not move it: the first token has its own deadline.
                 watchdog = _ReadWatchdog(first_token_deadline)
                 exits.callback(watchdog.close)
-                while True:
-                    phase = "idle" if output_seen else "first_token"
-                    try:
-                        chunk = await watchdog.read(reads)
-                    except StopAsyncIteration:
-                        for event in _merged(parser.finish()):
-                            finished = finished or isinstance(event, Finish)
-                            yield event
-                        if not finished:
-                            # No [DONE] and no finish_reason: the answer was cut, however
-                            # cleanly the connection closed.
-                            raise UpstreamFailure(
-                                "incomplete_stream",
-                                "the stream ended without a finish reason or [DONE]",
-                                retryable=True,
-                            ) from None
-                        return  # finished but no [DONE]: finalised as it stands
-                    except TimeoutError:
-                        limit = (
-                            timeouts.idle_between_chunks_s
-                            if output_seen
-                            else timeouts.first_token_s
-                        )
-                        raise UpstreamFailure(
-                            f"{phase}_timeout",
-                            f"upstream sent nothing for {limit:g}s ({phase.replace('_', ' ')})",
-                            retryable=False,
-                        ) from None
-                    if output_seen:
-                        watchdog.deadline = loop.time() + timeouts.idle_between_chunks_s
-                    datas = parser.feed(chunk)
-                    done = "[DONE]" in (d.strip() for d in datas)
-                    for event in _merged(d for d in datas if d.strip() != "[DONE]"):
-                        if not output_seen and isinstance(event, TextDelta | ToolDelta):
-                            output_seen = True
-                            watchdog.deadline = loop.time() + timeouts.idle_between_chunks_s
-                        finished = finished or isinstance(event, Finish)
-                        yield event
-                    if done:
-                        await _drain(reads)
-                        return
-        except aiohttp.ClientConnectorError as exc:
+                async for event in self._events(response, watchdog):
+                    yield event
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._transport_failure(exc) from None
+
+    async def _open(
+        self, body: dict[str, object], exits: contextlib.AsyncExitStack
+    ) -> aiohttp.ClientResponse:
+        """Send the request; a 200 response (closed with `exits`) or UpstreamFailure."""
+        first_token_s = self.settings.timeouts.first_token_s
+        try:
+            # A server that takes the request and never answers must not hold the
+            # caller past the first-token deadline (no read timeout is set).
+            async with asyncio.timeout(first_token_s):
+                response = await exits.enter_async_context(self.client.post(self.url, json=body))
+        except TimeoutError:
+            raise UpstreamFailure(
+                "first_token_timeout",
+                f"upstream sent nothing for {first_token_s:g}s (first token)",
+                retryable=False,
+            ) from None
+        if response.status != 200:
+            content = await response.read()
+            raise classify_status(response.status, content, response.headers.get("retry-after"))
+        return response
+
+    async def _events(
+        self, response: aiohttp.ClientResponse, watchdog: _ReadWatchdog
+    ) -> AsyncIterator[StreamEvent]:
+        """The response body's events, read by read, each read within its deadline."""
+        loop = asyncio.get_running_loop()
+        idle_s = self.settings.timeouts.idle_between_chunks_s
+        parser = SseParser()
+        reads = response.content.iter_any().__aiter__()
+        output_seen = False
+        finished = False
+        while True:
+            try:
+                chunk = await watchdog.read(reads)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise self._silence(output_seen) from None
+            if output_seen:
+                watchdog.deadline = loop.time() + idle_s
+            datas = parser.feed(chunk)
+            done = "[DONE]" in (d.strip() for d in datas)
+            for event in _merged(d for d in datas if d.strip() != "[DONE]"):
+                if not output_seen and isinstance(event, TextDelta | ToolDelta):
+                    output_seen = True
+                    watchdog.deadline = loop.time() + idle_s
+                finished = finished or isinstance(event, Finish)
+                yield event
+            if done:
+                await _drain(reads)
+                return
+        for event in _merged(parser.finish()):
+            finished = finished or isinstance(event, Finish)
+            yield event
+        if not finished:
+            # No [DONE] and no finish_reason: the answer was cut, however cleanly the
+            # connection closed. (Finished but no [DONE] is finalised as it stands.)
+            raise UpstreamFailure(
+                "incomplete_stream",
+                "the stream ended without a finish reason or [DONE]",
+                retryable=True,
+            )
+
+    def _silence(self, output_seen: bool) -> UpstreamFailure:
+        """A read that waited past its deadline: before the first token, or between two."""
+        timeouts = self.settings.timeouts
+        phase = "idle" if output_seen else "first_token"
+        limit = timeouts.idle_between_chunks_s if output_seen else timeouts.first_token_s
+        return UpstreamFailure(
+            f"{phase}_timeout",
+            f"upstream sent nothing for {limit:g}s ({phase.replace('_', ' ')})",
+            retryable=False,
+        )
+
+    def _transport_failure(self, exc: aiohttp.ClientError | OSError) -> UpstreamFailure:
+        """What a broken connection means for a retry (checked most specific first)."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
             # The socket error names an internal address: logs keep it, callers do not.
             _log.warning("llm.connect_failed", upstream=self.name, error=str(exc))
-            raise UpstreamFailure(
+            return UpstreamFailure(
                 "connect", f"cannot connect to upstream {self.name!r}", retryable=True
-            ) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamFailure(
-                "connect_timeout", f"no connection within {timeouts.connect_s:g}s", retryable=True
-            ) from None
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientPayloadError,
-            aiohttp.ClientOSError,
-        ) as exc:
-            raise UpstreamFailure(
+            )
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            connect_s = self.settings.timeouts.connect_s
+            return UpstreamFailure(
+                "connect_timeout", f"no connection within {connect_s:g}s", retryable=True
+            )
+        if isinstance(
+            exc,
+            aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientOSError,
+        ):
+            return UpstreamFailure(
                 "reset", f"connection broken: {exc or type(exc).__name__}", retryable=True
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            _log.warning("llm.transport_failed", upstream=self.name, error=str(exc))
-            raise UpstreamFailure(
-                "transport", f"upstream {self.name!r}: {type(exc).__name__}", retryable=True
-            ) from None
+            )
+        _log.warning("llm.transport_failed", upstream=self.name, error=str(exc))
+        return UpstreamFailure(
+            "transport", f"upstream {self.name!r}: {type(exc).__name__}", retryable=True
+        )
 
 
 async def _drain(reads: AsyncIterator[bytes]) -> None:
