@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests.redis_server import RedisServerError, redis_server
 from threadline.client import GatewayClient
 from threadline.config import Settings, hash_api_key, load_settings
 from threadline.logs import configure_logging
@@ -30,19 +32,26 @@ configure_logging("warning")
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """REDIS_URL, else the local server; tests fail loudly when neither answers."""
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"Redis at {url} is not answering ({exc}); start one or set REDIS_URL")
-    return url
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when set, else a redis-server of this run's own (see tests/redis_server.py)."""
+    if url := os.environ.get("REDIS_URL"):
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        except redis.exceptions.ConnectionError as exc:
+            pytest.fail(f"REDIS_URL={url} is not answering ({exc})", pytrace=False)
+        yield url
+        return
+    with contextlib.ExitStack() as cleanup:
+        try:
+            url = cleanup.enter_context(redis_server(tmp_path_factory.mktemp("redis")))
+        except RedisServerError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield url
 
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A clean database per test (pub/sub channels are global: tests run serially)."""
+    """A clean database per test (pub/sub channels are global: this run's tests run serially)."""
     client = aioredis.from_url(redis_url, decode_responses=True)
     await client.flushdb()
     yield client
