@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import ACME_KEY, make_settings
-from tests.service.conftest import eventually
+from tests.waiting import eventually
 from threadline.client import GatewayClient
 from threadline.errors import Unavailable
 from threadline.local_model import LOCAL_UPSTREAM_NAME, LocalModelServer

@@ -1,9 +1,11 @@
 """Helpers for the service tests: upstream settings with short timeouts, private
-stacks, an event recorder.
+stacks, an event recorder, clients of the running services, a turn through the
+executor.
 
 Each test module overrides the root `settings` / `stack` fixtures to start only
 the services it exercises; the `events` fixture below then records what the
-module's stack publishes on its bus.
+module's stack publishes on its bus, and `sessions`, `memory`, `executor` and
+`llm` are clients of the module's stack.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
+from tests.builders import TENANT
 from tests.conftest import FAKE_MODEL
+from threadline.channels import streaming
 from threadline.config import SERVICE_NAMES, ServiceName, Settings
 from threadline.events import (
     EventBus,
@@ -25,12 +29,12 @@ from threadline.events import (
     Subscription,
     attributes_of,
 )
+from threadline.peers import ExecutorClient, LlmClient, MemoryClient, SessionClient
 from threadline.stack import Stack, start_stack
+from threadline.v1 import executor_pb2
 from threadline.v1.events_pb2 import LifecycleEvent
 
 _MARKER = "test.marker"
-
-T = TypeVar("T")
 
 
 def upstream_config(
@@ -140,17 +144,6 @@ class EventRecorder:
         await self._subscription.close()
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T]], *, timeout: float = 5.0, interval: float = 0.05
-) -> T:
-    """Poll `probe` until it returns something truthy (for state with no change signal)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if result := await probe():
-                return result
-            await asyncio.sleep(interval)
-
-
 def attrs(event: LifecycleEvent) -> dict[str, Any]:
     return attributes_of(event)
 
@@ -162,3 +155,43 @@ async def events(stack: Stack) -> AsyncIterator[EventRecorder]:
     await recorder.settle()
     yield recorder
     await recorder.close()
+
+
+@pytest.fixture
+async def sessions(stack: Stack) -> AsyncIterator[SessionClient]:
+    client = SessionClient(stack.address("session"))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def memory(stack: Stack) -> AsyncIterator[MemoryClient]:
+    client = MemoryClient(stack.address("memory"))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def executor(stack: Stack) -> AsyncIterator[ExecutorClient]:
+    client = ExecutorClient(stack.address("executor"))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def llm(stack: Stack) -> AsyncIterator[LlmClient]:
+    client = LlmClient(stack.address("llm_proxy"))
+    yield client
+    await client.close()
+
+
+async def run_turn(
+    executor: ExecutorClient, session_id: str, text: str, tenant: str = TENANT
+) -> list[executor_pb2.TurnEvent]:
+    """Every event of one turn, as the gateway would relay them."""
+    request = executor_pb2.RunTurnRequest(tenant=tenant, session_id=session_id, input=text)
+    return [e async for e in streaming(executor.run_turn(request))]
+
+
+def kinds(events: list[executor_pb2.TurnEvent]) -> list[str | None]:
+    return [e.WhichOneof("event") for e in events]

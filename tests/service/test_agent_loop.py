@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from tests.builders import TENANT, new_session
 from tests.conftest import make_settings
-from tests.service.conftest import EventRecorder, attrs, private_stack
-from threadline.channels import streaming
+from tests.service.conftest import EventRecorder, attrs, private_stack, run_turn
 from threadline.config import Settings
 from threadline.peers import ExecutorClient, SessionClient
 from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
-from threadline.v1 import common_pb2, executor_pb2, session_pb2
-
-TENANT = "acme"
+from threadline.v1 import common_pb2, executor_pb2
 
 
 @pytest.fixture
@@ -46,29 +44,8 @@ async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterat
         yield running
 
 
-@pytest.fixture
-async def clients(stack: Stack) -> AsyncIterator[tuple[ExecutorClient, SessionClient]]:
-    executor = ExecutorClient(stack.address("executor"))
-    sessions = SessionClient(stack.address("session"))
-    yield executor, sessions
-    await executor.close()
-    await sessions.close()
-
-
-@pytest.fixture
-async def events(stack: Stack) -> AsyncIterator[EventRecorder]:
-    recorder = EventRecorder(stack.bus, await stack.bus.subscribe())
-    yield recorder
-    await recorder.close()
-
-
-async def new_session(sessions: SessionClient) -> str:
-    return (await sessions.create(session_pb2.SessionsCreateRequest(tenant=TENANT))).id
-
-
-async def run(executor: ExecutorClient, session_id: str, text: str) -> list[executor_pb2.TurnEvent]:
-    request = executor_pb2.RunTurnRequest(tenant=TENANT, session_id=session_id, input=text)
-    return [e async for e in streaming(executor.run_turn(request))]
+def tool_results(turn: list[executor_pb2.TurnEvent]) -> list[executor_pb2.ToolResult]:
+    return [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
 
 
 def workspace(settings: Settings, session_id: str) -> Path:
@@ -77,10 +54,10 @@ def workspace(settings: Settings, session_id: str) -> Path:
 
 async def test_a_two_tool_turn_stores_every_message_in_order(
     settings: Settings,
-    clients: tuple[ExecutorClient, SessionClient],
+    executor: ExecutorClient,
+    sessions: SessionClient,
     fake_upstream: FakeUpstream,
 ) -> None:
-    executor, sessions = clients
     session_id = await new_session(sessions)
     fake_upstream.enqueue(
         Script(
@@ -92,9 +69,9 @@ async def test_a_two_tool_turn_stores_every_message_in_order(
         Script(text="The plan says: step one."),
     )
 
-    events = await run(executor, session_id, "Write the plan, then read it back.")
+    events = await run_turn(executor, session_id, "Write the plan, then read it back.")
 
-    results = [e.tool_result for e in events if e.WhichOneof("event") == "tool_result"]
+    results = tool_results(events)
     assert [(r.name, r.status) for r in results] == [("write_file", "ok"), ("read_file", "ok")]
     assert "step one" in results[1].content
     done = events[-1].done
@@ -122,20 +99,20 @@ async def test_a_two_tool_turn_stores_every_message_in_order(
 )
 async def test_escapes_and_forbidden_writes_are_refused_and_reported(
     settings: Settings,
-    clients: tuple[ExecutorClient, SessionClient],
+    executor: ExecutorClient,
+    sessions: SessionClient,
     fake_upstream: FakeUpstream,
     events: EventRecorder,
     call: tuple[str, dict[str, str]],
     why: str,
 ) -> None:
-    executor, sessions = clients
     session_id = await new_session(sessions)
     name, arguments = call
     fake_upstream.enqueue(Script(tool_calls=[(name, json.dumps(arguments))]), Script(text="ok"))
 
-    turn = await run(executor, session_id, "try it")
+    turn = await run_turn(executor, session_id, "try it")
 
-    (result,) = [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
+    (result,) = tool_results(turn)
     assert result.status == "denied" and why in result.content
     (denied,) = await events.wait_for("tool.denied", session_id=session_id)
     assert attrs(denied)["tool"] == name and why in attrs(denied)["reason"]
@@ -145,11 +122,11 @@ async def test_escapes_and_forbidden_writes_are_refused_and_reported(
 
 async def test_a_symlink_out_of_the_workspace_is_refused(
     settings: Settings,
-    clients: tuple[ExecutorClient, SessionClient],
+    executor: ExecutorClient,
+    sessions: SessionClient,
     fake_upstream: FakeUpstream,
     tmp_path: Path,
 ) -> None:
-    executor, sessions = clients
     session_id = await new_session(sessions)
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret")
@@ -159,34 +136,32 @@ async def test_a_symlink_out_of_the_workspace_is_refused(
     fake_upstream.enqueue(
         Script(tool_calls=[("read_file", json.dumps({"path": "link.txt"}))]), Script(text="ok")
     )
-    turn = await run(executor, session_id, "read the link")
-    (result,) = [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
+    turn = await run_turn(executor, session_id, "read the link")
+    (result,) = tool_results(turn)
     assert result.status == "denied" and "top secret" not in result.content
 
 
 async def test_unknown_tools_and_bad_arguments_come_back_as_results(
-    clients: tuple[ExecutorClient, SessionClient], fake_upstream: FakeUpstream
+    executor: ExecutorClient, sessions: SessionClient, fake_upstream: FakeUpstream
 ) -> None:
-    executor, sessions = clients
     session_id = await new_session(sessions)
     fake_upstream.enqueue(
         Script(tool_calls=[("launch_rocket", "{}"), ("read_file", "not json")]),
         Script(text="Sorry."),
     )
-    turn = await run(executor, session_id, "go")
-    results = [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
+    turn = await run_turn(executor, session_id, "go")
+    results = tool_results(turn)
     assert [r.status for r in results] == ["error", "error"]
     assert "launch_rocket" in results[0].content
     assert turn[-1].done.content == "Sorry."
 
 
 async def test_max_iterations_stops_a_model_that_calls_tools_forever(
-    clients: tuple[ExecutorClient, SessionClient], fake_upstream: FakeUpstream
+    executor: ExecutorClient, sessions: SessionClient, fake_upstream: FakeUpstream
 ) -> None:
-    executor, sessions = clients
     session_id = await new_session(sessions)
     fake_upstream.default = Script(tool_calls=[("list_dir", "{}")])
-    turn = await run(executor, session_id, "loop")
+    turn = await run_turn(executor, session_id, "loop")
     done = turn[-1].done
     assert done.model_calls == 3
     assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
@@ -219,7 +194,7 @@ async def test_a_turn_records_its_cost_from_the_price_table(
         sessions = SessionClient(running.address("session"))
         try:
             session_id = await new_session(sessions)
-            done = (await run(executor, session_id, "What does it cost?"))[-1].done
+            done = (await run_turn(executor, session_id, "What does it cost?"))[-1].done
         finally:
             await executor.close()
             await sessions.close()

@@ -15,17 +15,18 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from tests import builders
+from tests.builders import TENANT, assistant, user
 from tests.conftest import make_settings
-from tests.service.conftest import EventRecorder, attrs, eventually, private_stack
+from tests.service.conftest import EventRecorder, attrs, kinds, private_stack, run_turn
+from tests.waiting import eventually
 from threadline import errors
-from threadline.channels import streaming
 from threadline.config import Settings
 from threadline.peers import ExecutorClient, MemoryClient, SessionClient
 from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
-from threadline.v1 import common_pb2, executor_pb2, session_pb2
+from threadline.v1 import common_pb2, executor_pb2
 
-TENANT = "acme"
 SYSTEM_PROMPT = "You are a concise assistant."
 LEASE_PREFIX = "threadline:turn:"
 CONTEXT_BUDGET = 600
@@ -48,39 +49,8 @@ async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterat
         yield running
 
 
-@pytest.fixture
-async def executor(stack: Stack) -> AsyncIterator[ExecutorClient]:
-    client = ExecutorClient(stack.address("executor"))
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def sessions(stack: Stack) -> AsyncIterator[SessionClient]:
-    client = SessionClient(stack.address("session"))
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def memory(stack: Stack) -> AsyncIterator[MemoryClient]:
-    client = MemoryClient(stack.address("memory"))
-    yield client
-    await client.close()
-
-
 def turn(session_id: str, text: str, tenant: str = TENANT) -> executor_pb2.RunTurnRequest:
     return executor_pb2.RunTurnRequest(tenant=tenant, session_id=session_id, input=text)
-
-
-async def run_turn(
-    executor: ExecutorClient, session_id: str, text: str, tenant: str = TENANT
-) -> list[executor_pb2.TurnEvent]:
-    return [e async for e in streaming(executor.run_turn(turn(session_id, text, tenant)))]
-
-
-def kinds(events: list[executor_pb2.TurnEvent]) -> list[str | None]:
-    return [e.WhichOneof("event") for e in events]
 
 
 def text_of(events: list[executor_pb2.TurnEvent]) -> str:
@@ -90,26 +60,13 @@ def text_of(events: list[executor_pb2.TurnEvent]) -> str:
 async def new_session(
     sessions: SessionClient, history: list[common_pb2.Message] | None = None
 ) -> str:
-    session = await sessions.create(
-        session_pb2.SessionsCreateRequest(tenant=TENANT, system_prompt=SYSTEM_PROMPT)
-    )
-    if history:
-        await sessions.append(TENANT, session.id, "", history)
-    return session.id
+    return await builders.new_session(sessions, history or (), system_prompt=SYSTEM_PROMPT)
 
 
 async def stored(sessions: SessionClient, session_id: str) -> list[common_pb2.Message]:
     detail = await sessions.get(TENANT, session_id, include_messages=True, verify_chain=True)
     assert detail.chain_verified
     return list(detail.messages)
-
-
-def user(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_USER, content=content)
-
-
-def assistant(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=content)
 
 
 def wire(role: str, content: str) -> dict[str, str]:

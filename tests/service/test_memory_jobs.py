@@ -18,20 +18,30 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from tests.builders import TENANT, add, exchange, new_session, user
 from tests.conftest import FAKE_MODEL, make_settings
-from tests.service.conftest import EventRecorder, attrs, private_stack, upstream_config
+from tests.service.conftest import (
+    EventRecorder,
+    attrs,
+    kinds,
+    private_stack,
+    run_turn,
+    upstream_config,
+)
+from tests.waiting import eventually
 from threadline import errors
-from threadline.channels import streaming
 from threadline.config import ServiceName, Settings
 from threadline.peers import ExecutorClient, MemoryClient, SessionClient
 from threadline.stack import Stack, start_stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
-from threadline.v1 import common_pb2, executor_pb2, memory_pb2, session_pb2
+from threadline.v1 import common_pb2, executor_pb2, memory_pb2
 
-TENANT = "acme"
 SUMMARIZER = "summarizer"
 SUMMARY = "Ada plans a trip to Lyon; she prefers trains."
 HEADER = "[Compacted context summary]"
+SCAN_INTERVAL_S = 0.1
+#: A summariser window small enough that a long session is summarised in several chunks.
+CHUNKED = {"summary_window_tokens": 600, "max_summary_tokens": 50}
 
 
 def memory_settings(
@@ -46,7 +56,7 @@ def memory_settings(
         llm={"upstream": upstream, "default_route": ""},
         memory={
             "model": SUMMARIZER,
-            "scan_interval_s": 0.1,
+            "scan_interval_s": SCAN_INTERVAL_S,
             "claim_idle_s": 1.0,
             "lease_ttl_s": 2.0,
             "job_timeout_s": 5.0,
@@ -61,21 +71,13 @@ def write_summary(text: str = SUMMARY) -> Script:
     return Script(tool_calls=[("write_summary", json.dumps({"summary": text}))])
 
 
-def user(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_USER, content=content)
+RUNNING, SUCCEEDED = memory_pb2.JOB_STATE_RUNNING, memory_pb2.JOB_STATE_SUCCEEDED
 
 
-def assistant(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=content)
-
-
-def exchange(n: int, words: int = 10) -> list[common_pb2.Message]:
-    """n user/assistant pairs of about `words` words each."""
-    out = []
-    for i in range(n):
-        out.append(user(f"question {i} " + "lorem " * words))
-        out.append(assistant(f"answer {i} " + "ipsum " * words))
-    return out
+async def in_state(memory: MemoryClient, job_id: str, *states: int) -> memory_pb2.Job | None:
+    """The job once it is in one of `states` (None before)."""
+    job = await memory.get_job(TENANT, job_id)
+    return job if job.state in states else None
 
 
 class Clients:
@@ -93,16 +95,10 @@ class Clients:
             await self.executor.close()
 
     async def session(self, messages: list[common_pb2.Message], system: str = "") -> str:
-        created = await self.sessions.create(
-            session_pb2.SessionsCreateRequest(tenant=TENANT, system_prompt=system)
-        )
-        if messages:
-            await self.sessions.append(TENANT, created.id, "", messages)
-        return created.id
+        return await new_session(self.sessions, messages, system_prompt=system)
 
     async def add(self, session_id: str, *messages: common_pb2.Message) -> None:
-        head = (await self.sessions.get(TENANT, session_id)).session.head
-        await self.sessions.append(TENANT, session_id, head, list(messages))
+        await add(self.sessions, session_id, *messages)
 
     async def activity(
         self, session_id: str, prompt_tokens: int = 0, window: int = 400
@@ -118,13 +114,8 @@ class Clients:
         )
 
     async def wait_job(self, job_id: str, timeout_s: float = 10.0) -> memory_pb2.Job:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            job = await self.memory.get_job(TENANT, job_id)
-            if job.state in (memory_pb2.JOB_STATE_SUCCEEDED, memory_pb2.JOB_STATE_FAILED):
-                return job
-            assert time.monotonic() < deadline, f"job {job_id} still {job.state}"
-            await asyncio.sleep(0.02)
+        finished = (SUCCEEDED, memory_pb2.JOB_STATE_FAILED)
+        return await eventually(lambda: in_state(self.memory, job_id, *finished), timeout=timeout_s)
 
     async def compact(self, session_id: str) -> memory_pb2.Job:
         return await self.memory.compact(
@@ -133,8 +124,7 @@ class Clients:
 
     async def turn(self, session_id: str, text: str) -> list[executor_pb2.TurnEvent]:
         assert self.executor is not None
-        request = executor_pb2.RunTurnRequest(tenant=TENANT, session_id=session_id, input=text)
-        return [e async for e in streaming(self.executor.run_turn(request))]
+        return await run_turn(self.executor, session_id, text)
 
 
 Start = Callable[..., contextlib.AbstractAsyncContextManager[tuple[Clients, EventRecorder]]]
@@ -225,7 +215,9 @@ async def test_thresholds_of_zero_never_fire(start: Start, fake_upstream: FakeUp
     ) as (clients, events):
         session_id = await clients.session(exchange(30, words=30))
         response = await clients.activity(session_id, prompt_tokens=400, window=400)
-        await asyncio.sleep(0.5)  # several idle scans
+        # Several idle scans. They publish nothing (no event, no metric) for a test to
+        # wait on, so only a window of time can show that none of them started a job.
+        await asyncio.sleep(5 * SCAN_INTERVAL_S)
 
         assert not response.started and not response.compact_due
         assert not (await clients.memory.recall(TENANT, session_id)).compact_due
@@ -246,23 +238,28 @@ async def test_idle_sessions_are_consolidated_and_active_ones_left_alone(
     start: Start, fake_upstream: FakeUpstream
 ) -> None:
     fake_upstream.route(SUMMARIZER, Script(text=SUMMARY))
-    async with start(idle_consolidate_s=0.4) as (clients, events):
+    # One worker: jobs finish in the order the idle scan queued them.
+    async with start(idle_consolidate_s=0.4, workers=1) as (clients, events):
         idle = await clients.session(exchange(2))
         busy = await clients.session(exchange(2))
         await clients.activity(idle)
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
-            await clients.activity(busy)  # keeps being active
-            await asyncio.sleep(0.1)
+        # The user of `busy` keeps talking, for several idle periods and past the
+        # consolidation of the idle session.
+        active_until = time.monotonic() + 1.5
+        while time.monotonic() < active_until or not events.of_type("memory.consolidation.done"):
+            await clients.activity(busy)
+            await asyncio.sleep(0.1)  # the user's pace, well inside idle_consolidate_s
 
         done = events.of_type("memory.consolidation.done")
         assert [e.session_id for e in done] == [idle]
         assert attrs(done[0])["trigger"] == "idle"
-        # Idle again with nothing new: no second run (the busy one, idle at last, runs).
+        # Idle again with nothing new, and scanned no later than `busy` (idle at last):
+        # a second run of `idle` would be queued, and so done, before `busy`'s.
         await clients.activity(idle)
-        await asyncio.sleep(0.8)
-        done = events.of_type("memory.consolidation.done")
-        assert [e.session_id for e in done] == [idle, busy]
+        await clients.activity(busy)
+        done = await events.wait_for("memory.consolidation.done", count=2)
+        await events.settle()
+        assert [e.session_id for e in events.of_type("memory.consolidation.done")] == [idle, busy]
         assert len(summarizer_requests(fake_upstream)) == 2
 
 
@@ -325,7 +322,7 @@ async def test_a_span_larger_than_the_summarisers_window_goes_in_chunks(
     start: Start, fake_upstream: FakeUpstream
 ) -> None:
     fake_upstream.route(SUMMARIZER, Script(text=SUMMARY))
-    async with start(summary_window_tokens=600, max_summary_tokens=50) as (clients, _events):
+    async with start(**CHUNKED) as (clients, _events):
         session_id = await clients.session(exchange(20, words=40))
 
         result = await clients.memory.consolidate(TENANT, session_id)
@@ -336,6 +333,11 @@ async def test_a_span_larger_than_the_summarisers_window_goes_in_chunks(
         for body in requests:
             prompt_chars = sum(len(m["content"]) for m in body["messages"])
             assert prompt_chars / 4 + body["max_tokens"] <= 600
+
+
+def slow_summary() -> Script:
+    """A summary that takes about 0.2 s to come back."""
+    return Script(text=SUMMARY, first_token_delay_s=0.2)
 
 
 def summary_gaps(fake: FakeUpstream) -> list[float]:
@@ -349,9 +351,8 @@ async def test_while_turns_run_consolidation_rests_between_chunks(
 ) -> None:
     # Each summary takes about 0.2 s; at a quarter duty cycle the job rests three
     # times that long after each chunk, so the next request comes no sooner.
-    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=0.2))
-    paced = {"summary_window_tokens": 600, "max_summary_tokens": 50, "duty_cycle": 0.25}
-    async with start(**paced, job_timeout_s=2) as (clients, _events):
+    fake_upstream.route(SUMMARIZER, slow_summary())
+    async with start(**CHUNKED, duty_cycle=0.25, job_timeout_s=2) as (clients, _events):
         session_id = await clients.session(exchange(8, words=40))
         await clients.memory.recall(TENANT, await clients.session(exchange(1)))  # a turn
 
@@ -366,9 +367,8 @@ async def test_while_turns_run_consolidation_rests_between_chunks(
 async def test_with_no_turn_running_consolidation_runs_at_full_speed(
     start: Start, fake_upstream: FakeUpstream
 ) -> None:
-    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=0.2))
-    paced = {"summary_window_tokens": 600, "max_summary_tokens": 50, "duty_cycle": 0.25}
-    async with start(**paced) as (clients, _events):
+    fake_upstream.route(SUMMARIZER, slow_summary())
+    async with start(**CHUNKED, duty_cycle=0.25) as (clients, _events):
         session_id = await clients.session(exchange(8, words=40))
 
         await clients.memory.consolidate(TENANT, session_id)
@@ -381,11 +381,8 @@ async def test_a_compaction_does_not_wait_for_a_resting_background_worker(
 ) -> None:
     # The only background worker is busy with a long, resting consolidation; the
     # compaction a turn waits for runs on a worker of its own meanwhile.
-    fake_upstream.route_sequence(
-        SUMMARIZER, [Script(text=SUMMARY, first_token_delay_s=0.2), write_summary()]
-    )
-    paced = {"summary_window_tokens": 600, "max_summary_tokens": 50, "duty_cycle": 0.1}
-    async with start(workers=1, **paced) as (clients, events):
+    fake_upstream.route_sequence(SUMMARIZER, [slow_summary(), write_summary()])
+    async with start(workers=1, **CHUNKED, duty_cycle=0.1) as (clients, events):
         await clients.memory.recall(TENANT, await clients.session(exchange(1)))  # a turn
         busy = await clients.session(exchange(8, words=40))
         consolidation = asyncio.create_task(clients.memory.consolidate(TENANT, busy))
@@ -571,14 +568,11 @@ TURN_SERVICES: tuple[ServiceName, ...] = ("llm_proxy", "session", "memory", "exe
 
 async def compact_due(clients: Clients, session_id: str) -> None:
     """Wait for the executor's detached RecordActivity to make compaction due."""
-    deadline = time.monotonic() + 5
-    while not (await clients.memory.recall(TENANT, session_id)).compact_due:
-        assert time.monotonic() < deadline, "compaction never became due"
-        await asyncio.sleep(0.02)
 
+    async def due() -> bool:
+        return (await clients.memory.recall(TENANT, session_id)).compact_due
 
-def kinds(events: list[executor_pb2.TurnEvent]) -> list[str]:
-    return [str(e.WhichOneof("event")) for e in events]
+    await eventually(due)
 
 
 async def test_a_turn_past_compact_threshold_compacts_first_and_goes_on_in_the_new_session(
@@ -762,26 +756,14 @@ async def test_a_dead_replicas_job_is_taken_over(
         job = await clients.memory.extract(
             memory_pb2.JobRequest(tenant=TENANT, session_id=session_id)
         )
-        deadline = time.monotonic() + 5
-        while True:
-            running = await clients.memory.get_job(TENANT, job.id)
-            if running.state == memory_pb2.JOB_STATE_RUNNING:
-                break
-            assert time.monotonic() < deadline, "the job never started"
-            await asyncio.sleep(0.02)
+        running = await eventually(lambda: in_state(clients.memory, job.id, RUNNING))
         first_worker = running.worker
         async with second_memory(first) as second:
             # The first replica dies mid-job: its delivery is never acknowledged.
             await first.hosts.pop("memory").stop(0)
             other = MemoryClient(second.address("memory"))
             fake_upstream.route(SUMMARIZER, Script(text=json.dumps({"decisions": []})))
-            deadline = time.monotonic() + 10
-            while True:
-                taken = await other.get_job(TENANT, job.id)
-                if taken.state == memory_pb2.JOB_STATE_SUCCEEDED:
-                    break
-                assert time.monotonic() < deadline, f"job not taken over: {taken}"
-                await asyncio.sleep(0.05)
+            taken = await eventually(lambda: in_state(other, job.id, SUCCEEDED), timeout=10)
             await other.close()
         await clients.close()
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from tests import builders
+from tests.builders import TENANT, add, assistant, user
 from tests.conftest import make_settings
 from tests.service.conftest import EventRecorder, attrs, private_stack, upstream_config
 from threadline import errors
@@ -21,9 +23,8 @@ from threadline.config import Settings
 from threadline.peers import MemoryClient, SessionClient
 from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
-from threadline.v1 import common_pb2, session_pb2
+from threadline.v1 import common_pb2
 
-TENANT = "acme"
 SUMMARY = "Ada lives in Lyon and drinks tea."
 MAX_SUMMARY_TOKENS = 120
 
@@ -46,28 +47,6 @@ async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterat
         yield running
 
 
-@pytest.fixture
-async def sessions(stack: Stack) -> AsyncIterator[SessionClient]:
-    client = SessionClient(stack.address("session"))
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def memory(stack: Stack) -> AsyncIterator[MemoryClient]:
-    client = MemoryClient(stack.address("memory"))
-    yield client
-    await client.close()
-
-
-def user(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_USER, content=content)
-
-
-def assistant(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=content)
-
-
 CONVERSATION = [
     user("Hi, I am Ada."),
     assistant("Nice to meet you, Ada."),
@@ -77,17 +56,7 @@ CONVERSATION = [
 
 
 async def new_session(sessions: SessionClient, messages: list[common_pb2.Message]) -> str:
-    session = await sessions.create(
-        session_pb2.SessionsCreateRequest(tenant=TENANT, system_prompt="Be kind.")
-    )
-    if messages:
-        await sessions.append(TENANT, session.id, "", messages)
-    return session.id
-
-
-async def add(sessions: SessionClient, session_id: str, *messages: common_pb2.Message) -> None:
-    head = (await sessions.get(TENANT, session_id)).session.head
-    await sessions.append(TENANT, session_id, head, list(messages))
+    return await builders.new_session(sessions, messages, system_prompt="Be kind.")
 
 
 def summary_prompt(fake: FakeUpstream, index: int = -1) -> str:

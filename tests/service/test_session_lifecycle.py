@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from tests.builders import TENANT, assistant, user
 from tests.conftest import make_settings
 from tests.service.conftest import EventRecorder, private_stack
 from threadline import errors
@@ -19,16 +20,6 @@ from threadline.events import InProcessEventBus
 from threadline.peers import SessionClient
 from threadline.stack import Stack, start_stack
 from threadline.v1 import common_pb2, session_pb2
-
-TENANT = "acme"
-
-
-def user(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_USER, content=content)
-
-
-def assistant(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=content)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -49,20 +40,6 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     async with private_stack(session_settings(tmp_path, redis_url, backend), ["session"]) as s:
         yield s
-
-
-@pytest.fixture
-async def sessions(stack: Stack) -> AsyncIterator[SessionClient]:
-    client = SessionClient(stack.address("session"))
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def events(stack: Stack) -> AsyncIterator[EventRecorder]:
-    recorder = EventRecorder(stack.bus, await stack.bus.subscribe())
-    yield recorder
-    await recorder.close()
 
 
 async def new_session(sessions: SessionClient, *contents: str) -> tuple[str, str]:

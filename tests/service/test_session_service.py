@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from tests.builders import TENANT, assistant, user
 from tests.conftest import make_settings
 from tests.service.conftest import EventRecorder, attrs
 from threadline import errors
@@ -25,7 +26,6 @@ from threadline.peers import SessionClient
 from threadline.stack import Stack, start_stack
 from threadline.v1 import common_pb2, session_pb2
 
-TENANT = "acme"
 MAX_CHARS = 500
 MISSING_ID = "ses_" + "0" * 32
 
@@ -42,21 +42,6 @@ async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterat
     running = await start_stack(settings, services=["session"], ephemeral_ports=True)
     yield running
     await running.stop(1.0)
-
-
-@pytest.fixture
-async def sessions(stack: Stack) -> AsyncIterator[SessionClient]:
-    client = SessionClient(stack.address("session"))
-    yield client
-    await client.close()
-
-
-def user(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_USER, content=content)
-
-
-def assistant(content: str) -> common_pb2.Message:
-    return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=content)
 
 
 async def create(

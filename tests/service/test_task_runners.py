@@ -16,6 +16,7 @@ from services.executor.tasks.local_runner import LocalRunner
 from services.executor.tasks.records import RunOutcome, TaskRecord, new_task_id
 from services.executor.turns.tools import ToolBox
 from services.executor.turns.workspace import PermissionRule, Workspace
+from tests.builders import TENANT
 from tests.conftest import FAKE_MODEL, make_settings
 from tests.service.conftest import private_stack
 from threadline.config import Settings
@@ -23,7 +24,6 @@ from threadline.peers import LlmClient
 from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script, estimate_prompt_tokens
 
-TENANT = "acme"
 TYPES = [
     AgentType("general", "Works on files in the workspace with tools.", "local"),
     AgentType("reviewer", "Reviews code and writes a review report.", "local"),
@@ -39,13 +39,6 @@ def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Set
 async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[Stack]:
     async with private_stack(settings, ["llm_proxy"]) as running:
         yield running
-
-
-@pytest.fixture
-async def llm(stack: Stack) -> AsyncIterator[LlmClient]:
-    client = LlmClient(stack.address("llm_proxy"))
-    yield client
-    await client.close()
 
 
 # -- the classifier -------------------------------------------------------------------

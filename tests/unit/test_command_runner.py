@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ import pytest
 
 from services.executor.tasks.command_runner import CommandRunner
 from services.executor.tasks.records import TaskRecord, new_task_id
+from tests.processes import alive
+from tests.waiting import eventually
 from threadline.errors import InvalidArgument
 
 
@@ -37,19 +38,6 @@ class LogCollector:
 
     def lines(self, kind: str) -> list[str]:
         return [e["line"] for e in self.entries if e["type"] == kind]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0) until its parent (init here) reaps it.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_stdout_is_streamed_line_by_line_as_it_arrives(tmp_path: Path) -> None:
@@ -101,22 +89,18 @@ async def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
     # SIGTERM ignored by the shell: SIGKILL after the grace.
     assert time.monotonic() - started < 5
     child = int(log.lines("stdout")[0].split()[1])
-    await asyncio.sleep(0.1)
-    assert not alive(child)
+    # Killed with its group; gone once init has reaped it.
+    await eventually(lambda: not alive(child))
 
 
 async def test_cancel_kills_the_whole_process_group(tmp_path: Path) -> None:
     runner = CommandRunner(["sh", "-c", "sleep 30 & echo child $!; wait"])
     log = LogCollector()
     run = asyncio.create_task(runner.run(make_task(tmp_path), log))
-    for _ in range(100):
-        if log.lines("stdout"):
-            break
-        await asyncio.sleep(0.02)
-    child = int(log.lines("stdout")[0].split()[1])
+    (line,) = await eventually(lambda: log.lines("stdout"))
+    child = int(line.split()[1])
     assert alive(child)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
-    await asyncio.sleep(0.1)
-    assert not alive(child)
+    await eventually(lambda: not alive(child))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from services.executor.tasks.records import (
     new_task_id,
 )
 from services.executor.tasks.store import SqliteTaskStore
+from tests.waiting import eventually
 from threadline.errors import NotFound, ResourceExhausted
 from threadline.events import EventPublisher, InProcessEventBus, Subscription, attributes_of
 from threadline.v1.events_pb2 import LifecycleEvent
@@ -115,22 +116,12 @@ def new_pool(
     return TaskPool(store, {r.name: r for r in runners}, EventPublisher(bus, "executor"), **options)
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
-    """Poll state the pool exposes without a change signal."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.01)
-
-
 async def wait_terminal(store: SqliteTaskStore, task_id: str) -> TaskRecord:
-    async with asyncio.timeout(5):
-        while True:
-            task = await store.get("acme", task_id)
-            if task.status in TERMINAL:
-                return task
-            await asyncio.sleep(0.01)
+    async def terminal() -> TaskRecord | None:
+        task = await store.get("acme", task_id)
+        return task if task.status in TERMINAL else None
+
+    return await eventually(terminal)
 
 
 async def test_never_runs_more_than_max_concurrency_and_records_the_outcome(
@@ -220,8 +211,12 @@ async def test_cancel_queued_and_running_tasks(
         assert (await pool.cancel("acme", running.id)).status == "cancelled"
         with pytest.raises(NotFound):
             await pool.cancel("other", running.id)
-        await asyncio.sleep(0.05)
-        assert runner.started == [running.id]  # the cancelled queued task never ran
+        # The queue is first in, first out: had the cancelled task stayed queued, it
+        # would start before one submitted now.
+        after = await pool.submit(make_task(tmp_path))
+        await eventually(lambda: after.id in runner.started)
+        assert runner.started == [running.id, after.id]
+        runner.release.set()
     finally:
         await pool.stop()
     types = [(e.type, attributes_of(e)["task_id"]) for e in await drain(events)]
@@ -237,11 +232,7 @@ async def test_cancel_stops_a_command_runner(
     try:
         task = await pool.submit(make_task(tmp_path, runner="command"))
         await eventually(lambda: pool.running == 1)
-        async with asyncio.timeout(5):
-            while True:
-                if await store.read_log(task.id):
-                    break
-                await asyncio.sleep(0.01)
+        await eventually(lambda: store.read_log(task.id))
         assert (await pool.cancel("acme", task.id)).status == "cancelled"
     finally:
         await pool.stop()
