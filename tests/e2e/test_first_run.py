@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from tests.conftest import FAKE_MODEL
-from tests.e2e.test_shutdown import free_ports
+from tests.ports import free_ports
+from tests.processes import threadline_environ
 from threadline.config import SERVICE_NAMES
 from threadline.testing.fake_upstream import FakeUpstream, Script
 
@@ -58,6 +59,7 @@ async def test_the_printed_chat_command_works_from_another_directory(
         "--config",
         str(config),
         cwd=tmp_path,
+        env=threadline_environ(),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -70,6 +72,7 @@ async def test_the_printed_chat_command_works_from_another_directory(
             "-m",
             "What is the capital of France?",
             cwd=elsewhere,
+            env=threadline_environ(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

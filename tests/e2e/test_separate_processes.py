@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import ACME_KEY, FAKE_MODEL
-from tests.e2e.test_shutdown import free_ports, wait_healthy
+from tests.e2e.redis_events import next_types, subscribe
+from tests.ports import free_ports
+from tests.processes import threadline_environ, wait_healthy
 from threadline.client import GatewayClient
 from threadline.config import SERVICE_NAMES, hash_api_key
 from threadline.stack import START_ORDER
@@ -25,23 +26,22 @@ pytestmark = pytest.mark.slow
 
 
 def service_env(tmp_path: Path, upstream_url: str, redis_url: str) -> dict[str, str]:
+    """Settings for `threadline serve`, this test run's Redis among them."""
     ports = free_ports(len(SERVICE_NAMES))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
-    env.update(
-        {
-            "THREADLINE_DATA_DIR": str(tmp_path / "data"),
-            "THREADLINE_REDIS_URL": redis_url,
-            "THREADLINE_LOG_LEVEL": "warning",
-            "THREADLINE_LLM__UPSTREAM__BASE_URL": upstream_url,
-            "THREADLINE_LLM__UPSTREAM__MODEL": FAKE_MODEL,
-            "THREADLINE_GATEWAY__API_KEYS": json.dumps(
-                [{"sha256": hash_api_key(ACME_KEY), "tenant": "acme"}]
-            ),
-        }
+    return threadline_environ(
+        THREADLINE_DATA_DIR=str(tmp_path / "data"),
+        THREADLINE_REDIS_URL=redis_url,
+        THREADLINE_LOG_LEVEL="warning",
+        THREADLINE_LLM__UPSTREAM__BASE_URL=upstream_url,
+        THREADLINE_LLM__UPSTREAM__MODEL=FAKE_MODEL,
+        THREADLINE_GATEWAY__API_KEYS=json.dumps(
+            [{"sha256": hash_api_key(ACME_KEY), "tenant": "acme"}]
+        ),
+        **{
+            f"THREADLINE_ADDRESSES__{name.upper()}": f"127.0.0.1:{port}"
+            for name, port in zip(SERVICE_NAMES, ports, strict=True)
+        },
     )
-    for name, port in zip(SERVICE_NAMES, ports, strict=True):
-        env[f"THREADLINE_ADDRESSES__{name.upper()}"] = f"127.0.0.1:{port}"
-    return env
 
 
 @contextlib.asynccontextmanager
@@ -79,19 +79,13 @@ async def test_a_turn_across_five_processes(
 ) -> None:
     fake_upstream.default = Script(text="Five processes, one answer.")
     env = service_env(tmp_path, fake_upstream.base_url, redis_url)
-    pubsub = redis_client.pubsub()
-    await pubsub.psubscribe("threadline.events.turn.*")
+    pubsub = await subscribe(redis_client, "threadline.events.turn.*")
     async with serve_all(env) as procs:
         async with GatewayClient(env["THREADLINE_ADDRESSES__GATEWAY"], api_key=ACME_KEY) as client:
             session = await client.create_session()
             events = [e async for e in client.converse(session.id, "hello")]
             detail = await client.get_session(session.id, verify_chain=True)
-        types: list[str] = []
-        async with asyncio.timeout(5):
-            while len(types) < 2:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-                if message:
-                    types.append(json.loads(message["data"])["type"])
+        types = await next_types(pubsub, 2)
         for proc in procs.values():
             proc.terminate()
         codes = [await asyncio.wait_for(p.wait(), 15) for p in procs.values()]

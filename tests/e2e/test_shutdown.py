@@ -5,36 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc.aio
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import ACME_KEY, FAKE_MODEL
+from tests.ports import free_ports
+from tests.processes import threadline_environ, wait_healthy
 from threadline import errors
 from threadline.client import GatewayClient
 from threadline.config import SERVICE_NAMES, hash_api_key
 from threadline.testing.fake_upstream import FakeUpstream, Script
-from threadline.v1 import common_pb2
+from threadline.v1 import common_pb2, session_pb2
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def write_config(tmp_path: Path, upstream_url: str, grace_s: float) -> Path:
@@ -54,20 +41,6 @@ def write_config(tmp_path: Path, upstream_url: str, grace_s: float) -> Path:
     return path
 
 
-async def wait_healthy(address: str, timeout_s: float = 30) -> float:
-    started = time.perf_counter()
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.perf_counter() - started
-            if time.perf_counter() - started > timeout_s:
-                raise TimeoutError(f"{address} not healthy after {timeout_s}s")
-            await asyncio.sleep(0.05)
-
-
 @contextlib.asynccontextmanager
 async def threadline_up(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     proc = await asyncio.create_subprocess_exec(
@@ -77,6 +50,7 @@ async def threadline_up(config: Path) -> AsyncIterator[asyncio.subprocess.Proces
         "up",
         "--config",
         str(config),
+        env=threadline_environ(),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -90,6 +64,15 @@ async def threadline_up(config: Path) -> AsyncIterator[asyncio.subprocess.Proces
 
 def gateway_address(config: Path) -> str:
     return str(yaml.safe_load(config.read_text())["addresses"]["gateway"])
+
+
+async def stored_after_restart(config: Path, session_id: str) -> session_pb2.SessionDetail:
+    """The session as a fresh `threadline up` on the same data reads it."""
+    address = gateway_address(config)
+    async with threadline_up(config):
+        await wait_healthy(address)
+        async with GatewayClient(address, api_key=ACME_KEY) as client:
+            return await client.get_session(session_id, verify_chain=True)
 
 
 async def test_sigterm_lets_a_running_turn_finish(
@@ -118,10 +101,7 @@ async def test_sigterm_lets_a_running_turn_finish(
                 await client.create_session()
         assert await asyncio.wait_for(proc.wait(), 15) == 0
 
-    async with threadline_up(config):
-        await wait_healthy(address)
-        async with GatewayClient(address, api_key=ACME_KEY) as client:
-            detail = await client.get_session(session.id, verify_chain=True)
+    detail = await stored_after_restart(config, session.id)
     assert detail.chain_verified
     assert [m.content for m in detail.messages] == ["count to thirty", "".join(text)]
     assert not detail.messages[1].interrupted
@@ -147,10 +127,7 @@ async def test_sigterm_past_the_grace_period_stores_the_partial_answer(
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     assert 0 < len(seen) < 200
 
-    async with threadline_up(config):
-        await wait_healthy(address)
-        async with GatewayClient(address, api_key=ACME_KEY) as client:
-            detail = await client.get_session(session.id, verify_chain=True)
+    detail = await stored_after_restart(config, session.id)
     _user, answer = detail.messages
     assert answer.interrupted
     # Everything the user saw was stored (the executor may have relayed a little more).

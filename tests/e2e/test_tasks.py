@@ -3,19 +3,18 @@ classifier, cancel, logs, records."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from tests.conftest import OTHER_KEY, make_settings
+from tests.processes import alive
+from tests.waiting import eventually
 from threadline import errors
 from threadline.client import GatewayClient
 from threadline.config import Settings
-from threadline.stack import Stack, start_stack
+from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import executor_pb2
 
@@ -51,29 +50,12 @@ def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Set
     )
 
 
-@pytest.fixture
-async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[Stack]:
-    running = await start_stack(settings, ephemeral_ports=True)
-    yield running
-    await running.stop(1.0)
-
-
-def alive(pid: int) -> bool:
-    """Running, as opposed to gone or a zombie waiting for init to reap it."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def finished(client: GatewayClient, task_id: str) -> executor_pb2.Task:
-    async with asyncio.timeout(15):
-        while True:
-            task = await client.get_task(task_id)
-            if task.status in ("succeeded", "failed", "cancelled"):
-                return task
-            await asyncio.sleep(0.05)
+    async def terminal() -> executor_pb2.Task | None:
+        task = await client.get_task(task_id)
+        return task if task.status in ("succeeded", "failed", "cancelled") else None
+
+    return await eventually(terminal, timeout=15)
 
 
 async def logs(client: GatewayClient, task_id: str) -> list[dict[str, object]]:
@@ -104,8 +86,7 @@ async def test_cancel_stops_a_command_and_its_children(gateway: GatewayClient) -
             break
     cancelled = await gateway.cancel_task(task.id)
     assert cancelled.status == "cancelled"
-    await asyncio.sleep(0.5)
-    assert not alive(child)
+    await eventually(lambda: not alive(child))
 
 
 async def test_the_classifier_picks_the_type_and_a_local_task_records_cost(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import OTHER_KEY
+from tests.e2e.redis_events import next_types, subscribe
+from tests.waiting import eventually
 from threadline import errors
 from threadline.client import GatewayClient
 from threadline.stack import Stack
@@ -23,8 +24,7 @@ async def collect(client: GatewayClient, session_id: str, text: str) -> list[obj
 async def test_turn_streams_stores_and_publishes(
     stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream, redis_client: aioredis.Redis
 ) -> None:
-    pubsub = redis_client.pubsub()
-    await pubsub.psubscribe("threadline.events.turn.*")
+    pubsub = await subscribe(redis_client, "threadline.events.turn.*")
     fake_upstream.default = Script(text="Hello there, traveller.")
     session = await gateway.create_session(system_prompt="Be brief.")
 
@@ -49,13 +49,7 @@ async def test_turn_streams_stores_and_publishes(
     sent = fake_upstream.chat_requests()[-1].body
     assert sent is not None and sent["messages"][0] == {"role": "system", "content": "Be brief."}
 
-    seen: list[str] = []
-    async with asyncio.timeout(5):
-        while len(seen) < 2:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-            if message:
-                seen.append(json.loads(message["data"])["type"])
-    assert seen == ["turn.started", "turn.completed"]
+    assert await next_types(pubsub, 2) == ["turn.started", "turn.completed"]
     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
@@ -150,8 +144,7 @@ async def test_watch_events_shows_own_tenant_only(
 ) -> None:
     async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
         mine = await gateway.create_session()
-        theirs = await other.create_session()
-        watch = gateway.watch_events(types=["turn.*"])
+        watch = gateway.watch_events(types=["turn.*", "session.created"])
         received: list[tuple[str, str]] = []
 
         async def read() -> None:
@@ -161,8 +154,18 @@ async def test_watch_events_shows_own_tenant_only(
                     return
 
         reader = asyncio.create_task(read())
-        await asyncio.sleep(0.2)  # the subscription is live once the RPC is running
+
+        async def subscribed() -> bool:
+            # The watch is live once it delivers an event published after it started.
+            if not any(t == "session.created" for t, _ in received):
+                await gateway.create_session(title="probe")
+            return any(t == "session.created" for t, _ in received)
+
+        await eventually(subscribed, interval=0.1)
+        theirs = await other.create_session()
         await collect(other, theirs.id, "theirs")
         await collect(gateway, mine.id, "mine")
         await asyncio.wait_for(reader, 5)
-    assert received == [("turn.started", mine.id), ("turn.completed", mine.id)]
+    turns = [(t, s) for t, s in received if t.startswith("turn.")]
+    assert turns == [("turn.started", mine.id), ("turn.completed", mine.id)]
+    assert theirs.id not in {s for _, s in received}
