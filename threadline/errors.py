@@ -50,8 +50,8 @@ class HeadMismatch(Aborted):
         self.current_head = current
 
 
-class ResourceExhausted(ThreadlineError):
-    code = "RESOURCE_EXHAUSTED"
+class Retryable(ThreadlineError):
+    """An error that may pass if the caller waits: it can say how long (RetryInfo)."""
 
     def __init__(
         self,
@@ -64,11 +64,15 @@ class ResourceExhausted(ThreadlineError):
         self.retry_after_s = retry_after_s
 
 
+class ResourceExhausted(Retryable):
+    code = "RESOURCE_EXHAUSTED"
+
+
 class FailedPrecondition(ThreadlineError):
     code = "FAILED_PRECONDITION"
 
 
-class Unavailable(ThreadlineError):
+class Unavailable(Retryable):
     code = "UNAVAILABLE"
 
 

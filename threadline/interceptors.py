@@ -21,7 +21,7 @@ import structlog
 
 from threadline import errors
 from threadline.logs import get_logger
-from threadline.status import abort_with
+from threadline.status import abort_with, domain_error
 
 REQUEST_ID_KEY = "x-request-id"
 log = get_logger("threadline.rpc")
@@ -37,10 +37,11 @@ def _request_fields(request: object) -> dict[str, str]:
     return fields
 
 
-async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-    if isinstance(exc, errors.ThreadlineError):
-        log.info("rpc.error", code=exc.code, error=exc.message)
-        await abort_with(context, exc)
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    error = domain_error(exc)
+    if error is not None:
+        log.info("rpc.error", code=error.code, error=error.message, cause=type(exc).__name__)
+        await abort_with(context, error)
     request_id = structlog.contextvars.get_contextvars().get("request_id", "")
     log.error("rpc.internal_error", exc_info=exc)
     await abort_with(context, errors.Internal(f"internal error (request id {request_id})"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import grpc
 import grpc.aio
+import redis.exceptions
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -36,13 +37,35 @@ def to_status(error: errors.ThreadlineError) -> grpc.Status:
         reason=type(error).__name__, domain=_DOMAIN, metadata=error.details
     )
     details = [_pack(info)]
-    if isinstance(error, errors.ResourceExhausted) and error.retry_after_s is not None:
+    if isinstance(error, errors.Retryable) and error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     converted: grpc.Status = rpc_status.to_status(status)
     return converted
+
+
+#: What a caller is told to wait when a shared store was unreachable for the whole
+#: retry window of its client (threadline.redis_client).
+_STORE_RETRY_AFTER_S = 1.0
+
+
+def domain_error(exc: Exception) -> errors.ThreadlineError | None:
+    """The domain error an infrastructure failure means to a caller, if it is one.
+
+    Redis unreachable after its client's retries is an outage to wait out, not a
+    bug: UNAVAILABLE with RetryInfo, and no address in the message.
+    """
+    if isinstance(exc, errors.ThreadlineError):
+        return exc
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return errors.Unavailable(
+            "a shared store (Redis) is unreachable; retry shortly",
+            retry_after_s=_STORE_RETRY_AFTER_S,
+            details={"reason": "redis_unavailable"},
+        )
+    return None
 
 
 def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo) -> any_pb2.Any:
@@ -86,7 +109,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.ThreadlineError:
         )
     if cls is None or cls.code != code.name:
         cls = errors.BY_CODE.get(code.name, errors.Internal)
-    if issubclass(cls, errors.ResourceExhausted):
+    if issubclass(cls, errors.Retryable):
         return cls(message, retry_after_s=retry_after, details=metadata)
     return cls(message, details=metadata)
 

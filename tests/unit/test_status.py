@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import redis.exceptions
 import structlog
 
 from threadline import errors
@@ -26,7 +27,8 @@ def _error_classes() -> list[type[errors.ThreadlineError]]:
     pending = list(errors.ThreadlineError.__subclasses__())
     while pending:
         cls = pending.pop()
-        found.append(cls)
+        if cls is not errors.Retryable:  # a base for errors that carry RetryInfo, not an outcome
+            found.append(cls)
         pending.extend(cls.__subclasses__())
     return sorted(found, key=lambda cls: cls.__name__)
 
@@ -34,7 +36,7 @@ def _error_classes() -> list[type[errors.ThreadlineError]]:
 def _make(cls: type[errors.ThreadlineError]) -> errors.ThreadlineError:
     if cls is errors.HeadMismatch:
         return errors.HeadMismatch("ses_1", "hash-expected", "hash-current")
-    if issubclass(cls, errors.ResourceExhausted):
+    if issubclass(cls, errors.Retryable):
         return cls("slow down", retry_after_s=1.5, details={"limit": "10/min"})
     return cls(f"{cls.__name__} happened", details={"session_id": "ses_1", "why": "test"})
 
@@ -185,6 +187,28 @@ async def test_resource_exhausted_without_retry_after(harness: Harness) -> None:
 
     assert isinstance(received, errors.ResourceExhausted)
     assert received.retry_after_s is None
+
+
+async def test_an_unreachable_redis_is_unavailable_with_retry_info_not_internal(
+    harness: Harness,
+) -> None:
+    cause = redis.exceptions.ConnectionError("Error 111 connecting to 10.1.2.3:6379.")
+    rpc_error = await harness.fail_with(cause)
+    received = from_rpc_error(rpc_error)
+
+    assert rpc_error.code() == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(received, errors.Unavailable)
+    assert received.retry_after_s == 1.0
+    assert "Redis" in received.message
+    assert "10.1.2.3" not in received.message and "111" not in received.message
+
+
+async def test_a_redis_timeout_in_a_stream_is_unavailable(harness: Harness) -> None:
+    harness.handlers.to_raise.append(redis.exceptions.TimeoutError("Timeout reading from socket"))
+
+    with pytest.raises(errors.Unavailable, match="Redis"):
+        async for _ in streaming(harness.stream()(Request(), timeout=5)):
+            pass
 
 
 async def test_channels_unary_raises_the_domain_error(harness: Harness) -> None:
