@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "THREADLINE_"
@@ -92,6 +100,9 @@ class UpstreamSettings(_Section):
     base_url: str
     #: Name of the environment variable holding the API key (never the key itself).
     api_key_env: str = ""
+    #: The key, read by `load_settings` from the variable `api_key_env` names (None when
+    #: that is unset or empty). Not a setting: never configured, never dumped.
+    api_key: SecretStr | None = Field(default=None, exclude=True)
     #: The model it serves (shorthand for a one-element `models`).
     model: str = ""
     models: tuple[str, ...] = ()
@@ -109,6 +120,15 @@ class UpstreamSettings(_Section):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"expected an http(s) URL, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _not_configured(cls, value: object) -> object:
+        # Config files and THREADLINE_* variables give strings; only load_settings puts
+        # a SecretStr here. The value is not echoed: it may be the key itself.
+        if value is not None and not isinstance(value, SecretStr):
+            raise ValueError("not a setting: set api_key_env to the name of a variable holding it")
+        return value
 
     @model_validator(mode="after")
     def _some_model(self) -> UpstreamSettings:
@@ -473,6 +493,31 @@ def _unparseable_json(environ: Mapping[str, str]) -> list[str]:
     return sorted(names)
 
 
+def _with_upstream_keys(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """`data` with each upstream's API key, read from the variable its `api_key_env` names.
+
+    A missing variable is not an error here: every service loads the same settings
+    and only llm_proxy is given the key (it refuses to start without it).
+    """
+    llm = data.get("llm")
+    if not isinstance(llm, Mapping):
+        return data
+
+    def keyed(upstream: object) -> object:
+        if not isinstance(upstream, Mapping) or "api_key" in upstream:
+            return upstream  # left for validation to reject
+        name = upstream.get("api_key_env")
+        key = environ.get(name) if isinstance(name, str) and name else None
+        return {**upstream, "api_key": SecretStr(key)} if key else upstream
+
+    llm = dict(llm)
+    if "upstream" in llm:
+        llm["upstream"] = keyed(llm["upstream"])
+    if isinstance(llm.get("upstreams"), list | tuple):
+        llm["upstreams"] = [keyed(u) for u in llm["upstreams"]]
+    return {**data, "llm": llm}
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     config_file: Path | None = None,
@@ -501,7 +546,7 @@ def load_settings(
                 f"invalid configuration: {', '.join(bad)} must hold valid JSON"
             ) from None
         raise ConfigError(f"invalid configuration in the environment: {exc}") from exc
-    data = _deep_merge(_deep_merge(data, env_data), overrides or {})
+    data = _with_upstream_keys(_deep_merge(_deep_merge(data, env_data), overrides or {}), environ)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
