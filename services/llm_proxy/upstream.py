@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import email.utils
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -123,14 +122,13 @@ class Upstream:
         """Build the client; call with the event loop running."""
         headers = {}
         if settings.api_key_env:
-            key = os.environ.get(settings.api_key_env, "")
-            if not key:
+            if settings.api_key is None:
                 # Fail at start, not with a 401 on the first user's turn.
                 raise FailedPrecondition(
                     f"upstream {settings.name!r}: environment variable {settings.api_key_env} "
                     "(llm.upstream.api_key_env) is not set"
                 )
-            headers["Authorization"] = f"Bearer {key}"
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         timeouts = settings.timeouts
         client = aiohttp.ClientSession(
             headers=headers,

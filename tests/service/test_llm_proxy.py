@@ -22,9 +22,10 @@ from tests.conftest import FAKE_MODEL, make_settings
 from tests.service.conftest import EventRecorder, attrs, private_stack, upstream_config
 from threadline import errors
 from threadline.channels import unary
-from threadline.config import Settings
+from threadline.config import Settings, load_settings
+from threadline.events import InProcessEventBus
 from threadline.peers import LlmClient
-from threadline.stack import Stack
+from threadline.stack import Stack, start_stack
 from threadline.testing.fake_upstream import FakeUpstream, Script, estimate_prompt_tokens
 from threadline.v1 import common_pb2, llm_pb2
 
@@ -480,6 +481,62 @@ async def test_sse_comments_and_multiline_data_are_tolerated(
 
     assert text_of(chunks) == "Paris is lovely."
     assert only_done(chunks).finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+# -- the upstream's API key -------------------------------------------------------
+
+KEY_VARIABLE = "TEST_UPSTREAM_API_KEY"
+
+
+def keyed_settings(tmp_path: Path, fake: FakeUpstream, environ: dict[str, str]) -> Settings:
+    """llm_proxy settings whose upstream takes its key from KEY_VARIABLE in `environ`."""
+    upstream = {**upstream_config(fake.base_url), "api_key_env": KEY_VARIABLE}
+    return load_settings(
+        environ=environ,
+        overrides={"data_dir": str(tmp_path / "data"), "llm": {"upstream": upstream}},
+    )
+
+
+async def test_no_authorization_is_sent_without_api_key_env(
+    llm: LlmClient, fake_upstream: FakeUpstream
+) -> None:
+    await llm.chat(request())
+
+    assert "authorization" not in fake_upstream.chat_requests()[0].headers
+
+
+async def test_api_key_is_sent_as_a_bearer_token(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    settings = keyed_settings(tmp_path, fake_upstream, {KEY_VARIABLE: "sk-test-upstream"})
+
+    async with private_stack(settings, ["llm_proxy"]) as stack:
+        client = LlmClient(stack.address("llm_proxy"))
+        try:
+            await client.chat(request())
+        finally:
+            await client.close()
+
+    (sent,) = fake_upstream.chat_requests()
+    assert sent.headers["authorization"] == "Bearer sk-test-upstream"
+
+
+@pytest.mark.parametrize("environ", [{}, {KEY_VARIABLE: ""}])
+async def test_llm_proxy_refuses_to_start_without_its_key(
+    tmp_path: Path, fake_upstream: FakeUpstream, environ: dict[str, str]
+) -> None:
+    settings = keyed_settings(tmp_path, fake_upstream, environ)
+    bus = InProcessEventBus()
+    try:
+        with pytest.raises(errors.FailedPrecondition) as caught:
+            await start_stack(settings, services=["llm_proxy"], bus=bus, ephemeral_ports=True)
+    finally:
+        await bus.close()
+
+    # Named twice: the variable to set, and the setting that names it.
+    assert f"environment variable {KEY_VARIABLE}" in caught.value.message
+    assert "llm.upstream.api_key_env" in caught.value.message
+    assert fake_upstream.chat_requests() == []
 
 
 # -- the caller ------------------------------------------------------------------

@@ -421,3 +421,56 @@ def test_compaction_thresholds_are_fractions_of_the_window() -> None:
     assert settings.memory.compact_threshold == 0
     with pytest.raises(ConfigError, match=r"memory.compact_threshold"):
         load_settings(environ={"THREADLINE_MEMORY__COMPACT_THRESHOLD": "1.5"})
+
+
+# -- the upstream's API key -------------------------------------------------------
+
+KEYED_UPSTREAM = {
+    "THREADLINE_LLM__UPSTREAM__BASE_URL": "http://vllm:8000/v1",
+    "THREADLINE_LLM__UPSTREAM__MODEL": "llama3",
+    "THREADLINE_LLM__UPSTREAM__API_KEY_ENV": "VLLM_API_KEY",
+}
+
+
+def test_upstream_api_key_is_read_from_the_variable_api_key_env_names() -> None:
+    settings = load_settings(environ={**KEYED_UPSTREAM, "VLLM_API_KEY": "sk-upstream-key"})
+
+    upstream = settings.llm.upstream
+    assert upstream is not None and upstream.api_key is not None
+    assert upstream.api_key.get_secret_value() == "sk-upstream-key"
+    assert upstream.api_key_env == "VLLM_API_KEY"
+    # The key never shows: not in the settings' repr, not in a dump of them.
+    assert "sk-upstream-key" not in repr(settings)
+    assert "sk-upstream-key" not in settings.model_dump_json()
+
+
+def test_each_upstream_reads_its_own_key_variable(tmp_path: Path) -> None:
+    path = _yaml(
+        tmp_path,
+        "llm:\n  upstreams:\n"
+        "    - {name: a, base_url: 'http://a:8000/v1', model: m, api_key_env: KEY_A}\n"
+        "    - {name: b, base_url: 'http://b:8000/v1', model: m}\n",
+    )
+
+    a, b = load_settings(environ={"KEY_A": "sk-a", "KEY_B": "sk-b"}, config_file=path).llm.upstreams
+
+    assert a.api_key is not None and a.api_key.get_secret_value() == "sk-a"
+    assert b.api_key is None
+
+
+@pytest.mark.parametrize("key", [None, ""])
+def test_missing_key_variable_still_loads(key: str | None) -> None:
+    """Every service loads the same settings; only llm_proxy needs the key, and checks it."""
+    environ = KEYED_UPSTREAM if key is None else {**KEYED_UPSTREAM, "VLLM_API_KEY": key}
+
+    upstream = load_settings(environ=environ).llm.upstream
+
+    assert upstream is not None and upstream.api_key is None
+
+
+def test_the_key_itself_is_not_a_setting() -> None:
+    message = _error({**KEYED_UPSTREAM, "THREADLINE_LLM__UPSTREAM__API_KEY": "sk-pasted-key"})
+
+    assert "llm.upstream.api_key (THREADLINE_LLM__UPSTREAM__API_KEY)" in message
+    assert "api_key_env" in message
+    assert "sk-pasted-key" not in message
