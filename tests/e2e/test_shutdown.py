@@ -19,7 +19,7 @@ from threadline import errors
 from threadline.client import GatewayClient
 from threadline.config import SERVICE_NAMES, hash_api_key
 from threadline.testing.fake_upstream import FakeUpstream, Script
-from threadline.v1 import common_pb2, session_pb2
+from threadline.v1 import common_pb2, executor_pb2, session_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +66,42 @@ def gateway_address(config: Path) -> str:
     return str(yaml.safe_load(config.read_text())["addresses"]["gateway"])
 
 
-async def stored_after_restart(config: Path, session_id: str) -> session_pb2.SessionDetail:
-    """The session as a fresh `threadline up` on the same data reads it."""
+@contextlib.asynccontextmanager
+async def serving(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, GatewayClient]]:
+    """`threadline up` on `config`, healthy, and a client of its gateway."""
     address = gateway_address(config)
-    async with threadline_up(config):
+    async with threadline_up(config) as proc:
         await wait_healthy(address)
         async with GatewayClient(address, api_key=ACME_KEY) as client:
-            return await client.get_session(session_id, verify_chain=True)
+            yield proc, client
+
+
+async def sigterm_at_first_delta(
+    proc: asyncio.subprocess.Process,
+    client: GatewayClient,
+    session_id: str,
+    text: str,
+    deltas: list[str],
+) -> executor_pb2.TurnDone | None:
+    """Converse, sending SIGTERM to `proc` once the first delta arrives.
+
+    Collects the deltas into `deltas` as they come (the stream may end in an error).
+    """
+    done = None
+    async for event in client.converse(session_id, text):
+        if event.WhichOneof("event") == "delta":
+            if not deltas:
+                proc.send_signal(signal.SIGTERM)
+            deltas.append(event.delta)
+        elif event.WhichOneof("event") == "done":
+            done = event.done
+    return done
+
+
+async def stored_after_restart(config: Path, session_id: str) -> session_pb2.SessionDetail:
+    """The session as a fresh `threadline up` on the same data reads it."""
+    async with serving(config) as (_, client):
+        return await client.get_session(session_id, verify_chain=True)
 
 
 async def test_sigterm_lets_a_running_turn_finish(
@@ -80,25 +109,15 @@ async def test_sigterm_lets_a_running_turn_finish(
 ) -> None:
     fake_upstream.default = Script(tokens=30, token_delay_s=0.05)
     config = write_config(tmp_path, fake_upstream.base_url, grace_s=10)
-    address = gateway_address(config)
-    async with threadline_up(config) as proc:
-        await wait_healthy(address)
-        async with GatewayClient(address, api_key=ACME_KEY) as client:
-            session = await client.create_session()
-            text: list[str] = []
-            done = None
-            async for event in client.converse(session.id, "count to thirty"):
-                if event.WhichOneof("event") == "delta":
-                    if not text:
-                        proc.send_signal(signal.SIGTERM)
-                    text.append(event.delta)
-                elif event.WhichOneof("event") == "done":
-                    done = event.done
-            assert done is not None and done.finish_reason == common_pb2.FINISH_REASON_STOP
-            assert len(text) == 30
-            # New work is refused while draining.
-            with pytest.raises(errors.ThreadlineError):
-                await client.create_session()
+    text: list[str] = []
+    async with serving(config) as (proc, client):
+        session = await client.create_session()
+        done = await sigterm_at_first_delta(proc, client, session.id, "count to thirty", text)
+        assert done is not None and done.finish_reason == common_pb2.FINISH_REASON_STOP
+        assert len(text) == 30
+        # New work is refused while draining.
+        with pytest.raises(errors.ThreadlineError):
+            await client.create_session()
         assert await asyncio.wait_for(proc.wait(), 15) == 0
 
     detail = await stored_after_restart(config, session.id)
@@ -112,18 +131,11 @@ async def test_sigterm_past_the_grace_period_stores_the_partial_answer(
 ) -> None:
     fake_upstream.default = Script(tokens=200, token_delay_s=0.05)
     config = write_config(tmp_path, fake_upstream.base_url, grace_s=1)
-    address = gateway_address(config)
-    async with threadline_up(config) as proc:
-        await wait_healthy(address)
-        async with GatewayClient(address, api_key=ACME_KEY) as client:
-            session = await client.create_session()
-            seen: list[str] = []
-            with pytest.raises(errors.ThreadlineError):
-                async for event in client.converse(session.id, "a long story"):
-                    if event.WhichOneof("event") == "delta":
-                        if not seen:
-                            proc.send_signal(signal.SIGTERM)
-                        seen.append(event.delta)
+    seen: list[str] = []
+    async with serving(config) as (proc, client):
+        session = await client.create_session()
+        with pytest.raises(errors.ThreadlineError):
+            await sigterm_at_first_delta(proc, client, session.id, "a long story", seen)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     assert 0 < len(seen) < 200
 

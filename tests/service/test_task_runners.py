@@ -17,7 +17,7 @@ from services.executor.tasks.records import RunOutcome, TaskRecord, new_task_id
 from services.executor.turns.tools import ToolBox
 from services.executor.turns.workspace import PermissionRule, Workspace
 from tests.builders import TENANT
-from tests.conftest import FAKE_MODEL, make_settings
+from tests.conftest import FAKE_MODEL
 from tests.service.conftest import private_stack
 from threadline.config import Settings
 from threadline.peers import LlmClient
@@ -28,11 +28,6 @@ TYPES = [
     AgentType("general", "Works on files in the workspace with tools.", "local"),
     AgentType("reviewer", "Reviews code and writes a review report.", "local"),
 ]
-
-
-@pytest.fixture
-def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Settings:
-    return make_settings(tmp_path, fake_upstream.base_url, redis_url=redis_url)
 
 
 @pytest.fixture
