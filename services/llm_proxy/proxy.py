@@ -417,7 +417,7 @@ class ChatProxy:
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
         """One attempt, relayed; how it failed, if it did, is left in `answer.failure`."""
         try:
-            async for chunk in self._relay(request, target, attempt, answer, prefill=prefill):
+            async for chunk in self._send(request, target, attempt, answer, prefill=prefill):
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             # The caller left mid-attempt: no verdict on the upstream, and a
@@ -427,7 +427,7 @@ class ChatProxy:
         except (UpstreamFailure, RateLimited) as failure:
             answer.failure = failure
 
-    async def _relay(
+    async def _send(
         self,
         request: llm_pb2.ChatRequest,
         target: Target,
