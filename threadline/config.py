@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from threadline.store_urls import SqliteUrl, StoreUrl, check_store_url, parse_store_url
+
 ENV_PREFIX = "THREADLINE_"
 ServiceName = Literal["gateway", "executor", "llm_proxy", "session", "memory"]
 SERVICE_NAMES: tuple[ServiceName, ...] = ("gateway", "executor", "llm_proxy", "session", "memory")
@@ -204,8 +206,9 @@ class LlmSettings(_Section):
 
 
 class SessionSettings(_Section):
-    #: Where sessions live: empty = `<data_dir>/sessions.db`; `sqlite:///path/file.db`
-    #: (or a plain path); `redis://host:port/db` for several session replicas.
+    #: Where sessions live (threadline.store_urls): empty = `<data_dir>/sessions.db`;
+    #: `sqlite:///path/file.db` (or a plain path); `redis://host:port/db` for several
+    #: session replicas.
     database: str = ""
     max_message_chars: int = Field(default=32_000, gt=0)
     max_messages_per_append: int = Field(default=64, gt=0)
@@ -218,14 +221,13 @@ class SessionSettings(_Section):
 
     @field_validator("database")
     @classmethod
-    def _backend(cls, value: str) -> str:
-        if "://" in value and not value.startswith(("sqlite:///", "redis://", "rediss://")):
-            raise ValueError(f"expected sqlite:///path or redis://host:port/db, got {value!r}")
-        return value
+    def _store_url(cls, value: str) -> str:
+        return check_store_url(value)
 
 
 class MemorySettings(_Section):
-    #: SQLite file; empty means `<data_dir>/memory.db`. Replicas share it (see deployment).
+    #: SQLite only: `sqlite:///path/file.db` or a plain path; empty means
+    #: `<data_dir>/memory.db`. Replicas share it (see deployment).
     database: str = ""
     #: Model route for summaries and extraction; empty uses the default route.
     model: str = ""
@@ -269,6 +271,11 @@ class MemorySettings(_Section):
     #: Tokens Recall may return (summary plus extracted items) when the caller names none.
     recall_budget_tokens: int = Field(default=512, gt=0)
 
+    @field_validator("database")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        return check_store_url(value, kinds=["sqlite"])
+
 
 class ToolRule(_Section):
     """What the model's tools may do under a path of the session's workspace."""
@@ -310,7 +317,8 @@ class Price(_Section):
 
 
 class TaskSettings(_Section):
-    #: Task records: empty = `<data_dir>/tasks.db`; `sqlite:///path` or `redis://...`.
+    #: Task records: empty = `<data_dir>/tasks.db`; `sqlite:///path/file.db` (or a
+    #: plain path) or `redis://host:port/db`.
     database: str = ""
     max_concurrency: int = Field(default=2, ge=1)
     max_queue: int = Field(default=100, ge=1)
@@ -320,6 +328,11 @@ class TaskSettings(_Section):
     default_agent_type: str = "general"
     #: Model route for the classifier's one call; empty uses the default route.
     classifier_model: str = ""
+
+    @field_validator("database")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        return check_store_url(value)
 
     @model_validator(mode="after")
     def _default_known(self) -> TaskSettings:
@@ -334,8 +347,9 @@ class ExecutorSettings(_Section):
     #: Token budget for the prompt sent to the model (context window minus headroom).
     context_budget_tokens: int = Field(default=4096, gt=0)
     max_output_tokens: int = Field(default=512, gt=0)
-    #: How long a finished turn may wait for its session write on shutdown.
-    turn_lease_ttl_s: float = Field(default=600.0, gt=0)
+    #: Expiry of a turn's session lease (Redis), renewed at a third of it while the
+    #: turn runs: a crashed executor's sessions take new turns after at most this long.
+    turn_lease_ttl_s: float = Field(default=15.0, ge=3)
     #: Offer the built-in tools (read_file, write_file, list_dir, search_text) to the
     #: model. Off by default: the upstream must support tool calls.
     tools_enabled: bool = False
@@ -389,10 +403,13 @@ class GatewaySettings(_Section):
 
 
 class EventSettings(_Section):
-    #: Events kept in the Redis stream `threadline.events` for replay (approximate cap).
+    #: Events kept in the Redis stream `<namespace>.events` for replay (approximate cap).
     stream_maxlen: int = Field(default=10_000, gt=0)
     #: Events buffered while Redis is unreachable; beyond this they are dropped and counted.
     buffer_size: int = Field(default=10_000, gt=0)
+    #: Prefix of the event channels and stream on Redis; empty = `threadline` on
+    #: database 0, `threadline.db<N>` on database N (channels are server-wide).
+    namespace: str = Field(default="", pattern=r"^[A-Za-z0-9_.:-]{0,64}$")
 
 
 class LocalModelSettings(_Section):
@@ -444,11 +461,21 @@ class Settings(BaseSettings):
         """What `service` listens on: the listen host and its own address's port."""
         return f"{self.listen_host}:{self.addresses.port_of(service)}"
 
-    def sqlite_path(self, section: Literal["session", "memory"]) -> Path:
-        configured = self.session.database if section == "session" else self.memory.database
-        configured = configured.removeprefix("sqlite://")
-        default = {"session": "sessions.db", "memory": "memory.db"}[section]
-        return Path(configured) if configured else self.data_dir / default
+    def store_url(self, store: Literal["session", "memory", "tasks"]) -> StoreUrl:
+        """Where a store lives: its setting, parsed, or its default file under data_dir."""
+        configured, default = {
+            "session": (self.session.database, "sessions.db"),
+            "memory": (self.memory.database, "memory.db"),
+            "tasks": (self.executor.tasks.database, "tasks.db"),
+        }[store]
+        return parse_store_url(configured) if configured else SqliteUrl(self.data_dir / default)
+
+    def sqlite_path(self, store: Literal["session", "memory", "tasks"]) -> Path:
+        """The file of a store configured for SQLite (ValueError for another backend)."""
+        url = self.store_url(store)
+        if not isinstance(url, SqliteUrl):
+            raise ValueError(f"the {store} store is not configured for SQLite: {url}")
+        return url.path
 
 
 class _EnvSource(EnvSettingsSource):

@@ -1,11 +1,18 @@
 """Lifecycle events: one publisher API, a Redis bus and an in-process bus.
 
 On Redis every event is PUBLISHed as JSON (the proto JSON mapping, snake_case
-field names) on `threadline.events.<type>`, so `redis-cli psubscribe
+field names) on `<namespace>.events.<type>`, so `redis-cli psubscribe
 'threadline.events.*'` is readable, and XADDed to the capped stream
-`threadline.events` for replay. Publishing never fails or blocks a request:
-events go into a bounded buffer drained by a background task that reconnects
-with backoff; when the buffer is full the oldest event is dropped and counted.
+`<namespace>.events`. The namespace defaults to `threadline` on database 0 and
+`threadline.db<N>` on database N: pub/sub channels are global to a Redis server,
+and two stacks on one server must not see each other's events.
+
+Publishing never fails or blocks a request: events go into a bounded buffer
+drained by a background task that reconnects with backoff; when the buffer is
+full the oldest event is dropped and counted. Subscribers read the stream, not
+the channels: a subscriber whose connection breaks (Redis restarted) reconnects
+and resumes after the last event it saw, so it misses nothing published
+meanwhile that the stream still holds.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import asyncio
 import collections
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -25,10 +34,13 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from threadline.logs import get_logger
+from threadline.redis_client import connect_redis
 from threadline.v1.events_pb2 import LifecycleEvent
 
-CHANNEL_PREFIX = "threadline.events."
-STREAM_KEY = "threadline.events"
+DEFAULT_NAMESPACE = "threadline"
+#: How long a subscriber's read waits for new events before it looks again.
+_READ_BLOCK_MS = 1000
+_READ_COUNT = 100
 
 log = get_logger("threadline.events")
 EVENTS_DROPPED = Counter(
@@ -120,34 +132,91 @@ class InProcessEventBus:
         self._subscribers.clear()
 
 
-class _RedisSubscription:
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+@dataclass(frozen=True)
+class EventKeys:
+    """Where a stack's events go on Redis."""
+
+    namespace: str
+
+    @classmethod
+    def on(cls, client: aioredis.Redis, namespace: str = "") -> EventKeys:
+        if namespace:
+            return cls(namespace)
+        db = int(client.connection_pool.connection_kwargs.get("db") or 0)
+        return cls(DEFAULT_NAMESPACE if db == 0 else f"{DEFAULT_NAMESPACE}.db{db}")
+
+    def channel(self, type_: str) -> str:
+        return f"{self.namespace}.events.{type_}"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.namespace}.events"
+
+
+class _StreamSubscription:
+    """Every event XADDed to the stream after the subscription opened, in order.
+
+    A failed read (Redis restarting) is retried with backoff and resumes after the
+    last entry seen; entries trimmed off the capped stream meanwhile are lost.
+    """
+
+    def __init__(self, client: aioredis.Redis, stream: str) -> None:
+        self._client = client
+        self._stream = stream
+        self._last_id = "0-0"
+        self._closed = False
 
     async def open(self) -> None:
-        await self._pubsub.psubscribe(CHANNEL_PREFIX + "*")
+        try:
+            newest = await self._client.xrevrange(self._stream, count=1)
+            self._last_id = str(newest[0][0]) if newest else "0-0"
+        except (RedisError, OSError):
+            # Redis is away: start from now (stream ids are millisecond timestamps).
+            self._last_id = f"{int(time.time() * 1000)}-0"
 
     async def __aiter__(self) -> AsyncIterator[LifecycleEvent]:
-        while True:
-            message = await self._pubsub.get_message(timeout=1.0)
-            if message is None or message.get("type") != "pmessage":
-                continue
+        failures = 0
+        while not self._closed:
             try:
-                yield from_json(message["data"])
-            except json_format.ParseError:
-                log.warning("events.unparseable", channel=str(message.get("channel")))
+                # RESP2 replies (the client's protocol): [[stream, [(id, fields), ...]]].
+                batches: list[Any] = await self._client.xread(  # type: ignore[assignment]
+                    {self._stream: self._last_id}, count=_READ_COUNT, block=_READ_BLOCK_MS
+                )
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("events.subscription_lost", error=str(exc), failures=failures)
+                await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**failures)))
+                continue
+            if failures:
+                log.info("events.subscription_resumed", after_failures=failures)
+                failures = 0
+            for _, entries in batches or ():
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    try:
+                        yield from_json(fields.get("event", ""))
+                    except json_format.ParseError:
+                        log.warning("events.unparseable", stream_id=str(entry_id))
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._closed = True
 
 
 class RedisEventBus:
     """Redis pub/sub + capped stream, behind a bounded buffer and a reconnecting pump."""
 
-    def __init__(self, url: str, *, buffer_size: int = 10_000, stream_maxlen: int = 10_000) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        buffer_size: int = 10_000,
+        stream_maxlen: int = 10_000,
+        namespace: str = "",
+    ) -> None:
         self._url = url
-        self._client: aioredis.Redis = aioredis.from_url(url, decode_responses=True)
+        self._client: aioredis.Redis = connect_redis(url, decode_responses=True)
+        self.keys = EventKeys.on(self._client, namespace)
         self._buffer: collections.deque[LifecycleEvent] = collections.deque()
         self._buffer_size = buffer_size
         self._stream_maxlen = stream_maxlen
@@ -175,7 +244,7 @@ class RedisEventBus:
         self._ready.set()
 
     async def subscribe(self) -> Subscription:
-        sub = _RedisSubscription(self._client)
+        sub = _StreamSubscription(self._client, self.keys.stream)
         await sub.open()
         return sub
 
@@ -215,8 +284,10 @@ class RedisEventBus:
     async def _send(self, event: LifecycleEvent) -> None:
         payload = to_json(event)
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.publish(CHANNEL_PREFIX + event.type, payload)
-            pipe.xadd(STREAM_KEY, {"event": payload}, maxlen=self._stream_maxlen, approximate=True)
+            pipe.publish(self.keys.channel(event.type), payload)
+            pipe.xadd(
+                self.keys.stream, {"event": payload}, maxlen=self._stream_maxlen, approximate=True
+            )
             await pipe.execute()
 
     async def flush(self, timeout_s: float) -> bool:
@@ -239,9 +310,13 @@ class RedisEventBus:
         await self._client.aclose()
 
 
-def make_bus(redis_url: str | None, *, buffer_size: int, stream_maxlen: int) -> EventBus:
+def make_bus(
+    redis_url: str | None, *, buffer_size: int, stream_maxlen: int, namespace: str = ""
+) -> EventBus:
     if redis_url:
-        return RedisEventBus(redis_url, buffer_size=buffer_size, stream_maxlen=stream_maxlen)
+        return RedisEventBus(
+            redis_url, buffer_size=buffer_size, stream_maxlen=stream_maxlen, namespace=namespace
+        )
     return InProcessEventBus(subscriber_buffer=buffer_size)
 
 

@@ -1,9 +1,15 @@
 """Named leases: one holder at a time, across replicas when Redis is configured.
 
 In-process leases serve a single process. In Redis a lease is a key set if
-absent, with an expiry and a random token, renewed while held and released only
-by its holder (compare-and-delete), so replicas exclude each other and a
-crashed holder's lease expires by itself.
+absent, with an expiry and a random token, renewed at a third of its expiry
+while held and released only by its holder (compare-and-delete), so replicas
+exclude each other and a crashed holder's lease expires by itself.
+
+A Redis restart (no persistence) forgets every lease: the holder's next renewal
+finds its key gone and takes it again, since nobody else can hold it yet. A
+renewal that finds another holder's token means the lease expired (the holder
+could not renew for a whole expiry) and was taken: the holder is told through
+`lost` and must stop writing as the owner.
 """
 
 from __future__ import annotations
@@ -23,13 +29,23 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# 1: renewed; 2: the key was gone (Redis restarted) and is ours again; 0: another holds it.
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not holder then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 
 
 class HeldLease(Protocol):
+    @property
+    def lost(self) -> bool:
+        """True once another holder has the lease: stop acting as its owner."""
+
     async def release(self) -> None: ...
 
 
@@ -42,6 +58,10 @@ class _LocalHeld:
     def __init__(self, held: set[str], name: str) -> None:
         self._held = held
         self._name = name
+
+    @property
+    def lost(self) -> bool:
+        return False
 
     async def release(self) -> None:
         self._held.discard(self._name)
@@ -64,7 +84,12 @@ class _RedisHeld:
         self._key = key
         self._token = token
         self._ttl_ms = ttl_ms
+        self._lost = False
         self._renewer = asyncio.create_task(self._renew(), name=f"lease-renew-{key}")
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
 
     async def release(self) -> None:
         self._renewer.cancel()
@@ -77,12 +102,21 @@ class _RedisHeld:
             log.warning("lease.release_failed", key=self._key, exc_info=True)
 
     async def _renew(self) -> None:
-        while True:
+        while not self._lost:
             await asyncio.sleep(self._ttl_ms / 3000)
             try:
-                await self._client.eval(_RENEW, 1, self._key, self._token, str(self._ttl_ms))
-            except Exception:
-                log.warning("lease.renew_failed", key=self._key, exc_info=True)
+                renewed = await self._client.eval(
+                    _RENEW, 1, self._key, self._token, str(self._ttl_ms)
+                )
+            except Exception as exc:
+                # Redis away for longer than its client retries: try again next period.
+                log.warning("lease.renew_failed", key=self._key, error=str(exc))
+                continue
+            if renewed == 2:
+                log.info("lease.retaken", key=self._key)
+            elif not renewed:
+                self._lost = True
+                log.warning("lease.lost", key=self._key)
 
 
 class RedisLeases:

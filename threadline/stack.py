@@ -85,6 +85,7 @@ async def start_stack(
             settings.redis_url,
             buffer_size=settings.events.buffer_size,
             stream_maxlen=settings.events.stream_maxlen,
+            namespace=settings.events.namespace,
         )
         await bus.start()
     stack = Stack(settings, bus, owns_bus=owns_bus)

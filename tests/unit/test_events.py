@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 
 from threadline.events import (
-    CHANNEL_PREFIX,
-    STREAM_KEY,
+    EventKeys,
     EventPublisher,
     InProcessEventBus,
     RedisEventBus,
@@ -47,7 +47,7 @@ def _event(
 
 async def _stream_ids(client: aioredis.Redis) -> list[str]:
     """Ids of the events in the replay stream, oldest first."""
-    entries = await client.xrange(STREAM_KEY)
+    entries = await client.xrange(EventKeys.on(client).stream)
     assert entries is not None
     return [from_json(fields["event"]).id for _, fields in entries if fields]
 
@@ -74,7 +74,7 @@ async def test_publish_reaches_raw_redis_subscriber_as_snake_case_json(
     bus: RedisEventBus, redis_client: aioredis.Redis
 ) -> None:
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(CHANNEL_PREFIX + "turn.completed")
+    await pubsub.subscribe(bus.keys.channel("turn.completed"))
     try:
         bus.publish(_event(session_id="ses_1", tenant="acme", trace_id="req-1"))
         assert await bus.flush(5.0)
@@ -87,7 +87,8 @@ async def test_publish_reaches_raw_redis_subscriber_as_snake_case_json(
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     assert message is not None
-    assert message["channel"] == "threadline.events.turn.completed"
+    assert message["channel"] == bus.keys.channel("turn.completed")
+    assert message["channel"].endswith(".events.turn.completed")
     payload = json.loads(message["data"])
     assert payload["type"] == "turn.completed"
     assert payload["session_id"] == "ses_1"
@@ -212,6 +213,47 @@ async def test_unreachable_redis_never_blocks_or_raises_and_drops_oldest() -> No
 
     assert close_s < 3.0
     await bus.close()  # safe to call twice
+
+
+def test_the_namespace_follows_the_database_unless_configured() -> None:
+    def keys(url: str, namespace: str = "") -> EventKeys:
+        return EventKeys.on(aioredis.from_url(url), namespace)
+
+    assert keys("redis://127.0.0.1:6379").channel("turn.completed") == (
+        "threadline.events.turn.completed"
+    )
+    assert keys("redis://127.0.0.1:6379/0").stream == "threadline.events"
+    assert keys("redis://127.0.0.1:6379/3").stream == "threadline.db3.events"
+    assert keys("redis://127.0.0.1:6379/3", "blue").channel("x") == "blue.events.x"
+
+
+async def test_stacks_on_other_databases_do_not_see_each_others_events(redis_url: str) -> None:
+    base = redis_url.rsplit("/", 1)[0]
+    first = RedisEventBus(f"{base}/1", buffer_size=10)
+    second = RedisEventBus(f"{base}/2", buffer_size=10)
+    await first.start()
+    await second.start()
+    raw = aioredis.from_url(f"{base}/1", decode_responses=True)
+    pubsub = raw.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe(first.keys.channel("*"))
+    sub = await first.subscribe()
+    events = _open(sub)
+    try:
+        second.publish(_event(event_id="other-stack"))
+        first.publish(_event(event_id="this-stack"))
+        assert await second.flush(5.0) and await first.flush(5.0)
+        assert (await _next(events)).id == "this-stack"
+        message = None
+        while message is None:
+            message = await pubsub.get_message(timeout=5.0)
+        assert from_json(message["data"]).id == "this-stack"
+    finally:
+        await events.aclose()
+        await sub.close()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await raw.aclose()
+        await first.close()
+        await second.close()
 
 
 def _free_port() -> int:
@@ -355,3 +397,54 @@ def test_from_json_ignores_unknown_fields() -> None:
     decoded = from_json('{"type": "turn.started", "added_in_a_later_version": 1}')
 
     assert decoded.type == "turn.started"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+async def test_a_subscriber_resumes_after_redis_restarts_and_misses_nothing() -> None:
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = await _redis_server(port)
+    bus = RedisEventBus(url, buffer_size=100)
+    await bus.start()
+    sub = await bus.subscribe()
+    events = _open(sub)
+    try:
+        bus.publish(_event(event_id="before"))
+        assert (await _next(events)).id == "before"
+
+        server.kill()
+        await server.wait()
+        # Published while Redis is down: buffered by the publisher, then sent.
+        bus.publish(_event(event_id="during-1"))
+        bus.publish(_event(event_id="during-2"))
+        server = await _redis_server(port)
+        bus.publish(_event(event_id="after"))
+
+        seen = [(await _next(events, timeout_s=15.0)).id for _ in range(3)]
+    finally:
+        await events.aclose()
+        await sub.close()
+        await bus.close()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 5)
+
+    assert seen == ["during-1", "during-2", "after"]
+
+
+async def _redis_server(port: int) -> asyncio.subprocess.Process:
+    server = await asyncio.create_subprocess_exec(
+        *("redis-server", "--port", str(port), "--save", "", "--appendonly", "no"),
+        *("--daemonize", "no"),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    client = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await client.ping()
+                    return server
+                except (OSError, redis.exceptions.ConnectionError):
+                    await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from threadline import errors
-from threadline.leases import Leases
+from threadline.leases import HeldLease, Leases
 
 
 def _busy(session_id: str) -> errors.Aborted:
@@ -21,12 +21,21 @@ class TurnLeases:
         self._leases = leases
 
     @contextlib.asynccontextmanager
-    async def hold(self, session_id: str) -> AsyncIterator[None]:
+    async def hold(self, session_id: str) -> AsyncIterator[HeldLease]:
         """Hold the session's lease for the block; raises Aborted if another turn has it."""
         held = await self._leases.acquire(session_id)
         if held is None:
             raise _busy(session_id)
         try:
-            yield
+            yield held
         finally:
             await held.release()
+
+
+def lease_lost(session_id: str) -> errors.Aborted:
+    """The turn's lease expired and another turn took the session: this one stops."""
+    return errors.Aborted(
+        f"session {session_id} was taken over by another turn while this one could not "
+        "renew its lease; retry",
+        details={"session_id": session_id, "reason": "lease_lost"},
+    )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from services.executor.turns.tools import ToolBox
 from services.executor.turns.writer import SessionWriter
 from threadline.events import EventPublisher
+from threadline.leases import HeldLease
 from threadline.v1 import common_pb2, executor_pb2, llm_pb2
 
 
@@ -27,6 +28,7 @@ class ToolRound:
     call_number: int
     #: The session's head; moves with every message stored.
     head: str
+    lease: HeldLease | None = None
 
     @property
     def _prefix(self) -> str:
@@ -73,7 +75,7 @@ class ToolRound:
 
     async def _store(self, messages: list[common_pb2.Message], what: str) -> None:
         self.head = await self.writer.append(
-            self.tenant, self.session_id, self.head, messages, f"{self._prefix}:{what}"
+            self.tenant, self.session_id, self.head, messages, f"{self._prefix}:{what}", self.lease
         )
 
     def _answer_the_rest_detached(self, calls: Sequence[common_pb2.ToolCall], first: int) -> None:
@@ -93,4 +95,5 @@ class ToolRound:
             messages,
             f"{self._prefix}:cancelled:{first}",
             lost="turn.tool_results_lost",
+            lease=self.lease,
         )

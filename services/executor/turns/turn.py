@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 
 from services.executor.model_call import ModelCall
 from services.executor.turns.detached import DetachedWrites
-from services.executor.turns.leases import TurnLeases
+from services.executor.turns.leases import TurnLeases, lease_lost
 from services.executor.turns.peers import Llm, Memory, Sessions
 from services.executor.turns.tool_round import ToolRound
 from services.executor.turns.tools import ToolBox
 from services.executor.turns.writer import SessionWriter
 from threadline import errors
 from threadline.events import EventPublisher
+from threadline.leases import HeldLease
 from threadline.logs import get_logger
 from threadline.v1 import common_pb2, executor_pb2, llm_pb2, memory_pb2, session_pb2
 
@@ -52,6 +53,8 @@ class _Turn:
 
     request: executor_pb2.RunTurnRequest
     session_id: str
+    #: The lease on `session_id` (the new session's, after a compaction).
+    lease: HeldLease
     #: The session's head: moves with every message the turn stores.
     head: str
     model: str
@@ -83,8 +86,9 @@ class _Turn:
 @dataclass(frozen=True)
 class Compacted:
     compacted: executor_pb2.TurnCompacted
-    #: The new session, as the turn goes on in it.
+    #: The new session, as the turn goes on in it, and the turn's lease on it.
     session: session_pb2.Session
+    lease: HeldLease
 
     @property
     def event(self) -> executor_pb2.TurnEvent:
@@ -123,19 +127,21 @@ class TurnRunner:
         # Ownership first: another tenant must get NOT_FOUND, never "session busy".
         session = (await self.sessions.get(request.tenant, request.session_id)).session
         async with contextlib.AsyncExitStack() as leases:
-            await leases.enter_async_context(self.leases.hold(request.session_id))
-            async for event in self._run(request, session, leases):
+            lease = await leases.enter_async_context(self.leases.hold(request.session_id))
+            async for event in self._run(request, session, lease, leases):
                 yield event
 
     async def _run(
         self,
         request: executor_pb2.RunTurnRequest,
         session: session_pb2.Session,
+        lease: HeldLease,
         leases: contextlib.AsyncExitStack,
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         turn = _Turn(
             request=request,
             session_id=request.session_id,
+            lease=lease,
             head=session.head,
             model=request.options.model or session.model,
             max_tokens=request.options.max_tokens or self.limits.max_output_tokens,
@@ -155,6 +161,7 @@ class TurnRunner:
                 turn_id=turn.turn_id,
                 call_number=turn.calls,
                 head=turn.head,
+                lease=turn.lease,
             )
             async for event in round_.run(self._toolbox(turn), turn.done):
                 yield event
@@ -172,12 +179,12 @@ class TurnRunner:
             compacted = await self._compact(turn, "pre_run", leases)
             if compacted is not None:
                 turn.session_id, session = compacted.compacted.to_session_id, compacted.session
-                turn.head = session.head
+                turn.head, turn.lease = session.head, compacted.lease
                 turn.recalled = await self._recall(turn)
                 yield compacted.event
         user = common_pb2.Message(role=common_pb2.ROLE_USER, content=turn.request.input)
         turn.head = await self.writer.append(
-            turn.tenant, turn.session_id, turn.head, [user], f"{turn.turn_id}:input"
+            turn.tenant, turn.session_id, turn.head, [user], f"{turn.turn_id}:input", turn.lease
         )
         self.events.emit(
             "turn.started",
@@ -197,6 +204,8 @@ class TurnRunner:
         """One request to the model, its deltas relayed; leaves the result in `turn.done`."""
         turn.calls += 1
         try:
+            if turn.lease.lost:
+                raise lease_lost(turn.session_id)
             turn.context, compacted = await self._request_context(turn, leases)
         except errors.ThreadlineError as exc:
             self._failed(turn, exc)
@@ -238,7 +247,7 @@ class TurnRunner:
         if compacted is None:
             return context, None
         turn.session_id = compacted.compacted.to_session_id
-        turn.head = compacted.session.head
+        turn.head, turn.lease = compacted.session.head, compacted.lease
         turn.recalled = await self._recall(turn)
         return await self._context(turn), compacted
 
@@ -285,7 +294,12 @@ class TurnRunner:
         )
         try:
             turn.head = await self.writer.append(
-                turn.tenant, turn.session_id, turn.head, [answer], f"{turn.turn_id}:answer"
+                turn.tenant,
+                turn.session_id,
+                turn.head,
+                [answer],
+                f"{turn.turn_id}:answer",
+                turn.lease,
             )
         except asyncio.CancelledError:
             self._store_partial_detached(turn, done.content, "turn cancelled")
@@ -359,7 +373,7 @@ class TurnRunner:
         if job.state != memory_pb2.JOB_STATE_SUCCEEDED or not job.new_session_id:
             log.warning("turn.compaction_failed", trigger=trigger, job_id=job.id, error=job.error)
             return None
-        await leases.enter_async_context(self.leases.hold(job.new_session_id))
+        lease = await leases.enter_async_context(self.leases.hold(job.new_session_id))
         session = (await self.sessions.get(turn.tenant, job.new_session_id)).session
         compacted = executor_pb2.TurnCompacted(
             from_session_id=turn.session_id,
@@ -367,7 +381,7 @@ class TurnRunner:
             job_id=job.id,
             trigger=trigger,
         )
-        return Compacted(compacted, session)
+        return Compacted(compacted, session, lease)
 
     async def _context(self, turn: _Turn) -> session_pb2.BuildContextResponse:
         return await self.sessions.build_context(
@@ -457,6 +471,7 @@ class TurnRunner:
             [message],
             f"{turn.turn_id}:answer",
             lost="turn.partial_lost",
+            lease=turn.lease,
             then=interrupted,
         )
 

@@ -7,8 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.executor.turns.detached import DetachedWrites
+from services.executor.turns.leases import lease_lost
 from services.executor.turns.peers import Sessions
 from threadline import errors
+from threadline.leases import HeldLease
 from threadline.logs import get_logger
 from threadline.v1 import common_pb2
 
@@ -28,13 +30,16 @@ class SessionWriter:
         head: str,
         messages: Sequence[common_pb2.Message],
         request_id: str,
+        lease: HeldLease | None = None,
     ) -> str:
         """Append after `head` and return the new head; if someone else appended
         meanwhile, append after theirs.
 
-        The turn holds the session's lease, so a moved head means a direct Append
-        by another client: our messages still belong at the end. The request id
-        makes a retry after a lost reply safe: the store appends it at most once.
+        While the turn holds the session's lease, a moved head means a direct Append
+        by another client: our messages still belong at the end. Once the lease is
+        lost another turn owns the session, and a moved head is its work: the append
+        is refused. The request id makes a retry after a lost reply safe: the store
+        appends it at most once.
         """
         for attempt in range(_ATTEMPTS):
             try:
@@ -43,6 +48,8 @@ class SessionWriter:
                 )
                 return response.head
             except errors.HeadMismatch as exc:
+                if lease is not None and lease.lost:
+                    raise lease_lost(session_id) from None
                 head = exc.current_head
             except (errors.Unavailable, errors.DeadlineExceeded):
                 if attempt == _ATTEMPTS - 1:
@@ -59,6 +66,7 @@ class SessionWriter:
         request_id: str,
         *,
         lost: str,
+        lease: HeldLease | None = None,
         then: Callable[[], None] | None = None,
     ) -> None:
         """Append even though the caller is being cancelled; a failure is logged as
@@ -66,7 +74,7 @@ class SessionWriter:
 
         async def write() -> None:
             try:
-                await self.append(tenant, session_id, head, messages, request_id)
+                await self.append(tenant, session_id, head, messages, request_id, lease)
             except errors.ThreadlineError as exc:
                 log.error(lost, session_id=session_id, error=exc.message)
             if then is not None:
