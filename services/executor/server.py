@@ -25,7 +25,9 @@ from threadline.events import EventBus, EventPublisher
 from threadline.ids import validate_session_id
 from threadline.leases import LocalLeases, RedisLeases
 from threadline.peers import LlmClient, MemoryClient, SessionClient
+from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
+from threadline.store_urls import RedisUrl
 from threadline.v1 import executor_pb2, executor_pb2_grpc
 
 SERVICE: ServiceName = "executor"
@@ -37,7 +39,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     sessions = SessionClient(settings.addresses.session)
     memory = MemoryClient(settings.addresses.memory)
     llm = LlmClient(settings.addresses.llm_proxy)
-    redis_client = aioredis.from_url(settings.redis_url) if settings.redis_url else None
+    redis_client = connect_redis(settings.redis_url) if settings.redis_url else None
     events = EventPublisher(bus, SERVICE)
     toolbox = _toolboxes(settings.executor)
     turns = TurnRunner(
@@ -153,13 +155,12 @@ def _classifier(tasks: TaskSettings, llm: LlmClient) -> Classifier:
 
 
 async def open_task_store(settings: Settings) -> tuple[TaskStore, aioredis.Redis | None]:
-    database = settings.executor.tasks.database
-    if database.startswith(("redis://", "rediss://")):
-        client = aioredis.from_url(database)
+    store_url = settings.store_url("tasks")
+    if isinstance(store_url, RedisUrl):
+        client = aioredis.from_url(store_url.url)
         return RedisTaskStore(client), client
-    path = Path(database.removeprefix("sqlite://")) if database else settings.data_dir / "tasks.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    store = SqliteTaskStore(path)
+    store_url.path.parent.mkdir(parents=True, exist_ok=True)
+    store = SqliteTaskStore(store_url.path)
     await store.open()
     return store, None
 

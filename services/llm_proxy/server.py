@@ -15,6 +15,7 @@ from services.llm_proxy.upstream import Upstream
 from threadline.config import ServiceName, Settings
 from threadline.errors import FailedPrecondition
 from threadline.events import EventBus, EventPublisher
+from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.v1 import llm_pb2, llm_pb2_grpc
 
@@ -31,7 +32,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     redis_client: aioredis.Redis | None = None
     buckets: TokenBuckets = LocalBuckets()
     if settings.redis_url:
-        redis_client = aioredis.from_url(settings.redis_url)
+        redis_client = connect_redis(settings.redis_url)
         buckets = RedisBuckets(redis_client)
     upstreams = {
         u.name: UpstreamRuntime(
