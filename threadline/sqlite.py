@@ -1,8 +1,9 @@
 """SQLite as every store here uses it: one file, WAL, synchronous=FULL, explicit
 transactions, and forward migrations counted by `PRAGMA user_version`.
 
-Stores run all of their SQLite work on one dedicated thread, so writes serialise
-without locks and the event loop never blocks on disk.
+A store owns a `SqliteDatabase` and runs all of its SQLite work through it, on
+one dedicated thread, so writes serialise without locks and the event loop never
+blocks on disk. The store's statements are plain functions taking the connection.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from threadline.errors import FailedPrecondition, Unavailable
 from threadline.logs import get_logger
@@ -45,7 +46,6 @@ def open_database(
     name: str,
     migrations: Migrations,
     busy_timeout_ms: int = 5_000,
-    foreign_keys: bool = False,
 ) -> sqlite3.Connection:
     """Open (creating) `path` and migrate it forward; `name` says whose file it is."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +60,9 @@ def open_database(
             raise FailedPrecondition(f"{name} {path}: WAL journal mode unavailable (got {mode})")
         # FULL: an acknowledged write survives kill -9 and power loss.
         conn.execute("PRAGMA synchronous = FULL")
-        if foreign_keys:
-            conn.execute("PRAGMA foreign_keys = ON")
+        # Cascades where a schema declares them; a store still deletes a session's
+        # rows explicitly, since a tool that opens the file without this skips them.
+        conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn, path=path, name=name, migrations=migrations)
     except BaseException:
         conn.close()
@@ -98,41 +99,68 @@ def migrate(conn: sqlite3.Connection, *, path: Path, name: str, migrations: Migr
             )
 
 
-class SqliteThread:
-    """The one thread a store's SQLite work runs on: writes serialise without locks
-    and the event loop never waits on the disk."""
+class SqliteDatabase:
+    """One store's SQLite file and the one thread its connection lives on.
 
-    def __init__(self, name: str, thread_name: str) -> None:
+    `open()` connects on that thread with the pragmas every store shares (WAL,
+    synchronous=FULL, busy timeout, foreign keys) and migrates the file forward;
+    `run(fn, *args)` calls `fn(conn, *args)` there, so writes serialise without
+    locks and the event loop never waits on the disk; `close()` runs
+    `PRAGMA optimize` and closes, after every statement already submitted.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str,
+        thread_name: str,
+        migrations: Migrations,
+        busy_timeout_ms: int = 5_000,
+    ) -> None:
+        self.path = path
+        #: Whose file it is, for errors and logs ("session store").
         self.name = name
         self._thread_name = thread_name
+        self._migrations = migrations
+        self._busy_timeout_ms = busy_timeout_ms
         self._executor: ThreadPoolExecutor | None = None
+        # Created, used and closed on the worker thread only.
+        self._conn: sqlite3.Connection | None = None
 
-    async def start(self, open_fn: Callable[[], None]) -> None:
+    async def open(self) -> None:
+        """Open the file, set the pragmas and apply pending migrations."""
         if self._executor is not None:
             raise RuntimeError(f"{self.name} is already open")
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._thread_name)
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, open_fn)
+            await asyncio.get_running_loop().run_in_executor(executor, self._open_sync)
         except BaseException:
             executor.shutdown(wait=False)
             raise
         self._executor = executor
 
-    async def stop(self, close_fn: Callable[[], None]) -> None:
-        """Run `close_fn` after every statement already submitted. Safe twice."""
+    async def close(self) -> None:
+        """Close after every statement already submitted. Safe twice."""
         executor, self._executor = self._executor, None
         if executor is None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, close_fn)
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
         finally:
             executor.shutdown(wait=False)
 
-    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def run(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """`fn(conn, *args, **kwargs)` on the worker thread."""
         executor = self._executor
         if executor is None:
             raise Unavailable(f"{self.name} is not open")
-        call = functools.partial(fn, *args, **kwargs)
+        call = functools.partial(self._call, fn, *args, **kwargs)
         try:
             # If the caller is cancelled the statement still runs to completion: a
             # write may commit unseen, and a retry then sees its effect.
@@ -140,3 +168,33 @@ class SqliteThread:
         except sqlite3.OperationalError as exc:
             # Locked, disk full, I/O error: the caller may retry later.
             raise Unavailable(f"{self.name}: {exc}") from exc
+
+    # -- worker thread ---------------------------------------------------------------
+
+    def _call(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        if self._conn is None:
+            raise Unavailable(f"{self.name} is not open")
+        return fn(self._conn, *args, **kwargs)
+
+    def _open_sync(self) -> None:
+        self._conn = open_database(
+            self.path,
+            name=self.name,
+            migrations=self._migrations,
+            busy_timeout_ms=self._busy_timeout_ms,
+        )
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            # Keeps the query planner's statistics current, cheaply, as SQLite advises.
+            conn.execute("PRAGMA optimize")
+        finally:
+            conn.close()

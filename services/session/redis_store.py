@@ -36,167 +36,43 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from services.session.chain import GENESIS_HASH, batch_fingerprint, seal_messages
+from services.session import redis_scripts
 from services.session.store import (
+    RECENT_FIRST_BATCH,
+    RECENT_MAX_BATCH,
     REQUEST_ID_MEMORY,
+    AppendRequest,
+    MessageRules,
+    SessionBackend,
     check_calibration,
+    check_from_seq,
     check_listing_limit,
-    check_new_session,
-    check_request_id,
-    copy_messages,
     decode_page_token,
     encode_page_token,
     export_lines,
     hash_not_found,
-    now_micros,
+    named_tool_call_ids,
+    new_fork,
     page_size_or_default,
-    parse_export,
     reused_request_id,
     session_not_found,
 )
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
-from services.session.validation import validate_messages
-from threadline.errors import (
-    AlreadyExists,
-    DataLoss,
-    HeadMismatch,
-    InvalidArgument,
-    Unavailable,
-)
-from threadline.ids import new_session_id, validate_session_id
+from threadline.errors import AlreadyExists, DataLoss, HeadMismatch, Unavailable
+from threadline.ids import validate_session_id
 from threadline.v1 import common_pb2, session_pb2
 
-# Lua's unpack() is bounded by the C stack (LUAI_MAXCSTACK, 8000): variadic
-# commands get their arguments in chunks below it.
-_PUSH_IN_CHUNKS = """
-local function push_chunks(command, key, first, last)
-  local i = first
-  while i <= last do
-    local j = math.min(i + 999, last)
-    redis.call(command, key, unpack(ARGV, i, j))
-    i = j + 1
-  end
-end
-"""
-
-# KEYS: meta, log, calls, requests, request_order, tenant zset, by_updated zset
-# ARGV: tenant, expected_head, request_id, result JSON, new head, new message_count,
-#       updated_at, first_user_seq or "", session_id, request memory, message count n,
-#       n message JSONs, then the batch's tool call ids.
-_APPEND = (
-    _PUSH_IN_CHUNKS
-    + """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then
-  return {'missing'}
-end
--- The request id before the head: a retry whose first attempt landed gets that
--- result back, although that very append moved the head.
-if ARGV[3] ~= '' then
-  local prior = redis.call('HGET', KEYS[4], ARGV[3])
-  if prior then
-    return {'retry', prior}
-  end
-end
-local head = redis.call('HGET', KEYS[1], 'head')
-if head ~= ARGV[2] then
-  return {'moved', head}
-end
-local n = tonumber(ARGV[11])
-local length = redis.call('LLEN', KEYS[2])
-if length ~= tonumber(ARGV[6]) - n then
-  -- The log and its meta disagree (a key lost to eviction?): appending would
-  -- bury the damage under valid-looking entries.
-  return {'corrupt', tostring(length)}
-end
-push_chunks('RPUSH', KEYS[2], 12, 11 + n)
-push_chunks('SADD', KEYS[3], 12 + n, #ARGV)
-redis.call('HSET', KEYS[1], 'head', ARGV[5], 'message_count', ARGV[6], 'updated_at', ARGV[7])
-if ARGV[8] ~= '' then
-  redis.call('HSETNX', KEYS[1], 'first_user_seq', ARGV[8])
-end
-redis.call('ZADD', KEYS[6], ARGV[7], ARGV[9])
-redis.call('ZADD', KEYS[7], ARGV[7], ARGV[9])
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
-  redis.call('RPUSH', KEYS[5], ARGV[3])
-  local memory = tonumber(ARGV[10])
-  while redis.call('LLEN', KEYS[5]) > memory do
-    redis.call('HDEL', KEYS[4], redis.call('LPOP', KEYS[5]))
-  end
-end
-return {'ok'}
-"""
-)
-
-# KEYS: meta, log, calls, requests, request_order, tenant zset, by_updated zset
-# ARGV: session_id, updated_at, f (field names and values, counted together), n
-#       (messages), the f field names and values, n message JSONs, then tool call ids.
-_CREATE = (
-    _PUSH_IN_CHUNKS
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
--- Leftovers of an earlier session with this id (an import) must not leak in.
-redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-local f = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + f))
-push_chunks('RPUSH', KEYS[2], 5 + f, 4 + f + n)
-push_chunks('SADD', KEYS[3], 5 + f + n, #ARGV)
-redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
-return 1
-"""
-)
-
-# KEYS: meta, log, calls, requests, request_order, tenant zset, by_updated zset
-# ARGV: tenant, session_id
-_DELETE = """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then
-  return 0
-end
--- UNLINK frees a long log in the background instead of blocking Redis.
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('ZREM', KEYS[6], ARGV[2])
-redis.call('ZREM', KEYS[7], ARGV[2])
-return 1
-"""
-
-# KEYS: meta of the session the key belongs to, the key. Re-checked here, atomically:
-# an import may have re-created the session since the scan saw the key.
-_REMOVE_ORPHAN_KEY = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-return redis.call('UNLINK', KEYS[2])
-"""
-
-# KEYS: a sorted set, then the meta key of each member; ARGV: the members.
-_REMOVE_ORPHAN_MEMBERS = """
-local removed = 0
-for i = 1, #ARGV do
-  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
-    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
-  end
-end
-return removed
-"""
-
-_RECENT_FIRST_BATCH = 32
-_RECENT_MAX_BATCH = 1024
 # Messages per LRANGE when a whole prefix is read (fork).
 _READ_CHUNK = 1_000
 # Keys per SCAN step and members per script call in the orphan walk.
 _SCAN_COUNT = 500
 _MEMBER_CHUNK = 200
-
-_INT32_MAX = 2**31 - 1
 
 _SESSION_KEY_KINDS = ("log", "calls", "requests", "request_order")
 
@@ -307,7 +183,19 @@ def _first_user_seq(messages: Sequence[common_pb2.Message]) -> int | None:
     return next((m.seq for m in messages if m.role == common_pb2.ROLE_USER), None)
 
 
-class RedisSessionStore:
+@dataclass(frozen=True)
+class _AppendSnapshot:
+    """What an append read of its session before the script runs."""
+
+    head: str
+    message_count: int
+    #: The session's tool call ids among those the batch names.
+    known_tool_call_ids: set[str]
+    #: The stored result of an earlier append with the same request id.
+    prior: bytes | str | None
+
+
+class RedisSessionStore(SessionBackend):
     """SessionStore on a shared Redis. Ready on construction; `close()` when done."""
 
     def __init__(
@@ -319,17 +207,15 @@ class RedisSessionStore:
         max_messages_per_append: int = 64,
         estimator: TokenEstimator = DEFAULT_ESTIMATOR,
     ) -> None:
-        self.max_message_chars = max_message_chars
-        self.max_messages_per_append = max_messages_per_append
+        super().__init__(MessageRules(max_message_chars, max_messages_per_append, estimator))
         self._redis = client
         self._prefix = prefix
-        self._estimator = estimator
         self._closed = False
-        self._append_script = client.register_script(_APPEND)
-        self._create_script = client.register_script(_CREATE)
-        self._delete_script = client.register_script(_DELETE)
-        self._orphan_key_script = client.register_script(_REMOVE_ORPHAN_KEY)
-        self._orphan_members_script = client.register_script(_REMOVE_ORPHAN_MEMBERS)
+        self._append_script = client.register_script(redis_scripts.APPEND)
+        self._create_script = client.register_script(redis_scripts.CREATE)
+        self._delete_script = client.register_script(redis_scripts.DELETE)
+        self._orphan_key_script = client.register_script(redis_scripts.REMOVE_ORPHAN_KEY)
+        self._orphan_members_script = client.register_script(redis_scripts.REMOVE_ORPHAN_MEMBERS)
 
     async def close(self) -> None:
         self._closed = True
@@ -448,9 +334,7 @@ class RedisSessionStore:
     async def messages(
         self, tenant: str, session_id: str, *, from_seq: int = 0
     ) -> builtins.list[common_pb2.Message]:
-        validate_session_id(session_id)
-        if from_seq < 0:
-            raise InvalidArgument(f"from_seq must be >= 0, got {from_seq}")
+        check_from_seq(session_id, from_seq)
         with self._guard():
             # MULTI: the meta checked and the log read are one moment's state.
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -468,7 +352,7 @@ class RedisSessionStore:
         with self._guard():
             count = int(await self._meta_field(tenant, session_id, "message_count") or 0)
         upper = count if before_seq is None else max(0, min(before_seq, count))
-        batch = _RECENT_FIRST_BATCH
+        batch = RECENT_FIRST_BATCH
         key = self._key("log", session_id)
         while upper > 0:
             lower = max(0, upper - batch)
@@ -482,7 +366,7 @@ class RedisSessionStore:
             for item in reversed(raw):
                 yield _message_from_json(item)
             upper = lower
-            batch = min(batch * 2, _RECENT_MAX_BATCH)
+            batch = min(batch * 2, RECENT_MAX_BATCH)
 
     async def first_user_message(self, tenant: str, session_id: str) -> common_pb2.Message | None:
         validate_session_id(session_id)
@@ -495,65 +379,28 @@ class RedisSessionStore:
 
     # -- writes ------------------------------------------------------------------------
 
-    async def create(
-        self,
-        *,
-        tenant: str,
-        model: str,
-        system_prompt: str,
-        title: str,
-        metadata: Mapping[str, str],
-        forked_from: str = "",
-        compacted_from: str = "",
-        messages: Sequence[common_pb2.Message] = (),
-    ) -> session_pb2.Session:
-        check_new_session(tenant, forked_from, compacted_from)
-        batch = copy_messages(messages)
-        if batch:
-            # A new session knows no tool calls but those of its own batch.
-            validate_messages(
-                batch,
-                max_message_chars=self.max_message_chars,
-                max_messages=self.max_messages_per_append,
-            )
-        now = now_micros()
-        session = session_pb2.Session(
-            id=new_session_id(),
-            tenant=tenant,
-            title=title,
-            model=model,
-            system_prompt=system_prompt,
-            metadata=metadata,
-            forked_from=forked_from,
-            compacted_from=compacted_from,
-            message_count=len(batch),
-            head=seal_messages(
-                batch,
-                parent_hash=GENESIS_HASH,
-                first_seq=0,
-                now_micros=now,
-                token_count=self._token_count,
-            ),
-        )
-        session.created_at.FromMicroseconds(now)
-        session.updated_at.FromMicroseconds(now)
+    async def _store_new(
+        self, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
+    ) -> None:
         with self._guard():
-            await self._write_new(
-                session,
-                [_message_json(m) for m in batch],
-                [c.id for m in batch for c in m.tool_calls],
-                _first_user_seq(batch),
-            )
-        return session
+            await self._write_new(session, batch)
+
+    async def _store_import(
+        self, session: session_pb2.Session, messages: Sequence[common_pb2.Message]
+    ) -> None:
+        await self._store_new(session, messages)
 
     async def _write_new(
         self,
         session: session_pb2.Session,
-        raw_messages: Sequence[str],
-        call_ids: Sequence[str],
-        first_user_seq: int | None,
+        messages: Sequence[common_pb2.Message],
+        raw_messages: Sequence[str] | None = None,
     ) -> None:
-        fields = _meta_fields(session, first_user_seq)
+        """Create the session's keys with its messages (already JSON: `raw_messages`)."""
+        if raw_messages is None:
+            raw_messages = [_message_json(m) for m in messages]
+        call_ids = [c.id for m in messages for c in m.tool_calls]
+        fields = _meta_fields(session, _first_user_seq(messages))
         flat = [item for pair in fields.items() for item in pair]
         created = await self._create_script(
             keys=self._session_keys(session.id, session.tenant),
@@ -572,87 +419,23 @@ class RedisSessionStore:
                 f"session {session.id} already exists", details={"session_id": session.id}
             )
 
-    async def append(
-        self,
-        tenant: str,
-        session_id: str,
-        expected_head: str,
-        messages: Sequence[common_pb2.Message],
-        *,
-        request_id: str = "",
+    async def _store_append(
+        self, request: AppendRequest
     ) -> tuple[str, builtins.list[common_pb2.Message]]:
-        validate_session_id(session_id)
-        check_request_id(request_id)
-        batch = copy_messages(messages)
-        fingerprint = batch_fingerprint(batch) if request_id else ""
-        wanted = sorted(
-            {m.tool_call_id for m in batch if m.tool_call_id}
-            | {c.id for m in batch for c in m.tool_calls if c.id}
-        )
+        session_id, batch = request.session_id, request.batch
         with self._guard():
-            # One snapshot (MULTI) of what validation needs. If the script later finds
-            # the head still at expected_head, the log is this same log (hash chain,
-            # append only), so the tool call ids read here are still the session's.
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hmget(self._key("meta", session_id), ["tenant", "head", "message_count"])
-                if request_id:
-                    pipe.hget(self._key("requests", session_id), request_id)
-                if wanted:
-                    pipe.smismember(self._key("calls", session_id), wanted)
-                replies = iter(await pipe.execute())
-            owner, head_raw, count_raw = next(replies)
-            if owner is None or _text(owner) != tenant:
-                raise session_not_found(session_id)
-            prior = next(replies) if request_id else None
-            if prior is not None:
-                return await self._prior_result(session_id, request_id, fingerprint, prior)
-            head = _text(head_raw)
-            if head != expected_head:
-                raise HeadMismatch(session_id, expected_head, head)
-            present = next(replies) if wanted else []
-            known = {call_id for call_id, there in zip(wanted, present, strict=True) if there}
-            validate_messages(
+            snapshot = await self._append_snapshot(request)
+            if snapshot.prior is not None:
+                return await self._prior_result(request, snapshot.prior)
+            if snapshot.head != request.expected_head:
+                raise HeadMismatch(session_id, request.expected_head, snapshot.head)
+            new_head, now = self.rules.seal_append(
                 batch,
-                max_message_chars=self.max_message_chars,
-                max_messages=self.max_messages_per_append,
-                known_tool_call_ids=known,
+                head=snapshot.head,
+                first_seq=snapshot.message_count,
+                known_tool_call_ids=snapshot.known_tool_call_ids,
             )
-            now = now_micros()
-            first_seq = int(_text(count_raw))
-            new_head = seal_messages(
-                batch,
-                parent_hash=head,
-                first_seq=first_seq,
-                now_micros=now,
-                token_count=self._token_count,
-            )
-            first_user = _first_user_seq(batch)
-            record = _dumps(
-                {
-                    "fingerprint": fingerprint,
-                    "head": new_head,
-                    "first_seq": first_seq,
-                    "message_count": len(batch),
-                }
-            )
-            reply = await self._append_script(
-                keys=self._session_keys(session_id, tenant),
-                args=[
-                    tenant,
-                    expected_head,
-                    request_id,
-                    record,
-                    new_head,
-                    first_seq + len(batch),
-                    now,
-                    "" if first_user is None else first_user,
-                    session_id,
-                    REQUEST_ID_MEMORY,
-                    len(batch),
-                    *(_message_json(m) for m in batch),
-                    *(c.id for m in batch for c in m.tool_calls),
-                ],
-            )
+            reply = await self._run_append_script(request, snapshot.message_count, new_head, now)
             outcome = _text(reply[0])
             if outcome == "ok":
                 return new_head, batch
@@ -660,21 +443,80 @@ class RedisSessionStore:
                 raise session_not_found(session_id)
             if outcome == "retry":
                 # The same request id landed between the snapshot and the script.
-                return await self._prior_result(session_id, request_id, fingerprint, reply[1])
+                return await self._prior_result(request, reply[1])
             if outcome == "moved":
-                raise HeadMismatch(session_id, expected_head, _text(reply[1]))
+                raise HeadMismatch(session_id, request.expected_head, _text(reply[1]))
             raise DataLoss(
                 f"session {session_id}: the log holds {_text(reply[1])} messages, its "
-                f"metadata says {first_seq}",
+                f"metadata says {snapshot.message_count}",
                 details={"session_id": session_id},
             )
 
+    async def _append_snapshot(self, request: AppendRequest) -> _AppendSnapshot:
+        """One snapshot (MULTI) of what validating an append needs.
+
+        If the script later finds the head still at expected_head, the log is this
+        same log (hash chain, append only), so the tool call ids read here are
+        still the session's.
+        """
+        session_id = request.session_id
+        wanted = named_tool_call_ids(request.batch)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(self._key("meta", session_id), ["tenant", "head", "message_count"])
+            if request.request_id:
+                pipe.hget(self._key("requests", session_id), request.request_id)
+            if wanted:
+                pipe.smismember(self._key("calls", session_id), wanted)
+            replies = iter(await pipe.execute())
+        owner, head_raw, count_raw = next(replies)
+        if owner is None or _text(owner) != request.tenant:
+            raise session_not_found(session_id)
+        prior = next(replies) if request.request_id else None
+        if prior is not None:
+            return _AppendSnapshot("", 0, set(), prior)
+        present = next(replies) if wanted else []
+        known = {call_id for call_id, there in zip(wanted, present, strict=True) if there}
+        return _AppendSnapshot(_text(head_raw), int(_text(count_raw)), known, None)
+
+    async def _run_append_script(
+        self, request: AppendRequest, first_seq: int, new_head: str, now: int
+    ) -> Any:
+        batch = request.batch
+        first_user = _first_user_seq(batch)
+        record = _dumps(
+            {
+                "fingerprint": request.fingerprint,
+                "head": new_head,
+                "first_seq": first_seq,
+                "message_count": len(batch),
+            }
+        )
+        return await self._append_script(
+            keys=self._session_keys(request.session_id, request.tenant),
+            args=[
+                request.tenant,
+                request.expected_head,
+                request.request_id,
+                record,
+                new_head,
+                first_seq + len(batch),
+                now,
+                "" if first_user is None else first_user,
+                request.session_id,
+                REQUEST_ID_MEMORY,
+                len(batch),
+                *(_message_json(m) for m in batch),
+                *(c.id for m in batch for c in m.tool_calls),
+            ],
+        )
+
     async def _prior_result(
-        self, session_id: str, request_id: str, fingerprint: str, raw_record: bytes | str
+        self, request: AppendRequest, raw_record: bytes | str
     ) -> tuple[str, builtins.list[common_pb2.Message]]:
+        session_id = request.session_id
         record = json.loads(raw_record)
-        if record["fingerprint"] != fingerprint:
-            raise reused_request_id(request_id)
+        if record["fingerprint"] != request.fingerprint:
+            raise reused_request_id(request.request_id)
         first, count = int(record["first_seq"]), int(record["message_count"])
         raw = await self._redis.lrange(self._key("log", session_id), first, first + count - 1)
         if len(raw) != count:
@@ -705,26 +547,8 @@ class RedisSessionStore:
                         break
                 if not found:
                     raise hash_not_found(session_id, at_hash)
-            now = now_micros()
-            fork = session_pb2.Session(
-                id=new_session_id(),
-                tenant=tenant,
-                title=source.title,
-                model=source.model,
-                system_prompt=source.system_prompt,
-                metadata=source.metadata,
-                head=at_hash,
-                message_count=len(prefix),
-                forked_from=session_id,
-            )
-            fork.created_at.FromMicroseconds(now)
-            fork.updated_at.FromMicroseconds(now)
-            await self._write_new(
-                fork,
-                raw_prefix,
-                [c.id for m in prefix for c in m.tool_calls],
-                _first_user_seq(prefix),
-            )
+            fork = new_fork(source, at_hash, len(prefix))
+            await self._write_new(fork, prefix, raw_prefix)
         return fork
 
     async def delete(self, tenant: str, session_id: str) -> None:
@@ -748,19 +572,6 @@ class RedisSessionStore:
             raise session_not_found(session_id)
         messages = [_message_from_json(item) for item in raw]
         return export_lines(_session_from_meta(session_id, meta), messages)
-
-    async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
-        check_new_session(tenant, "", "")
-        session, messages = parse_export(lines, max_message_chars=self.max_message_chars)
-        session.tenant = tenant
-        with self._guard():
-            await self._write_new(
-                session,
-                [_message_json(m) for m in messages],
-                [c.id for m in messages for c in m.tool_calls],
-                _first_user_seq(messages),
-            )
-        return session
 
     # -- retention ---------------------------------------------------------------------
 
@@ -853,6 +664,3 @@ class RedisSessionStore:
         with self._guard():
             # repr() round-trips a float exactly.
             await self._redis.hset(self._calibration_key, model, repr(chars_per_token))
-
-    def _token_count(self, msg: common_pb2.Message) -> int:
-        return min(self._estimator.estimate(msg), _INT32_MAX)

@@ -1,10 +1,14 @@
 """The embedded session store: one SQLite file, WAL, durable appends.
 
-sqlite3 blocks, so every statement runs on one dedicated worker thread: the event
-loop never waits on the disk, and writes serialise in the order they were
-submitted without any lock contention inside the process. `synchronous=FULL`
-makes an acknowledged append survive kill -9 and power loss, which is what the
-executor relies on when it stores a partial answer.
+sqlite3 blocks, so every statement runs on the store's one worker thread
+(threadline.sqlite.SqliteDatabase): the event loop never waits on the disk, and
+writes serialise in the order they were submitted without any lock contention
+inside the process. `synchronous=FULL` makes an acknowledged append survive
+kill -9 and power loss, which is what the executor relies on when it stores a
+partial answer.
+
+The statements are plain functions of the connection; `SqliteSessionStore` is
+the async facade that runs them there. The schema is in sqlite_schema.py.
 """
 
 from __future__ import annotations
@@ -12,134 +16,41 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, Self
 
-from services.session.chain import GENESIS_HASH, batch_fingerprint, seal_messages
+from services.session.sqlite_schema import MIGRATIONS
 from services.session.store import (
+    RECENT_FIRST_BATCH,
+    RECENT_MAX_BATCH,
     REQUEST_ID_MEMORY,
+    AppendRequest,
+    MessageRules,
+    SessionBackend,
     check_calibration,
+    check_from_seq,
     check_listing_limit,
-    check_new_session,
-    check_request_id,
-    copy_messages,
     decode_page_token,
     encode_page_token,
     export_lines,
     hash_not_found,
+    named_tool_call_ids,
+    new_fork,
     now_micros,
     page_size_or_default,
-    parse_export,
     reused_request_id,
     session_not_found,
 )
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
-from services.session.validation import validate_messages
-from threadline.errors import (
-    AlreadyExists,
-    HeadMismatch,
-    InvalidArgument,
-    Unavailable,
-)
-from threadline.ids import new_session_id, validate_session_id
+from threadline.errors import AlreadyExists, HeadMismatch
+from threadline.ids import validate_session_id
 from threadline.logs import get_logger
-from threadline.sqlite import SqliteThread, open_database
-from threadline.sqlite import transaction as _transaction
+from threadline.sqlite import SqliteDatabase, transaction
 from threadline.v1 import common_pb2, session_pb2
 
 _log = get_logger(__name__)
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-#: Forward migrations; entry N takes the schema from user_version N to N+1. Append
-#: only: a released migration never changes, since databases already ran it.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        # Timestamps are integer microseconds since the epoch (UTC): the precision
-        # the chain hashes, so a message read back hashes to its stored hash.
-        """
-        CREATE TABLE sessions (
-            id TEXT PRIMARY KEY,
-            tenant TEXT NOT NULL,
-            title TEXT NOT NULL,
-            model TEXT NOT NULL,
-            system_prompt TEXT NOT NULL,
-            metadata_json TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
-            updated_at INTEGER NOT NULL,
-            head TEXT NOT NULL,
-            message_count INTEGER NOT NULL,
-            forked_from TEXT NOT NULL DEFAULT '',
-            compacted_from TEXT NOT NULL DEFAULT ''
-        ) STRICT
-        """,
-        "CREATE INDEX sessions_by_tenant_updated ON sessions (tenant, updated_at DESC, id DESC)",
-        """
-        CREATE TABLE messages (
-            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-            seq INTEGER NOT NULL,
-            id TEXT NOT NULL,
-            role INTEGER NOT NULL,
-            content TEXT NOT NULL,
-            tool_calls_json TEXT NOT NULL,
-            tool_call_id TEXT NOT NULL,
-            name TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
-            interrupted INTEGER NOT NULL,
-            token_count INTEGER NOT NULL,
-            parent_hash TEXT NOT NULL,
-            hash TEXT NOT NULL,
-            PRIMARY KEY (session_id, seq)
-        ) STRICT
-        """,
-        # first_user_message without scanning a long session.
-        "CREATE INDEX messages_by_role ON messages (session_id, role, seq)",
-        # Every tool call id of a session, so validating a tool result is an index
-        # lookup instead of a scan of every assistant message. Anything that copies
-        # messages between sessions (fork, compaction) copies these rows too.
-        """
-        CREATE TABLE tool_calls (
-            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-            call_id TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            PRIMARY KEY (session_id, call_id)
-        ) STRICT, WITHOUT ROWID
-        """,
-    ),
-    (
-        # The result of every append made with a request id (the newest
-        # REQUEST_ID_MEMORY per session), so a client retry after a lost reply gets
-        # the first result back instead of appending twice. The messages themselves
-        # are read back from the log by [first_seq, first_seq + message_count).
-        """
-        CREATE TABLE append_requests (
-            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-            request_id TEXT NOT NULL,
-            fingerprint TEXT NOT NULL,
-            first_seq INTEGER NOT NULL,
-            message_count INTEGER NOT NULL,
-            head TEXT NOT NULL,
-            PRIMARY KEY (session_id, request_id)
-        ) STRICT, WITHOUT ROWID
-        """,
-        # Pruning finds the oldest results of a session without a scan.
-        "CREATE INDEX append_requests_by_seq ON append_requests (session_id, first_seq)",
-        # Retention walks every tenant's sessions oldest first.
-        "CREATE INDEX sessions_by_updated ON sessions (updated_at, id)",
-        """
-        CREATE TABLE calibration (
-            model TEXT PRIMARY KEY,
-            chars_per_token REAL NOT NULL,
-            updated_at INTEGER NOT NULL
-        ) STRICT
-        """,
-    ),
-)
-
-SCHEMA_VERSION = len(MIGRATIONS)
 
 _SESSION_COLUMNS = (
     "id, tenant, title, model, system_prompt, metadata_json, created_at, updated_at, "
@@ -150,15 +61,8 @@ _MESSAGE_COLUMNS = (
     "token_count, parent_hash, hash"
 )
 
-# recent() starts small because a context usually needs only the last few
-# messages, and grows so a long walk back costs few round trips to the worker.
-_RECENT_FIRST_BATCH = 32
-_RECENT_MAX_BATCH = 1024
-
 # Below SQLite's default SQLITE_MAX_VARIABLE_NUMBER on every version still in use.
 _IN_CHUNK = 500
-
-_INT32_MAX = 2**31 - 1
 
 #: Every table whose rows belong to one session (all keyed by session_id first).
 _SESSION_CHILD_TABLES = ("messages", "tool_calls", "append_requests")
@@ -264,7 +168,321 @@ def _insert_messages(
     )
 
 
-class SqliteSessionStore:
+# -- statements, each run on the worker thread ------------------------------------------
+
+
+def _insert_new(
+    conn: sqlite3.Connection, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
+) -> None:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        _insert_session(conn, session)
+        _insert_messages(conn, session.id, batch)
+
+
+def _session_row(conn: sqlite3.Connection, tenant: str, session_id: str) -> sqlite3.Row:
+    row: sqlite3.Row | None = conn.execute(
+        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND tenant = ?",
+        (session_id, tenant),
+    ).fetchone()
+    if row is None:
+        raise session_not_found(session_id)
+    return row
+
+
+def _get(conn: sqlite3.Connection, tenant: str, session_id: str) -> session_pb2.Session:
+    return _session_from_row(_session_row(conn, tenant, session_id))
+
+
+def _list(
+    conn: sqlite3.Connection, tenant: str, limit: int, after: tuple[int, str] | None
+) -> builtins.list[session_pb2.Session]:
+    if after is None:
+        rows = conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = ? "
+            "ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (tenant, limit),
+        ).fetchall()
+    else:
+        updated_at, last_id = after
+        rows = conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = ? "
+            "AND (updated_at < ? OR (updated_at = ? AND id < ?)) "
+            "ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (tenant, updated_at, updated_at, last_id, limit),
+        ).fetchall()
+    return [_session_from_row(row) for row in rows]
+
+
+def _messages(
+    conn: sqlite3.Connection, tenant: str, session_id: str, from_seq: int
+) -> builtins.list[common_pb2.Message]:
+    with transaction(conn):
+        _session_row(conn, tenant, session_id)
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq >= ? "
+            "ORDER BY seq",
+            (session_id, from_seq),
+        ).fetchall()
+    return [_message_from_row(row) for row in rows]
+
+
+def _page_before(
+    conn: sqlite3.Connection, session_id: str, before_seq: int, limit: int
+) -> builtins.list[common_pb2.Message]:
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ? "
+        "ORDER BY seq DESC LIMIT ?",
+        (session_id, before_seq, limit),
+    ).fetchall()
+    return [_message_from_row(row) for row in rows]
+
+
+def _first_user_message(
+    conn: sqlite3.Connection, tenant: str, session_id: str
+) -> common_pb2.Message | None:
+    with transaction(conn):
+        _session_row(conn, tenant, session_id)
+        row: sqlite3.Row | None = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND role = ? "
+            "ORDER BY seq LIMIT 1",
+            (session_id, common_pb2.ROLE_USER),
+        ).fetchone()
+    return None if row is None else _message_from_row(row)
+
+
+def _known_tool_call_ids(
+    conn: sqlite3.Connection, session_id: str, batch: Sequence[common_pb2.Message]
+) -> set[str]:
+    wanted = named_tool_call_ids(batch)
+    known: set[str] = set()
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT call_id FROM tool_calls WHERE session_id = ? AND call_id IN ({marks})",
+            (session_id, *chunk),
+        ).fetchall()
+        known.update(row[0] for row in rows)
+    return known
+
+
+def _append(
+    conn: sqlite3.Connection, rules: MessageRules, request: AppendRequest
+) -> tuple[str, builtins.list[common_pb2.Message]]:
+    session_id, batch = request.session_id, request.batch
+    # IMMEDIATE takes the write lock up front, so the request id and head read
+    # below cannot change before the commit.
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        row = _session_row(conn, request.tenant, session_id)
+        # Before the head: a retry whose first attempt landed must get that
+        # result, although the head has moved (by that very append).
+        prior = _prior_result(conn, request)
+        if prior is not None:
+            return prior
+        head: str = row["head"]
+        if head != request.expected_head:
+            raise HeadMismatch(session_id, request.expected_head, head)
+        first_seq: int = row["message_count"]
+        head, now = rules.seal_append(
+            batch,
+            head=head,
+            first_seq=first_seq,
+            known_tool_call_ids=_known_tool_call_ids(conn, session_id, batch),
+        )
+        _insert_messages(conn, session_id, batch)
+        conn.execute(
+            "UPDATE sessions SET head = ?, message_count = ?, updated_at = ? WHERE id = ?",
+            (head, first_seq + len(batch), now, session_id),
+        )
+        if request.request_id:
+            _remember_request(conn, request, first_seq, head)
+    return head, batch
+
+
+def _prior_result(
+    conn: sqlite3.Connection, request: AppendRequest
+) -> tuple[str, builtins.list[common_pb2.Message]] | None:
+    """The result of an earlier append with this request id, if one is remembered."""
+    if not request.request_id:
+        return None
+    prior: sqlite3.Row | None = conn.execute(
+        "SELECT fingerprint, first_seq, message_count, head FROM append_requests "
+        "WHERE session_id = ? AND request_id = ?",
+        (request.session_id, request.request_id),
+    ).fetchone()
+    if prior is None:
+        return None
+    if prior["fingerprint"] != request.fingerprint:
+        raise reused_request_id(request.request_id)
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? "
+        "AND seq >= ? AND seq < ? ORDER BY seq",
+        (
+            request.session_id,
+            prior["first_seq"],
+            prior["first_seq"] + prior["message_count"],
+        ),
+    ).fetchall()
+    return prior["head"], [_message_from_row(r) for r in rows]
+
+
+def _remember_request(
+    conn: sqlite3.Connection, request: AppendRequest, first_seq: int, head: str
+) -> None:
+    session_id = request.session_id
+    conn.execute(
+        "INSERT INTO append_requests (session_id, request_id, fingerprint, "
+        "first_seq, message_count, head) VALUES (?, ?, ?, ?, ?, ?)",
+        (session_id, request.request_id, request.fingerprint, first_seq, len(request.batch), head),
+    )
+    # Keeps exactly the newest REQUEST_ID_MEMORY: first_seq grows with every
+    # append, so it orders a session's results by age.
+    conn.execute(
+        "DELETE FROM append_requests WHERE session_id = ? AND first_seq < ("
+        "SELECT first_seq FROM append_requests WHERE session_id = ? "
+        "ORDER BY first_seq DESC LIMIT 1 OFFSET ?)",
+        (session_id, session_id, REQUEST_ID_MEMORY - 1),
+    )
+
+
+def _fork(
+    conn: sqlite3.Connection, tenant: str, session_id: str, at_hash: str
+) -> session_pb2.Session:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        source = _session_from_row(_session_row(conn, tenant, session_id))
+        count = 0
+        if at_hash:
+            found: sqlite3.Row | None = conn.execute(
+                "SELECT seq FROM messages WHERE session_id = ? AND hash = ?",
+                (session_id, at_hash),
+            ).fetchone()
+            if found is None:
+                raise hash_not_found(session_id, at_hash)
+            count = found["seq"] + 1
+        fork = new_fork(source, at_hash, count)
+        _insert_session(conn, fork)
+        # Copied inside SQLite: a long prefix never crosses into Python.
+        conn.execute(
+            f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) "
+            f"SELECT ?, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ?",
+            (fork.id, session_id, count),
+        )
+        conn.execute(
+            "INSERT INTO tool_calls (session_id, call_id, seq) "
+            "SELECT ?, call_id, seq FROM tool_calls WHERE session_id = ? AND seq < ?",
+            (fork.id, session_id, count),
+        )
+    return fork
+
+
+def _delete(conn: sqlite3.Connection, tenant: str, session_id: str) -> None:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        _session_row(conn, tenant, session_id)
+        # Explicit rather than left to ON DELETE CASCADE, which only acts while
+        # foreign_keys is on: a file touched by a tool without it stays correct.
+        for table in _SESSION_CHILD_TABLES:
+            conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+        conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+
+def _export(
+    conn: sqlite3.Connection, tenant: str, session_id: str
+) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
+    # One read transaction: the header's head matches the messages exported.
+    with transaction(conn):
+        session = _session_from_row(_session_row(conn, tenant, session_id))
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq",
+            (session_id,),
+        ).fetchall()
+    return session, [_message_from_row(row) for row in rows]
+
+
+def _import(
+    conn: sqlite3.Connection, session: session_pb2.Session, messages: Sequence[common_pb2.Message]
+) -> None:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        taken = conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session.id,)).fetchone()
+        if taken is not None:
+            raise AlreadyExists(
+                f"session {session.id} already exists", details={"session_id": session.id}
+            )
+        # Orphaned rows of an earlier session with this id would collide.
+        for table in _SESSION_CHILD_TABLES:
+            conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session.id,))
+        _insert_session(conn, session)
+        _insert_messages(conn, session.id, messages)
+
+
+def _expired(
+    conn: sqlite3.Connection, idle_before: int, limit: int
+) -> builtins.list[tuple[str, str]]:
+    rows = conn.execute(
+        "SELECT tenant, id FROM sessions WHERE updated_at < ? ORDER BY updated_at, id LIMIT ?",
+        (idle_before, limit),
+    ).fetchall()
+    return [(row["tenant"], row["id"]) for row in rows]
+
+
+def _beyond_cap(conn: sqlite3.Connection, tenant: str, cap: int) -> builtins.list[str]:
+    rows = conn.execute(
+        "SELECT id FROM sessions WHERE tenant = ? "
+        "ORDER BY updated_at DESC, id DESC LIMIT -1 OFFSET ?",
+        (tenant, cap),
+    ).fetchall()
+    return [row["id"] for row in reversed(rows)]
+
+
+def _orphans(conn: sqlite3.Connection, table: str, after: str) -> tuple[builtins.list[str], str]:
+    """Up to _ORPHAN_STEP distinct session ids of `table` after `after`, those
+    without a session; and where to go on from ("" at the end)."""
+    orphans: builtins.list[str] = []
+    for _ in range(_ORPHAN_STEP):
+        # One index seek per distinct session: a skip scan, not a table scan.
+        row = conn.execute(
+            f"SELECT session_id FROM {table} WHERE session_id > ? ORDER BY session_id LIMIT 1",
+            (after,),
+        ).fetchone()
+        if row is None:
+            return orphans, ""
+        after = row[0]
+        if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (after,)).fetchone() is None:
+            orphans.append(after)
+    return orphans, after
+
+
+def _remove_orphan(conn: sqlite3.Connection, table: str, session_id: str) -> int:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        # Re-checked under the write lock: an import may have re-created the id.
+        cursor = conn.execute(
+            f"DELETE FROM {table} WHERE session_id = ? "
+            "AND NOT EXISTS (SELECT 1 FROM sessions WHERE id = ?)",
+            (session_id, session_id),
+        )
+    return cursor.rowcount
+
+
+def _calibration(conn: sqlite3.Connection, model: str) -> float | None:
+    row = conn.execute(
+        "SELECT chars_per_token FROM calibration WHERE model = ?", (model,)
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
+def _set_calibration(conn: sqlite3.Connection, model: str, chars_per_token: float) -> None:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        conn.execute(
+            "INSERT INTO calibration (model, chars_per_token, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (model) DO UPDATE SET chars_per_token = excluded.chars_per_token, "
+            "updated_at = excluded.updated_at",
+            (model, chars_per_token, now_micros()),
+        )
+
+
+# -- the store --------------------------------------------------------------------------
+
+
+class SqliteSessionStore(SessionBackend):
     """SessionStore on a SQLite file. `await open()` before use, `await close()` after.
 
     Also an async context manager that opens and closes it.
@@ -279,21 +497,22 @@ class SqliteSessionStore:
         estimator: TokenEstimator = DEFAULT_ESTIMATOR,
         busy_timeout_ms: int = 5_000,
     ) -> None:
+        super().__init__(MessageRules(max_message_chars, max_messages_per_append, estimator))
         self.path = path
-        self.max_message_chars = max_message_chars
-        self.max_messages_per_append = max_messages_per_append
-        self._estimator = estimator
-        self._busy_timeout_ms = busy_timeout_ms
-        self._thread = SqliteThread("session store", "session-sqlite")
-        # Created, used and closed on the worker thread only.
-        self._conn: sqlite3.Connection | None = None
+        self._db = SqliteDatabase(
+            path,
+            name="session store",
+            thread_name="session-sqlite",
+            migrations=MIGRATIONS,
+            busy_timeout_ms=busy_timeout_ms,
+        )
 
     async def open(self) -> None:
         """Open the file, set the pragmas and apply pending migrations."""
-        await self._thread.start(self._open_sync)
+        await self._db.open()
 
     async def close(self) -> None:
-        await self._thread.stop(self._close_sync)
+        await self._db.close()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -307,66 +526,35 @@ class SqliteSessionStore:
     ) -> None:
         await self.close()
 
-    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._thread.run(fn, *args, **kwargs)
+    # -- SessionBackend --------------------------------------------------------------
 
-    # -- SessionStore ---------------------------------------------------------
+    async def _store_new(
+        self, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
+    ) -> None:
+        await self._db.run(_insert_new, session, batch)
 
-    async def create(
-        self,
-        *,
-        tenant: str,
-        model: str,
-        system_prompt: str,
-        title: str,
-        metadata: Mapping[str, str],
-        forked_from: str = "",
-        compacted_from: str = "",
-        messages: Sequence[common_pb2.Message] = (),
-    ) -> session_pb2.Session:
-        check_new_session(tenant, forked_from, compacted_from)
-        batch = copy_messages(messages)
-        if batch:
-            # A new session knows no tool calls but those of its own batch.
-            validate_messages(
-                batch,
-                max_message_chars=self.max_message_chars,
-                max_messages=self.max_messages_per_append,
-            )
-        now = now_micros()
-        session = session_pb2.Session(
-            id=new_session_id(),
-            tenant=tenant,
-            title=title,
-            model=model,
-            system_prompt=system_prompt,
-            metadata=metadata,
-            forked_from=forked_from,
-            compacted_from=compacted_from,
-            message_count=len(batch),
-            head=seal_messages(
-                batch,
-                parent_hash=GENESIS_HASH,
-                first_seq=0,
-                now_micros=now,
-                token_count=self._token_count,
-            ),
-        )
-        session.created_at.FromMicroseconds(now)
-        session.updated_at.FromMicroseconds(now)
-        await self._run(self._insert_session_sync, session, batch)
-        return session
+    async def _store_append(
+        self, request: AppendRequest
+    ) -> tuple[str, builtins.list[common_pb2.Message]]:
+        return await self._db.run(_append, self.rules, request)
+
+    async def _store_import(
+        self, session: session_pb2.Session, messages: Sequence[common_pb2.Message]
+    ) -> None:
+        await self._db.run(_import, session, messages)
+
+    # -- the rest of SessionStore -----------------------------------------------------
 
     async def get(self, tenant: str, session_id: str) -> session_pb2.Session:
         validate_session_id(session_id)
-        return await self._run(self._get_sync, tenant, session_id)
+        return await self._db.run(_get, tenant, session_id)
 
     async def list(
         self, tenant: str, *, page_size: int, page_token: str
     ) -> tuple[builtins.list[session_pb2.Session], str]:
         limit = page_size_or_default(page_size)
         after = decode_page_token(page_token) if page_token else None
-        sessions = await self._run(self._list_sync, tenant, limit + 1, after)
+        sessions = await self._db.run(_list, tenant, limit + 1, after)
         if len(sessions) <= limit:
             return sessions, ""
         sessions = sessions[:limit]
@@ -376,75 +564,49 @@ class SqliteSessionStore:
     async def messages(
         self, tenant: str, session_id: str, *, from_seq: int = 0
     ) -> builtins.list[common_pb2.Message]:
-        validate_session_id(session_id)
-        if from_seq < 0:
-            raise InvalidArgument(f"from_seq must be >= 0, got {from_seq}")
-        return await self._run(self._messages_sync, tenant, session_id, from_seq)
-
-    async def append(
-        self,
-        tenant: str,
-        session_id: str,
-        expected_head: str,
-        messages: Sequence[common_pb2.Message],
-        *,
-        request_id: str = "",
-    ) -> tuple[str, builtins.list[common_pb2.Message]]:
-        validate_session_id(session_id)
-        check_request_id(request_id)
-        batch = copy_messages(messages)
-        fingerprint = batch_fingerprint(batch) if request_id else ""
-        return await self._run(
-            self._append_sync, tenant, session_id, expected_head, batch, request_id, fingerprint
-        )
+        check_from_seq(session_id, from_seq)
+        return await self._db.run(_messages, tenant, session_id, from_seq)
 
     async def recent(
         self, tenant: str, session_id: str, *, before_seq: int | None = None
     ) -> AsyncIterator[common_pb2.Message]:
         validate_session_id(session_id)
-        count = (await self._run(self._get_sync, tenant, session_id)).message_count
+        count = (await self._db.run(_get, tenant, session_id)).message_count
         upper = count if before_seq is None else max(0, min(before_seq, count))
-        batch = _RECENT_FIRST_BATCH
+        batch = RECENT_FIRST_BATCH
         while upper > 0:
-            page = await self._run(self._page_before_sync, session_id, upper, batch)
+            page = await self._db.run(_page_before, session_id, upper, batch)
             if not page:
                 return
             for msg in page:
                 yield msg
             upper = page[-1].seq
-            batch = min(batch * 2, _RECENT_MAX_BATCH)
+            batch = min(batch * 2, RECENT_MAX_BATCH)
 
     async def first_user_message(self, tenant: str, session_id: str) -> common_pb2.Message | None:
         validate_session_id(session_id)
-        return await self._run(self._first_user_message_sync, tenant, session_id)
+        return await self._db.run(_first_user_message, tenant, session_id)
 
     async def fork(self, tenant: str, session_id: str, at_hash: str) -> session_pb2.Session:
         validate_session_id(session_id)
-        return await self._run(self._fork_sync, tenant, session_id, at_hash)
+        return await self._db.run(_fork, tenant, session_id, at_hash)
 
     async def delete(self, tenant: str, session_id: str) -> None:
         validate_session_id(session_id)
-        await self._run(self._delete_sync, tenant, session_id)
+        await self._db.run(_delete, tenant, session_id)
 
     async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
         validate_session_id(session_id)
-        session, messages = await self._run(self._export_sync, tenant, session_id)
+        session, messages = await self._db.run(_export, tenant, session_id)
         return export_lines(session, messages)
-
-    async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
-        check_new_session(tenant, "", "")
-        session, messages = parse_export(lines, max_message_chars=self.max_message_chars)
-        session.tenant = tenant
-        await self._run(self._import_sync, session, messages)
-        return session
 
     async def expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
         check_listing_limit("limit", limit)
-        return await self._run(self._expired_sync, idle_before_micros, limit)
+        return await self._db.run(_expired, idle_before_micros, limit)
 
     async def beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
         check_listing_limit("cap", cap)
-        return await self._run(self._beyond_cap_sync, tenant, cap)
+        return await self._db.run(_beyond_cap, tenant, cap)
 
     async def cleanup_orphans(self) -> int:
         # Walked in short steps, each one call on the worker, so appends queued
@@ -453,9 +615,9 @@ class SqliteSessionStore:
         for table in _SESSION_CHILD_TABLES:
             after = ""
             while True:
-                orphans, after = await self._run(self._orphans_sync, table, after)
+                orphans, after = await self._db.run(_orphans, table, after)
                 for session_id in orphans:
-                    removed += await self._run(self._remove_orphan_sync, table, session_id)
+                    removed += await self._db.run(_remove_orphan, table, session_id)
                 if not after:
                     break
         if removed:
@@ -463,360 +625,8 @@ class SqliteSessionStore:
         return removed
 
     async def calibration(self, model: str) -> float | None:
-        return await self._run(self._calibration_sync, model)
+        return await self._db.run(_calibration, model)
 
     async def set_calibration(self, model: str, chars_per_token: float) -> None:
         check_calibration(model, chars_per_token)
-        await self._run(self._set_calibration_sync, model, chars_per_token)
-
-    def _token_count(self, msg: common_pb2.Message) -> int:
-        return min(self._estimator.estimate(msg), _INT32_MAX)
-
-    # -- worker thread ----------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise Unavailable("session store is not open")
-        return self._conn
-
-    def _open_sync(self) -> None:
-        self._conn = open_database(
-            self.path,
-            name="session store",
-            migrations=MIGRATIONS,
-            busy_timeout_ms=self._busy_timeout_ms,
-            foreign_keys=True,
-        )
-
-    def _close_sync(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            # Keeps the query planner's statistics current, cheaply, as SQLite advises.
-            conn.execute("PRAGMA optimize")
-        finally:
-            conn.close()
-
-    def _insert_session_sync(
-        self, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
-    ) -> None:
-        conn = self._connection()
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            _insert_session(conn, session)
-            _insert_messages(conn, session.id, batch)
-
-    def _session_row(self, conn: sqlite3.Connection, tenant: str, session_id: str) -> sqlite3.Row:
-        row: sqlite3.Row | None = conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND tenant = ?",
-            (session_id, tenant),
-        ).fetchone()
-        if row is None:
-            raise session_not_found(session_id)
-        return row
-
-    def _get_sync(self, tenant: str, session_id: str) -> session_pb2.Session:
-        conn = self._connection()
-        return _session_from_row(self._session_row(conn, tenant, session_id))
-
-    def _list_sync(
-        self, tenant: str, limit: int, after: tuple[int, str] | None
-    ) -> builtins.list[session_pb2.Session]:
-        conn = self._connection()
-        if after is None:
-            rows = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = ? "
-                "ORDER BY updated_at DESC, id DESC LIMIT ?",
-                (tenant, limit),
-            ).fetchall()
-        else:
-            updated_at, last_id = after
-            rows = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = ? "
-                "AND (updated_at < ? OR (updated_at = ? AND id < ?)) "
-                "ORDER BY updated_at DESC, id DESC LIMIT ?",
-                (tenant, updated_at, updated_at, last_id, limit),
-            ).fetchall()
-        return [_session_from_row(row) for row in rows]
-
-    def _messages_sync(
-        self, tenant: str, session_id: str, from_seq: int
-    ) -> builtins.list[common_pb2.Message]:
-        conn = self._connection()
-        with _transaction(conn):
-            self._session_row(conn, tenant, session_id)
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq >= ? "
-                "ORDER BY seq",
-                (session_id, from_seq),
-            ).fetchall()
-        return [_message_from_row(row) for row in rows]
-
-    def _page_before_sync(
-        self, session_id: str, before_seq: int, limit: int
-    ) -> builtins.list[common_pb2.Message]:
-        rows = (
-            self._connection()
-            .execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ? "
-                "ORDER BY seq DESC LIMIT ?",
-                (session_id, before_seq, limit),
-            )
-            .fetchall()
-        )
-        return [_message_from_row(row) for row in rows]
-
-    def _first_user_message_sync(self, tenant: str, session_id: str) -> common_pb2.Message | None:
-        conn = self._connection()
-        with _transaction(conn):
-            self._session_row(conn, tenant, session_id)
-            row: sqlite3.Row | None = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND role = ? "
-                "ORDER BY seq LIMIT 1",
-                (session_id, common_pb2.ROLE_USER),
-            ).fetchone()
-        return None if row is None else _message_from_row(row)
-
-    def _known_tool_call_ids(
-        self, conn: sqlite3.Connection, session_id: str, batch: Sequence[common_pb2.Message]
-    ) -> set[str]:
-        # Only the ids this batch mentions matter: results it answers, calls it makes.
-        wanted = sorted(
-            {msg.tool_call_id for msg in batch if msg.tool_call_id}
-            | {call.id for msg in batch for call in msg.tool_calls if call.id}
-        )
-        known: set[str] = set()
-        for start in range(0, len(wanted), _IN_CHUNK):
-            chunk = wanted[start : start + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            rows = conn.execute(
-                f"SELECT call_id FROM tool_calls WHERE session_id = ? AND call_id IN ({marks})",
-                (session_id, *chunk),
-            ).fetchall()
-            known.update(row[0] for row in rows)
-        return known
-
-    def _append_sync(
-        self,
-        tenant: str,
-        session_id: str,
-        expected_head: str,
-        batch: builtins.list[common_pb2.Message],
-        request_id: str,
-        fingerprint: str,
-    ) -> tuple[str, builtins.list[common_pb2.Message]]:
-        conn = self._connection()
-        # IMMEDIATE takes the write lock up front, so the request id and head read
-        # below cannot change before the commit.
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            row = self._session_row(conn, tenant, session_id)
-            if request_id:
-                # Before the head: a retry whose first attempt landed must get that
-                # result, although the head has moved (by that very append).
-                prior: sqlite3.Row | None = conn.execute(
-                    "SELECT fingerprint, first_seq, message_count, head FROM append_requests "
-                    "WHERE session_id = ? AND request_id = ?",
-                    (session_id, request_id),
-                ).fetchone()
-                if prior is not None:
-                    if prior["fingerprint"] != fingerprint:
-                        raise reused_request_id(request_id)
-                    rows = conn.execute(
-                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? "
-                        "AND seq >= ? AND seq < ? ORDER BY seq",
-                        (
-                            session_id,
-                            prior["first_seq"],
-                            prior["first_seq"] + prior["message_count"],
-                        ),
-                    ).fetchall()
-                    return prior["head"], [_message_from_row(r) for r in rows]
-            head: str = row["head"]
-            if head != expected_head:
-                raise HeadMismatch(session_id, expected_head, head)
-            validate_messages(
-                batch,
-                max_message_chars=self.max_message_chars,
-                max_messages=self.max_messages_per_append,
-                known_tool_call_ids=self._known_tool_call_ids(conn, session_id, batch),
-            )
-            now = now_micros()
-            first_seq: int = row["message_count"]
-            head = seal_messages(
-                batch,
-                parent_hash=head,
-                first_seq=first_seq,
-                now_micros=now,
-                token_count=self._token_count,
-            )
-            _insert_messages(conn, session_id, batch)
-            conn.execute(
-                "UPDATE sessions SET head = ?, message_count = ?, updated_at = ? WHERE id = ?",
-                (head, first_seq + len(batch), now, session_id),
-            )
-            if request_id:
-                conn.execute(
-                    "INSERT INTO append_requests (session_id, request_id, fingerprint, "
-                    "first_seq, message_count, head) VALUES (?, ?, ?, ?, ?, ?)",
-                    (session_id, request_id, fingerprint, first_seq, len(batch), head),
-                )
-                # Keeps exactly the newest REQUEST_ID_MEMORY: first_seq grows with every
-                # append, so it orders a session's results by age.
-                conn.execute(
-                    "DELETE FROM append_requests WHERE session_id = ? AND first_seq < ("
-                    "SELECT first_seq FROM append_requests WHERE session_id = ? "
-                    "ORDER BY first_seq DESC LIMIT 1 OFFSET ?)",
-                    (session_id, session_id, REQUEST_ID_MEMORY - 1),
-                )
-        return head, batch
-
-    def _fork_sync(self, tenant: str, session_id: str, at_hash: str) -> session_pb2.Session:
-        conn = self._connection()
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            source = _session_from_row(self._session_row(conn, tenant, session_id))
-            count = 0
-            if at_hash:
-                found: sqlite3.Row | None = conn.execute(
-                    "SELECT seq FROM messages WHERE session_id = ? AND hash = ?",
-                    (session_id, at_hash),
-                ).fetchone()
-                if found is None:
-                    raise hash_not_found(session_id, at_hash)
-                count = found["seq"] + 1
-            now = now_micros()
-            fork = session_pb2.Session(
-                id=new_session_id(),
-                tenant=tenant,
-                title=source.title,
-                model=source.model,
-                system_prompt=source.system_prompt,
-                metadata=source.metadata,
-                head=at_hash,
-                message_count=count,
-                forked_from=session_id,
-            )
-            fork.created_at.FromMicroseconds(now)
-            fork.updated_at.FromMicroseconds(now)
-            _insert_session(conn, fork)
-            # Copied inside SQLite: a long prefix never crosses into Python.
-            conn.execute(
-                f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) "
-                f"SELECT ?, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ?",
-                (fork.id, session_id, count),
-            )
-            conn.execute(
-                "INSERT INTO tool_calls (session_id, call_id, seq) "
-                "SELECT ?, call_id, seq FROM tool_calls WHERE session_id = ? AND seq < ?",
-                (fork.id, session_id, count),
-            )
-        return fork
-
-    def _delete_sync(self, tenant: str, session_id: str) -> None:
-        conn = self._connection()
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            self._session_row(conn, tenant, session_id)
-            # Explicit rather than left to ON DELETE CASCADE, which only acts while
-            # foreign_keys is on: a file touched by a tool without it stays correct.
-            for table in _SESSION_CHILD_TABLES:
-                conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
-            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-
-    def _export_sync(
-        self, tenant: str, session_id: str
-    ) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
-        conn = self._connection()
-        # One read transaction: the header's head matches the messages exported.
-        with _transaction(conn):
-            session = _session_from_row(self._session_row(conn, tenant, session_id))
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq",
-                (session_id,),
-            ).fetchall()
-        return session, [_message_from_row(row) for row in rows]
-
-    def _import_sync(
-        self, session: session_pb2.Session, messages: Sequence[common_pb2.Message]
-    ) -> None:
-        conn = self._connection()
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            taken = conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session.id,)).fetchone()
-            if taken is not None:
-                raise AlreadyExists(
-                    f"session {session.id} already exists", details={"session_id": session.id}
-                )
-            # Orphaned rows of an earlier session with this id would collide.
-            for table in _SESSION_CHILD_TABLES:
-                conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session.id,))
-            _insert_session(conn, session)
-            _insert_messages(conn, session.id, messages)
-
-    def _expired_sync(self, idle_before: int, limit: int) -> builtins.list[tuple[str, str]]:
-        rows = (
-            self._connection()
-            .execute(
-                "SELECT tenant, id FROM sessions WHERE updated_at < ? "
-                "ORDER BY updated_at, id LIMIT ?",
-                (idle_before, limit),
-            )
-            .fetchall()
-        )
-        return [(row["tenant"], row["id"]) for row in rows]
-
-    def _beyond_cap_sync(self, tenant: str, cap: int) -> builtins.list[str]:
-        rows = (
-            self._connection()
-            .execute(
-                "SELECT id FROM sessions WHERE tenant = ? "
-                "ORDER BY updated_at DESC, id DESC LIMIT -1 OFFSET ?",
-                (tenant, cap),
-            )
-            .fetchall()
-        )
-        return [row["id"] for row in reversed(rows)]
-
-    def _orphans_sync(self, table: str, after: str) -> tuple[builtins.list[str], str]:
-        """Up to _ORPHAN_STEP distinct session ids of `table` after `after`, those
-        without a session; and where to go on from ("" at the end)."""
-        conn = self._connection()
-        orphans: builtins.list[str] = []
-        for _ in range(_ORPHAN_STEP):
-            # One index seek per distinct session: a skip scan, not a table scan.
-            row = conn.execute(
-                f"SELECT session_id FROM {table} WHERE session_id > ? ORDER BY session_id LIMIT 1",
-                (after,),
-            ).fetchone()
-            if row is None:
-                return orphans, ""
-            after = row[0]
-            if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (after,)).fetchone() is None:
-                orphans.append(after)
-        return orphans, after
-
-    def _remove_orphan_sync(self, table: str, session_id: str) -> int:
-        conn = self._connection()
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            # Re-checked under the write lock: an import may have re-created the id.
-            cursor = conn.execute(
-                f"DELETE FROM {table} WHERE session_id = ? "
-                "AND NOT EXISTS (SELECT 1 FROM sessions WHERE id = ?)",
-                (session_id, session_id),
-            )
-        return cursor.rowcount
-
-    def _calibration_sync(self, model: str) -> float | None:
-        row = (
-            self._connection()
-            .execute("SELECT chars_per_token FROM calibration WHERE model = ?", (model,))
-            .fetchone()
-        )
-        return None if row is None else float(row[0])
-
-    def _set_calibration_sync(self, model: str, chars_per_token: float) -> None:
-        conn = self._connection()
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            conn.execute(
-                "INSERT INTO calibration (model, chars_per_token, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (model) DO UPDATE SET chars_per_token = excluded.chars_per_token, "
-                "updated_at = excluded.updated_at",
-                (model, chars_per_token, now_micros()),
-            )
+        await self._db.run(_set_calibration, model, chars_per_token)

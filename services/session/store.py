@@ -4,28 +4,33 @@ A session is an append-only, hash-chained log of messages owned by one tenant.
 Every method takes the tenant: another tenant's session is NotFound, with the
 same message as a missing one, so ids never leak across tenants.
 
-Below the interface: the rules and formats every backend shares (paging, the
-export format, limits), kept here once so that both backends behave alike and
-the conformance suite can hold them to it.
+Below the interface: `SessionBackend`, the half of a store every backend shares
+(argument checks, message validation, sealing: a backend subclasses it and
+stores), and the rules and formats every backend shares (paging, the export
+format, limits), kept here once so that the backends behave alike and the
+conformance suite can hold them to it.
 """
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import builtins
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf import json_format
 
-from services.session.chain import GENESIS_HASH, verify_chain
+from services.session.chain import GENESIS_HASH, batch_fingerprint, seal_messages, verify_chain
+from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
 from services.session.validation import validate_messages
 from threadline.errors import DataLoss, InvalidArgument, NotFound
-from threadline.ids import validate_session_id
+from threadline.ids import new_session_id, validate_session_id
 from threadline.v1 import common_pb2, session_pb2
 
 DEFAULT_PAGE_SIZE = 50
@@ -34,6 +39,14 @@ MAX_PAGE_SIZE = 500
 #: Appends remembered per session for idempotent retries (a backend may keep more).
 REQUEST_ID_MEMORY = 1_000
 MAX_REQUEST_ID_CHARS = 200
+
+# recent() starts small because a context usually needs only the last few
+# messages, and grows so a long walk back costs few round trips to the backend.
+RECENT_FIRST_BATCH = 32
+RECENT_MAX_BATCH = 1024
+
+# token_count is an int32 in the proto.
+_INT32_MAX = 2**31 - 1
 
 
 class SessionReader(Protocol):
@@ -181,6 +194,198 @@ class SessionStore(SessionReader, Protocol):
     async def close(self) -> None:
         """Release the backend; safe to call more than once."""
         ...
+
+
+# -- what every backend shares ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MessageRules:
+    """The limits a batch is held to and how its tokens are counted."""
+
+    max_message_chars: int = 32_000
+    max_messages_per_append: int = 64
+    estimator: TokenEstimator = DEFAULT_ESTIMATOR
+
+    def token_count(self, msg: common_pb2.Message) -> int:
+        return min(self.estimator.estimate(msg), _INT32_MAX)
+
+    def validate(
+        self,
+        batch: Sequence[common_pb2.Message],
+        known_tool_call_ids: Collection[str] = frozenset(),
+    ) -> None:
+        validate_messages(
+            batch,
+            max_message_chars=self.max_message_chars,
+            max_messages=self.max_messages_per_append,
+            known_tool_call_ids=known_tool_call_ids,
+        )
+
+    def seal(
+        self, batch: Sequence[common_pb2.Message], *, parent_hash: str, first_seq: int, now: int
+    ) -> str:
+        """Place the batch in the log after `parent_hash` (in place); the new head."""
+        return seal_messages(
+            batch,
+            parent_hash=parent_hash,
+            first_seq=first_seq,
+            now_micros=now,
+            token_count=self.token_count,
+        )
+
+    def seal_append(
+        self,
+        batch: Sequence[common_pb2.Message],
+        *,
+        head: str,
+        first_seq: int,
+        known_tool_call_ids: Collection[str],
+    ) -> tuple[str, int]:
+        """Validate an append's batch and seal it onto the session's head.
+
+        Returns the new head and the time of the append (the session's updated_at).
+        """
+        self.validate(batch, known_tool_call_ids)
+        now = now_micros()
+        return self.seal(batch, parent_hash=head, first_seq=first_seq, now=now), now
+
+
+@dataclass(frozen=True)
+class AppendRequest:
+    """An append past the checks every backend shares, for the backend to store."""
+
+    tenant: str
+    session_id: str
+    expected_head: str
+    #: The caller's messages, copied: the backend seals these in place.
+    batch: builtins.list[common_pb2.Message]
+    request_id: str
+    #: batch_fingerprint of the batch as sent, when there is a request id.
+    fingerprint: str
+
+
+class SessionBackend(abc.ABC):
+    """The part of a SessionStore every backend shares; a backend subclasses it.
+
+    Here: the argument checks, validation and sealing of `create`, `append` and
+    `import_session`. The subclass stores (`_store_new`, `_store_append`,
+    `_store_import`) and implements the rest of SessionStore.
+    """
+
+    def __init__(self, rules: MessageRules) -> None:
+        self.rules = rules
+
+    async def create(
+        self,
+        *,
+        tenant: str,
+        model: str,
+        system_prompt: str,
+        title: str,
+        metadata: Mapping[str, str],
+        forked_from: str = "",
+        compacted_from: str = "",
+        messages: Sequence[common_pb2.Message] = (),
+    ) -> session_pb2.Session:
+        check_new_session(tenant, forked_from, compacted_from)
+        batch = copy_messages(messages)
+        if batch:
+            # A new session knows no tool calls but those of its own batch.
+            self.rules.validate(batch)
+        now = now_micros()
+        session = session_pb2.Session(
+            id=new_session_id(),
+            tenant=tenant,
+            title=title,
+            model=model,
+            system_prompt=system_prompt,
+            metadata=metadata,
+            forked_from=forked_from,
+            compacted_from=compacted_from,
+            message_count=len(batch),
+            head=self.rules.seal(batch, parent_hash=GENESIS_HASH, first_seq=0, now=now),
+        )
+        session.created_at.FromMicroseconds(now)
+        session.updated_at.FromMicroseconds(now)
+        await self._store_new(session, batch)
+        return session
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        expected_head: str,
+        messages: Sequence[common_pb2.Message],
+        *,
+        request_id: str = "",
+    ) -> tuple[str, builtins.list[common_pb2.Message]]:
+        validate_session_id(session_id)
+        check_request_id(request_id)
+        batch = copy_messages(messages)
+        fingerprint = batch_fingerprint(batch) if request_id else ""
+        return await self._store_append(
+            AppendRequest(tenant, session_id, expected_head, batch, request_id, fingerprint)
+        )
+
+    async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
+        check_new_session(tenant, "", "")
+        session, messages = parse_export(lines, max_message_chars=self.rules.max_message_chars)
+        session.tenant = tenant
+        await self._store_import(session, messages)
+        return session
+
+    @abc.abstractmethod
+    async def _store_new(
+        self, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
+    ) -> None:
+        """Store a session made by create, with its sealed initial messages."""
+
+    @abc.abstractmethod
+    async def _store_append(
+        self, request: AppendRequest
+    ) -> tuple[str, builtins.list[common_pb2.Message]]:
+        """SessionStore.append from the tenant check on, atomically (use rules.seal_append)."""
+
+    @abc.abstractmethod
+    async def _store_import(
+        self, session: session_pb2.Session, messages: Sequence[common_pb2.Message]
+    ) -> None:
+        """Store an imported session as it is; AlreadyExists if its id is taken."""
+
+
+def new_fork(source: session_pb2.Session, at_hash: str, message_count: int) -> session_pb2.Session:
+    """The session a fork of `source` makes: its first `message_count` messages, up to at_hash."""
+    now = now_micros()
+    fork = session_pb2.Session(
+        id=new_session_id(),
+        tenant=source.tenant,
+        title=source.title,
+        model=source.model,
+        system_prompt=source.system_prompt,
+        metadata=source.metadata,
+        head=at_hash,
+        message_count=message_count,
+        forked_from=source.id,
+    )
+    fork.created_at.FromMicroseconds(now)
+    fork.updated_at.FromMicroseconds(now)
+    return fork
+
+
+def named_tool_call_ids(batch: Sequence[common_pb2.Message]) -> builtins.list[str]:
+    """The tool call ids a batch mentions (results it answers, calls it makes), sorted:
+    the only ones of the session's that validating it needs."""
+    return sorted(
+        {msg.tool_call_id for msg in batch if msg.tool_call_id}
+        | {call.id for msg in batch for call in msg.tool_calls if call.id}
+    )
+
+
+def check_from_seq(session_id: str, from_seq: int) -> None:
+    validate_session_id(session_id)
+    if from_seq < 0:
+        raise InvalidArgument(f"from_seq must be >= 0, got {from_seq}")
 
 
 # -- rules every backend shares ------------------------------------------------------

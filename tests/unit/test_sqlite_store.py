@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from services.session.chain import GENESIS_HASH, entry_hash, verify_chain
-from services.session.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SqliteSessionStore
+from services.session.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from services.session.sqlite_store import SqliteSessionStore
 from services.session.store import SessionStore
 from threadline.errors import (
     FailedPrecondition,

@@ -10,25 +10,21 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.executor.tasks.records import TASK_STATUSES, TaskRecord, TaskStatus
+from services.executor.tasks.sqlite_schema import MIGRATIONS
 from threadline.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-from threadline.sqlite import SqliteThread, open_database
-from threadline.sqlite import transaction as _transaction
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
+from threadline.sqlite import SqliteDatabase, transaction
 
 MAX_LIST_LIMIT = 1000
 
@@ -80,44 +76,6 @@ def _check_listing(status: str, limit: int) -> None:
 
 # -- SQLite ---------------------------------------------------------------------
 
-#: Forward migrations; entry N takes the schema from user_version N to N+1. Append only.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """
-        CREATE TABLE tasks (
-            id TEXT PRIMARY KEY,
-            tenant TEXT NOT NULL,
-            prompt TEXT NOT NULL,
-            agent_type TEXT NOT NULL,
-            runner TEXT NOT NULL,
-            workspace TEXT NOT NULL,
-            status TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            model TEXT NOT NULL,
-            tokens_in INTEGER NOT NULL,
-            tokens_out INTEGER NOT NULL,
-            cost REAL NOT NULL,
-            budget_tokens INTEGER NOT NULL,
-            exit_code INTEGER,
-            created_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL
-        ) STRICT
-        """,
-        "CREATE INDEX tasks_by_tenant ON tasks (tenant, created_at DESC, id DESC)",
-        "CREATE INDEX tasks_by_status ON tasks (status, created_at, id)",
-        """
-        CREATE TABLE task_logs (
-            task_id TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            line TEXT NOT NULL,
-            PRIMARY KEY (task_id, seq)
-        ) STRICT, WITHOUT ROWID
-        """,
-    ),
-)
-
-SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id",
@@ -150,151 +108,125 @@ def _task_from_row(row: sqlite3.Row) -> TaskRecord:
     return TaskRecord.from_dict({column: row[column] for column in _COLUMNS})
 
 
+def _create(conn: sqlite3.Connection, task: TaskRecord) -> None:
+    placeholders = ", ".join("?" for _ in _COLUMNS)
+    try:
+        conn.execute(
+            f"INSERT INTO tasks ({_COLUMN_LIST}) VALUES ({placeholders})", _row_values(task)
+        )
+    except sqlite3.IntegrityError as exc:
+        raise AlreadyExists(f"task {task.id} already exists", details={"task_id": task.id}) from exc
+
+
+def _get(conn: sqlite3.Connection, tenant: str, task_id: str) -> TaskRecord:
+    row = conn.execute(
+        f"SELECT {_COLUMN_LIST} FROM tasks WHERE id = ? AND tenant = ?", (task_id, tenant)
+    ).fetchone()
+    if row is None:
+        raise task_not_found(task_id)
+    return _task_from_row(row)
+
+
+def _list(
+    conn: sqlite3.Connection, tenant: str, status: str, limit: int
+) -> builtins.list[TaskRecord]:
+    sql = f"SELECT {_COLUMN_LIST} FROM tasks WHERE tenant = ?"
+    args: builtins.list[Any] = [tenant]
+    if status:
+        sql += " AND status = ?"
+        args.append(status)
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    args.append(limit)
+    return [_task_from_row(row) for row in conn.execute(sql, args)]
+
+
+def _update(conn: sqlite3.Connection, task: TaskRecord) -> None:
+    assignments = ", ".join(f"{column} = ?" for column in _COLUMNS[1:])
+    values = _row_values(task)
+    cursor = conn.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*values[1:], task.id))
+    if cursor.rowcount == 0:
+        raise task_not_found(task.id)
+
+
+def _by_status(conn: sqlite3.Connection, status: str) -> builtins.list[TaskRecord]:
+    rows = conn.execute(
+        f"SELECT {_COLUMN_LIST} FROM tasks WHERE status = ? ORDER BY created_at, id",
+        (status,),
+    )
+    return [_task_from_row(row) for row in rows]
+
+
+def _append_log(conn: sqlite3.Connection, task_id: str, line: str) -> int:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        seq = int(
+            conn.execute(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM task_logs WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()[0]
+        )
+        conn.execute(
+            "INSERT INTO task_logs (task_id, seq, line) VALUES (?, ?, ?)",
+            (task_id, seq, line),
+        )
+    return seq
+
+
+def _read_log(conn: sqlite3.Connection, task_id: str, after: int) -> builtins.list[tuple[int, str]]:
+    rows = conn.execute(
+        "SELECT seq, line FROM task_logs WHERE task_id = ? AND seq > ? ORDER BY seq",
+        (task_id, after),
+    )
+    return [(int(row["seq"]), str(row["line"])) for row in rows]
+
+
 class SqliteTaskStore:
     """TaskStore on a SQLite file. `await open()` before use, `await close()` after.
 
-    Same discipline as the session store: one worker thread owns the connection,
-    WAL, synchronous=FULL (an acknowledged transition survives a crash).
+    Same discipline as the session store (threadline.sqlite): one worker thread
+    owns the connection, WAL, synchronous=FULL (an acknowledged transition
+    survives a crash).
     """
 
     def __init__(self, path: Path, *, busy_timeout_ms: int = 5_000) -> None:
         self.path = path
-        self._busy_timeout_ms = busy_timeout_ms
-        self._thread = SqliteThread("task store", "task-sqlite")
-        # Created, used and closed on the worker thread only.
-        self._conn: sqlite3.Connection | None = None
+        self._db = SqliteDatabase(
+            path,
+            name="task store",
+            thread_name="task-sqlite",
+            migrations=MIGRATIONS,
+            busy_timeout_ms=busy_timeout_ms,
+        )
 
     async def open(self) -> None:
-        await self._thread.start(self._open_sync)
+        await self._db.open()
 
     async def close(self) -> None:
-        await self._thread.stop(self._close_sync)
-
-    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._thread.run(fn, *args, **kwargs)
-
-    # -- TaskStore --------------------------------------------------------------
+        await self._db.close()
 
     async def create(self, task: TaskRecord) -> None:
-        await self._run(self._create_sync, task)
+        await self._db.run(_create, task)
 
     async def get(self, tenant: str, task_id: str) -> TaskRecord:
-        return await self._run(self._get_sync, tenant, task_id)
+        return await self._db.run(_get, tenant, task_id)
 
     async def list(
         self, tenant: str, *, status: str = "", limit: int = 50
     ) -> builtins.list[TaskRecord]:
         _check_listing(status, limit)
-        return await self._run(self._list_sync, tenant, status, limit)
+        return await self._db.run(_list, tenant, status, limit)
 
     async def update(self, task: TaskRecord) -> None:
-        await self._run(self._update_sync, task)
+        await self._db.run(_update, task)
 
     async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
         _check_listing(status, 1)
-        return await self._run(self._by_status_sync, status)
+        return await self._db.run(_by_status, status)
 
     async def append_log(self, task_id: str, entry: dict[str, Any]) -> int:
-        return await self._run(self._append_log_sync, task_id, log_line(entry))
+        return await self._db.run(_append_log, task_id, log_line(entry))
 
     async def read_log(self, task_id: str, after: int = -1) -> builtins.list[tuple[int, str]]:
-        return await self._run(self._read_log_sync, task_id, after)
-
-    # -- worker thread ------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise Unavailable("task store is not open")
-        return self._conn
-
-    def _open_sync(self) -> None:
-        self._conn = open_database(
-            self.path,
-            name="task store",
-            migrations=MIGRATIONS,
-            busy_timeout_ms=self._busy_timeout_ms,
-            foreign_keys=False,
-        )
-
-    def _close_sync(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            conn.execute("PRAGMA optimize")
-        finally:
-            conn.close()
-
-    def _create_sync(self, task: TaskRecord) -> None:
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        try:
-            self._connection().execute(
-                f"INSERT INTO tasks ({_COLUMN_LIST}) VALUES ({placeholders})", _row_values(task)
-            )
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(
-                f"task {task.id} already exists", details={"task_id": task.id}
-            ) from exc
-
-    def _get_sync(self, tenant: str, task_id: str) -> TaskRecord:
-        row = (
-            self._connection()
-            .execute(
-                f"SELECT {_COLUMN_LIST} FROM tasks WHERE id = ? AND tenant = ?", (task_id, tenant)
-            )
-            .fetchone()
-        )
-        if row is None:
-            raise task_not_found(task_id)
-        return _task_from_row(row)
-
-    def _list_sync(self, tenant: str, status: str, limit: int) -> builtins.list[TaskRecord]:
-        sql = f"SELECT {_COLUMN_LIST} FROM tasks WHERE tenant = ?"
-        args: builtins.list[Any] = [tenant]
-        if status:
-            sql += " AND status = ?"
-            args.append(status)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        args.append(limit)
-        return [_task_from_row(row) for row in self._connection().execute(sql, args)]
-
-    def _update_sync(self, task: TaskRecord) -> None:
-        assignments = ", ".join(f"{column} = ?" for column in _COLUMNS[1:])
-        values = _row_values(task)
-        cursor = self._connection().execute(
-            f"UPDATE tasks SET {assignments} WHERE id = ?", (*values[1:], task.id)
-        )
-        if cursor.rowcount == 0:
-            raise task_not_found(task.id)
-
-    def _by_status_sync(self, status: str) -> builtins.list[TaskRecord]:
-        rows = self._connection().execute(
-            f"SELECT {_COLUMN_LIST} FROM tasks WHERE status = ? ORDER BY created_at, id",
-            (status,),
-        )
-        return [_task_from_row(row) for row in rows]
-
-    def _append_log_sync(self, task_id: str, line: str) -> int:
-        conn = self._connection()
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            seq = int(
-                conn.execute(
-                    "SELECT COALESCE(MAX(seq) + 1, 0) FROM task_logs WHERE task_id = ?",
-                    (task_id,),
-                ).fetchone()[0]
-            )
-            conn.execute(
-                "INSERT INTO task_logs (task_id, seq, line) VALUES (?, ?, ?)",
-                (task_id, seq, line),
-            )
-        return seq
-
-    def _read_log_sync(self, task_id: str, after: int) -> builtins.list[tuple[int, str]]:
-        rows = self._connection().execute(
-            "SELECT seq, line FROM task_logs WHERE task_id = ? AND seq > ? ORDER BY seq",
-            (task_id, after),
-        )
-        return [(int(row["seq"]), str(row["line"])) for row in rows]
+        return await self._db.run(_read_log, task_id, after)
 
 
 # -- Redis ----------------------------------------------------------------------
