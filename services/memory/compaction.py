@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from services.memory import transcript
 from services.memory.consolidation import JobResult, Summariser, SummaryModel
 from services.memory.sessions import SessionWriter
-from services.memory.store import SessionMemory, SqliteMemoryStore
+from services.memory.store import MemoryStore, SessionMemory
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2, session_pb2
 
@@ -123,7 +123,7 @@ def _copy(message: common_pb2.Message) -> common_pb2.Message:
 
 @dataclass
 class Compactor:
-    store: SqliteMemoryStore
+    store: MemoryStore
     sessions: SessionWriter
     llm: Summariser
     summaries: SummaryModel

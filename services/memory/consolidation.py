@@ -17,7 +17,7 @@ from typing import Protocol
 from services.memory import transcript
 from services.memory.pacing import Pacer
 from services.memory.sessions import SessionReader
-from services.memory.store import SqliteMemoryStore
+from services.memory.store import MemoryStore
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2
 
@@ -122,7 +122,7 @@ class SummaryModel:
 
 @dataclass
 class Consolidator:
-    store: SqliteMemoryStore
+    store: MemoryStore
     sessions: SessionReader
     summaries: SummaryModel
     max_failures: int = 3

@@ -19,7 +19,7 @@ from services.memory import transcript
 from services.memory.consolidation import JobResult, Summariser
 from services.memory.pacing import Pacer
 from services.memory.sessions import SessionReader
-from services.memory.store import Item, SqliteMemoryStore
+from services.memory.store import Item, MemoryStore
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2
 
@@ -133,7 +133,7 @@ def merge_all(stored: Sequence[Item], found: Sequence[Item]) -> list[Item]:
 
 @dataclass
 class Extractor:
-    store: SqliteMemoryStore
+    store: MemoryStore
     sessions: SessionReader
     llm: Summariser
     model: str

@@ -29,7 +29,7 @@ from services.memory.extraction import Extractor
 from services.memory.pacing import work_timeout
 from services.memory.queue import Delivery, JobQueue, LocalJobQueue
 from services.memory.sessions import SessionReader
-from services.memory.store import Activity, SqliteMemoryStore, now_us
+from services.memory.store import Activity, MemoryStore, now_us
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.leases import HeldLease, Leases
@@ -81,7 +81,7 @@ def _timestamp(us: int) -> Timestamp:
 
 @dataclass
 class MemoryJobs:
-    store: SqliteMemoryStore
+    store: MemoryStore
     sessions: SessionReader
     #: Consolidation and extraction; compaction has a queue (and workers) of its own
     #: so that a turn waiting for one never queues behind background work.

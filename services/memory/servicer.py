@@ -9,7 +9,7 @@ import grpc.aio
 from services.memory.jobs import JobKind, MemoryJobs
 from services.memory.pacing import TurnActivity
 from services.memory.recall import recall
-from services.memory.store import SqliteMemoryStore
+from services.memory.store import MemoryStore
 from threadline import errors
 from threadline.ids import validate_session_id
 from threadline.v1 import common_pb2, memory_pb2, memory_pb2_grpc
@@ -29,7 +29,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
     def __init__(
         self,
         jobs: MemoryJobs,
-        store: SqliteMemoryStore,
+        store: MemoryStore,
         *,
         wait_timeout_s: float,
         recall_budget_tokens: int,
