@@ -13,6 +13,7 @@ from services.session.tokens import TokenEstimator
 from threadline.config import ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
 from threadline.server import ServiceHost, build_server
+from threadline.store_urls import RedisUrl
 from threadline.v1 import session_pb2, session_pb2_grpc
 
 SERVICE: ServiceName = "session"
@@ -20,21 +21,20 @@ SERVICE: ServiceName = "session"
 
 async def open_store(settings: Settings) -> tuple[SessionStore, aioredis.Redis | None]:
     """The configured backend, open; and the Redis client to close after it, if any."""
-    database = settings.session.database
+    store_url = settings.store_url("session")
     max_chars = settings.session.max_message_chars
     max_messages = settings.session.max_messages_per_append
-    if database.startswith(("redis://", "rediss://")):
+    if isinstance(store_url, RedisUrl):
         from services.session.redis_store import RedisSessionStore
 
-        client = aioredis.from_url(database)
+        client = aioredis.from_url(store_url.url)
         redis_store = RedisSessionStore(
             client, max_message_chars=max_chars, max_messages_per_append=max_messages
         )
         return redis_store, client
-    path = settings.sqlite_path("session")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    store_url.path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteSessionStore(
-        path, max_message_chars=max_chars, max_messages_per_append=max_messages
+        store_url.path, max_message_chars=max_chars, max_messages_per_append=max_messages
     )
     await store.open()
     return store, None

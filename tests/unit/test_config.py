@@ -382,6 +382,23 @@ def test_sqlite_paths_can_be_configured(tmp_path: Path) -> None:
     assert settings.sqlite_path("memory") == tmp_path / "m.db"
 
 
+def test_memory_database_refuses_redis_at_load() -> None:
+    # Memory keeps its state in SQLite only: a Redis URL must not become a file path.
+    message = _error({"THREADLINE_MEMORY__DATABASE": "redis://redis:6379/0"})
+
+    assert "memory.database (THREADLINE_MEMORY__DATABASE): " in message
+    assert "no redis backend, only sqlite" in message
+    # Sessions and tasks do have a Redis backend.
+    shared = load_settings(
+        environ={
+            "THREADLINE_SESSION__DATABASE": "redis://redis:6379/0",
+            "THREADLINE_EXECUTOR__TASKS__DATABASE": "rediss://redis:6380/1",
+        }
+    )
+    assert shared.session.database == "redis://redis:6379/0"
+    assert shared.executor.tasks.database == "rediss://redis:6380/1"
+
+
 def test_settings_are_frozen() -> None:
     settings: Settings = load_settings(environ={})
 

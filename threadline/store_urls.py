@@ -1,0 +1,96 @@
+"""Store URLs: where a durable store (sessions, memory, tasks) keeps its state.
+
+One parser for every setting that names a store (`session.database`,
+`memory.database`, `executor.tasks.database`); config validates with it at load
+time and each service's wiring builds its store from what it returns.
+
+    sqlite:///path/file.db   a SQLite file: the path is what follows "sqlite://",
+                             so this one is absolute
+    path/file.db             a SQLite file, as a plain path
+    redis://host:port/db     a Redis server (rediss:// for TLS)
+
+An empty setting means the store's default SQLite file under data_dir; that is
+resolved by `Settings.store_url`, not here. A new backend is one more dataclass
+in `StoreUrl`, its schemes in `_parse_server`, and a branch where stores are built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+StoreKind = Literal["sqlite", "redis"]
+STORE_KINDS: tuple[StoreKind, ...] = ("sqlite", "redis")
+
+#: How each kind is written, for error messages.
+_SHAPES: dict[StoreKind, tuple[str, ...]] = {
+    "sqlite": ("sqlite:///path/file.db", "a file path"),
+    "redis": ("redis://host:port/db",),
+}
+
+
+@dataclass(frozen=True)
+class SqliteUrl:
+    """A SQLite file, for a store that runs in one place (or shares the file)."""
+
+    kind: ClassVar[StoreKind] = "sqlite"
+    path: Path
+
+
+@dataclass(frozen=True)
+class RedisUrl:
+    """A Redis server, for a store shared by replicas."""
+
+    kind: ClassVar[StoreKind] = "redis"
+    #: As configured (redis:// or rediss://), for `redis.asyncio.from_url`.
+    url: str
+
+
+StoreUrl = SqliteUrl | RedisUrl
+
+
+def parse_store_url(value: str, *, kinds: Collection[StoreKind] = STORE_KINDS) -> StoreUrl:
+    """`value` as a store URL of one of `kinds`.
+
+    Raises ValueError saying what is accepted: config turns it into an error
+    naming the setting and its variable.
+    """
+    shapes = [shape for kind in kinds for shape in _SHAPES[kind]]
+    expected = " or ".join([", ".join(shapes[:-1]), shapes[-1]] if len(shapes) > 1 else shapes)
+    if not value:
+        raise ValueError(f"expected {expected}, got an empty string")
+    url = _parse(value, expected)
+    if url.kind not in kinds:
+        raise ValueError(
+            f"this store has no {url.kind} backend, only {', '.join(kinds)}: "
+            f"expected {expected}, got {value!r}"
+        )
+    return url
+
+
+def check_store_url(value: str, *, kinds: Collection[StoreKind] = STORE_KINDS) -> str:
+    """A store setting's value, unchanged, if it is empty (the store's default
+    file) or a store URL of one of `kinds`; else ValueError as `parse_store_url`."""
+    if value:
+        parse_store_url(value, kinds=kinds)
+    return value
+
+
+def _parse(value: str, expected: str) -> StoreUrl:
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return SqliteUrl(Path(value))
+    if scheme == "sqlite":
+        # "sqlite:///p" is the file "/p"; "sqlite://p" would be a host, which SQLite has not.
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(f"expected sqlite:///path/file.db, got {value!r}")
+        return SqliteUrl(Path(rest))
+    return _parse_server(scheme, value, expected)
+
+
+def _parse_server(scheme: str, value: str, expected: str) -> StoreUrl:
+    if scheme in ("redis", "rediss"):
+        return RedisUrl(value)
+    raise ValueError(f"expected {expected}, got {value!r}")
