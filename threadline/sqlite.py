@@ -110,18 +110,13 @@ class SqliteDatabase:
     """
 
     def __init__(
-        self,
-        path: Path,
-        *,
-        name: str,
-        thread_name: str,
-        migrations: Migrations,
-        busy_timeout_ms: int = 5_000,
+        self, path: Path, name: str, migrations: Migrations, *, busy_timeout_ms: int = 5_000
     ) -> None:
         self.path = path
         #: Whose file it is, for errors and logs ("session store").
         self.name = name
-        self._thread_name = thread_name
+        # "session store" works on the thread "session-sqlite_0".
+        self._thread_name = f"{name.split()[0]}-sqlite"
         self._migrations = migrations
         self._busy_timeout_ms = busy_timeout_ms
         self._executor: ThreadPoolExecutor | None = None

@@ -408,9 +408,7 @@ class SqliteMemoryStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = SqliteDatabase(
-            path, name="memory store", thread_name="memory-sqlite", migrations=MIGRATIONS
-        )
+        self._db = SqliteDatabase(path, "memory store", MIGRATIONS)
 
     async def open(self) -> None:
         await self._db.open()

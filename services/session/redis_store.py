@@ -50,16 +50,10 @@ from services.session.store import (
     AppendRequest,
     MessageRules,
     SessionBackend,
-    check_calibration,
     check_from_seq,
-    check_listing_limit,
-    decode_page_token,
-    encode_page_token,
-    export_lines,
     hash_not_found,
     named_tool_call_ids,
     new_fork,
-    page_size_or_default,
     reused_request_id,
     session_not_found,
 )
@@ -276,11 +270,9 @@ class RedisSessionStore(SessionBackend):
         with self._guard():
             return _session_from_meta(session_id, await self._meta(tenant, session_id))
 
-    async def list(
-        self, tenant: str, *, page_size: int, page_token: str
-    ) -> tuple[builtins.list[session_pb2.Session], str]:
-        limit = page_size_or_default(page_size)
-        after = decode_page_token(page_token) if page_token else None
+    async def _list_page(
+        self, tenant: str, limit: int, after: tuple[int, str] | None
+    ) -> tuple[builtins.list[session_pb2.Session], bool]:
         with self._guard():
             ids = await self._page_ids(tenant, limit + 1, after)
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -293,13 +285,7 @@ class RedisSessionStore(SessionBackend):
             # Deleted since the ids were read, or (never expected) misfiled.
             if meta.get("tenant") == tenant
         ]
-        if len(ids) <= limit:
-            return sessions, ""
-        sessions = sessions[:limit]
-        if not sessions:
-            return [], ""
-        last = sessions[-1]
-        return sessions, encode_page_token(last.updated_at.ToMicroseconds(), last.id)
+        return sessions[:limit], len(ids) > limit
 
     async def _page_ids(
         self, tenant: str, count: int, after: tuple[int, str] | None
@@ -560,8 +546,9 @@ class RedisSessionStore(SessionBackend):
         if not int(deleted):
             raise session_not_found(session_id)
 
-    async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
-        validate_session_id(session_id)
+    async def _read_all(
+        self, tenant: str, session_id: str
+    ) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
         with self._guard():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._key("meta", session_id))
@@ -570,15 +557,11 @@ class RedisSessionStore(SessionBackend):
         meta = _decoded(raw_meta)
         if meta.get("tenant") != tenant:
             raise session_not_found(session_id)
-        messages = [_message_from_json(item) for item in raw]
-        return export_lines(_session_from_meta(session_id, meta), messages)
+        return _session_from_meta(session_id, meta), [_message_from_json(item) for item in raw]
 
     # -- retention ---------------------------------------------------------------------
 
-    async def expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
-        check_listing_limit("limit", limit)
-        if limit == 0:
-            return []
+    async def _expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
         with self._guard():
             while True:
                 members = await self._redis.zrangebyscore(
@@ -598,8 +581,7 @@ class RedisSessionStore(SessionBackend):
                 ):
                     return found
 
-    async def beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
-        check_listing_limit("cap", cap)
+    async def _beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
         with self._guard():
             members = await self._redis.zrevrange(self._tenant_key(tenant), cap, -1)
         return _texts(reversed(members))
@@ -659,8 +641,7 @@ class RedisSessionStore(SessionBackend):
             raw = await self._redis.hget(self._calibration_key, model)
         return None if raw is None else float(_text(raw))
 
-    async def set_calibration(self, model: str, chars_per_token: float) -> None:
-        check_calibration(model, chars_per_token)
+    async def _store_calibration(self, model: str, chars_per_token: float) -> None:
         with self._guard():
             # repr() round-trips a float exactly.
             await self._redis.hset(self._calibration_key, model, repr(chars_per_token))

@@ -18,7 +18,6 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from services.session.sqlite_schema import MIGRATIONS
@@ -29,17 +28,11 @@ from services.session.store import (
     AppendRequest,
     MessageRules,
     SessionBackend,
-    check_calibration,
     check_from_seq,
-    check_listing_limit,
-    decode_page_token,
-    encode_page_token,
-    export_lines,
     hash_not_found,
     named_tool_call_ids,
     new_fork,
     now_micros,
-    page_size_or_default,
     reused_request_id,
     session_not_found,
 )
@@ -500,11 +493,7 @@ class SqliteSessionStore(SessionBackend):
         super().__init__(MessageRules(max_message_chars, max_messages_per_append, estimator))
         self.path = path
         self._db = SqliteDatabase(
-            path,
-            name="session store",
-            thread_name="session-sqlite",
-            migrations=MIGRATIONS,
-            busy_timeout_ms=busy_timeout_ms,
+            path, "session store", MIGRATIONS, busy_timeout_ms=busy_timeout_ms
         )
 
     async def open(self) -> None:
@@ -518,12 +507,7 @@ class SqliteSessionStore(SessionBackend):
         await self.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     # -- SessionBackend --------------------------------------------------------------
@@ -543,23 +527,31 @@ class SqliteSessionStore(SessionBackend):
     ) -> None:
         await self._db.run(_import, session, messages)
 
+    async def _list_page(
+        self, tenant: str, limit: int, after: tuple[int, str] | None
+    ) -> tuple[builtins.list[session_pb2.Session], bool]:
+        sessions = await self._db.run(_list, tenant, limit + 1, after)
+        return sessions[:limit], len(sessions) > limit
+
+    async def _read_all(
+        self, tenant: str, session_id: str
+    ) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
+        return await self._db.run(_export, tenant, session_id)
+
+    async def _expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
+        return await self._db.run(_expired, idle_before_micros, limit)
+
+    async def _beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
+        return await self._db.run(_beyond_cap, tenant, cap)
+
+    async def _store_calibration(self, model: str, chars_per_token: float) -> None:
+        await self._db.run(_set_calibration, model, chars_per_token)
+
     # -- the rest of SessionStore -----------------------------------------------------
 
     async def get(self, tenant: str, session_id: str) -> session_pb2.Session:
         validate_session_id(session_id)
         return await self._db.run(_get, tenant, session_id)
-
-    async def list(
-        self, tenant: str, *, page_size: int, page_token: str
-    ) -> tuple[builtins.list[session_pb2.Session], str]:
-        limit = page_size_or_default(page_size)
-        after = decode_page_token(page_token) if page_token else None
-        sessions = await self._db.run(_list, tenant, limit + 1, after)
-        if len(sessions) <= limit:
-            return sessions, ""
-        sessions = sessions[:limit]
-        last = sessions[-1]
-        return sessions, encode_page_token(last.updated_at.ToMicroseconds(), last.id)
 
     async def messages(
         self, tenant: str, session_id: str, *, from_seq: int = 0
@@ -595,19 +587,6 @@ class SqliteSessionStore(SessionBackend):
         validate_session_id(session_id)
         await self._db.run(_delete, tenant, session_id)
 
-    async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
-        validate_session_id(session_id)
-        session, messages = await self._db.run(_export, tenant, session_id)
-        return export_lines(session, messages)
-
-    async def expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
-        check_listing_limit("limit", limit)
-        return await self._db.run(_expired, idle_before_micros, limit)
-
-    async def beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
-        check_listing_limit("cap", cap)
-        return await self._db.run(_beyond_cap, tenant, cap)
-
     async def cleanup_orphans(self) -> int:
         # Walked in short steps, each one call on the worker, so appends queued
         # meanwhile wait for one step, never for the whole walk.
@@ -626,7 +605,3 @@ class SqliteSessionStore(SessionBackend):
 
     async def calibration(self, model: str) -> float | None:
         return await self._db.run(_calibration, model)
-
-    async def set_calibration(self, model: str, chars_per_token: float) -> None:
-        check_calibration(model, chars_per_token)
-        await self._db.run(_set_calibration, model, chars_per_token)

@@ -269,8 +269,9 @@ class SessionBackend(abc.ABC):
     """The part of a SessionStore every backend shares; a backend subclasses it.
 
     Here: the argument checks, validation and sealing of `create`, `append` and
-    `import_session`. The subclass stores (`_store_new`, `_store_append`,
-    `_store_import`) and implements the rest of SessionStore.
+    `import_session`, and the paging, export format and limit checks of `list`,
+    `export`, `expired`, `beyond_cap` and `set_calibration`. The subclass
+    implements the abstract methods (storage only) and the rest of SessionStore.
     """
 
     def __init__(self, rules: MessageRules) -> None:
@@ -335,6 +336,35 @@ class SessionBackend(abc.ABC):
         await self._store_import(session, messages)
         return session
 
+    async def list(
+        self, tenant: str, *, page_size: int, page_token: str
+    ) -> tuple[builtins.list[session_pb2.Session], str]:
+        limit = page_size_or_default(page_size)
+        after = decode_page_token(page_token) if page_token else None
+        sessions, more = await self._list_page(tenant, limit, after)
+        if not more or not sessions:
+            return sessions, ""
+        last = sessions[-1]
+        return sessions, encode_page_token(last.updated_at.ToMicroseconds(), last.id)
+
+    async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
+        validate_session_id(session_id)
+        return export_lines(*await self._read_all(tenant, session_id))
+
+    async def expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
+        check_listing_limit("limit", limit)
+        if limit == 0:
+            return []
+        return await self._expired(idle_before_micros, limit)
+
+    async def beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
+        check_listing_limit("cap", cap)
+        return await self._beyond_cap(tenant, cap)
+
+    async def set_calibration(self, model: str, chars_per_token: float) -> None:
+        check_calibration(model, chars_per_token)
+        await self._store_calibration(model, chars_per_token)
+
     @abc.abstractmethod
     async def _store_new(
         self, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
@@ -352,6 +382,31 @@ class SessionBackend(abc.ABC):
         self, session: session_pb2.Session, messages: Sequence[common_pb2.Message]
     ) -> None:
         """Store an imported session as it is; AlreadyExists if its id is taken."""
+
+    @abc.abstractmethod
+    async def _list_page(
+        self, tenant: str, limit: int, after: tuple[int, str] | None
+    ) -> tuple[builtins.list[session_pb2.Session], bool]:
+        """Up to `limit` of the tenant's sessions by (updated_at, id) descending,
+        strictly after `after`; and whether more follow."""
+
+    @abc.abstractmethod
+    async def _read_all(
+        self, tenant: str, session_id: str
+    ) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
+        """The session and its whole log, read at one moment (for export)."""
+
+    @abc.abstractmethod
+    async def _expired(self, idle_before_micros: int, limit: int) -> builtins.list[tuple[str, str]]:
+        """SessionStore.expired, for limit > 0."""
+
+    @abc.abstractmethod
+    async def _beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
+        """SessionStore.beyond_cap."""
+
+    @abc.abstractmethod
+    async def _store_calibration(self, model: str, chars_per_token: float) -> None:
+        """Store a checked calibration."""
 
 
 def new_fork(source: session_pb2.Session, at_hash: str, message_count: int) -> session_pb2.Session:

@@ -189,13 +189,7 @@ class SqliteTaskStore:
 
     def __init__(self, path: Path, *, busy_timeout_ms: int = 5_000) -> None:
         self.path = path
-        self._db = SqliteDatabase(
-            path,
-            name="task store",
-            thread_name="task-sqlite",
-            migrations=MIGRATIONS,
-            busy_timeout_ms=busy_timeout_ms,
-        )
+        self._db = SqliteDatabase(path, "task store", MIGRATIONS, busy_timeout_ms=busy_timeout_ms)
 
     async def open(self) -> None:
         await self._db.open()
