@@ -31,7 +31,7 @@ from threadline.config import (
     load_settings,
 )
 from threadline.logs import configure_logging, get_logger
-from threadline.server import wait_for_shutdown_signal
+from threadline.server import on_signal_during, wait_for_shutdown_signal
 from threadline.v1 import executor_pb2
 
 app = typer.Typer(
@@ -176,7 +176,8 @@ async def _up(settings: Settings) -> None:
             highlight=False,
         )
         await wait_for_shutdown_signal()
-        await stack.stop()
+        with on_signal_during(stack.hurry):
+            await stack.stop()
     finally:
         if local is not None:
             await local.stop()
@@ -220,7 +221,8 @@ async def _serve(settings: Settings, service: ServiceName) -> None:
 
     stack = await start_stack(settings, services=[service])
     await wait_for_shutdown_signal()
-    await stack.stop()
+    with on_signal_during(stack.hurry):
+        await stack.stop()
 
 
 def _gateway(address: str | None, api_key: str | None, data_dir: Path | None) -> tuple[str, str]:

@@ -2,16 +2,20 @@
 
 `build_server` returns a `ServiceHost` (the grpc.aio server with health and
 reflection wired) and its bound port; tests bind port 0 and talk to the real
-thing. `wait_for_shutdown_signal` returns on SIGTERM/SIGINT; `stop_in_order` then stops hosts
-callers first: health flips to NOT_SERVING, new RPCs are refused, in-flight
-ones get the grace period to finish, then resources close.
+thing. `wait_for_shutdown_signal` returns on SIGTERM/SIGINT; `stop_in_order` then
+starts every host draining at once (health NOT_SERVING, drain hooks told the grace
+period) and stops them callers first: new RPCs are refused, in-flight ones get
+the grace period to finish, then resources close. A second signal during the
+drain hurries it (`on_signal_during`): hooks end their work now, and RPCs still
+running shortly after are cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,6 +32,10 @@ log = get_logger("threadline.server")
 #: Registers servicers on the server and returns their full service names.
 Register = Callable[[grpc.aio.Server], Iterable[str]]
 Closer = Callable[[], Awaitable[None]]
+#: Told, when draining starts, how long in-flight RPCs have before they are cancelled.
+DrainHook = Callable[[float], Awaitable[None]]
+#: After a hurry, how long RPCs have to send their last messages before cancellation.
+HURRY_S = 1.0
 
 
 @dataclass
@@ -40,9 +48,13 @@ class ServiceHost:
     #: Run after the server has drained, last registered first (e.g. close Redis last).
     closers: list[Closer] = field(default_factory=list)
     #: Run when draining starts, e.g. to end endless streams (event watches) at once.
-    drain_hooks: list[Closer] = field(default_factory=list)
+    drain_hooks: list[DrainHook] = field(default_factory=list)
+    #: Run on a second shutdown signal: end in-flight work now.
+    hurry_hooks: list[Callable[[], None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
+    _draining: asyncio.Task[None] | None = None
+    _cancelling: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -53,8 +65,33 @@ class ServiceHost:
     def on_stop(self, closer: Closer) -> None:
         self.closers.append(closer)
 
-    def on_drain(self, hook: Closer) -> None:
+    def on_drain(self, hook: DrainHook) -> None:
         self.drain_hooks.append(hook)
+
+    def on_hurry(self, hook: Callable[[], None]) -> None:
+        self.hurry_hooks.append(hook)
+
+    async def begin_drain(self, grace_s: float) -> None:
+        """Refuse new work and start the drain hooks (they run in the background)."""
+        if self._draining is not None:
+            return
+        log.info("service.draining", service=self.name, grace_s=grace_s)
+        await self.health.enter_graceful_shutdown()
+        hooks = [hook(grace_s) for hook in self.drain_hooks]
+        self._draining = asyncio.create_task(_all(hooks), name=f"drain-{self.name}")
+
+    def hurry(self) -> None:
+        """End in-flight work now; what still runs `HURRY_S` later is cancelled."""
+        for hook in self.hurry_hooks:
+            hook()
+        if self._stopping:
+            asyncio.get_running_loop().call_later(HURRY_S, self._cancel_calls)
+
+    def _cancel_calls(self) -> None:
+        # grace None cancels every call at once, cutting short a stop() in progress.
+        self._cancelling = asyncio.create_task(
+            self.server.stop(None), name=f"cancel-calls-{self.name}"
+        )
 
     async def stop(self, grace_s: float) -> None:
         """Drain and close. Safe to call twice; the second call waits for the first."""
@@ -62,11 +99,10 @@ class ServiceHost:
             await self._stopped.wait()
             return
         self._stopping = True
-        log.info("service.draining", service=self.name, grace_s=grace_s)
-        await self.health.enter_graceful_shutdown()
-        for hook in self.drain_hooks:
-            await hook()
+        await self.begin_drain(grace_s)
         await self.server.stop(grace_s)
+        assert self._draining is not None
+        await self._draining
         for closer in reversed(self.closers):
             try:
                 await closer()
@@ -116,6 +152,31 @@ def build_server(
     return ServiceHost(name, server, health, port, service_names), port
 
 
+async def _all(hooks: Sequence[Awaitable[None]]) -> None:
+    for outcome in await asyncio.gather(*hooks, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            log.error("service.drain_hook_failed", exc_info=outcome)
+
+
+@contextlib.contextmanager
+def on_signal_during(callback: Callable[[], None]) -> Iterator[None]:
+    """Call `callback` on SIGTERM or SIGINT while the block runs (a second signal
+    during a drain), instead of dying at once with partial answers unstored."""
+    loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        log.warning("shutdown.hurried")
+        callback()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
 async def wait_for_shutdown_signal() -> None:
     """Return on the first SIGTERM or SIGINT (Kubernetes stops pods with SIGTERM)."""
     loop = asyncio.get_running_loop()
@@ -131,9 +192,10 @@ async def wait_for_shutdown_signal() -> None:
 
 
 async def stop_in_order(hosts: Sequence[ServiceHost], grace_s: float) -> None:
-    # Every host stops refusing new work at once, so no caller starts a turn that a
-    # stopped callee could not finish; then each drains, callers first.
+    # Every host starts draining at once, so no caller starts a turn that a stopped
+    # callee could not finish, and every drain hook knows the deadline from the
+    # start; then each stops, callers first.
     for host in hosts:
-        await host.health.enter_graceful_shutdown()
+        await host.begin_drain(grace_s)
     for host in hosts:
         await host.stop(grace_s)

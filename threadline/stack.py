@@ -55,6 +55,11 @@ class Stack:
     def address(self, service: ServiceName) -> str:
         return self.settings.addresses.of(service)
 
+    def hurry(self) -> None:
+        """Cut a stop in progress short: running turns end now, stored as interrupted."""
+        for host in self.hosts.values():
+            host.hurry()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop callers first, so in-flight turns can still reach their callees. Idempotent."""
         if self._stopped:

@@ -89,7 +89,9 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     if task_redis is not None:
         host.on_stop(task_redis.aclose)
     host.on_stop(task_store.close)
-    host.on_drain(lambda: pool.stop(settings.grace_period_s))
+    host.on_drain(pool.stop)
+    host.on_drain(turns.shutdown)
+    host.on_hurry(turns.hurry)
     return host
 
 

@@ -37,7 +37,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         register,
         address=address or settings.bind_address(SERVICE),
     )
-    host.on_drain(servicer.end_watches)
+    host.on_drain(lambda _grace_s: servicer.end_watches())
     host.on_stop(sessions.close)
     host.on_stop(executor.close)
     host.on_stop(memory.close)

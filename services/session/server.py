@@ -61,5 +61,5 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     if redis_client is not None:
         host.on_stop(redis_client.aclose)
     host.on_stop(store.close)
-    host.on_drain(retention.stop)
+    host.on_drain(lambda _grace_s: retention.stop())
     return host

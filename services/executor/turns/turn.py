@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.executor.model_call import ModelCall
+from services.executor.model_call import ModelCall, ReadInterrupts
 from services.executor.turns.detached import DetachedWrites
 from services.executor.turns.leases import TurnLeases, lease_lost
 from services.executor.turns.peers import Llm, Memory, Sessions
@@ -33,6 +33,9 @@ from threadline.logs import get_logger
 from threadline.v1 import common_pb2, executor_pb2, llm_pb2, memory_pb2, session_pb2
 
 log = get_logger(__name__)
+SHUTTING_DOWN = "the server is shutting down; retry the turn"
+#: How long before the grace period ends running turns are told to finish.
+_FINAL_EVENT_MARGIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,29 @@ class TurnRunner:
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     #: Writes that must finish even though their turn was cancelled.
     detached: DetachedWrites = field(default_factory=DetachedWrites)
+    #: Stops the model calls of running turns at shutdown (see `shutdown`).
+    interrupts: ReadInterrupts = field(default_factory=ReadInterrupts)
 
     def __post_init__(self) -> None:
         self.writer = SessionWriter(self.sessions, self.detached)
+        self._shutdown_timer: asyncio.TimerHandle | None = None
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Drain hook: turns still running shortly before the grace period ends stop
+        reading the model, store what they have as interrupted and send their final
+        event, so no client is left with a cancelled call."""
+        delay = max(0.0, grace_s - min(_FINAL_EVENT_MARGIN_S, grace_s / 2))
+        loop = asyncio.get_running_loop()
+        self._shutdown_timer = loop.call_later(delay, self.hurry)
+
+    def hurry(self) -> None:
+        """End running turns now (a second SIGTERM or Ctrl-C)."""
+        self.interrupts.fire(SHUTTING_DOWN)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait (boundedly) for partial answers still being stored (called on shutdown)."""
+        if self._shutdown_timer is not None:
+            self._shutdown_timer.cancel()
         await self.detached.drain(timeout_s)
 
     async def run(
@@ -214,7 +234,7 @@ class TurnRunner:
             yield compacted.event
         call = ModelCall()
         try:
-            async for chunk in call.stream(self.llm, self._chat_request(turn)):
+            async for chunk in call.stream(self.llm, self._chat_request(turn), self.interrupts):
                 kind = chunk.WhichOneof("chunk")
                 if kind == "delta":
                     yield executor_pb2.TurnEvent(delta=chunk.delta)
