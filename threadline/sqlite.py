@@ -115,7 +115,7 @@ class SqliteDatabase:
         self.path = path
         #: Whose file it is, for errors and logs ("session store").
         self.name = name
-        # "session store" works on the thread "session-sqlite_0".
+        # "session store" -> "session-sqlite_0": a thread dump says whose file it waits on.
         self._thread_name = f"{name.split()[0]}-sqlite"
         self._migrations = migrations
         self._busy_timeout_ms = busy_timeout_ms
