@@ -74,6 +74,19 @@ async def serve_all(env: dict[str, str]) -> AsyncIterator[dict[str, asyncio.subp
                 await proc.wait()
 
 
+async def exit_codes(
+    procs: dict[str, asyncio.subprocess.Process], timeout_s: float
+) -> dict[str, int]:
+    """Each process's exit code; fails naming the first one still running after the wait."""
+    codes: dict[str, int] = {}
+    for name, proc in procs.items():
+        try:
+            codes[name] = await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"{name} still running {timeout_s} s after SIGTERM") from None
+    return codes
+
+
 async def test_a_turn_across_five_processes(
     tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
@@ -88,14 +101,14 @@ async def test_a_turn_across_five_processes(
         types = await next_types(pubsub, 2)
         for proc in procs.values():
             proc.terminate()
-        codes = [await asyncio.wait_for(p.wait(), 15) for p in procs.values()]
+        codes = await exit_codes(procs, timeout_s=15)
     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     assert events[-1].done.finish_reason == common_pb2.FINISH_REASON_STOP
     assert events[-1].done.content == "Five processes, one answer."
     assert detail.chain_verified and len(detail.messages) == 2
     assert types == ["turn.started", "turn.completed"]
-    assert codes == [0, 0, 0, 0, 0]
+    assert codes == dict.fromkeys(START_ORDER, 0)
     # The stream keeps a replayable copy of what was published.
     stored = await redis_client.xrange("threadline.events") or []
     assert {json.loads(str(fields["event"]))["type"] for _, fields in stored if fields} >= {
