@@ -18,6 +18,7 @@ from tests.ports import free_ports
 from tests.processes import threadline_environ, wait_healthy
 from threadline.client import GatewayClient
 from threadline.config import SERVICE_NAMES, hash_api_key
+from threadline.events import EventKeys
 from threadline.stack import START_ORDER
 from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import common_pb2
@@ -92,7 +93,8 @@ async def test_a_turn_across_five_processes(
 ) -> None:
     fake_upstream.default = Script(text="Five processes, one answer.")
     env = service_env(tmp_path, fake_upstream.base_url, redis_url)
-    pubsub = await subscribe(redis_client, "threadline.events.turn.*")
+    keys = EventKeys.on(redis_client)
+    pubsub = await subscribe(redis_client, keys.channel("turn.*"))
     async with serve_all(env) as procs:
         async with GatewayClient(env["THREADLINE_ADDRESSES__GATEWAY"], api_key=ACME_KEY) as client:
             session = await client.create_session()
@@ -110,7 +112,7 @@ async def test_a_turn_across_five_processes(
     assert types == ["turn.started", "turn.completed"]
     assert codes == dict.fromkeys(START_ORDER, 0)
     # The stream keeps a replayable copy of what was published.
-    stored = await redis_client.xrange("threadline.events") or []
+    stored = await redis_client.xrange(keys.stream) or []
     assert {json.loads(str(fields["event"]))["type"] for _, fields in stored if fields} >= {
         "session.created",
         "turn.started",

@@ -12,6 +12,7 @@ from tests.e2e.redis_events import next_types, subscribe
 from tests.waiting import eventually
 from threadline import errors
 from threadline.client import GatewayClient
+from threadline.events import EventKeys
 from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import common_pb2
@@ -24,7 +25,7 @@ async def collect(client: GatewayClient, session_id: str, text: str) -> list[obj
 async def test_turn_streams_stores_and_publishes(
     stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream, redis_client: aioredis.Redis
 ) -> None:
-    pubsub = await subscribe(redis_client, "threadline.events.turn.*")
+    pubsub = await subscribe(redis_client, EventKeys.on(redis_client).channel("turn.*"))
     fake_upstream.default = Script(text="Hello there, traveller.")
     session = await gateway.create_session(system_prompt="Be brief.")
 

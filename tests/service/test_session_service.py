@@ -22,6 +22,7 @@ from tests.conftest import make_settings
 from tests.service.conftest import EventRecorder, attrs
 from threadline import errors
 from threadline.config import Settings
+from threadline.events import EventKeys
 from threadline.peers import SessionClient
 from threadline.stack import Stack, start_stack
 from threadline.v1 import common_pb2, session_pb2
@@ -106,7 +107,8 @@ async def test_session_created_is_published_on_redis(
     sessions: SessionClient, redis_client: aioredis.Redis
 ) -> None:
     pubsub = redis_client.pubsub()
-    await pubsub.psubscribe("threadline.events.*")
+    keys = EventKeys.on(redis_client)
+    await pubsub.psubscribe(keys.channel("*"))
     try:
         created = await create(sessions, title="watched")
         seen: list[dict[str, Any]] = []
@@ -114,10 +116,7 @@ async def test_session_created_is_published_on_redis(
             while not any(e.get("session_id") == created.id for e in seen):
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                 if message is not None:
-                    assert (
-                        message["channel"]
-                        == "threadline.events." + json.loads(message["data"])["type"]
-                    )
+                    assert message["channel"] == keys.channel(json.loads(message["data"])["type"])
                     seen.append(json.loads(message["data"]))
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
