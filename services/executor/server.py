@@ -159,7 +159,7 @@ def _classifier(tasks: TaskSettings, llm: LlmClient) -> Classifier:
 async def open_task_store(settings: Settings) -> tuple[TaskStore, aioredis.Redis | None]:
     store_url = settings.store_url("tasks")
     if isinstance(store_url, RedisUrl):
-        client = aioredis.from_url(store_url.url)
+        client = connect_redis(store_url.url)
         return RedisTaskStore(client), client
     store_url.path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteTaskStore(store_url.path)

@@ -12,6 +12,7 @@ from services.session.store import SessionStore
 from services.session.tokens import TokenEstimator
 from threadline.config import ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
+from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.store_urls import RedisUrl
 from threadline.v1 import session_pb2, session_pb2_grpc
@@ -27,7 +28,7 @@ async def open_store(settings: Settings) -> tuple[SessionStore, aioredis.Redis |
     if isinstance(store_url, RedisUrl):
         from services.session.redis_store import RedisSessionStore
 
-        client = aioredis.from_url(store_url.url)
+        client = connect_redis(store_url.url)
         redis_store = RedisSessionStore(
             client, max_message_chars=max_chars, max_messages_per_append=max_messages
         )
