@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc.aio
 import redis.asyncio as aioredis
@@ -16,9 +18,9 @@ from services.memory.jobs import JobSettings, MemoryJobs
 from services.memory.pacing import Pacer, TurnActivity
 from services.memory.queue import JobQueue, LocalJobQueue, RedisJobQueue
 from services.memory.servicer import MemoryServicer
-from services.memory.store import SqliteMemoryStore
+from services.memory.store import MemoryStore, SqliteMemoryStore
 from services.memory.triggers import Thresholds
-from threadline.config import ServiceName, Settings
+from threadline.config import MemorySettings, ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
 from threadline.leases import Leases, LocalLeases, RedisLeases
 from threadline.peers import LlmClient, SessionClient
@@ -36,77 +38,126 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     await store.open()
     sessions = SessionClient(settings.addresses.session)
     llm = LlmClient(settings.addresses.llm_proxy)
-    redis_client: aioredis.Redis | None = None
     worker = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    shared = _coordination(settings, worker)
+    # Consolidation and extraction give way to turns; compaction (a turn may wait) does not.
+    turns = TurnActivity()
+    consolidator, extractor, compactor = _job_domain(
+        config, store, sessions, llm, Pacer(config.duty_cycle, busy=turns.busy)
+    )
+    jobs = MemoryJobs(
+        store=store,
+        sessions=sessions,
+        queue=shared.queue,
+        compactions=shared.compactions,
+        leases=shared.leases,
+        events=EventPublisher(bus, SERVICE),
+        consolidator=consolidator,
+        extractor=extractor,
+        compactor=compactor,
+        settings=_job_settings(config),
+        worker=worker,
+    )
+    register = _registrar(_servicer(config, jobs, store, turns))
+    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
+    # Closers run last-registered first: the workers stop before what they use closes.
+    if shared.redis is not None:
+        host.on_stop(shared.redis.aclose)
+    host.on_stop(llm.close)
+    host.on_stop(sessions.close)
+    host.on_stop(store.close)
+    host.on_stop(jobs.stop)
+    await jobs.start()
+    return host
+
+
+@dataclass(frozen=True)
+class _Coordination:
+    """How replicas share the work: job queues and session leases, in Redis when configured."""
+
     queue: JobQueue
     compactions: JobQueue
     leases: Leases
-    if settings.redis_url:
-        redis_client = aioredis.from_url(settings.redis_url)
-        queue = RedisJobQueue(redis_client, consumer=worker, claim_idle_s=config.claim_idle_s)
-        compactions = RedisJobQueue(
+    #: The connection the queues and leases use, closed at shutdown; None in-process.
+    redis: aioredis.Redis | None = None
+
+
+def _coordination(settings: Settings, worker: str) -> _Coordination:
+    if not settings.redis_url:
+        return _Coordination(LocalJobQueue(), LocalJobQueue(), LocalLeases())
+    config = settings.memory
+    redis_client = aioredis.from_url(settings.redis_url)
+    return _Coordination(
+        queue=RedisJobQueue(redis_client, consumer=worker, claim_idle_s=config.claim_idle_s),
+        compactions=RedisJobQueue(
             redis_client,
             consumer=worker,
             claim_idle_s=config.claim_idle_s,
             stream="threadline:memory:compactions",
-        )
-        leases = RedisLeases(
+        ),
+        leases=RedisLeases(
             redis_client, ttl_s=config.lease_ttl_s, prefix="threadline:memory:lease:"
-        )
-    else:
-        queue, compactions = LocalJobQueue(), LocalJobQueue()
-        leases = LocalLeases()
+        ),
+        redis=redis_client,
+    )
+
+
+def _job_domain(
+    config: MemorySettings,
+    store: MemoryStore,
+    sessions: SessionClient,
+    llm: LlmClient,
+    pacer: Pacer,
+) -> tuple[Consolidator, Extractor, Compactor]:
+    """What the jobs do: consolidation and extraction (paced), and compaction."""
     summaries = SummaryModel(
         llm=llm,
         model=config.model,
         max_summary_tokens=config.max_summary_tokens,
         window_tokens=config.summary_window_tokens,
     )
-    # Consolidation and extraction give way to turns; compaction (a turn may wait) does not.
-    turns = TurnActivity()
-    pacer = Pacer(config.duty_cycle, busy=turns.busy)
-    jobs = MemoryJobs(
-        store=store,
-        sessions=sessions,
-        queue=queue,
-        compactions=compactions,
-        leases=leases,
-        events=EventPublisher(bus, SERVICE),
-        consolidator=Consolidator(store, sessions, summaries, config.max_failures, pacer),
-        extractor=Extractor(
-            store,
-            sessions,
-            llm,
-            config.model,
-            max_output_tokens=config.max_summary_tokens * 2,
-            window_tokens=config.summary_window_tokens,
-            pacer=pacer,
-        ),
-        compactor=Compactor(
-            store,
-            sessions,
-            llm,
-            summaries,
-            retained_tokens=config.compact_retained_tokens,
-            max_failures=config.max_failures,
-        ),
-        settings=JobSettings(
-            thresholds=Thresholds(
-                consolidate_fraction=config.consolidate_fraction,
-                extract_threshold=config.extract_threshold,
-                compact_threshold=config.compact_threshold,
-            ),
-            idle_consolidate_s=config.idle_consolidate_s,
-            job_timeout_s=config.job_timeout_s,
-            workers=config.workers,
-            compaction_workers=config.compaction_workers,
-            scan_interval_s=config.scan_interval_s,
-            lease_ttl_s=config.lease_ttl_s,
-            claim_idle_s=config.claim_idle_s,
-        ),
-        worker=worker,
+    consolidator = Consolidator(store, sessions, summaries, config.max_failures, pacer)
+    extractor = Extractor(
+        store,
+        sessions,
+        llm,
+        config.model,
+        max_output_tokens=config.max_summary_tokens * 2,
+        window_tokens=config.summary_window_tokens,
+        pacer=pacer,
     )
-    servicer = MemoryServicer(
+    compactor = Compactor(
+        store,
+        sessions,
+        llm,
+        summaries,
+        retained_tokens=config.compact_retained_tokens,
+        max_failures=config.max_failures,
+    )
+    return consolidator, extractor, compactor
+
+
+def _job_settings(config: MemorySettings) -> JobSettings:
+    return JobSettings(
+        thresholds=Thresholds(
+            consolidate_fraction=config.consolidate_fraction,
+            extract_threshold=config.extract_threshold,
+            compact_threshold=config.compact_threshold,
+        ),
+        idle_consolidate_s=config.idle_consolidate_s,
+        job_timeout_s=config.job_timeout_s,
+        workers=config.workers,
+        compaction_workers=config.compaction_workers,
+        scan_interval_s=config.scan_interval_s,
+        lease_ttl_s=config.lease_ttl_s,
+        claim_idle_s=config.claim_idle_s,
+    )
+
+
+def _servicer(
+    config: MemorySettings, jobs: MemoryJobs, store: MemoryStore, turns: TurnActivity
+) -> MemoryServicer:
+    return MemoryServicer(
         jobs,
         store,
         # A waiting caller gets the answer even when the job first waits for a lease
@@ -116,17 +167,10 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         turns=turns,
     )
 
+
+def _registrar(servicer: MemoryServicer) -> Callable[[grpc.aio.Server], list[str]]:
     def register(server: grpc.aio.Server) -> list[str]:
         memory_pb2_grpc.add_MemoryServicer_to_server(servicer, server)
         return [memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name]
 
-    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
-    # Closers run last-registered first: the workers stop before what they use closes.
-    if redis_client is not None:
-        host.on_stop(redis_client.aclose)
-    host.on_stop(llm.close)
-    host.on_stop(sessions.close)
-    host.on_stop(store.close)
-    host.on_stop(jobs.stop)
-    await jobs.start()
-    return host
+    return register
