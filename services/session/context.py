@@ -5,10 +5,12 @@ recent suffix of the log that fits. The suffix is cut only where an
 OpenAI-compatible server accepts the result: it never starts with a tool
 result, and an assistant message with tool calls keeps all of its tool results
 (servers reject a tool result without its call, and a call without its results).
+What was left out is one contiguous run of the log (`ContextResult.dropped_range`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -29,6 +31,44 @@ class ContextResult:
     dropped_count: int
     #: The session's head the context was built from.
     head: str
+
+    @property
+    def dropped_range(self) -> tuple[int, int]:
+        """The seqs [from, until) left out, (0, 0) when none: one contiguous run, by
+        construction (between the kept first user message and the kept recent suffix).
+
+        Messages before a kept first user message (a greeting) are left out too; the
+        range then starts at 0 and, counting them, spans the first user message.
+        """
+        if not self.dropped_count:
+            return 0, 0
+        stored = [m.seq for m in self.messages if m.hash]
+        start = stored[-1] + 1 if stored else 0
+        if stored and stored[0] > 0:
+            start = 0
+        else:
+            for before, after in itertools.pairwise(stored):
+                if after != before + 1:
+                    start = before + 1
+                    break
+        return start, start + self.dropped_count
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What one build_context call reads, and the budget it fills."""
+
+    store: SessionReader
+    tenant: str
+    session_id: str
+    budget_tokens: int
+    reserve_output_tokens: int
+    memory_summary: str
+    estimator: TokenEstimator
+
+    @property
+    def available(self) -> int:
+        return self.budget_tokens - self.reserve_output_tokens
 
 
 def _system_message(content: str, estimator: TokenEstimator) -> common_pb2.Message:
@@ -58,7 +98,7 @@ async def build_context(
     """
     if keep_recent_min < 0:
         raise InvalidArgument(f"keep_recent_min must be >= 0, got {keep_recent_min}")
-    result = await _build(
+    request = _Request(
         store,
         tenant,
         session_id,
@@ -66,21 +106,12 @@ async def build_context(
         reserve_output_tokens,
         memory_summary,
         estimator,
-        pin_first_user=True,
     )
+    result = await _build(request, pin_first_user=True)
     recent_kept = _suffix_length(result)
     if recent_kept >= min(keep_recent_min, result.dropped_count + recent_kept):
         return result
-    result = await _build(
-        store,
-        tenant,
-        session_id,
-        budget_tokens,
-        reserve_output_tokens,
-        memory_summary,
-        estimator,
-        pin_first_user=False,
-    )
+    result = await _build(request, pin_first_user=False)
     recent_kept = _suffix_length(result)
     if recent_kept < min(keep_recent_min, result.dropped_count + recent_kept):
         raise FailedPrecondition(
@@ -103,66 +134,93 @@ def _suffix_length(result: ContextResult) -> int:
     return count
 
 
-async def _build(
-    store: SessionReader,
-    tenant: str,
-    session_id: str,
-    budget_tokens: int,
-    reserve_output_tokens: int,
-    memory_summary: str,
-    estimator: TokenEstimator,
-    *,
-    pin_first_user: bool,
-) -> ContextResult:
-    if budget_tokens <= 0:
-        raise InvalidArgument(f"budget_tokens must be > 0, got {budget_tokens}")
-    if reserve_output_tokens < 0:
-        raise InvalidArgument(f"reserve_output_tokens must be >= 0, got {reserve_output_tokens}")
-
-    session = await store.get(tenant, session_id)
-    available = budget_tokens - reserve_output_tokens
-
-    preamble: list[common_pb2.Message] = []
-    if session.system_prompt:
-        preamble.append(_system_message(session.system_prompt, estimator))
-    if memory_summary:
-        preamble.append(_system_message(SUMMARY_PREFIX + memory_summary, estimator))
+async def _build(request: _Request, *, pin_first_user: bool) -> ContextResult:
+    """System prompt and memory summary, the first user message (when pinned and it
+    fits), then the longest recent suffix that fits in what is left."""
+    _check_budget(request)
+    session = await request.store.get(request.tenant, request.session_id)
+    preamble = _preamble(request, session.system_prompt)
     needed = sum(msg.token_count for msg in preamble)
+    remaining = request.available - needed
+    # Read the log as of session.head: appends racing with this call are not seen.
+    total = session.message_count
+    pinned = await _first_user_message(request, total, remaining) if pin_first_user else None
+    if pinned is not None:
+        remaining -= request.estimator.estimate(pinned)
+    kept = await _recent_suffix(request, total, remaining, pinned)
+    if pinned is not None and all(msg.seq != pinned.seq for msg in kept):
+        kept.insert(0, pinned)
+    return ContextResult(
+        messages=preamble + kept,
+        token_estimate=needed + sum(request.estimator.estimate(msg) for msg in kept),
+        dropped_count=total - len(kept),
+        head=session.head,
+    )
+
+
+def _check_budget(request: _Request) -> None:
+    if request.budget_tokens <= 0:
+        raise InvalidArgument(f"budget_tokens must be > 0, got {request.budget_tokens}")
+    if request.reserve_output_tokens < 0:
+        raise InvalidArgument(
+            f"reserve_output_tokens must be >= 0, got {request.reserve_output_tokens}"
+        )
+
+
+def _preamble(request: _Request, system_prompt: str) -> list[common_pb2.Message]:
+    """The system prompt and memory summary as system messages; FailedPrecondition
+    when they alone need more than the budget leaves."""
+    preamble: list[common_pb2.Message] = []
+    if system_prompt:
+        preamble.append(_system_message(system_prompt, request.estimator))
+    if request.memory_summary:
+        preamble.append(_system_message(SUMMARY_PREFIX + request.memory_summary, request.estimator))
+    needed = sum(msg.token_count for msg in preamble)
+    available = request.available
     if needed > available:
         raise FailedPrecondition(
             f"context budget too small: {available} tokens available (budget_tokens "
-            f"{budget_tokens} - reserve_output_tokens {reserve_output_tokens}), the system "
-            f"prompt and memory summary need {needed}",
+            f"{request.budget_tokens} - reserve_output_tokens {request.reserve_output_tokens}), "
+            f"the system prompt and memory summary need {needed}",
             details={
-                "budget_tokens": str(budget_tokens),
+                "budget_tokens": str(request.budget_tokens),
                 "available_tokens": str(available),
                 "needed_tokens": str(needed),
             },
         )
-    remaining = available - needed
+    return preamble
 
-    # Read the log as of session.head: appends racing with this call are not seen.
-    total = session.message_count
-    pinned = await store.first_user_message(tenant, session_id) if pin_first_user else None
-    if pinned is not None and (pinned.seq >= total or estimator.estimate(pinned) > remaining):
-        pinned = None
-    if pinned is not None:
-        remaining -= estimator.estimate(pinned)
-    pinned_in_suffix = False
 
+async def _first_user_message(
+    request: _Request, total: int, remaining: int
+) -> common_pb2.Message | None:
+    """The session's first user message if it is in the log read (seq < total) and fits."""
+    first = await request.store.first_user_message(request.tenant, request.session_id)
+    if first is None or first.seq >= total or request.estimator.estimate(first) > remaining:
+        return None
+    return first
+
+
+async def _recent_suffix(
+    request: _Request, total: int, remaining: int, pinned: common_pb2.Message | None
+) -> list[common_pb2.Message]:
+    """The longest run of the newest messages (seq < total) that fits in `remaining`,
+    oldest first, cut only at a legal boundary. `pinned` is already paid for.
+
+    Goes newest first a block at a time: the messages since the last legal cut. A
+    tool result opens a block, and it closes at the assistant message that made
+    every open call.
+    """
     suffix: list[common_pb2.Message] = []  # newest first
-    # Messages since the last legal cut, newest first: a tool result opens the
-    # block, and it closes at the assistant message that made every open call.
     block: list[common_pb2.Message] = []
     block_cost = 0
     open_calls: set[str] = set()
-    recent = store.recent(tenant, session_id, before_seq=total)
+    recent = request.store.recent(request.tenant, request.session_id, before_seq=total)
     try:
         async for msg in recent:
             block.append(msg)
-            # The pinned first user message was paid for when it was pinned.
             if pinned is None or msg.seq != pinned.seq:
-                block_cost += estimator.estimate(msg)
+                block_cost += request.estimator.estimate(msg)
             if block_cost > remaining:
                 # Every longer suffix contains this block: nothing older can fit.
                 break
@@ -174,20 +232,9 @@ async def _build(
                 continue
             suffix.extend(block)
             remaining -= block_cost
-            if pinned is not None and any(m.seq == pinned.seq for m in block):
-                pinned_in_suffix = True
             block = []
             block_cost = 0
     finally:
         if isinstance(recent, AsyncGenerator):
             await recent.aclose()
-
-    kept = suffix[::-1]
-    if pinned is not None and not pinned_in_suffix:
-        kept.insert(0, pinned)
-    return ContextResult(
-        messages=preamble + kept,
-        token_estimate=needed + sum(estimator.estimate(msg) for msg in kept),
-        dropped_count=total - len(kept),
-        head=session.head,
-    )
+    return suffix[::-1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
 from typing import Any
 
 import grpc.aio
@@ -12,30 +10,13 @@ from services.session.chain import verify_chain
 from services.session.context import build_context
 from services.session.retention import Retention
 from services.session.store import SessionStore
-from services.session.tokens import TokenEstimator
+from services.session.tokens import TokenEstimator, calibrated_estimator, calibrated_ratio
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.ids import validate_session_id
-from threadline.v1 import common_pb2, session_pb2, session_pb2_grpc
+from threadline.v1 import session_pb2, session_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def dropped_range(messages: Sequence[common_pb2.Message], dropped: int) -> tuple[int, int]:
-    """The seqs [from, until) a context left out: one contiguous run, by construction
-    (between the kept first user message and the kept recent suffix)."""
-    if not dropped:
-        return 0, 0
-    stored = [m.seq for m in messages if m.hash]
-    start = stored[-1] + 1 if stored else 0
-    if stored and stored[0] > 0:
-        start = 0
-    else:
-        for before, after in itertools.pairwise(stored):
-            if after != before + 1:
-                start = before + 1
-                break
-    return start, start + dropped
 
 
 def _require_tenant(tenant: str) -> None:
@@ -72,14 +53,13 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             compacted_from=request.compacted_from,
             messages=list(request.messages),
         )
-        self.events.emit(
+        await self._added(
             "session.created",
-            tenant=session.tenant,
-            session_id=session.id,
+            session.tenant,
+            session.id,
             compacted_from=request.compacted_from or None,
             messages=len(request.messages) or None,
         )
-        await self.retention.enforce_cap(request.tenant)
         return session
 
     async def Get(
@@ -147,11 +127,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
                 f"reserve_output_tokens must be in [0, budget_tokens), got "
                 f"{request.reserve_output_tokens}"
             )
-        estimator = self.estimator
-        if request.model:
-            ratio = await self.store.calibration(request.model)
-            if ratio:
-                estimator = TokenEstimator(chars_per_token=ratio)
+        ratio = await self.store.calibration(request.model) if request.model else None
         result = await build_context(
             self.store,
             request.tenant,
@@ -159,10 +135,10 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             budget_tokens=request.budget_tokens,
             reserve_output_tokens=request.reserve_output_tokens,
             memory_summary=request.memory_summary,
-            estimator=estimator,
+            estimator=calibrated_estimator(ratio, self.estimator),
             keep_recent_min=request.keep_recent_min,
         )
-        dropped_from, dropped_until = dropped_range(result.messages, result.dropped_count)
+        dropped_from, dropped_until = result.dropped_range
         if result.dropped_count:
             self.events.emit(
                 "session.truncated",
@@ -187,15 +163,14 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         _require_tenant(request.tenant)
         validate_session_id(request.session_id)
         fork = await self.store.fork(request.tenant, request.session_id, request.at_hash)
-        self.events.emit(
+        await self._added(
             "session.forked",
-            tenant=request.tenant,
-            session_id=fork.id,
+            request.tenant,
+            fork.id,
             forked_from=request.session_id,
             at_hash=request.at_hash,
             messages=fork.message_count,
         )
-        await self.retention.enforce_cap(request.tenant)
         return fork
 
     async def Delete(
@@ -222,14 +197,13 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         if not request.lines:
             raise errors.InvalidArgument("lines is empty: send an exported session")
         session = await self.store.import_session(request.tenant, list(request.lines))
-        self.events.emit(
+        await self._added(
             "session.created",
-            tenant=request.tenant,
-            session_id=session.id,
+            request.tenant,
+            session.id,
             imported=True,
             messages=session.message_count,
         )
-        await self.retention.enforce_cap(request.tenant)
         return session
 
     async def Calibrate(
@@ -242,10 +216,12 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
                 "prompt_chars and prompt_tokens must be > 0, got "
                 f"{request.prompt_chars} and {request.prompt_tokens}"
             )
-        measured = request.prompt_chars / request.prompt_tokens
         previous = await self.store.calibration(request.model)
-        # Smoothed: one odd prompt (code, another language) must not swing every estimate.
-        ratio = measured if previous is None else 0.8 * previous + 0.2 * measured
-        ratio = min(max(ratio, 0.5), 16.0)
+        ratio = calibrated_ratio(previous, request.prompt_chars, request.prompt_tokens)
         await self.store.set_calibration(request.model, ratio)
         return session_pb2.CalibrateResponse(chars_per_token=ratio)
+
+    async def _added(self, event_type: str, tenant: str, session_id: str, **attrs: Any) -> None:
+        """Announce a session this call made, then hold its tenant to the session cap."""
+        self.events.emit(event_type, tenant=tenant, session_id=session_id, **attrs)
+        await self.retention.enforce_cap(tenant)

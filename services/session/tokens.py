@@ -4,6 +4,9 @@ Self-hosted models use many tokenizers and the proxy does not ship them, so the
 estimate is a characters-per-token ratio. 4.0 fits English prose on common
 BPE vocabularies; a calibration from the prompt_tokens that upstreams report
 can build a per-model estimator with a different ratio.
+
+A calibration is smoothed (one odd prompt, code or another language, must not
+swing every estimate) and kept within [0.5, 16] characters per token.
 """
 
 from __future__ import annotations
@@ -37,6 +40,27 @@ class TokenEstimator:
 
 
 DEFAULT_ESTIMATOR = TokenEstimator()
+
+#: The range a calibrated ratio is kept within.
+MIN_CHARS_PER_TOKEN = 0.5
+MAX_CHARS_PER_TOKEN = 16.0
+
+
+def calibrated_ratio(previous: float | None, prompt_chars: int, prompt_tokens: int) -> float:
+    """A model's characters-per-token ratio after one more measured prompt.
+
+    `previous` is its stored ratio (None before the first calibration);
+    `prompt_chars` and `prompt_tokens` are positive. A first measurement is
+    taken as it is, later ones count for a fifth.
+    """
+    measured = prompt_chars / prompt_tokens
+    ratio = measured if previous is None else 0.8 * previous + 0.2 * measured
+    return min(max(ratio, MIN_CHARS_PER_TOKEN), MAX_CHARS_PER_TOKEN)
+
+
+def calibrated_estimator(ratio: float | None, default: TokenEstimator) -> TokenEstimator:
+    """The estimator for a model whose stored ratio is `ratio`; `default` if it has none."""
+    return TokenEstimator(chars_per_token=ratio) if ratio else default
 
 
 def estimate_tokens(msg: common_pb2.Message) -> int:

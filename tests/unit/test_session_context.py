@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 from services.session.chain import GENESIS_HASH, entry_hash
 from services.session.context import SUMMARY_PREFIX, ContextResult, build_context
 from services.session.store import SessionReader, page_size_or_default
-from services.session.tokens import TokenEstimator, estimate_tokens
+from services.session.tokens import (
+    TokenEstimator,
+    calibrated_estimator,
+    calibrated_ratio,
+    estimate_tokens,
+)
 from services.session.validation import validate_messages
 from threadline.errors import FailedPrecondition, HeadMismatch, InvalidArgument, NotFound
 from threadline.v1 import common_pb2, session_pb2
@@ -206,6 +211,27 @@ def test_estimator_ratio_is_configurable() -> None:
         TokenEstimator(chars_per_token=0)
 
 
+def test_a_first_calibration_is_taken_as_measured() -> None:
+    assert calibrated_ratio(None, prompt_chars=300, prompt_tokens=100) == 3.0
+
+
+def test_later_calibrations_count_for_a_fifth() -> None:
+    # One odd prompt must not swing every estimate.
+    assert calibrated_ratio(4.0, prompt_chars=200, prompt_tokens=100) == pytest.approx(3.6)
+
+
+def test_a_calibration_stays_between_half_and_sixteen_chars_per_token() -> None:
+    assert calibrated_ratio(None, prompt_chars=1, prompt_tokens=100) == 0.5
+    assert calibrated_ratio(None, prompt_chars=10_000, prompt_tokens=10) == 16.0
+    assert calibrated_ratio(16.0, prompt_chars=10_000, prompt_tokens=10) == 16.0
+
+
+def test_a_calibrated_model_gets_an_estimator_of_its_own() -> None:
+    default = TokenEstimator(per_message_overhead=0)
+    assert calibrated_estimator(None, default) is default
+    assert calibrated_estimator(2.0, default) == TokenEstimator(chars_per_token=2.0)
+
+
 # -- build_context -----------------------------------------------------------------
 
 
@@ -224,6 +250,7 @@ async def test_everything_fits() -> None:
     assert _log_seqs(result) == [0, 1, 2, 3]
     assert result.token_estimate == 6 + 10 + 20 + 5 + 7
     assert result.dropped_count == 0
+    assert result.dropped_range == (0, 0)
     assert result.head == (await store.get(TENANT, sid)).head
 
 
@@ -235,6 +262,7 @@ async def test_tight_budget_keeps_system_first_user_and_latest() -> None:
     assert _log_seqs(result) == [0, 4, 5]
     assert result.token_estimate == 35
     assert result.dropped_count == 3
+    assert result.dropped_range == (1, 4)
 
 
 async def test_reserve_and_summary_take_from_the_budget() -> None:
@@ -266,6 +294,7 @@ async def test_first_user_message_too_large_is_skipped() -> None:
     result = await _build(store, sid, budget=20)
     assert _log_seqs(result) == [1, 2]
     assert result.dropped_count == 1
+    assert result.dropped_range == (0, 1)
 
 
 async def test_messages_before_the_first_user_message_count_too() -> None:
@@ -274,6 +303,15 @@ async def test_messages_before_the_first_user_message_count_too() -> None:
     store, sid = await _seed(log)
     assert _log_seqs(await _build(store, sid, budget=12)) == [0, 1, 2]
     assert _log_seqs(await _build(store, sid, budget=11)) == [1, 2]
+
+
+async def test_the_dropped_range_around_a_kept_first_user_message_counts_from_0() -> None:
+    log = [_assistant(3), _user(4), _assistant(5), _user(2), _assistant(2)]
+    store, sid = await _seed(log)
+    result = await _build(store, sid, budget=4 + 2 + 2)
+    assert _log_seqs(result) == [1, 3, 4]
+    # The greeting (0) and the answer (2) went: reported as [0, 2).
+    assert result.dropped_range == (0, 2)
 
 
 async def test_a_tool_group_is_all_or_nothing() -> None:
@@ -441,6 +479,15 @@ def test_context_is_the_longest_legal_suffix_that_fits(
     seqs = _log_seqs(result)
     assert seqs == expected
     assert result.dropped_count == len(stored) - len(seqs)
+    dropped = [i for i in range(len(stored)) if i not in seqs]
+    if not dropped:
+        assert result.dropped_range == (0, 0)
+    elif pinned is not None and 0 < pinned < start:
+        # What came before the pinned first user message went too: counted from 0.
+        assert result.dropped_range == (0, len(dropped))
+    else:
+        assert result.dropped_range == (dropped[0], dropped[-1] + 1)
+        assert dropped == list(range(dropped[0], dropped[-1] + 1))
 
     kept = [stored[i] for i in seqs]
     suffix = kept[1:] if pinned is not None and pinned < start else kept
