@@ -1,8 +1,9 @@
 """Memory's pure rules: turn boundaries, chunks, the retained tail, triggers,
-extraction parsing and merging, recall within a budget."""
+extraction parsing and merging, recall within a budget; what it needs of sessions."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from services.memory import transcript
 from services.memory.compaction import refusal, tail_start
 from services.memory.extraction import Extraction, items_of, merge_all, parse
 from services.memory.recall import recall
+from services.memory.sessions import SessionReader, SessionWriter
 from services.memory.store import Activity, Item, SessionMemory
 from services.memory.triggers import (
     Thresholds,
@@ -18,6 +20,7 @@ from services.memory.triggers import (
     consolidation_due,
     extraction_due,
 )
+from threadline.peers import SessionClient
 from threadline.v1 import common_pb2, session_pb2
 
 USER, ASSISTANT, TOOL = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT, common_pb2.ROLE_TOOL
@@ -162,3 +165,11 @@ def test_recall_ranks_by_the_query_and_stays_within_budget() -> None:
     everything = recall("Trip to Lyon.", items, "", budget_tokens=1000)
     assert len(everything.items) == 3 and "Trip to Lyon." in everything.context
     assert recall("", [], "", 100).context == ""
+
+
+def test_the_session_client_is_what_memory_reads_and_writes_sessions_through() -> None:
+    writer: type[SessionWriter] = SessionClient  # mypy checks the signatures
+    reader: type[SessionReader] = writer
+    assert inspect.iscoroutinefunction(reader.get)
+    assert inspect.iscoroutinefunction(reader.messages_from)
+    assert inspect.iscoroutinefunction(writer.create)
