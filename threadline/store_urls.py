@@ -44,7 +44,7 @@ class RedisUrl:
     """A Redis server, for a store shared by replicas."""
 
     kind: ClassVar[StoreKind] = "redis"
-    #: As configured (redis:// or rediss://), for `redis.asyncio.from_url`.
+    #: As configured (redis:// or rediss://), for `threadline.redis_client.connect_redis`.
     url: str
 
 

@@ -24,6 +24,7 @@ from threadline.config import MemorySettings, ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
 from threadline.leases import Leases, LocalLeases, RedisLeases
 from threadline.peers import LlmClient, SessionClient
+from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.v1 import memory_pb2, memory_pb2_grpc
 
@@ -86,7 +87,7 @@ def _coordination(settings: Settings, worker: str) -> _Coordination:
     if not settings.redis_url:
         return _Coordination(LocalJobQueue(), LocalJobQueue(), LocalLeases())
     config = settings.memory
-    redis_client = aioredis.from_url(settings.redis_url)
+    redis_client = connect_redis(settings.redis_url)
     return _Coordination(
         queue=RedisJobQueue(redis_client, consumer=worker, claim_idle_s=config.claim_idle_s),
         compactions=RedisJobQueue(
