@@ -45,7 +45,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _start(directory: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_redis(directory: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
     """redis-server on `port`, once it answers PING; raises if it exits first."""
     log = directory / f"redis-{port}.log"
     url = f"redis://127.0.0.1:{port}/0"
@@ -69,13 +69,13 @@ def _start(directory: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
                 + " | ".join(tail)
             )
         if time.monotonic() > deadline:
-            _stop(server)
+            stop_redis(server)
             raise RedisServerError(f"redis-server on port {port} not answering PING in time")
         time.sleep(0.02)  # polling PING: the server has no readiness signal we can wait on
     return server, url
 
 
-def _stop(server: subprocess.Popen[bytes]) -> None:
+def stop_redis(server: subprocess.Popen[bytes]) -> None:
     server.terminate()
     try:
         server.wait(timeout=10)
@@ -95,13 +95,13 @@ def redis_server(directory: Path) -> Iterator[str]:
     for _ in range(PORT_ATTEMPTS):
         (port,) = free_ports(1)
         try:
-            server, url = _start(directory, port)
+            server, url = start_redis(directory, port)
         except RedisServerError as exc:
             errors.append(str(exc))
             continue
         try:
             yield url
         finally:
-            _stop(server)
+            stop_redis(server)
         return
     raise RedisServerError("; ".join(errors))

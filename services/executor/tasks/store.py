@@ -16,7 +16,13 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.executor.tasks.records import TASK_STATUSES, TaskRecord, TaskStatus
+from services.executor.tasks.records import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    TASK_STATUSES,
+    TaskRecord,
+    TaskStatus,
+)
 from services.executor.tasks.sqlite_schema import MIGRATIONS
 from threadline.errors import (
     AlreadyExists,
@@ -25,8 +31,6 @@ from threadline.errors import (
     Unavailable,
 )
 from threadline.sqlite import SqliteDatabase, transaction
-
-MAX_LIST_LIMIT = 1000
 
 
 class TaskStore(Protocol):
@@ -37,7 +41,7 @@ class TaskStore(Protocol):
         ...
 
     async def list(
-        self, tenant: str, *, status: str = "", limit: int = 50
+        self, tenant: str, *, status: str = "", limit: int = LIST_LIMIT_DEFAULT
     ) -> builtins.list[TaskRecord]:
         """The tenant's tasks, newest first, optionally of one status."""
         ...
@@ -70,8 +74,8 @@ def log_line(entry: dict[str, Any]) -> str:
 def _check_listing(status: str, limit: int) -> None:
     if status and status not in TASK_STATUSES:
         raise InvalidArgument(f"unknown task status {status!r}", details={"status": status})
-    if not 0 < limit <= MAX_LIST_LIMIT:
-        raise InvalidArgument(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
+    if not 0 < limit <= LIST_LIMIT_MAX:
+        raise InvalidArgument(f"limit must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
 
 
 # -- SQLite ---------------------------------------------------------------------
@@ -204,7 +208,7 @@ class SqliteTaskStore:
         return await self._db.run(_get, tenant, task_id)
 
     async def list(
-        self, tenant: str, *, status: str = "", limit: int = 50
+        self, tenant: str, *, status: str = "", limit: int = LIST_LIMIT_DEFAULT
     ) -> builtins.list[TaskRecord]:
         _check_listing(status, limit)
         return await self._db.run(_list, tenant, status, limit)
@@ -290,7 +294,7 @@ class RedisTaskStore:
         return task
 
     async def list(
-        self, tenant: str, *, status: str = "", limit: int = 50
+        self, tenant: str, *, status: str = "", limit: int = LIST_LIMIT_DEFAULT
     ) -> builtins.list[TaskRecord]:
         _check_listing(status, limit)
         found: builtins.list[TaskRecord] = []
