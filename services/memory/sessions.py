@@ -8,21 +8,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from threadline.peer_protocols import SessionGetter
 from threadline.v1 import common_pb2, session_pb2
 
 
-class SessionReader(Protocol):
+class SessionReader(SessionGetter, Protocol):
     """Reads: a session (optionally with its log) and the log from a seq on."""
-
-    async def get(
-        self,
-        tenant: str,
-        session_id: str,
-        *,
-        include_messages: bool = ...,
-        verify_chain: bool = ...,
-        from_seq: int = ...,
-    ) -> session_pb2.SessionDetail: ...
 
     async def messages_from(
         self, tenant: str, session_id: str, from_seq: int

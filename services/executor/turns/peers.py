@@ -5,20 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from threadline.peer_protocols import SessionGetter
 from threadline.v1 import common_pb2, llm_pb2, memory_pb2, session_pb2
 
 
-class Sessions(Protocol):
-    async def get(
-        self,
-        tenant: str,
-        session_id: str,
-        *,
-        include_messages: bool = ...,
-        verify_chain: bool = ...,
-        from_seq: int = ...,
-    ) -> session_pb2.SessionDetail: ...
-
+class Sessions(SessionGetter, Protocol):
     async def append(
         self,
         tenant: str,
