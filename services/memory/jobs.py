@@ -27,7 +27,7 @@ from services.memory.compaction import Compactor, is_refusal
 from services.memory.consolidation import Consolidator, JobResult
 from services.memory.extraction import Extractor
 from services.memory.pacing import work_timeout
-from services.memory.queue import Delivery, JobQueue, LocalJobQueue
+from services.memory.queue import Delivery, JobQueue
 from services.memory.sessions import SessionReader
 from services.memory.store import Activity, MemoryStore, now_us
 from threadline import errors
@@ -72,6 +72,12 @@ class JobSettings:
     lease_ttl_s: float
     claim_idle_s: float
 
+    @property
+    def queued_patience_s(self) -> float:
+        """How long a job may stay queued before its waiter gives up: by then a dead
+        replica's job was taken over and a lost one queued again, if any replica lives."""
+        return self.claim_idle_s + self.scan_interval_s
+
 
 def _timestamp(us: int) -> Timestamp:
     stamp = Timestamp()
@@ -101,10 +107,11 @@ class MemoryJobs:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        if isinstance(self.queue, LocalJobQueue):
-            # Nothing else remembers an in-process queue across a restart.
-            for job_id, kind in await self.store.unfinished_jobs():
-                await self._queue_for(kind).put(job_id)
+        # An in-process queue forgot everything with the last process; a Redis one
+        # forgets with a Redis restart: the store's unfinished jobs are the truth.
+        await self.requeue_unfinished()
+        for queue in {id(q): q for q in (self.queue, self.compactions)}.values():
+            queue.when_reset(self.requeue_unfinished)
         for index in range(self.settings.workers):
             work = self._work(self.queue)
             self._tasks.append(asyncio.create_task(work, name=f"memory-worker-{index}"))
@@ -149,8 +156,10 @@ class MemoryJobs:
         return job
 
     async def wait(self, job_id: str, timeout_s: float) -> memory_pb2.Job:
-        """The job once finished (another replica may run it); DEADLINE_EXCEEDED after timeout."""
-        deadline = time.monotonic() + timeout_s
+        """The job once finished (another replica may run it); DEADLINE_EXCEEDED after
+        timeout, UNAVAILABLE when no replica takes it up within the queued patience."""
+        began = time.monotonic()
+        deadline = began + timeout_s
         event = self._finished.setdefault(job_id, asyncio.Event())
         # A job finished here sets the event; one finished by another replica is only
         # seen in the store, so look again, less often the longer the job takes (many
@@ -161,14 +170,32 @@ class MemoryJobs:
                 job = await self.job(job_id)
                 if job is not None and job.state in _FINISHED:
                     return job
+                self._check_waited(job_id, job, time.monotonic() - began, deadline)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise errors.DeadlineExceeded(f"memory job {job_id} is still running")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, poll_s))
                 poll_s = min(poll_s * 2, _WAIT_POLL_MAX_S)
         finally:
             self._finished.pop(job_id, None)
+
+    def _check_waited(
+        self, job_id: str, job: memory_pb2.Job | None, waited_s: float, deadline: float
+    ) -> None:
+        """Give up on a job that is taking longer than a caller should wait, saying why."""
+        queued = job is not None and job.state == memory_pb2.JOB_STATE_QUEUED
+        if queued and waited_s > self.settings.queued_patience_s:
+            raise errors.Unavailable(
+                f"memory job {job_id} has waited {waited_s:.0f} s without a memory replica "
+                "taking it: memory is down or overloaded; retry later",
+                retry_after_s=self.settings.scan_interval_s,
+                details={"job_id": job_id, "reason": "job_not_taken"},
+            )
+        if time.monotonic() >= deadline:
+            raise errors.DeadlineExceeded(
+                f"memory job {job_id} is still running after {waited_s:.0f} s; "
+                "GetMemoryJob tells when it ends",
+                details={"job_id": job_id},
+            )
 
     async def job(self, job_id: str) -> memory_pb2.Job | None:
         return await self.store.job(job_id)
@@ -242,9 +269,19 @@ class MemoryJobs:
         while True:
             try:
                 await self.scan_idle()
+                await self.requeue_unfinished()
             except Exception:
                 log.exception("memory.idle_scan_failed")
             await asyncio.sleep(self.settings.scan_interval_s)
+
+    async def requeue_unfinished(self) -> None:
+        """Queue again every unfinished job its queue has lost, so none waits forever."""
+        unfinished = await self.store.unfinished_jobs()
+        for queue in {id(q): q for q in (self.queue, self.compactions)}.values():
+            ids = [job_id for job_id, kind in unfinished if self._queue_for(kind) is queue]
+            requeued = await queue.requeue_missing(ids)
+            if requeued:
+                log.warning("memory.jobs_requeued", count=len(requeued), job_ids=requeued[:20])
 
     # -- running -----------------------------------------------------------------
 

@@ -5,13 +5,17 @@ process an asyncio queue does. With Redis, jobs go on a stream read through a
 consumer group: each job is delivered to one replica, acknowledged when done,
 and a job its replica stopped touching (it died) is claimed by another after
 `claim_idle_s`. A replica working a long job touches it to keep it.
+
+A Redis restart without persistence loses the stream and its group: the group
+is created again at the next read (NOGROUP), and the jobs the store still has
+unfinished are queued again (`requeue_missing`), so none stays QUEUED forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,18 +42,43 @@ class Delivery:
     reclaimed: bool = False
 
 
+#: Called when a queue finds it lost its jobs (Redis restarted).
+ResetHook = Callable[[], Awaitable[None]]
+
+
 class JobQueue(Protocol):
     async def put(self, job_id: str) -> None: ...
 
     async def get(self) -> Delivery:
         """The next job for this replica; waits for one."""
 
+    async def requeue_missing(self, job_ids: Sequence[str]) -> list[str]:
+        """Queue those of these unfinished jobs that the queue has lost; which ones."""
+
+    def when_reset(self, hook: ResetHook) -> None:
+        """Have `hook` called when the queue finds it lost its jobs."""
+
     async def close(self) -> None: ...
 
 
 class LocalJobQueue:
+    """An asyncio queue: it loses jobs only with its process, so only the first
+    `requeue_missing` (at start) has anything to queue again."""
+
     def __init__(self) -> None:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._recovered = False
+
+    async def requeue_missing(self, job_ids: Sequence[str]) -> list[str]:
+        if self._recovered:
+            return []
+        self._recovered = True
+        for job_id in job_ids:
+            self._queue.put_nowait(job_id)
+        return list(job_ids)
+
+    def when_reset(self, hook: ResetHook) -> None:
+        return None
 
     async def put(self, job_id: str) -> None:
         self._queue.put_nowait(job_id)
@@ -78,6 +107,7 @@ class RedisJobQueue:
         self._group = group
         self._group_ready = False
         self._next_claim = 0.0
+        self._reset_hooks: list[ResetHook] = []
 
     async def put(self, job_id: str) -> None:
         await self._ensure_group()
@@ -86,16 +116,48 @@ class RedisJobQueue:
     async def get(self) -> Delivery:
         await self._ensure_group()
         while True:
-            claimed = await self._claim_abandoned()
-            if claimed is not None:
-                return claimed
-            # Short blocks so abandoned jobs are looked for while the stream is quiet.
-            reply: Any = await self._client.xreadgroup(
-                self._group, self._consumer, {self._stream: ">"}, count=1, block=500
-            )
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    return self._delivery(entry_id, fields, reclaimed=False)
+            try:
+                delivery = await self._next()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._recover()
+                continue
+            if delivery is not None:
+                return delivery
+
+    async def _next(self) -> Delivery | None:
+        claimed = await self._claim_abandoned()
+        if claimed is not None:
+            return claimed
+        # Short blocks so abandoned jobs are looked for while the stream is quiet.
+        reply: Any = await self._client.xreadgroup(
+            self._group, self._consumer, {self._stream: ">"}, count=1, block=500
+        )
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                return self._delivery(entry_id, fields, reclaimed=False)
+        return None
+
+    async def _recover(self) -> None:
+        """The stream or its group is gone (Redis restarted): make them again and have
+        the jobs still unfinished queued again."""
+        log.warning("memory.queue_lost", stream=self._stream)
+        self._group_ready = False
+        await self._ensure_group()
+        for hook in self._reset_hooks:
+            await hook()
+
+    def when_reset(self, hook: ResetHook) -> None:
+        self._reset_hooks.append(hook)
+
+    async def requeue_missing(self, job_ids: Sequence[str]) -> list[str]:
+        entries: Any = await self._client.xrange(self._stream)
+        held = {_text(fields.get(b"job_id", b"")) for _, fields in entries or [] if fields}
+        missing = [job_id for job_id in job_ids if job_id not in held]
+        for job_id in missing:
+            await self.put(job_id)
+        return missing
 
     async def close(self) -> None:
         return None

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from services.memory.store import SqliteMemoryStore
 from tests.builders import TENANT, add, exchange, new_session, user
 from tests.conftest import FAKE_MODEL, make_settings
 from tests.service.conftest import (
@@ -772,3 +774,65 @@ async def test_a_dead_replicas_job_is_taken_over(
         await clients.close()
 
     assert taken.worker != first_worker and taken.offset == 4
+
+
+# -- Redis restarts ------------------------------------------------------------------
+
+
+async def test_a_job_redis_lost_with_a_restart_is_queued_again_and_runs(
+    start: Start,
+    fake_upstream: FakeUpstream,
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY))
+    async with start() as (clients, _events):
+        session_id = await clients.session(exchange(3, words=20))
+        # What a restart leaves: the store has the job queued, Redis has neither the
+        # job's entry nor the consumer group the workers read through.
+        path = memory_settings(tmp_path, fake_upstream, redis_url).sqlite_path("memory")
+        store = SqliteMemoryStore(path)
+        await store.open()
+        try:
+            job = memory_pb2.Job(
+                id="job_" + uuid.uuid4().hex,
+                kind="consolidate",
+                tenant=TENANT,
+                session_id=session_id,
+                state=memory_pb2.JOB_STATE_QUEUED,
+                trigger="restart-test",
+            )
+            await store.put_job(job)
+        finally:
+            await store.close()
+        await redis_client.flushdb()
+
+        done = await clients.wait_job(job.id)
+
+        recalled = await clients.memory.recall(TENANT, session_id)
+
+    assert done.state == SUCCEEDED
+    assert recalled.summary == SUMMARY
+
+
+async def test_a_waiter_gives_up_on_a_job_no_replica_takes_and_says_why(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    # The one worker is held by a summariser that never answers in time.
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=30))
+    async with start(workers=1, claim_idle_s=1.0) as (clients, _events):
+        busy = await clients.session(exchange(3, words=20))
+        waiting = await clients.session(exchange(3, words=20))
+        request = memory_pb2.JobRequest(tenant=TENANT, session_id=busy)
+        await clients.memory.extract(request)
+        began = time.monotonic()
+
+        with pytest.raises(errors.Unavailable, match="without a memory replica taking it") as gave:
+            await clients.memory.extract(
+                memory_pb2.JobRequest(tenant=TENANT, session_id=waiting, wait=True)
+            )
+
+    # claim_idle_s + scan_interval_s, not the job timeout's multiple it used to be.
+    assert time.monotonic() - began < 5
+    assert gave.value.retry_after_s is not None
