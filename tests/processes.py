@@ -1,14 +1,24 @@
-"""Child processes: the environment threadline runs in, its health, whether a pid lives."""
+"""Child processes: the environment threadline runs in, its health, whether a pid lives,
+and the five services as five `threadline serve` processes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import ACME_KEY, FAKE_MODEL
+from tests.ports import free_ports
 from tests.waiting import eventually
+from threadline.config import SERVICE_NAMES, hash_api_key
+from threadline.stack import START_ORDER
 
 
 def threadline_environ(**settings: str) -> dict[str, str]:
@@ -43,3 +53,64 @@ def alive(pid: int) -> bool:
             return stat.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def service_env(
+    tmp_path: Path, upstream_url: str, redis_url: str, **settings: str
+) -> dict[str, str]:
+    """Settings for `threadline serve`, this test run's Redis among them, plus `settings`."""
+    ports = free_ports(len(SERVICE_NAMES))
+    return threadline_environ(
+        **settings,
+        THREADLINE_DATA_DIR=str(tmp_path / "data"),
+        THREADLINE_REDIS_URL=redis_url,
+        THREADLINE_LOG_LEVEL="warning",
+        THREADLINE_LLM__UPSTREAM__BASE_URL=upstream_url,
+        THREADLINE_LLM__UPSTREAM__MODEL=FAKE_MODEL,
+        THREADLINE_GATEWAY__API_KEYS=json.dumps(
+            [{"sha256": hash_api_key(ACME_KEY), "tenant": "acme"}]
+        ),
+        **{
+            f"THREADLINE_ADDRESSES__{name.upper()}": f"127.0.0.1:{port}"
+            for name, port in zip(SERVICE_NAMES, ports, strict=True)
+        },
+    )
+
+
+@contextlib.asynccontextmanager
+async def serve_all(
+    env: dict[str, str], logs: Path | None = None
+) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
+    """Each service as its own `threadline serve` process, healthy; `logs` keeps their output."""
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    try:
+        for name in START_ORDER:
+            with contextlib.ExitStack() as files:
+                out = (
+                    files.enter_context((logs / f"{name}.log").open("ab"))
+                    if logs is not None
+                    else asyncio.subprocess.DEVNULL
+                )
+                procs[name] = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "threadline.cli",
+                    "serve",
+                    name,
+                    env=env,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+        for name in START_ORDER:
+            await wait_healthy(env[f"THREADLINE_ADDRESSES__{name.upper()}"])
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

@@ -8,11 +8,8 @@ one run would delete the other's keys and receive the other's events.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +28,12 @@ class RedisServerError(RuntimeError):
     """redis-server is missing or did not come up; the message says why."""
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM redis-server when the test run dies, even by SIGKILL."""
-    if sys.platform == "linux":
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+def _die_with_parent() -> list[str]:
+    """A command prefix that has Linux SIGTERM redis-server when the test run dies,
+    even by SIGKILL. setpriv sets it before exec, where a `preexec_fn` doing the same
+    is not safe in a process with threads (grpc's): the child can crash."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv is not None else []
 
 
 def _answers(url: str) -> bool:
@@ -52,13 +50,13 @@ def start_redis(directory: Path, port: int) -> tuple[subprocess.Popen[bytes], st
     with log.open("wb") as out:
         server = subprocess.Popen(
             [
+                *_die_with_parent(),
                 *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "no", "--dir", str(directory)),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
         )
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _answers(url):

@@ -3,76 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import ACME_KEY, FAKE_MODEL
+from tests.conftest import ACME_KEY
 from tests.e2e.redis_events import next_types, subscribe
-from tests.ports import free_ports
-from tests.processes import threadline_environ, wait_healthy
+from tests.processes import serve_all, service_env
 from threadline.client import GatewayClient
-from threadline.config import SERVICE_NAMES, hash_api_key
 from threadline.events import EventKeys
 from threadline.stack import START_ORDER
 from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import common_pb2
 
 pytestmark = pytest.mark.slow
-
-
-def service_env(tmp_path: Path, upstream_url: str, redis_url: str) -> dict[str, str]:
-    """Settings for `threadline serve`, this test run's Redis among them."""
-    ports = free_ports(len(SERVICE_NAMES))
-    return threadline_environ(
-        THREADLINE_DATA_DIR=str(tmp_path / "data"),
-        THREADLINE_REDIS_URL=redis_url,
-        THREADLINE_LOG_LEVEL="warning",
-        THREADLINE_LLM__UPSTREAM__BASE_URL=upstream_url,
-        THREADLINE_LLM__UPSTREAM__MODEL=FAKE_MODEL,
-        THREADLINE_GATEWAY__API_KEYS=json.dumps(
-            [{"sha256": hash_api_key(ACME_KEY), "tenant": "acme"}]
-        ),
-        **{
-            f"THREADLINE_ADDRESSES__{name.upper()}": f"127.0.0.1:{port}"
-            for name, port in zip(SERVICE_NAMES, ports, strict=True)
-        },
-    )
-
-
-@contextlib.asynccontextmanager
-async def serve_all(env: dict[str, str]) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    try:
-        for name in START_ORDER:
-            procs[name] = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "threadline.cli",
-                "serve",
-                name,
-                env=env,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-        for name in START_ORDER:
-            await wait_healthy(env[f"THREADLINE_ADDRESSES__{name.upper()}"])
-        yield procs
-    finally:
-        for proc in procs.values():
-            if proc.returncode is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 async def exit_codes(
