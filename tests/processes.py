@@ -77,30 +77,41 @@ def service_env(
     )
 
 
+async def start_service(
+    name: str, env: dict[str, str], logs: Path | None = None
+) -> asyncio.subprocess.Process:
+    """`threadline serve <name>` as a child process (not yet waited healthy)."""
+    with contextlib.ExitStack() as files:
+        out = (
+            files.enter_context((logs / f"{name}.log").open("ab"))
+            if logs is not None
+            else asyncio.subprocess.DEVNULL
+        )
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "threadline.cli",
+            "serve",
+            name,
+            env=env,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
 @contextlib.asynccontextmanager
 async def serve_all(
     env: dict[str, str], logs: Path | None = None
 ) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
-    """Each service as its own `threadline serve` process, healthy; `logs` keeps their output."""
+    """Each service as its own `threadline serve` process, healthy; `logs` keeps their output.
+
+    A test may replace a process in the dict it gets (a restarted service): whatever
+    the dict holds at the end is stopped.
+    """
     procs: dict[str, asyncio.subprocess.Process] = {}
     try:
         for name in START_ORDER:
-            with contextlib.ExitStack() as files:
-                out = (
-                    files.enter_context((logs / f"{name}.log").open("ab"))
-                    if logs is not None
-                    else asyncio.subprocess.DEVNULL
-                )
-                procs[name] = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "threadline.cli",
-                    "serve",
-                    name,
-                    env=env,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
+            procs[name] = await start_service(name, env, logs)
         for name in START_ORDER:
             await wait_healthy(env[f"THREADLINE_ADDRESSES__{name.upper()}"])
         yield procs
