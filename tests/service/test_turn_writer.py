@@ -41,13 +41,6 @@ async def stack(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterat
 
 
 @pytest.fixture
-async def sessions(stack: Stack) -> AsyncIterator[SessionClient]:
-    client = SessionClient(stack.address("session"))
-    yield client
-    await client.close()
-
-
-@pytest.fixture
 def writer(sessions: SessionClient) -> SessionWriter:
     return SessionWriter(sessions, DetachedWrites())
 
