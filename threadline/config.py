@@ -524,7 +524,8 @@ def _with_upstream_keys(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     """`data` with each upstream's API key, read from the variable its `api_key_env` names.
 
     A missing variable is not an error here: every service loads the same settings
-    and only llm_proxy is given the key (it refuses to start without it).
+    and only llm_proxy is given the key (it refuses to start without it). A variable
+    set to the empty string is a key of "": the upstream needs none.
     """
     llm = data.get("llm")
     if not isinstance(llm, Mapping):
@@ -535,7 +536,7 @@ def _with_upstream_keys(data: dict[str, Any], environ: Mapping[str, str]) -> dic
             return upstream  # left for validation to reject
         name = upstream.get("api_key_env")
         key = environ.get(name) if isinstance(name, str) and name else None
-        return {**upstream, "api_key": SecretStr(key)} if key else upstream
+        return {**upstream, "api_key": SecretStr(key)} if key is not None else upstream
 
     llm = dict(llm)
     if "upstream" in llm:

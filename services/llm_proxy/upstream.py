@@ -128,7 +128,9 @@ class Upstream:
                     f"upstream {settings.name!r}: environment variable {settings.api_key_env} "
                     "(llm.upstream.api_key_env) is not set"
                 )
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+            key = settings.api_key.get_secret_value()
+            if key:  # set but empty: an upstream that needs no key (Ollama, llama.cpp)
+                headers["Authorization"] = f"Bearer {key}"
         timeouts = settings.timeouts
         client = aiohttp.ClientSession(
             headers=headers,

@@ -521,11 +521,26 @@ async def test_api_key_is_sent_as_a_bearer_token(
     assert sent.headers["authorization"] == "Bearer sk-test-upstream"
 
 
-@pytest.mark.parametrize("environ", [{}, {KEY_VARIABLE: ""}])
-async def test_llm_proxy_refuses_to_start_without_its_key(
-    tmp_path: Path, fake_upstream: FakeUpstream, environ: dict[str, str]
+async def test_an_empty_key_variable_sends_no_authorization(
+    tmp_path: Path, fake_upstream: FakeUpstream
 ) -> None:
-    settings = keyed_settings(tmp_path, fake_upstream, environ)
+    settings = keyed_settings(tmp_path, fake_upstream, {KEY_VARIABLE: ""})
+
+    async with private_stack(settings, ["llm_proxy"]) as stack:
+        client = LlmClient(stack.address("llm_proxy"))
+        try:
+            await client.chat(request())
+        finally:
+            await client.close()
+
+    (sent,) = fake_upstream.chat_requests()
+    assert "authorization" not in sent.headers
+
+
+async def test_llm_proxy_refuses_to_start_when_its_key_variable_is_not_set(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    settings = keyed_settings(tmp_path, fake_upstream, {})
     bus = InProcessEventBus()
     try:
         with pytest.raises(errors.FailedPrecondition) as caught:
