@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests.postgres_database import PostgresUnavailable, postgres_database
 from tests.redis_server import RedisServerError, redis_server
 from threadline.client import GatewayClient
 from threadline.config import Settings, hash_api_key, load_settings
@@ -45,6 +46,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             url = cleanup.enter_context(redis_server(tmp_path_factory.mktemp("redis")))
         except RedisServerError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database of this run's own (see tests/postgres_database.py)."""
+    with contextlib.ExitStack() as cleanup:
+        try:
+            url = cleanup.enter_context(postgres_database())
+        except PostgresUnavailable as exc:
             pytest.fail(str(exc), pytrace=False)
         yield url
 

@@ -222,7 +222,7 @@ class SessionSettings(_Section):
     @field_validator("database")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        return check_store_url(value)
+        return check_store_url(value, kinds=["sqlite", "redis"])
 
 
 class MemorySettings(_Section):
@@ -332,7 +332,7 @@ class TaskSettings(_Section):
     @field_validator("database")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        return check_store_url(value)
+        return check_store_url(value, kinds=["sqlite", "redis"])
 
     @model_validator(mode="after")
     def _default_known(self) -> TaskSettings:

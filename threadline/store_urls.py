@@ -8,6 +8,9 @@ time and each service's wiring builds its store from what it returns.
                              so this one is absolute
     path/file.db             a SQLite file, as a plain path
     redis://host:port/db     a Redis server (rediss:// for TLS)
+    postgresql://user@host:port/db
+                             a PostgreSQL database (postgres:// too; the password,
+                             if any, is best left to PGPASSWORD or a .pgpass file)
 
 An empty setting means the store's default SQLite file under data_dir; that is
 resolved by `Settings.store_url`, not here. A new backend is one more dataclass
@@ -21,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-StoreKind = Literal["sqlite", "redis"]
-STORE_KINDS: tuple[StoreKind, ...] = ("sqlite", "redis")
+StoreKind = Literal["sqlite", "redis", "postgresql"]
+STORE_KINDS: tuple[StoreKind, ...] = ("sqlite", "redis", "postgresql")
 
 #: How each kind is written, for error messages.
 _SHAPES: dict[StoreKind, tuple[str, ...]] = {
     "sqlite": ("sqlite:///path/file.db", "a file path"),
     "redis": ("redis://host:port/db",),
+    "postgresql": ("postgresql://user@host:port/db",),
 }
 
 
@@ -48,7 +52,20 @@ class RedisUrl:
     url: str
 
 
-StoreUrl = SqliteUrl | RedisUrl
+@dataclass(frozen=True)
+class PostgresUrl:
+    """A PostgreSQL database, for a store shared by replicas."""
+
+    kind: ClassVar[StoreKind] = "postgresql"
+    #: As configured, for `threadline.postgres.PostgresDatabase`.
+    url: str
+
+    def __repr__(self) -> str:
+        # The URL may carry a password: never print it.
+        return "PostgresUrl(<redacted>)"
+
+
+StoreUrl = SqliteUrl | RedisUrl | PostgresUrl
 
 
 def parse_store_url(value: str, *, kinds: Collection[StoreKind] = STORE_KINDS) -> StoreUrl:
@@ -93,4 +110,6 @@ def _parse(value: str, expected: str) -> StoreUrl:
 def _parse_server(scheme: str, value: str, expected: str) -> StoreUrl:
     if scheme in ("redis", "rediss"):
         return RedisUrl(value)
+    if scheme in ("postgresql", "postgres"):
+        return PostgresUrl(value)
     raise ValueError(f"expected {expected}, got {value!r}")

@@ -27,7 +27,7 @@ from threadline.leases import LocalLeases, RedisLeases
 from threadline.peers import LlmClient, MemoryClient, SessionClient
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
-from threadline.store_urls import RedisUrl
+from threadline.store_urls import RedisUrl, SqliteUrl
 from threadline.v1 import executor_pb2, executor_pb2_grpc
 
 SERVICE: ServiceName = "executor"
@@ -161,6 +161,7 @@ async def open_task_store(settings: Settings) -> tuple[TaskStore, aioredis.Redis
     if isinstance(store_url, RedisUrl):
         client = connect_redis(store_url.url)
         return RedisTaskStore(client), client
+    assert isinstance(store_url, SqliteUrl), "config accepts no other kind for tasks"
     store_url.path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteTaskStore(store_url.path)
     await store.open()

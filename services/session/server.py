@@ -14,7 +14,7 @@ from threadline.config import ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
-from threadline.store_urls import RedisUrl
+from threadline.store_urls import RedisUrl, SqliteUrl
 from threadline.v1 import session_pb2, session_pb2_grpc
 
 SERVICE: ServiceName = "session"
@@ -33,6 +33,7 @@ async def open_store(settings: Settings) -> tuple[SessionStore, aioredis.Redis |
             client, max_message_chars=max_chars, max_messages_per_append=max_messages
         )
         return redis_store, client
+    assert isinstance(store_url, SqliteUrl), "config accepts no other kind for sessions"
     store_url.path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteSessionStore(
         store_url.path, max_message_chars=max_chars, max_messages_per_append=max_messages

@@ -110,6 +110,8 @@ async def test_turns_events_and_memory_ride_out_two_redis_restarts(
         THREADLINE_MEMORY__SCAN_INTERVAL_S="0.5",
         THREADLINE_MEMORY__CLAIM_IDLE_S="2",
         THREADLINE_MEMORY__LEASE_TTL_S="2",
+        # Jobs do not rest while turns run, so the backlog the load leaves drains fast.
+        THREADLINE_MEMORY__DUTY_CYCLE="1",
     )
     load, seen = Load(), list[tuple[float, str]]()
     back: list[float] = []
@@ -133,7 +135,8 @@ async def test_turns_events_and_memory_ride_out_two_redis_restarts(
             # No session is left busy: each takes a turn at once.
             after = await asyncio.gather(*(_turn(client, s, "still there?") for s in sessions))
             details = [await client.get_session(s, verify_chain=True) for s in sessions]
-            await eventually(lambda: _queued_jobs(tmp_path / "data" / "memory.db") == 0, timeout=15)
+            # The load leaves a backlog of jobs: none may stay queued for good.
+            await eventually(lambda: _queued_jobs(tmp_path / "data" / "memory.db") == 0, timeout=60)
             watch.cancel()
     finally:
         stop_redis(server)

@@ -820,7 +820,7 @@ async def test_a_waiter_gives_up_on_a_job_no_replica_takes_and_says_why(
     start: Start, fake_upstream: FakeUpstream
 ) -> None:
     # The one worker is held by a summariser that never answers in time.
-    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=30))
+    fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=5))
     async with start(workers=1, claim_idle_s=1.0) as (clients, _events):
         busy = await clients.session(exchange(3, words=20))
         waiting = await clients.session(exchange(3, words=20))

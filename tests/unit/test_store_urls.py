@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from threadline.config import ConfigError, load_settings
-from threadline.store_urls import RedisUrl, SqliteUrl, check_store_url, parse_store_url
+from threadline.store_urls import (
+    PostgresUrl,
+    RedisUrl,
+    SqliteUrl,
+    check_store_url,
+    parse_store_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -39,13 +45,26 @@ def test_each_kind_parses(value: str, expected: SqliteUrl | RedisUrl) -> None:
         ("", "got an empty string"),
         ("sqlite://relative.db", r"expected sqlite:///path/file\.db, got 'sqlite://relative\.db'"),
         ("sqlite:///", r"expected sqlite:///path/file\.db, got 'sqlite:///'"),
-        ("postgresql://db/threadline", r"a file path or redis://host:port/db, got 'postgresql://"),
         ("http://redis:6379", r"got 'http://redis:6379'"),
     ],
 )
 def test_malformed_urls_say_what_is_accepted(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_store_url(value)
+
+
+def test_postgresql_urls_are_parsed_and_never_shown() -> None:
+    parsed = parse_store_url("postgresql://app:secret@db:5432/threadline")
+
+    assert parsed == PostgresUrl("postgresql://app:secret@db:5432/threadline")
+    assert parsed.kind == "postgresql"
+    assert "secret" not in repr(parsed)
+    assert parse_store_url("postgres://db/threadline").kind == "postgresql"
+
+
+def test_a_store_without_a_postgresql_backend_says_so() -> None:
+    with pytest.raises(ValueError, match="this store has no postgresql backend, only sqlite"):
+        parse_store_url("postgresql://db/threadline", kinds=["sqlite"])
 
 
 def test_a_store_may_accept_fewer_kinds() -> None:
