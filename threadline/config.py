@@ -318,7 +318,7 @@ class Price(_Section):
 
 class TaskSettings(_Section):
     #: Task records: empty = `<data_dir>/tasks.db`; `sqlite:///path/file.db` (or a
-    #: plain path) or `redis://host:port/db`.
+    #: plain path), `redis://host:port/db` or `postgresql://user@host:port/db`.
     database: str = ""
     max_concurrency: int = Field(default=2, ge=1)
     max_queue: int = Field(default=100, ge=1)
@@ -332,7 +332,7 @@ class TaskSettings(_Section):
     @field_validator("database")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        return check_store_url(value, kinds=["sqlite", "redis"])
+        return check_store_url(value, kinds=["sqlite", "redis", "postgresql"])
 
     @model_validator(mode="after")
     def _default_known(self) -> TaskSettings:

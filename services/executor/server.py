@@ -13,6 +13,7 @@ from services.executor.tasks.classifier import AgentType, Classifier
 from services.executor.tasks.command_runner import CommandRunner
 from services.executor.tasks.local_runner import LocalRunner
 from services.executor.tasks.pool import TaskPool
+from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import Runner
 from services.executor.tasks.service import ByAgentType, TaskService
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
@@ -27,7 +28,7 @@ from threadline.leases import LocalLeases, RedisLeases
 from threadline.peers import LlmClient, MemoryClient, SessionClient
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
-from threadline.store_urls import RedisUrl, SqliteUrl
+from threadline.store_urls import PostgresUrl, RedisUrl
 from threadline.v1 import executor_pb2, executor_pb2_grpc
 
 SERVICE: ServiceName = "executor"
@@ -157,11 +158,15 @@ def _classifier(tasks: TaskSettings, llm: LlmClient) -> Classifier:
 
 
 async def open_task_store(settings: Settings) -> tuple[TaskStore, aioredis.Redis | None]:
+    """The configured task store, open; and its Redis client, if any, for the caller to close."""
     store_url = settings.store_url("tasks")
     if isinstance(store_url, RedisUrl):
         client = connect_redis(store_url.url)
         return RedisTaskStore(client), client
-    assert isinstance(store_url, SqliteUrl), "config accepts no other kind for tasks"
+    if isinstance(store_url, PostgresUrl):
+        postgres = PostgresTaskStore(store_url.url)
+        await postgres.open()
+        return postgres, None
     store_url.path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteTaskStore(store_url.path)
     await store.open()

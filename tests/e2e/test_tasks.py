@@ -1,11 +1,12 @@
 """Background tasks through the public gateway: command and local runners, the
-classifier, cancel, logs, records."""
+classifier, cancel, logs, records (in the default SQLite file, and in PostgreSQL)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.conftest import OTHER_KEY, make_settings
@@ -20,7 +21,18 @@ from threadline.v1 import executor_pb2
 
 
 @pytest.fixture
-def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Settings:
+def tasks_database(request: pytest.FixtureRequest) -> str:
+    """`executor.tasks.database`: empty (the default SQLite file) unless a test is
+    parametrised with "postgresql", which means the run's own PostgreSQL database."""
+    if getattr(request, "param", "") == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return ""
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, tasks_database: str
+) -> Settings:
     return make_settings(
         tmp_path,
         fake_upstream.base_url,
@@ -28,6 +40,7 @@ def settings(tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str) -> Set
         executor={
             "workspace_root": str(tmp_path / "ws"),
             "tasks": {
+                "database": tasks_database,
                 "max_concurrency": 1,
                 "max_queue": 2,
                 "default_agent_type": "general",
@@ -74,6 +87,26 @@ async def test_a_command_task_streams_its_output_and_records_the_result(
     assert lines == ["got: hello there", "second line"]
     assert entries[-1]["type"] == "result"
     assert [t.id for t in (await gateway.list_tasks()).tasks] == [task.id]
+
+
+@pytest.mark.parametrize("tasks_database", ["postgresql"], indirect=True)
+async def test_a_task_kept_in_postgresql_runs_and_is_recorded_there(
+    gateway: GatewayClient, tasks_database: str
+) -> None:
+    task = await gateway.submit_task("hello there", agent_type="echo")
+    entries = await logs(gateway, task.id)
+    done = await finished(gateway, task.id)
+    assert done.status == "succeeded" and done.exit_code == 0
+    assert task.id in [t.id for t in (await gateway.list_tasks()).tasks]
+    # Read back from the database itself: the record and log are there, not in a file.
+    conn = await asyncpg.connect(tasks_database)
+    try:
+        row = await conn.fetchrow("SELECT status, exit_code FROM tasks WHERE id = $1", task.id)
+        logged = await conn.fetchval("SELECT count(*) FROM task_logs WHERE task_id = $1", task.id)
+    finally:
+        await conn.close()
+    assert row is not None and (row["status"], row["exit_code"]) == ("succeeded", 0)
+    assert logged == len(entries)
 
 
 async def test_cancel_stops_a_command_and_its_children(gateway: GatewayClient) -> None:

@@ -1,37 +1,57 @@
-"""Both task stores, one set of behaviours: real SQLite in tmp_path, real Redis."""
+"""Every task store, one set of behaviours: real SQLite in tmp_path, real Redis, and
+the run's own PostgreSQL database (tables emptied for each test)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import TaskRecord, new_task_id
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
 from threadline.errors import AlreadyExists, InvalidArgument, NotFound
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-bytes"])
+@pytest.fixture(params=["sqlite", "redis", "redis-bytes", "postgresql"])
 async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, postgres_url: str
 ) -> AsyncIterator[TaskStore]:
     if request.param == "sqlite":
         sqlite = SqliteTaskStore(tmp_path / "tasks.db")
         await sqlite.open()
         yield sqlite
         await sqlite.close()
-        return
-    client = aioredis.from_url(redis_url, decode_responses=request.param == "redis")
-    prefix = f"test:{uuid.uuid4().hex}:"
-    yield RedisTaskStore(client, prefix=prefix)
-    keys = [key async for key in client.scan_iter(match=prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    elif request.param == "postgresql":
+        postgres = await _clean_postgres_store(postgres_url)
+        yield postgres
+        await postgres.close()
+    else:
+        client = aioredis.from_url(redis_url, decode_responses=request.param == "redis")
+        prefix = f"test:{uuid.uuid4().hex}:"
+        yield RedisTaskStore(client, prefix=prefix)
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+async def _clean_postgres_store(url: str) -> PostgresTaskStore:
+    """An open store on the run's database, its tables emptied of earlier tests' rows."""
+    store = PostgresTaskStore(url)
+    await store.open()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE tasks, task_logs")
+    finally:
+        await conn.close()
+    return store
 
 
 def make_task(tenant: str = "acme", created_at: float = 1000.0, **fields: object) -> TaskRecord:
@@ -127,6 +147,15 @@ async def test_log_lines_are_numbered_json_and_read_after_a_seq(store: TaskStore
     assert await store.read_log(new_task_id()) == []
 
 
+async def test_concurrent_appends_to_one_log_get_distinct_seqs(store: TaskStore) -> None:
+    task_id = new_task_id()
+    seqs = await asyncio.gather(*(store.append_log(task_id, {"n": n}) for n in range(20)))
+    assert sorted(seqs) == list(range(20))
+    lines = await store.read_log(task_id)
+    assert [seq for seq, _ in lines] == list(range(20))
+    assert sorted(json.loads(line)["n"] for _, line in lines) == list(range(20))
+
+
 async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     first = SqliteTaskStore(path)
@@ -141,4 +170,21 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
         assert await second.get("acme", task.id) == task
         assert await second.append_log(task.id, {"type": "result"}) == 1
     finally:
+        await second.close()
+
+
+async def test_postgresql_replicas_share_records_and_logs(postgres_url: str) -> None:
+    first = await _clean_postgres_store(postgres_url)
+    second = PostgresTaskStore(postgres_url)
+    await second.open()
+    try:
+        task = make_task()
+        await first.create(task)
+        await first.append_log(task.id, {"type": "stdout", "line": "x"})
+        assert await second.get("acme", task.id) == task
+        assert await second.append_log(task.id, {"type": "result"}) == 1
+        with pytest.raises(AlreadyExists):
+            await second.create(task)
+    finally:
+        await first.close()
         await second.close()

@@ -1,4 +1,5 @@
-"""Where task records and their output logs live: SQLite by default, Redis when configured.
+"""Where task records and their output logs live: SQLite by default, Redis when configured
+(PostgreSQL in `postgres_store`, on the helpers here).
 
 The pool writes every status transition through the store before it tells
 anyone, so a restarted executor finds each task where the last one left it.
@@ -67,21 +68,24 @@ def task_not_found(task_id: str) -> NotFound:
     return NotFound(f"task {task_id} not found", details={"task_id": task_id})
 
 
+def task_exists(task_id: str) -> AlreadyExists:
+    return AlreadyExists(f"task {task_id} already exists", details={"task_id": task_id})
+
+
 def log_line(entry: dict[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
 
-def _check_listing(status: str, limit: int) -> None:
+def check_listing(status: str, limit: int) -> None:
+    """InvalidArgument for an unknown status or a limit out of range, before any backend runs."""
     if status and status not in TASK_STATUSES:
         raise InvalidArgument(f"unknown task status {status!r}", details={"status": status})
     if not 0 < limit <= LIST_LIMIT_MAX:
         raise InvalidArgument(f"limit must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
 
 
-# -- SQLite ---------------------------------------------------------------------
-
-
-_COLUMNS = (
+#: A record's fields as the SQL backends' columns, in table order.
+TASK_COLUMNS = (
     "id",
     "tenant",
     "prompt",
@@ -100,31 +104,35 @@ _COLUMNS = (
     "started_at",
     "finished_at",
 )
-_COLUMN_LIST = ", ".join(_COLUMNS)
+TASK_COLUMN_LIST = ", ".join(TASK_COLUMNS)
 
 
-def _row_values(task: TaskRecord) -> tuple[Any, ...]:
+def row_values(task: TaskRecord) -> tuple[Any, ...]:
+    """The record's values in TASK_COLUMNS order, for an INSERT or an UPDATE."""
     data = task.to_dict()
-    return tuple(data[column] for column in _COLUMNS)
+    return tuple(data[column] for column in TASK_COLUMNS)
+
+
+# -- SQLite ---------------------------------------------------------------------
 
 
 def _task_from_row(row: sqlite3.Row) -> TaskRecord:
-    return TaskRecord.from_dict({column: row[column] for column in _COLUMNS})
+    return TaskRecord.from_dict({column: row[column] for column in TASK_COLUMNS})
 
 
 def _create(conn: sqlite3.Connection, task: TaskRecord) -> None:
-    placeholders = ", ".join("?" for _ in _COLUMNS)
+    placeholders = ", ".join("?" for _ in TASK_COLUMNS)
     try:
         conn.execute(
-            f"INSERT INTO tasks ({_COLUMN_LIST}) VALUES ({placeholders})", _row_values(task)
+            f"INSERT INTO tasks ({TASK_COLUMN_LIST}) VALUES ({placeholders})", row_values(task)
         )
     except sqlite3.IntegrityError as exc:
-        raise AlreadyExists(f"task {task.id} already exists", details={"task_id": task.id}) from exc
+        raise task_exists(task.id) from exc
 
 
 def _get(conn: sqlite3.Connection, tenant: str, task_id: str) -> TaskRecord:
     row = conn.execute(
-        f"SELECT {_COLUMN_LIST} FROM tasks WHERE id = ? AND tenant = ?", (task_id, tenant)
+        f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE id = ? AND tenant = ?", (task_id, tenant)
     ).fetchone()
     if row is None:
         raise task_not_found(task_id)
@@ -134,7 +142,7 @@ def _get(conn: sqlite3.Connection, tenant: str, task_id: str) -> TaskRecord:
 def _list(
     conn: sqlite3.Connection, tenant: str, status: str, limit: int
 ) -> builtins.list[TaskRecord]:
-    sql = f"SELECT {_COLUMN_LIST} FROM tasks WHERE tenant = ?"
+    sql = f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE tenant = ?"
     args: builtins.list[Any] = [tenant]
     if status:
         sql += " AND status = ?"
@@ -145,8 +153,8 @@ def _list(
 
 
 def _update(conn: sqlite3.Connection, task: TaskRecord) -> None:
-    assignments = ", ".join(f"{column} = ?" for column in _COLUMNS[1:])
-    values = _row_values(task)
+    assignments = ", ".join(f"{column} = ?" for column in TASK_COLUMNS[1:])
+    values = row_values(task)
     cursor = conn.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*values[1:], task.id))
     if cursor.rowcount == 0:
         raise task_not_found(task.id)
@@ -154,7 +162,7 @@ def _update(conn: sqlite3.Connection, task: TaskRecord) -> None:
 
 def _by_status(conn: sqlite3.Connection, status: str) -> builtins.list[TaskRecord]:
     rows = conn.execute(
-        f"SELECT {_COLUMN_LIST} FROM tasks WHERE status = ? ORDER BY created_at, id",
+        f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE status = ? ORDER BY created_at, id",
         (status,),
     )
     return [_task_from_row(row) for row in rows]
@@ -210,14 +218,14 @@ class SqliteTaskStore:
     async def list(
         self, tenant: str, *, status: str = "", limit: int = LIST_LIMIT_DEFAULT
     ) -> builtins.list[TaskRecord]:
-        _check_listing(status, limit)
+        check_listing(status, limit)
         return await self._db.run(_list, tenant, status, limit)
 
     async def update(self, task: TaskRecord) -> None:
         await self._db.run(_update, task)
 
     async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
-        _check_listing(status, 1)
+        check_listing(status, 1)
         return await self._db.run(_by_status, status)
 
     async def append_log(self, task_id: str, entry: dict[str, Any]) -> int:
@@ -263,7 +271,7 @@ class RedisTaskStore:
         try:
             created = await self._redis.set(self._rec(task.id), json.dumps(task.to_dict()), nx=True)
             if not created:
-                raise AlreadyExists(f"task {task.id} already exists", details={"task_id": task.id})
+                raise task_exists(task.id)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zadd(self._tenant(task.tenant), {task.id: task.created_at})
                 pipe.zadd(self._status(task.status), {task.id: task.created_at})
@@ -296,7 +304,7 @@ class RedisTaskStore:
     async def list(
         self, tenant: str, *, status: str = "", limit: int = LIST_LIMIT_DEFAULT
     ) -> builtins.list[TaskRecord]:
-        _check_listing(status, limit)
+        check_listing(status, limit)
         found: builtins.list[TaskRecord] = []
         start, step = 0, max(limit, 50)
         # Walks the tenant's index newest first; a status filter skips the others.
@@ -329,7 +337,7 @@ class RedisTaskStore:
             raise Unavailable(f"task store: {exc}") from exc
 
     async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
-        _check_listing(status, 1)
+        check_listing(status, 1)
         try:
             ids = await self._redis.zrange(self._status(status), 0, -1)
         except RedisError as exc:

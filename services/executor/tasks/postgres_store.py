@@ -1,0 +1,135 @@
+"""TaskStore on PostgreSQL, for executor replicas that share their tasks.
+
+The same tables and orderings as the SQLite store (`postgres_schema`), on the
+kernel every PostgreSQL store uses (`threadline.postgres`); validation, columns
+and errors are the ones `store` gives every backend.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import asyncpg
+
+from services.executor.tasks.postgres_schema import MIGRATIONS
+from services.executor.tasks.records import LIST_LIMIT_DEFAULT, TaskRecord, TaskStatus
+from services.executor.tasks.store import (
+    TASK_COLUMN_LIST,
+    TASK_COLUMNS,
+    check_listing,
+    log_line,
+    row_values,
+    task_exists,
+    task_not_found,
+)
+from threadline.errors import Unavailable
+from threadline.postgres import UNREACHABLE, PostgresDatabase
+
+_PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, len(TASK_COLUMNS) + 1))
+# $1 is the id; the other columns follow in TASK_COLUMNS order.
+_ASSIGNMENTS = ", ".join(f"{column} = ${i}" for i, column in enumerate(TASK_COLUMNS[1:], 2))
+_INSERT = (
+    f"INSERT INTO tasks ({TASK_COLUMN_LIST}) VALUES ({_PLACEHOLDERS}) "
+    "ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+_UPDATE = f"UPDATE tasks SET {_ASSIGNMENTS} WHERE id = $1 RETURNING id"
+# Two appends to one log may compute the same seq: the later one waits for the
+# first to commit, then inserts nothing, and tries again with the next seq.
+_APPEND = (
+    "INSERT INTO task_logs (task_id, seq, line) "
+    "SELECT $1, COALESCE(MAX(seq) + 1, 0), $2 FROM task_logs WHERE task_id = $1 "
+    "ON CONFLICT (task_id, seq) DO NOTHING RETURNING seq"
+)
+
+
+def _task(row: asyncpg.Record) -> TaskRecord:
+    return TaskRecord.from_dict(dict(row.items()))
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """A server that is away (restarting, failing over) is UNAVAILABLE, as with Redis."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise Unavailable("task store: PostgreSQL is unreachable") from exc
+
+
+class PostgresTaskStore:
+    """TaskStore on a PostgreSQL database. `await open()` before use (it migrates),
+    `await close()` after. Each call is one statement, so each commits on its own."""
+
+    def __init__(self, url: str) -> None:
+        self._db = PostgresDatabase(url, name="task", migrations=MIGRATIONS)
+
+    async def open(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def create(self, task: TaskRecord) -> None:
+        with _reachable():
+            created = await self._db.pool.fetchval(_INSERT, *row_values(task))
+        if created is None:
+            raise task_exists(task.id)
+
+    async def get(self, tenant: str, task_id: str) -> TaskRecord:
+        with _reachable():
+            row = await self._db.pool.fetchrow(
+                f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE id = $1 AND tenant = $2",
+                task_id,
+                tenant,
+            )
+        if row is None:
+            raise task_not_found(task_id)
+        return _task(row)
+
+    async def list(
+        self, tenant: str, *, status: str = "", limit: int = LIST_LIMIT_DEFAULT
+    ) -> builtins.list[TaskRecord]:
+        check_listing(status, limit)
+        sql = f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE tenant = $1"
+        args: builtins.list[Any] = [tenant]
+        if status:
+            sql += " AND status = $2"
+            args.append(status)
+        sql += f" ORDER BY created_at DESC, id DESC LIMIT ${len(args) + 1}"
+        with _reachable():
+            rows = await self._db.pool.fetch(sql, *args, limit)
+        return [_task(row) for row in rows]
+
+    async def update(self, task: TaskRecord) -> None:
+        with _reachable():
+            updated = await self._db.pool.fetchval(_UPDATE, *row_values(task))
+        if updated is None:
+            raise task_not_found(task.id)
+
+    async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
+        check_listing(status, 1)
+        with _reachable():
+            rows = await self._db.pool.fetch(
+                f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE status = $1 ORDER BY created_at, id",
+                status,
+            )
+        return [_task(row) for row in rows]
+
+    async def append_log(self, task_id: str, entry: dict[str, Any]) -> int:
+        line = log_line(entry)
+        with _reachable():
+            while True:
+                seq = await self._db.pool.fetchval(_APPEND, task_id, line)
+                if seq is not None:
+                    return int(seq)
+
+    async def read_log(self, task_id: str, after: int = -1) -> builtins.list[tuple[int, str]]:
+        with _reachable():
+            rows = await self._db.pool.fetch(
+                "SELECT seq, line FROM task_logs WHERE task_id = $1 AND seq > $2 ORDER BY seq",
+                task_id,
+                after,
+            )
+        return [(int(row["seq"]), str(row["line"])) for row in rows]
