@@ -5,6 +5,7 @@ moments and restarts it on the same store:
 
     python -m tests.e2e.session_writer sqlite PATH SESSION_ID START
     python -m tests.e2e.session_writer redis URL PREFIX SESSION_ID START
+    python -m tests.e2e.session_writer postgresql URL SESSION_ID START
 
 Append n (from START on) is `batch(n)` with request id `req-<n>`. Each append
 is acknowledged on stdout only after `append` returned, one line per stored
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from services.session.postgres_store import PostgresSessionStore
 from services.session.redis_store import RedisSessionStore
 from services.session.sqlite_store import SqliteSessionStore
 from services.session.store import SessionStore
@@ -56,6 +58,9 @@ async def open_store(argv: list[str]) -> AsyncIterator[tuple[SessionStore, list[
             yield RedisSessionStore(client, prefix=argv[2]), argv[3:]
         finally:
             await client.aclose()
+    elif argv[0] == "postgresql":
+        async with PostgresSessionStore(argv[1]) as postgres:
+            yield postgres, argv[2:]
     else:
         raise SystemExit(f"unknown backend {argv[0]!r}")
 

@@ -27,10 +27,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.session.chain import verify_chain
+from services.session.postgres_store import PostgresSessionStore
 from services.session.redis_store import RedisSessionStore
 from services.session.sqlite_store import SqliteSessionStore
 from services.session.store import SessionStore
 from tests.e2e.session_writer import TENANT, batch
+from tests.postgres_schema import postgres_schema
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +162,15 @@ async def test_redis_appends_are_all_or_nothing_under_sigkill(redis_url: str) ->
         async for key in client.scan_iter(match=prefix + "*"):
             await client.unlink(key)
         await client.aclose()
+
+
+async def test_postgres_appends_are_all_or_nothing_under_sigkill(postgres_url: str) -> None:
+    seed = random.randrange(2**32)
+    async with postgres_schema(postgres_url) as url:
+
+        def open_store() -> AbstractAsyncContextManager[SessionStore]:
+            return PostgresSessionStore(url)
+
+        appends, unacked = await _kill_loop(open_store, ["postgresql", url], kills=10, seed=seed)
+    print(f"postgresql: 11 kills, {appends} appends, {unacked} between commit and ack, seed {seed}")
+    assert appends > 11

@@ -1,9 +1,11 @@
-"""One suite, every SessionStore backend: SQLite on a tmp file, Redis on the real server.
+"""One suite, every SessionStore backend: SQLite on a tmp file, Redis and PostgreSQL
+on real servers.
 
 Each test runs against SQLite, against Redis with a bytes client (what the session
-server passes) and against Redis with a `decode_responses=True` client, each with
-its own key prefix. What differs between backends (planting orphans, counting the
-remembered request ids) sits behind the small `Backend` object.
+server passes), against Redis with a `decode_responses=True` client, each with
+its own key prefix, and against PostgreSQL in a schema of its own. What differs
+between backends (planting orphans, counting the remembered request ids) sits
+behind the small `Backend` object.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from services.session.chain import GENESIS_HASH, verify_chain
 from services.session.context import ContextResult, build_context
+from services.session.postgres_store import PostgresSessionStore
 from services.session.redis_store import RedisSessionStore
 from services.session.sqlite_store import SqliteSessionStore
 from services.session.store import REQUEST_ID_MEMORY, SessionStore
 from services.session.tokens import TokenEstimator
+from tests.postgres_schema import postgres_schema
 from threadline.errors import (
     AlreadyExists,
     HeadMismatch,
@@ -117,18 +122,72 @@ async def redis_backend(client: aioredis.Redis, name: str) -> AsyncIterator[Back
         await _delete_prefix(client, prefix)
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-decoded"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    if request.param == "sqlite":
+@contextlib.asynccontextmanager
+async def postgres_backend(url: str) -> AsyncIterator[Backend]:
+    store = PostgresSessionStore(
+        url, max_message_chars=MAX_CHARS, max_messages_per_append=MAX_MESSAGES
+    )
+    await store.open()
+
+    async def plant_orphans() -> int:
+        # Foreign keys keep rows from outliving their session, unless triggers are
+        # off (a restore, a replica): the way rows are orphaned in practice.
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("SET session_replication_role = replica")
+            await conn.execute(
+                "INSERT INTO messages VALUES ($1, 0, 1, 0, 1, '', 'h', '{}')", MISSING
+            )
+            await conn.execute("INSERT INTO tool_calls VALUES ($1, 'call_x', 0)", MISSING)
+            await conn.execute(
+                "INSERT INTO append_requests VALUES ($1, 'r', 'f', 0, 1, 'h')", MISSING
+            )
+        finally:
+            await conn.close()
+        return 3
+
+    async def remembered_requests(session_id: str) -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM append_requests WHERE session_id = $1", session_id
+            )
+        finally:
+            await conn.close()
+        return int(count)
+
+    try:
+        yield Backend("postgresql", store, plant_orphans, remembered_requests)
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-decoded", "postgresql"])
+def backend_kind(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """The backend's name and its server's URL ("" for SQLite). A plain fixture: the
+    server fixtures start their servers with asyncio.run, outside the test's loop."""
+    name = str(request.param)
+    if name == "sqlite":
+        return name, ""
+    return name, request.getfixturevalue("postgres_url" if name == "postgresql" else "redis_url")
+
+
+@pytest.fixture
+async def backend(backend_kind: tuple[str, str], tmp_path: Path) -> AsyncIterator[Backend]:
+    name, url = backend_kind
+    if name == "sqlite":
         async with sqlite_backend(tmp_path / "sessions.db") as b:
             yield b
         return
-    url: str = request.getfixturevalue("redis_url")
+    if name == "postgresql":
+        async with postgres_schema(url) as schema_url, postgres_backend(schema_url) as b:
+            yield b
+        return
     # Bytes replies are how the session server creates its client; str replies are
     # how tests/conftest.py does: the store must work with both.
-    client = aioredis.from_url(url, decode_responses=request.param == "redis-decoded")
+    client = aioredis.from_url(url, decode_responses=name == "redis-decoded")
     try:
-        async with redis_backend(client, str(request.param)) as b:
+        async with redis_backend(client, name) as b:
             yield b
     finally:
         await client.aclose()
@@ -329,6 +388,27 @@ async def test_awkward_text_round_trips(store: SessionStore) -> None:
     _, stored = await store.append(TENANT, session.id, "", [_user(t) for t in texts])
     assert await _verified(store, session.id) == stored
     assert await _contents(store, session.id) == texts
+
+
+async def test_nul_and_other_awkward_text_round_trips_in_every_field(store: SessionStore) -> None:
+    # PostgreSQL's TEXT cannot hold NUL: a backend must still keep it wherever a
+    # client can put it, lookups by tool call id, request id and model included.
+    odd = "a\x00b 🧵"
+    session = await store.create(
+        tenant=TENANT, model=odd, system_prompt=odd, title=odd, metadata={odd: odd}
+    )
+    assert await store.get(TENANT, session.id) == session
+    call = Message(role=common_pb2.ROLE_ASSISTANT, name=odd, id=odd)
+    call.tool_calls.add(id=odd, name=odd, arguments_json=odd)
+    batch = [_user(odd), call, _tool(odd, odd)]
+    first = await store.append(TENANT, session.id, "", batch, request_id=odd)
+    assert await store.append(TENANT, session.id, "", batch, request_id=odd) == first
+    assert await _verified(store, session.id) == first[1]
+    with pytest.raises(InvalidArgument, match="already used"):
+        await store.append(TENANT, session.id, first[0], [_assistant("", odd)])
+    await store.set_calibration(odd, 2.5)
+    assert await store.calibration(odd) == 2.5
+    assert await store.calibration("a") is None
 
 
 async def test_stale_head_is_refused_with_the_current_head(store: SessionStore) -> None:
@@ -919,7 +999,7 @@ async def _contexts(store: SessionStore) -> list[ContextResult]:
 
 
 async def test_build_context_gives_the_same_result_on_every_backend(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, postgres_url: str
 ) -> None:
     results = []
     async with sqlite_backend(tmp_path / "sessions.db") as sqlite:
@@ -930,7 +1010,9 @@ async def test_build_context_gives_the_same_result_on_every_backend(
             results.append(await _contexts(redis_store.store))
     finally:
         await client.aclose()
-    assert results[0] == results[1]
+    async with postgres_schema(postgres_url) as url, postgres_backend(url) as postgres:
+        results.append(await _contexts(postgres.store))
+    assert results[0] == results[1] == results[2]
     dropped = [r.dropped_count for r in results[0]]
     assert dropped[0] > dropped[-1] == 0  # the budgets did cut, at different places
     assert len(set(dropped)) > 2
