@@ -226,8 +226,8 @@ class SessionSettings(_Section):
 
 
 class MemorySettings(_Section):
-    #: SQLite only: `sqlite:///path/file.db` or a plain path; empty means
-    #: `<data_dir>/memory.db`. Replicas share it (see deployment).
+    #: `sqlite:///path/file.db` or a plain path (empty means `<data_dir>/memory.db`),
+    #: or `postgresql://user@host:port/db`, which replicas share.
     database: str = ""
     #: Model route for summaries and extraction; empty uses the default route.
     model: str = ""
@@ -274,7 +274,7 @@ class MemorySettings(_Section):
     @field_validator("database")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        return check_store_url(value, kinds=["sqlite"])
+        return check_store_url(value, kinds=["sqlite", "postgresql"])
 
 
 class ToolRule(_Section):

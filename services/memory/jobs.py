@@ -151,7 +151,11 @@ class MemoryJobs:
             created_at=_timestamp(now_us()),
             model=model,
         )
-        await self.store.put_job(job)
+        # Another replica may have submitted since the look above: the store keeps
+        # one active job of a kind per session and returns it, which is queued already.
+        active = await self.store.put_job_if_none_active(job)
+        if active.id != job.id:
+            return active
         await self._queue_for(kind).put(job.id)
         return job
 

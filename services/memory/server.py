@@ -16,6 +16,7 @@ from services.memory.consolidation import Consolidator, SummaryModel
 from services.memory.extraction import Extractor
 from services.memory.jobs import JobSettings, MemoryJobs
 from services.memory.pacing import Pacer, TurnActivity
+from services.memory.postgres_store import PostgresMemoryStore
 from services.memory.queue import JobQueue, LocalJobQueue, RedisJobQueue
 from services.memory.servicer import MemoryServicer
 from services.memory.store import MemoryStore, SqliteMemoryStore
@@ -26,6 +27,7 @@ from threadline.leases import Leases, LocalLeases, RedisLeases
 from threadline.peers import LlmClient, SessionClient
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
+from threadline.store_urls import PostgresUrl, SqliteUrl, StoreUrl
 from threadline.v1 import memory_pb2, memory_pb2_grpc
 
 SERVICE: ServiceName = "memory"
@@ -33,10 +35,7 @@ SERVICE: ServiceName = "memory"
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
     config = settings.memory
-    path = settings.sqlite_path("memory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    store = SqliteMemoryStore(path)
-    await store.open()
+    store = await open_store(settings.store_url("memory"))
     sessions = SessionClient(settings.addresses.session)
     llm = LlmClient(settings.addresses.llm_proxy)
     worker = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -70,6 +69,18 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host.on_stop(jobs.stop)
     await jobs.start()
     return host
+
+
+async def open_store(url: StoreUrl) -> SqliteMemoryStore | PostgresMemoryStore:
+    """The memory store `memory.database` names, open; config allows no other kind."""
+    if isinstance(url, PostgresUrl):
+        store: SqliteMemoryStore | PostgresMemoryStore = PostgresMemoryStore(url.url)
+    elif isinstance(url, SqliteUrl):
+        store = SqliteMemoryStore(url.path)
+    else:
+        raise ValueError(f"memory has no {url.kind} backend")
+    await store.open()
+    return store
 
 
 @dataclass(frozen=True)

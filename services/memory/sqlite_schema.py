@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from threadline.v1 import memory_pb2
+
+_QUEUED, _RUNNING = memory_pb2.JOB_STATE_QUEUED, memory_pb2.JOB_STATE_RUNNING
+_FAILED = memory_pb2.JOB_STATE_FAILED
+#: Appended to a record, this marks it failed: protobuf parses concatenated
+#: messages as one merged message, so the later state and error win.
+_SUPERSEDED = memory_pb2.Job(
+    state=_FAILED,
+    error="superseded: another job of its kind was already active for the session",
+).SerializeToString()
+
 #: Forward migrations; entry N takes the schema from user_version N to N+1. Append
 #: only: a released migration never changes, since databases already ran it.
 MIGRATIONS = [
@@ -76,5 +87,20 @@ MIGRATIONS = [
     )
     """,
         "CREATE INDEX jobs_session ON jobs (tenant, session_id, kind, state)",
+    ],
+    [
+        # Files from before the index may hold two active jobs of a kind for a session
+        # (two replicas raced in submit): the oldest stays, the others fail, so the
+        # index can be built and no job is run twice. (|| makes text: CAST back to a blob.)
+        f"""
+    UPDATE jobs SET state = {_FAILED}, record = CAST(record || X'{_SUPERSEDED.hex()}' AS BLOB)
+    WHERE state IN ({_QUEUED}, {_RUNNING}) AND rowid NOT IN (
+        SELECT min(rowid) FROM jobs WHERE state IN ({_QUEUED}, {_RUNNING})
+        GROUP BY tenant, session_id, kind
+    )
+    """,
+        # One active job of a kind per session, whichever replica submits it.
+        f"CREATE UNIQUE INDEX jobs_one_active ON jobs (tenant, session_id, kind) "
+        f"WHERE state IN ({_QUEUED}, {_RUNNING})",
     ],
 ]

@@ -1,12 +1,13 @@
 """Long-term memory's store: per-session state, history, extracted items, jobs.
 
 `MemoryStore` is what the domain (jobs, consolidation, extraction, compaction,
-recall, the servicer) needs; `SqliteMemoryStore` is the one backend today.
+recall, the servicer) needs; `SqliteMemoryStore` keeps it in a file, and
+`services.memory.postgres_store.PostgresMemoryStore` in a database replicas share.
 
 A session's summary and consolidation offset move in one transaction with its
 history entry, and extracted items with the extract pointer, so no pointer ever
-advances past work that was not stored. Replicas that share the file see one
-state (WAL; every write is one short transaction).
+advances past work that was not stored. A unique index allows one queued or
+running job of a kind per session, so replicas submitting at once make one job.
 """
 
 from __future__ import annotations
@@ -136,7 +137,14 @@ class MemoryStore(Protocol):
 
     # -- jobs --------------------------------------------------------------------
 
-    async def put_job(self, job: memory_pb2.Job) -> None: ...
+    async def put_job(self, job: memory_pb2.Job) -> None:
+        """Store a new job or a new state of one already stored."""
+        ...
+
+    async def put_job_if_none_active(self, job: memory_pb2.Job) -> memory_pb2.Job:
+        """Store the new queued `job` unless a job of its kind is already queued or
+        running for its session: the job now active, `job` or the one found."""
+        ...
 
     async def job(self, job_id: str) -> memory_pb2.Job | None: ...
 
@@ -369,6 +377,27 @@ def _put_job(conn: sqlite3.Connection, job: memory_pb2.Job) -> None:
         )
 
 
+def _put_job_if_none_active(conn: sqlite3.Connection, job: memory_pb2.Job) -> memory_pb2.Job:
+    # IMMEDIATE: another process's submit waits for this one, then finds its job.
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        active = _active_job(conn, job.tenant, job.session_id, job.kind)
+        if active is not None:
+            return active
+        conn.execute(
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.kind,
+                job.tenant,
+                job.session_id,
+                job.state,
+                job.head,
+                job.SerializeToString(),
+            ),
+        )
+    return job
+
+
 def _job(conn: sqlite3.Connection, job_id: str) -> memory_pb2.Job | None:
     row = conn.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return None if row is None else memory_pb2.Job.FromString(row[0])
@@ -480,6 +509,9 @@ class SqliteMemoryStore:
 
     async def put_job(self, job: memory_pb2.Job) -> None:
         await self._db.run(_put_job, job)
+
+    async def put_job_if_none_active(self, job: memory_pb2.Job) -> memory_pb2.Job:
+        return await self._db.run(_put_job_if_none_active, job)
 
     async def job(self, job_id: str) -> memory_pb2.Job | None:
         return await self._db.run(_job, job_id)

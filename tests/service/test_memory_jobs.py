@@ -751,6 +751,39 @@ async def test_two_replicas_never_work_one_session_at_once(
         assert intervals[0][1] <= intervals[1][0], f"overlapping jobs on {session_id}"
 
 
+async def test_replicas_on_one_postgresql_database_share_jobs_and_summaries(
+    tmp_path: Path,
+    fake_upstream: FakeUpstream,
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    postgres_url: str,
+) -> None:
+    # Valid both as a summary and as an extraction.
+    fake_upstream.route(SUMMARIZER, Script(text=json.dumps({"decisions": []})))
+    settings = memory_settings(tmp_path, fake_upstream, redis_url, database=postgres_url)
+    async with (
+        private_stack(settings, ["llm_proxy", "session", "memory"]) as first,
+        second_memory(first) as second,
+    ):
+        a = Clients(first)
+        b = MemoryClient(second.address("memory"))
+        session_id = await a.session(exchange(2))
+        request = memory_pb2.JobRequest(tenant=TENANT, session_id=session_id)
+        # Asked of both replicas at once: one job, whichever stored it first.
+        jobs = await asyncio.gather(a.memory.extract(request), b.extract(request))
+        extracted = await a.wait_job(jobs[0].id)
+        consolidated = await b.consolidate(TENANT, session_id)
+        recalled = await a.memory.recall(TENANT, session_id)
+        await b.close()
+        await a.close()
+
+    assert jobs[0].id == jobs[1].id and extracted.state == SUCCEEDED
+    assert consolidated.consolidated and (recalled.summary, recalled.offset) == (
+        consolidated.summary,
+        4,
+    )
+
+
 async def test_a_dead_replicas_job_is_taken_over(
     tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
 ) -> None:

@@ -383,7 +383,7 @@ def test_sqlite_paths_can_be_configured(tmp_path: Path) -> None:
 
 
 def test_memory_database_refuses_redis_at_load() -> None:
-    # Memory keeps its state in SQLite only: a Redis URL must not become a file path.
+    # Memory has no Redis backend: a Redis URL must not become a file path.
     message = _error({"THREADLINE_MEMORY__DATABASE": "redis://redis:6379/0"})
 
     assert "memory.database (THREADLINE_MEMORY__DATABASE): " in message
@@ -397,6 +397,9 @@ def test_memory_database_refuses_redis_at_load() -> None:
     )
     assert shared.session.database == "redis://redis:6379/0"
     assert shared.executor.tasks.database == "rediss://redis:6380/1"
+    # Memory does have a PostgreSQL backend.
+    pg = "postgresql://threadline@db:5432/threadline"
+    assert load_settings(environ={"THREADLINE_MEMORY__DATABASE": pg}).memory.database == pg
 
 
 def test_settings_are_frozen() -> None:
