@@ -207,8 +207,8 @@ class LlmSettings(_Section):
 
 class SessionSettings(_Section):
     #: Where sessions live (threadline.store_urls): empty = `<data_dir>/sessions.db`;
-    #: `sqlite:///path/file.db` (or a plain path); `redis://host:port/db` for several
-    #: session replicas.
+    #: `sqlite:///path/file.db` (or a plain path); `redis://host:port/db` or
+    #: `postgresql://user@host:port/db` for several session replicas.
     database: str = ""
     max_message_chars: int = Field(default=32_000, gt=0)
     max_messages_per_append: int = Field(default=64, gt=0)
@@ -222,7 +222,7 @@ class SessionSettings(_Section):
     @field_validator("database")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        return check_store_url(value, kinds=["sqlite", "redis"])
+        return check_store_url(value, kinds=["sqlite", "redis", "postgresql"])
 
 
 class MemorySettings(_Section):

@@ -460,7 +460,7 @@ class PostgresSessionStore(SessionBackend):
                 # FOR SHARE: a delete of the source waits until the prefix is copied.
                 row = await conn.fetchrow(
                     f"SELECT {_SESSION_COLUMNS}, (SELECT seq FROM messages "
-                    "WHERE session_id = $1 AND hash = $3) AS at_seq "
+                    "WHERE session_id = $1 AND hash = $3 ORDER BY seq LIMIT 1) AS at_seq "
                     "FROM sessions WHERE id = $1 AND tenant = $2 FOR SHARE",
                     session_id,
                     tenant,

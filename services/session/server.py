@@ -1,4 +1,4 @@
-"""Wiring for the session service: the store (SQLite or Redis), retention, servicer."""
+"""Wiring for the session service: the store (SQLite, Redis or PostgreSQL), retention, servicer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from threadline.config import ServiceName, Settings
 from threadline.events import EventBus, EventPublisher
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
-from threadline.store_urls import RedisUrl, SqliteUrl
+from threadline.store_urls import PostgresUrl, RedisUrl, SqliteUrl
 from threadline.v1 import session_pb2, session_pb2_grpc
 
 SERVICE: ServiceName = "session"
@@ -33,6 +33,14 @@ async def open_store(settings: Settings) -> tuple[SessionStore, aioredis.Redis |
             client, max_message_chars=max_chars, max_messages_per_append=max_messages
         )
         return redis_store, client
+    if isinstance(store_url, PostgresUrl):
+        from services.session.postgres_store import PostgresSessionStore
+
+        postgres_store = PostgresSessionStore(
+            store_url.url, max_message_chars=max_chars, max_messages_per_append=max_messages
+        )
+        await postgres_store.open()
+        return postgres_store, None
     assert isinstance(store_url, SqliteUrl), "config accepts no other kind for sessions"
     store_url.path.parent.mkdir(parents=True, exist_ok=True)
     store = SqliteSessionStore(

@@ -1,11 +1,11 @@
 """Fork, delete, export/import, idempotent append, retention and calibration through
-the real session server, on both backends (SQLite file, shared Redis)."""
+the real session server, on every backend (SQLite file, shared Redis, PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from tests.builders import TENANT, assistant, user
 from tests.conftest import make_settings
+from tests.postgres_schema import postgres_schema_outside_loop
 from tests.service.conftest import EventRecorder, private_stack
 from threadline import errors
 from threadline.config import Settings
@@ -22,13 +23,29 @@ from threadline.stack import Stack, start_stack
 from threadline.v1 import common_pb2, session_pb2
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+def _database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """`session.database` for the backend in request.param; PostgreSQL in a fresh schema."""
+    if request.param == "sqlite":
+        yield ""
+    elif request.param == "redis":
+        yield request.getfixturevalue("redis_url")
+    else:
+        with postgres_schema_outside_loop(request.getfixturevalue("postgres_url")) as url:
+            yield url
 
 
-def session_settings(tmp_path: Path, redis_url: str, backend: str, **session: object) -> Settings:
-    database = "" if backend == "sqlite" else redis_url
+@pytest.fixture(params=["sqlite", "redis", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield from _database(request)
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def shared_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A backend several session servers can share."""
+    yield from _database(request)
+
+
+def session_settings(tmp_path: Path, redis_url: str, database: str, **session: object) -> Settings:
     return make_settings(
         tmp_path, None, redis_url=redis_url, session={"database": database, **session}
     )
@@ -36,9 +53,9 @@ def session_settings(tmp_path: Path, redis_url: str, backend: str, **session: ob
 
 @pytest.fixture
 async def stack(
-    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, backend: str
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, database: str
 ) -> AsyncIterator[Stack]:
-    async with private_stack(session_settings(tmp_path, redis_url, backend), ["session"]) as s:
+    async with private_stack(session_settings(tmp_path, redis_url, database), ["session"]) as s:
         yield s
 
 
@@ -177,9 +194,9 @@ async def test_calibration_changes_the_estimate_for_that_model(sessions: Session
 
 
 async def test_idle_sessions_expire_with_their_event(
-    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, backend: str
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, database: str
 ) -> None:
-    settings = session_settings(tmp_path, redis_url, backend, ttl_s=0.5, cleanup_interval_s=0.2)
+    settings = session_settings(tmp_path, redis_url, database, ttl_s=0.5, cleanup_interval_s=0.2)
     async with private_stack(settings, ["session"]) as stack:
         recorder = EventRecorder(stack.bus, await stack.bus.subscribe())
         client = SessionClient(stack.address("session"))
@@ -196,9 +213,9 @@ async def test_idle_sessions_expire_with_their_event(
 
 
 async def test_a_tenant_keeps_at_most_its_cap(
-    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, backend: str
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, database: str
 ) -> None:
-    settings = session_settings(tmp_path, redis_url, backend, max_sessions_per_tenant=3)
+    settings = session_settings(tmp_path, redis_url, database, max_sessions_per_tenant=3)
     async with private_stack(settings, ["session"]) as stack:
         client = SessionClient(stack.address("session"))
         try:
@@ -211,10 +228,10 @@ async def test_a_tenant_keeps_at_most_its_cap(
             await client.close()
 
 
-async def test_two_session_servers_on_one_redis_serialise_fifty_writers(
-    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis
+async def test_two_session_servers_on_one_store_serialise_fifty_writers(
+    tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, shared_database: str
 ) -> None:
-    settings = session_settings(tmp_path, redis_url, "redis")
+    settings = session_settings(tmp_path, redis_url, shared_database)
     bus = InProcessEventBus()
     first = await start_stack(settings, services=["session"], bus=bus, ephemeral_ports=True)
     second = await start_stack(settings, services=["session"], bus=bus, ephemeral_ports=True)
