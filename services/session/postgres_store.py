@@ -35,6 +35,8 @@ from services.session.store import (
     SessionBackend,
     check_from_seq,
     hash_not_found,
+    message_extras,
+    message_from,
     named_tool_call_ids,
     new_fork,
     now_micros,
@@ -189,37 +191,12 @@ def _session_from_row(row: asyncpg.Record) -> session_pb2.Session:
 
 
 def _body(msg: common_pb2.Message) -> str:
-    # Fields at their default are left out: a long log is mostly plain text turns.
-    body: dict[str, Any] = {"id": msg.id, "content": msg.content}
-    if msg.tool_calls:
-        body["tool_calls"] = [[c.id, c.name, c.arguments_json] for c in msg.tool_calls]
-    if msg.tool_call_id:
-        body["tool_call_id"] = msg.tool_call_id
-    if msg.name:
-        body["name"] = msg.name
-    if msg.interrupted:
-        body["interrupted"] = True
-    return _dumps(body)
+    # Free text goes in JSON: PostgreSQL TEXT cannot hold the NUL a message may.
+    return _dumps({"id": msg.id, "content": msg.content, **message_extras(msg)})
 
 
 def _message_from_row(row: asyncpg.Record) -> common_pb2.Message:
-    body = json.loads(row["body"])
-    msg = common_pb2.Message(
-        id=body["id"],
-        role=row["role"],
-        content=body["content"],
-        tool_call_id=body.get("tool_call_id", ""),
-        name=body.get("name", ""),
-        interrupted=body.get("interrupted", False),
-        token_count=row["token_count"],
-        seq=row["seq"],
-        parent_hash=row["parent_hash"],
-        hash=row["hash"],
-    )
-    for call_id, name, arguments_json in body.get("tool_calls", ()):
-        msg.tool_calls.add(id=call_id, name=name, arguments_json=arguments_json)
-    msg.created_at.FromMicroseconds(row["created_at"])
-    return msg
+    return message_from({**json.loads(row["body"]), **dict(row)})
 
 
 def _message_arrays(batch: Sequence[common_pb2.Message]) -> builtins.list[builtins.list[Any]]:

@@ -52,6 +52,8 @@ from services.session.store import (
     SessionBackend,
     check_from_seq,
     hash_not_found,
+    message_extras,
+    message_from,
     named_tool_call_ids,
     new_fork,
     reused_request_id,
@@ -101,35 +103,11 @@ def _message_json(msg: common_pb2.Message) -> str:
         "parent_hash": msg.parent_hash,
         "hash": msg.hash,
     }
-    if msg.tool_calls:
-        entry["tool_calls"] = [[c.id, c.name, c.arguments_json] for c in msg.tool_calls]
-    if msg.tool_call_id:
-        entry["tool_call_id"] = msg.tool_call_id
-    if msg.name:
-        entry["name"] = msg.name
-    if msg.interrupted:
-        entry["interrupted"] = True
-    return _dumps(entry)
+    return _dumps({**entry, **message_extras(msg)})
 
 
 def _message_from_json(raw: bytes | str) -> common_pb2.Message:
-    entry = json.loads(raw)
-    msg = common_pb2.Message(
-        id=entry["id"],
-        role=entry["role"],
-        content=entry["content"],
-        tool_call_id=entry.get("tool_call_id", ""),
-        name=entry.get("name", ""),
-        interrupted=entry.get("interrupted", False),
-        token_count=entry["token_count"],
-        seq=entry["seq"],
-        parent_hash=entry["parent_hash"],
-        hash=entry["hash"],
-    )
-    for call_id, name, arguments_json in entry.get("tool_calls", ()):
-        msg.tool_calls.add(id=call_id, name=name, arguments_json=arguments_json)
-    msg.created_at.FromMicroseconds(entry["created_at"])
-    return msg
+    return message_from(json.loads(raw))
 
 
 def _meta_fields(session: session_pb2.Session, first_user_seq: int | None) -> dict[str, str]:

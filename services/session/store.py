@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import json_format
 
@@ -533,6 +533,42 @@ def check_calibration(model: str, chars_per_token: float) -> None:
         raise InvalidArgument("model is required")
     if not (math.isfinite(chars_per_token) and chars_per_token > 0):
         raise InvalidArgument(f"chars_per_token must be positive and finite, got {chars_per_token}")
+
+
+def message_extras(msg: common_pb2.Message) -> dict[str, Any]:
+    """The optional parts of a message as JSON-ready fields; those at their default are
+    left out (a long log is mostly plain text turns). The inverse is `message_from`."""
+    extras: dict[str, Any] = {}
+    if msg.tool_calls:
+        extras["tool_calls"] = [[c.id, c.name, c.arguments_json] for c in msg.tool_calls]
+    if msg.tool_call_id:
+        extras["tool_call_id"] = msg.tool_call_id
+    if msg.name:
+        extras["name"] = msg.name
+    if msg.interrupted:
+        extras["interrupted"] = True
+    return extras
+
+
+def message_from(fields: Mapping[str, Any]) -> common_pb2.Message:
+    """A stored message from its fields: id, role, content, token_count, seq,
+    parent_hash, hash, created_at (microseconds) and the `message_extras`."""
+    msg = common_pb2.Message(
+        id=fields["id"],
+        role=fields["role"],
+        content=fields["content"],
+        tool_call_id=fields.get("tool_call_id", ""),
+        name=fields.get("name", ""),
+        interrupted=fields.get("interrupted", False),
+        token_count=fields["token_count"],
+        seq=fields["seq"],
+        parent_hash=fields["parent_hash"],
+        hash=fields["hash"],
+    )
+    for call_id, name, arguments_json in fields.get("tool_calls", ()):
+        msg.tool_calls.add(id=call_id, name=name, arguments_json=arguments_json)
+    msg.created_at.FromMicroseconds(fields["created_at"])
+    return msg
 
 
 def copy_messages(messages: Sequence[common_pb2.Message]) -> builtins.list[common_pb2.Message]:
