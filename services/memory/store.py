@@ -365,16 +365,20 @@ def _put_job(conn: sqlite3.Connection, job: memory_pb2.Job) -> None:
         conn.execute(
             "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
             "state = excluded.state, head = excluded.head, record = excluded.record",
-            (
-                job.id,
-                job.kind,
-                job.tenant,
-                job.session_id,
-                job.state,
-                job.head,
-                job.SerializeToString(),
-            ),
+            _job_row(job),
         )
+
+
+def _job_row(job: memory_pb2.Job) -> tuple[object, ...]:
+    return (
+        job.id,
+        job.kind,
+        job.tenant,
+        job.session_id,
+        job.state,
+        job.head,
+        job.SerializeToString(),
+    )
 
 
 def _put_job_if_none_active(conn: sqlite3.Connection, job: memory_pb2.Job) -> memory_pb2.Job:
@@ -385,15 +389,7 @@ def _put_job_if_none_active(conn: sqlite3.Connection, job: memory_pb2.Job) -> me
             return active
         conn.execute(
             "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                job.id,
-                job.kind,
-                job.tenant,
-                job.session_id,
-                job.state,
-                job.head,
-                job.SerializeToString(),
-            ),
+            _job_row(job),
         )
     return job
 
