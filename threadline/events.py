@@ -293,7 +293,8 @@ class RedisEventBus:
     async def flush(self, timeout_s: float) -> bool:
         """Wait until the buffer is empty (True) or the timeout passes (False)."""
         try:
-            await asyncio.wait_for(self._drained.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._drained.wait()
         except TimeoutError:
             return False
         return True

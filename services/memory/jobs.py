@@ -176,8 +176,12 @@ class MemoryJobs:
                     return job
                 self._check_waited(job_id, job, time.monotonic() - began, deadline)
                 remaining = deadline - time.monotonic()
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                # cancellation that meets its own timeout, and a cancelled waiter that
+                # keeps waiting holds the server's shutdown until its deadline.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining, poll_s))
+                    async with asyncio.timeout(min(remaining, poll_s)):
+                        await event.wait()
                 poll_s = min(poll_s * 2, _WAIT_POLL_MAX_S)
         finally:
             self._finished.pop(job_id, None)

@@ -164,8 +164,10 @@ class TaskPool:
             entry.end_as = ("cancelled", "cancelled by request")
         if entry.run is not None:
             entry.run.cancel()
+        # asyncio.timeout, not wait_for, which can swallow a cancellation in Python 3.11.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(entry.done.wait(), CANCEL_WAIT_S)
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await entry.done.wait()
         return entry.task
 
     async def watch(self, tenant: str, task_id: str) -> AsyncIterator[tuple[int, str]]:
@@ -187,7 +189,8 @@ class TaskPool:
                     yield seq, line
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(signal.wait(), WATCH_POLL_S)
+                async with asyncio.timeout(WATCH_POLL_S):
+                    await signal.wait()
 
     # -- workers ------------------------------------------------------------------
 
