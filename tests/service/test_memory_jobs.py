@@ -854,7 +854,9 @@ async def test_a_waiter_gives_up_on_a_job_no_replica_takes_and_says_why(
 ) -> None:
     # The one worker is held by a summariser that never answers in time.
     fake_upstream.route(SUMMARIZER, Script(text=SUMMARY, first_token_delay_s=5))
-    async with start(workers=1, claim_idle_s=1.0) as (clients, _events):
+    # Patience claim_idle_s + scan_interval_s = 0.4 s: the waiter gives up at its 0.6 s
+    # look, long before the worker is free again (a first-token timeout of 2 s).
+    async with start(workers=1, claim_idle_s=0.3) as (clients, _events):
         busy = await clients.session(exchange(3, words=20))
         waiting = await clients.session(exchange(3, words=20))
         request = memory_pb2.JobRequest(tenant=TENANT, session_id=busy)
