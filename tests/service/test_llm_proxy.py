@@ -26,7 +26,12 @@ from threadline.config import Settings, load_settings
 from threadline.events import InProcessEventBus
 from threadline.peers import LlmClient
 from threadline.stack import Stack, start_stack
-from threadline.testing.fake_upstream import FakeUpstream, Script, estimate_prompt_tokens
+from threadline.testing.fake_upstream import (
+    FakeUpstream,
+    RecordedRequest,
+    Script,
+    estimate_prompt_tokens,
+)
 from threadline.v1 import common_pb2, llm_pb2
 
 FIRST_TOKEN_S = 1.0
@@ -505,19 +510,24 @@ async def test_no_authorization_is_sent_without_api_key_env(
     assert "authorization" not in fake_upstream.chat_requests()[0].headers
 
 
-async def test_api_key_is_sent_as_a_bearer_token(
-    tmp_path: Path, fake_upstream: FakeUpstream
-) -> None:
-    settings = keyed_settings(tmp_path, fake_upstream, {KEY_VARIABLE: "sk-test-upstream"})
-
+async def _one_chat(settings: Settings, fake: FakeUpstream) -> RecordedRequest:
+    """One chat through an llm_proxy of these settings; the request the upstream got."""
     async with private_stack(settings, ["llm_proxy"]) as stack:
         client = LlmClient(stack.address("llm_proxy"))
         try:
             await client.chat(request())
         finally:
             await client.close()
+    (sent,) = fake.chat_requests()
+    return sent
 
-    (sent,) = fake_upstream.chat_requests()
+
+async def test_api_key_is_sent_as_a_bearer_token(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> None:
+    settings = keyed_settings(tmp_path, fake_upstream, {KEY_VARIABLE: "sk-test-upstream"})
+
+    sent = await _one_chat(settings, fake_upstream)
     assert sent.headers["authorization"] == "Bearer sk-test-upstream"
 
 
@@ -526,14 +536,7 @@ async def test_an_empty_key_variable_sends_no_authorization(
 ) -> None:
     settings = keyed_settings(tmp_path, fake_upstream, {KEY_VARIABLE: ""})
 
-    async with private_stack(settings, ["llm_proxy"]) as stack:
-        client = LlmClient(stack.address("llm_proxy"))
-        try:
-            await client.chat(request())
-        finally:
-            await client.close()
-
-    (sent,) = fake_upstream.chat_requests()
+    sent = await _one_chat(settings, fake_upstream)
     assert "authorization" not in sent.headers
 
 
