@@ -7,6 +7,7 @@ in one service handles another's errors without touching grpc.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -18,15 +19,51 @@ from threadline.status import from_rpc_error
 
 T = TypeVar("T")
 
+#: Calls that are safe to send again after UNAVAILABLE (a replica died or was not
+#: reachable): reads, appends (the request id makes a repeat a no-op) and memory
+#: jobs (one active job per session, so a repeat joins the first). Turns and
+#: model calls are not here: a second model call is not the same call.
+_RETRIED = {
+    "threadline.v1.Sessions": ["Get", "List", "Append", "BuildContext", "Export", "Calibrate"],
+    "threadline.v1.Memory": ["Recall", "GetJob", "Consolidate", "Extract", "Compact"],
+}
+
+#: Round robin over every address a target resolves to (each replica behind a
+#: headless Service, or an `ipv4:` list), so a new replica takes calls as soon
+#: as its connection is up rather than when a sticky connection ends.
+_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": service, "method": method} for method in methods],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+        for service, methods in _RETRIED.items()
+    ],
+}
+
 _OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    # A replica that was down is tried again within a second, not after grpc's
+    # default backoff, which grows to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
 
 def connect(address: str) -> grpc.aio.Channel:
+    """A channel to `address`: host:port, dns:///host:port, or ipv4:host:port,host:port,..."""
     return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=client_interceptors())
 
 

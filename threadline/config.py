@@ -44,8 +44,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _endpoints(target: str) -> list[str]:
+    """The host:port endpoints of a gRPC target, in the forms threadline accepts."""
+    if target.startswith("dns:///"):
+        return [target.removeprefix("dns:///")]
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            return target.removeprefix(scheme).split(",")
+    return [target]
+
+
+def _port(endpoint: str) -> int | None:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        return None
+    return int(port)
+
+
 class Addresses(_Section):
-    """Where each service listens (its port) and where its peers reach it."""
+    """Where each service listens (its port) and where its peers reach it.
+
+    A peer's address is a gRPC target: `host:port`, `dns:///host:port` (every
+    address the name resolves to, e.g. a headless Service's pods) or
+    `ipv4:host:port,host:port` (a fixed list of replicas). Callers spread their
+    calls round robin over whatever the target names.
+    """
 
     gateway: str = "127.0.0.1:50051"
     executor: str = "127.0.0.1:50052"
@@ -55,17 +78,22 @@ class Addresses(_Section):
 
     @field_validator("*")
     @classmethod
-    def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"expected host:port, got {value!r}")
+    def _target(cls, value: str) -> str:
+        if len(value) > 1024 or not all(_port(e) is not None for e in _endpoints(value)):
+            shown = value if len(value) <= 80 else value[:80] + "..."
+            raise ValueError(
+                "expected host:port, dns:///host:port or ipv4:host:port,host:port,"
+                f" got {shown!r}"
+            )
         return value
 
     def of(self, service: ServiceName) -> str:
         return str(getattr(self, service))
 
-    def port_of(self, service: ServiceName) -> int:
-        return int(self.of(service).rpartition(":")[2])
+    def port_of(self, service: ServiceName) -> int | None:
+        """The port every endpoint of the service's target shares, or None if they differ."""
+        ports = {_port(endpoint) for endpoint in _endpoints(self.of(service))}
+        return ports.pop() if len(ports) == 1 else None
 
 
 class RetrySettings(_Section):
@@ -436,6 +464,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Interface every service binds; each binds the port of its own address.
     listen_host: str = "127.0.0.1"
+    #: Port this process listens on; 0 = the port of its own service's address.
+    #: Replicas on one machine each set their own.
+    listen_port: int = Field(default=0, ge=0, lt=65536)
     addresses: Addresses = Addresses()
     grace_period_s: float = Field(default=10.0, ge=0)
     #: Port of the Prometheus /metrics endpoint for this process; 0 = none.
@@ -458,8 +489,14 @@ class Settings(BaseSettings):
         return value
 
     def bind_address(self, service: ServiceName) -> str:
-        """What `service` listens on: the listen host and its own address's port."""
-        return f"{self.listen_host}:{self.addresses.port_of(service)}"
+        """What `service` listens on: the listen host and listen_port or its address's port."""
+        port = self.listen_port or self.addresses.port_of(service)
+        if port is None:
+            raise ConfigError(
+                f"addresses.{service} names replicas on different ports;"
+                " set listen_port (THREADLINE_LISTEN_PORT) to the one this process uses"
+            )
+        return f"{self.listen_host}:{port}"
 
     def store_url(self, store: Literal["session", "memory", "tasks"]) -> StoreUrl:
         """Where a store lives: its setting, parsed, or its default file under data_dir."""
