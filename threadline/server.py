@@ -129,10 +129,11 @@ def build_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
-            # Clients reconnect now and then, so behind a Kubernetes Service (which
-            # balances connections, not calls) new replicas get a share of the load.
+            # Clients reconnect every 30 s, and a reconnect makes a `dns:///` target
+            # resolve again, so callers find replicas added behind a headless Service
+            # within that time (and a ClusterIP Service spreads connections anew).
             # No age grace is set: running streams (WatchEvents) finish undisturbed.
-            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_ms", 30_000),
         ],
     )
     service_names = tuple(register(server))
