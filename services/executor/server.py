@@ -17,6 +17,7 @@ from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import Runner
 from services.executor.tasks.service import ByAgentType, TaskService
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
+from services.executor.turns.drafts import Drafts, LocalDrafts, RedisDrafts
 from services.executor.turns.leases import TurnLeases
 from services.executor.turns.tools import ToolBox
 from services.executor.turns.turn import TurnLimits, TurnRunner
@@ -52,6 +53,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         limits=_turn_limits(settings),
         tools=_session_tools(settings, toolbox) if settings.executor.tools_enabled else None,
         prices=_prices(settings.executor),
+        drafts=_drafts(redis_client),
     )
     task_store, task_redis = await open_task_store(settings)
     pool = TaskPool(
@@ -94,6 +96,12 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host.on_drain(turns.shutdown)
     host.on_hurry(turns.hurry)
     return host
+
+
+def _drafts(redis_client: aioredis.Redis | None) -> Drafts:
+    if redis_client is None:
+        return LocalDrafts()
+    return RedisDrafts(redis_client, prefix="threadline:turn-draft:")
 
 
 def _turn_leases(settings: Settings, redis_client: aioredis.Redis | None) -> TurnLeases:

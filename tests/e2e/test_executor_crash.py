@@ -38,10 +38,14 @@ async def test_a_session_whose_executor_died_mid_turn_is_free_within_the_lease_t
         GatewayClient(env["THREADLINE_ADDRESSES__GATEWAY"], api_key=ACME_KEY) as client,
     ):
         session = await client.create_session()
+        seen = ""
         with pytest.raises(errors.ThreadlineError):
             async for event in client.converse(session.id, "a long story"):
                 if event.WhichOneof("event") == "delta":
-                    procs["executor"].send_signal(signal.SIGKILL)
+                    seen += event.delta
+                    # Killed once the answer has been streaming for a while.
+                    if len(seen) > 100:
+                        procs["executor"].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         await procs["executor"].wait()
         procs["executor"] = await start_service("executor", env, tmp_path)
@@ -56,11 +60,20 @@ async def test_a_session_whose_executor_died_mid_turn_is_free_within_the_lease_t
                         return event.done.content
             except errors.Aborted:  # session busy: the dead executor's lease is still there
                 return None
+            except errors.Unavailable:  # the gateway is not reconnected to the new one yet
+                return None
             return None
 
         answer = await eventually(answered, timeout=TURN_LEASE_TTL_S + 10, interval=0.2)
         free_after_s = time.monotonic() - killed
+        stored = (await client.get_session(session.id, verify_chain=True)).messages
 
     assert answer == "Back again."
+    # What the user saw of the killed turn is stored, marked interrupted, before
+    # the next turn: all of it but at most its last moments.
+    assert [m.content for m in stored][0::2] == ["a long story", "are you back?"]
+    cut = stored[1]
+    assert cut.interrupted and cut.role == common_pb2.ROLE_ASSISTANT
+    assert seen.startswith(cut.content) and len(cut.content) > 50
     # The lease was renewed at most a third of its TTL before the kill.
     assert free_after_s < TURN_LEASE_TTL_S + 5

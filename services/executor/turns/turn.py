@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from services.executor.model_call import ModelCall, ReadInterrupts
 from services.executor.turns.detached import DetachedWrites
+from services.executor.turns.drafts import Checkpoints, Drafts, LocalDrafts, store_draft
 from services.executor.turns.leases import TurnLeases, lease_lost
 from services.executor.turns.peers import Llm, Memory, Sessions
 from services.executor.turns.tool_round import ToolRound
@@ -114,6 +115,8 @@ class TurnRunner:
     detached: DetachedWrites = field(default_factory=DetachedWrites)
     #: Stops the model calls of running turns at shutdown (see `shutdown`).
     interrupts: ReadInterrupts = field(default_factory=ReadInterrupts)
+    #: Answers being streamed, for the next turn to store if this process dies.
+    drafts: Drafts = field(default_factory=LocalDrafts)
 
     def __post_init__(self) -> None:
         self.writer = SessionWriter(self.sessions, self.detached)
@@ -148,6 +151,9 @@ class TurnRunner:
         session = (await self.sessions.get(request.tenant, request.session_id)).session
         async with contextlib.AsyncExitStack() as leases:
             lease = await leases.enter_async_context(self.leases.hold(request.session_id))
+            # The last turn's executor died mid-answer: store what its user saw first.
+            if await store_draft(self.drafts, self.sessions, self.events, request.session_id):
+                session = (await self.sessions.get(request.tenant, request.session_id)).session
             async for event in self._run(request, session, lease, leases):
                 yield event
 
@@ -166,6 +172,19 @@ class TurnRunner:
             model=request.options.model or session.model,
             max_tokens=request.options.max_tokens or self.limits.max_output_tokens,
         )
+        try:
+            async for event in self._calls(turn, session, leases):
+                yield event
+        finally:
+            # Whatever happened, this process stored (or reported) the answer itself.
+            for session_id in {request.session_id, turn.session_id}:
+                with contextlib.suppress(Exception):
+                    await self.drafts.drop(session_id)
+
+    async def _calls(
+        self, turn: _Turn, session: session_pb2.Session, leases: contextlib.AsyncExitStack
+    ) -> AsyncIterator[executor_pb2.TurnEvent]:
+        """Prepare, then model calls with tool rounds between them, then finish."""
         async for event in self._prepare(turn, session, leases):
             yield event
         while True:
@@ -233,10 +252,14 @@ class TurnRunner:
         if compacted is not None:
             yield compacted.event
         call = ModelCall()
+        checkpoints = Checkpoints(
+            self.drafts, turn.tenant, turn.session_id, turn.head, turn.turn_id
+        )
         try:
             async for chunk in call.stream(self.llm, self._chat_request(turn), self.interrupts):
                 kind = chunk.WhichOneof("chunk")
                 if kind == "delta":
+                    checkpoints.saw(call.partial)
                     yield executor_pb2.TurnEvent(delta=chunk.delta)
                 elif kind == "tool_call_delta":
                     yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
@@ -244,6 +267,8 @@ class TurnRunner:
             # Client gone or shutdown past its grace: keep what the user already saw.
             self._store_partial_detached(turn, call.partial, "turn cancelled")
             raise
+        finally:
+            await checkpoints.settle()
         try:
             turn.done = call.result()
         except errors.ThreadlineError as exc:
