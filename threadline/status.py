@@ -9,6 +9,8 @@ HeadMismatch` exactly as if the call had been local.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import grpc.aio
 import redis.exceptions
@@ -89,6 +91,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.ThreadlineError:
     metadata: dict[str, str] = {}
     retry_after: float | None = None
     status = _rich_status(error)
+    if status is None:
+        # Not raised by a threadline server but by gRPC itself (a replica down, a
+        # connection refused): its text names addresses callers must not see.
+        message = _ADDRESS.sub("<address>", message)
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -112,6 +118,12 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.ThreadlineError:
     if issubclass(cls, errors.Retryable):
         return cls(message, retry_after_s=retry_after, details=metadata)
     return cls(message, details=metadata)
+
+
+#: Peer addresses in gRPC's own error texts: target URIs, IPv4 and bracketed IPv6.
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix|dns):[^\s,;]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?"
+)
 
 
 def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:

@@ -318,3 +318,19 @@ async def test_unimplemented_method_is_a_typed_error(harness: Harness) -> None:
 
     with pytest.raises(errors.ThreadlineError):
         await unary(call(Request(), timeout=5))
+
+
+def test_grpcs_own_errors_reach_callers_without_peer_addresses() -> None:
+    refused = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="connections to all backends failing; last error: UNKNOWN: "
+        "ipv4:10.1.2.3:50052: Failed to connect to remote host: Connection refused",
+    )
+
+    error = from_rpc_error(refused)
+
+    assert isinstance(error, errors.Unavailable)
+    assert "10.1.2.3" not in error.message and "50052" not in error.message
+    assert "Connection refused" in error.message
