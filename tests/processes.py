@@ -78,12 +78,13 @@ def service_env(
 
 
 async def start_service(
-    name: str, env: dict[str, str], logs: Path | None = None
+    name: str, env: dict[str, str], logs: Path | None = None, *, log_name: str = ""
 ) -> asyncio.subprocess.Process:
-    """`threadline serve <name>` as a child process (not yet waited healthy)."""
+    """`threadline serve <name>` as a child process (not yet waited healthy); its output
+    is appended to `logs/<log_name or name>.log`."""
     with contextlib.ExitStack() as files:
         out = (
-            files.enter_context((logs / f"{name}.log").open("ab"))
+            files.enter_context((logs / f"{log_name or name}.log").open("ab"))
             if logs is not None
             else asyncio.subprocess.DEVNULL
         )

@@ -234,7 +234,16 @@ def test_bad_redis_url_is_rejected(url: str) -> None:
     assert repr(url) in message
 
 
-@pytest.mark.parametrize("address", ["10.0.0.5:7000", "gateway.internal:50051", "[::1]:50051"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "10.0.0.5:7000",
+        "gateway.internal:50051",
+        "[::1]:50051",
+        "dns:///gateway.threadline.svc:50051",
+        "ipv4:10.0.0.5:50051,10.0.0.6:50051",
+    ],
+)
 def test_good_address_accepted(address: str) -> None:
     settings = load_settings(environ={"THREADLINE_ADDRESSES__GATEWAY": address})
 
@@ -242,7 +251,10 @@ def test_good_address_accepted(address: str) -> None:
     assert settings.addresses.port_of("gateway") == int(address.rpartition(":")[2])
 
 
-@pytest.mark.parametrize("address", ["gateway", "gateway:", ":50051", "host:http", "host:65536"])
+@pytest.mark.parametrize(
+    "address",
+    ["gateway", "gateway:", ":50051", "host:http", "host:65536", "dns:///gw", "ipv4:a:1,b"],
+)
 def test_bad_address_is_rejected(address: str) -> None:
     message = _error({"THREADLINE_ADDRESSES__GATEWAY": address})
 
@@ -498,3 +510,19 @@ def test_the_key_itself_is_not_a_setting() -> None:
     assert "llm.upstream.api_key (THREADLINE_LLM__UPSTREAM__API_KEY)" in message
     assert "api_key_env" in message
     assert "sk-pasted-key" not in message
+
+
+def test_replicas_on_one_machine_each_listen_on_their_own_port() -> None:
+    replicas = {"THREADLINE_ADDRESSES__SESSION": "ipv4:127.0.0.1:6001,127.0.0.1:6002"}
+
+    second = load_settings(environ={**replicas, "THREADLINE_LISTEN_PORT": "6002"})
+    assert second.bind_address("session") == "127.0.0.1:6002"
+    with pytest.raises(ConfigError, match="listen_port"):
+        load_settings(environ=replicas).bind_address("session")
+
+
+def test_a_huge_address_is_refused_without_being_echoed_whole() -> None:
+    message = _error({"THREADLINE_ADDRESSES__SESSION": "ipv4:" + "x" * 100_000})
+
+    assert "addresses.session" in message
+    assert len(message) < 2_000
