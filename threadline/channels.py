@@ -59,6 +59,9 @@ _OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+    # A dns:/// name is looked up again when a connection ends (servers end them
+    # after 30 s); gRPC would otherwise wait 30 s between lookups on top of that.
+    ("grpc.dns_min_time_between_resolutions_ms", 5_000),
 ]
 
 
