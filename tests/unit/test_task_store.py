@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,9 @@ import redis.asyncio as aioredis
 
 from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import TaskRecord, new_task_id
-from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
+from services.executor.tasks.sqlite_schema import MIGRATIONS
+from services.executor.tasks.store import TASK_COLUMNS, RedisTaskStore, SqliteTaskStore, TaskStore
+from tests.waiting import eventually
 from threadline.errors import AlreadyExists, InvalidArgument, NotFound
 
 
@@ -48,7 +51,7 @@ async def _clean_postgres_store(url: str) -> PostgresTaskStore:
     await store.open()
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("TRUNCATE tasks, task_logs")
+        await conn.execute("TRUNCATE tasks, task_logs, executor_replicas")
     finally:
         await conn.close()
     return store
@@ -79,6 +82,7 @@ async def test_round_trip_keeps_every_field(store: TaskStore) -> None:
     task.tokens_in, task.tokens_out, task.cost = 120, 30, 0.0123
     task.exit_code = 0
     task.started_at, task.finished_at = 1001.5, 1004.0
+    task.owner, task.cancel_requested_at = "executor-0:50053", 1003.25
     await store.update(task)
     got = await store.get("acme", task.id)
     assert got == task
@@ -156,6 +160,60 @@ async def test_concurrent_appends_to_one_log_get_distinct_seqs(store: TaskStore)
     assert sorted(json.loads(line)["n"] for _, line in lines) == list(range(20))
 
 
+async def test_update_if_writes_only_over_the_expected_status_and_owner(
+    store: TaskStore,
+) -> None:
+    task = make_task(owner="a")
+    await store.create(task)
+    claimed = make_task(id=task.id, owner="a", status="running", started_at=1001.0)
+
+    # Another status, another owner, an unknown task: nothing is written.
+    assert not await store.update_if(claimed, if_status="running", if_owner="a")
+    assert not await store.update_if(claimed, if_status="queued", if_owner="b")
+    assert not await store.update_if(make_task(), if_status="queued", if_owner="")
+    assert await store.get("acme", task.id) == task
+    assert [t.id for t in await store.by_status("queued")] == [task.id]
+
+    assert await store.update_if(claimed, if_status="queued", if_owner="a")
+    assert await store.get("acme", task.id) == claimed
+    assert await store.by_status("queued") == []
+    assert [t.id for t in await store.by_status("running")] == [task.id]
+    # The same claim again finds it running: it loses.
+    assert not await store.update_if(claimed, if_status="queued", if_owner="a")
+
+
+async def test_of_concurrent_takeovers_exactly_one_wins(store: TaskStore) -> None:
+    task = make_task(owner="dead", status="running")
+    await store.create(task)
+    contenders = [make_task(id=task.id, owner=f"replica-{n}", status="running") for n in range(8)]
+    won = await asyncio.gather(
+        *(store.update_if(c, if_status="running", if_owner="dead") for c in contenders)
+    )
+    assert won.count(True) == 1
+    winner = contenders[won.index(True)]
+    assert (await store.get("acme", task.id)).owner == winner.owner
+
+
+async def test_heartbeats_expire_or_sign_off(store: TaskStore) -> None:
+    assert await store.live_replicas() == set()
+    await store.heartbeat("steady", 30)
+    await store.heartbeat("leaving", 30)
+    await store.heartbeat("fading", 0.3)
+    assert await store.live_replicas() == {"steady", "leaving", "fading"}
+
+    await store.heartbeat("leaving", 0)
+    assert await store.live_replicas() == {"steady", "fading"}
+
+    async def faded() -> bool:
+        return await store.live_replicas() == {"steady"}
+
+    await eventually(faded)
+    # A heartbeat brings a replica back; a later one moves its expiry.
+    await store.heartbeat("fading", 0.3)
+    await store.heartbeat("fading", 30)
+    assert await store.live_replicas() == {"steady", "fading"}
+
+
 async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     first = SqliteTaskStore(path)
@@ -173,6 +231,32 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
         await second.close()
 
 
+async def test_sqlite_records_from_before_replicas_have_no_owner(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    old = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        old.execute(statement)
+    task = make_task()
+    columns = TASK_COLUMNS[: -len(("owner", "cancel_requested_at"))]
+    values = [task.to_dict()[column] for column in columns]
+    old.execute(
+        f"INSERT INTO tasks ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+        values,
+    )
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+
+    store = SqliteTaskStore(path)
+    await store.open()
+    try:
+        upgraded = await store.get("acme", task.id)
+        assert (upgraded.owner, upgraded.cancel_requested_at) == ("", None)
+        assert upgraded == task
+    finally:
+        await store.close()
+
+
 async def test_postgresql_replicas_share_records_and_logs(postgres_url: str) -> None:
     first = await _clean_postgres_store(postgres_url)
     second = PostgresTaskStore(postgres_url)
@@ -185,6 +269,16 @@ async def test_postgresql_replicas_share_records_and_logs(postgres_url: str) -> 
         assert await second.append_log(task.id, {"type": "result"}) == 1
         with pytest.raises(AlreadyExists):
             await second.create(task)
+        # Two replicas claiming one queued task, each through its own connections.
+        mine = make_task(id=task.id, owner="first", status="running")
+        theirs = make_task(id=task.id, owner="second", status="running")
+        won = await asyncio.gather(
+            first.update_if(mine, if_status="queued", if_owner=""),
+            second.update_if(theirs, if_status="queued", if_owner=""),
+        )
+        assert sorted(won) == [False, True]
+        await first.heartbeat("first", 30)
+        assert await second.live_replicas() == {"first"}
     finally:
         await first.close()
         await second.close()

@@ -42,6 +42,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Replicas sharing the store: who owns each task, cancel requests for the owner,
+    # and each replica's heartbeat, timed by the server's clock (replicas' clocks may
+    # disagree).
+    (
+        "ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN cancel_requested_at DOUBLE PRECISION",
+        """
+        CREATE TABLE executor_replicas (
+            replica TEXT PRIMARY KEY,
+            expires_at TIMESTAMPTZ NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -36,6 +36,18 @@ _INSERT = (
     "ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 _UPDATE = f"UPDATE tasks SET {_ASSIGNMENTS} WHERE id = $1 RETURNING id"
+# Of two replicas updating one row, the later waits for the first to commit, then
+# re-checks its WHERE on the new row: only one finds the status and owner it expects.
+_UPDATE_IF = (
+    f"UPDATE tasks SET {_ASSIGNMENTS} WHERE id = $1 "
+    f"AND status = ${len(TASK_COLUMNS) + 1} AND owner = ${len(TASK_COLUMNS) + 2} RETURNING id"
+)
+# Heartbeats run on the server's clock: replicas' clocks may disagree.
+_HEARTBEAT = (
+    "INSERT INTO executor_replicas (replica, expires_at) "
+    "VALUES ($1, clock_timestamp() + make_interval(secs => $2)) "
+    "ON CONFLICT (replica) DO UPDATE SET expires_at = EXCLUDED.expires_at"
+)
 # Two appends to one log may compute the same seq: the later one waits for the
 # first to commit, then inserts nothing, and tries again with the next seq.
 _APPEND = (
@@ -107,6 +119,34 @@ class PostgresTaskStore:
             updated = await self._db.pool.fetchval(_UPDATE, *row_values(task))
         if updated is None:
             raise task_not_found(task.id)
+
+    async def update_if(self, task: TaskRecord, *, if_status: TaskStatus, if_owner: str) -> bool:
+        with _reachable():
+            updated = await self._db.pool.fetchval(
+                _UPDATE_IF, *row_values(task), if_status, if_owner
+            )
+        return updated is not None
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> None:
+        # Separate statements, no transaction: two replicas cleaning up at once never
+        # hold one row each while waiting for the other's.
+        with _reachable():
+            if ttl_s > 0:
+                await self._db.pool.execute(_HEARTBEAT, replica, float(ttl_s))
+            else:
+                await self._db.pool.execute(
+                    "DELETE FROM executor_replicas WHERE replica = $1", replica
+                )
+            await self._db.pool.execute(
+                "DELETE FROM executor_replicas WHERE expires_at <= clock_timestamp()"
+            )
+
+    async def live_replicas(self) -> builtins.set[str]:
+        with _reachable():
+            rows = await self._db.pool.fetch(
+                "SELECT replica FROM executor_replicas WHERE expires_at > clock_timestamp()"
+            )
+        return {str(row["replica"]) for row in rows}
 
     async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
         check_listing(status, 1)

@@ -56,6 +56,10 @@ class TaskRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    #: The executor replica that queued or runs it ("" for records from before replicas).
+    owner: str = ""
+    #: When a replica that does not run it asked its owner to cancel it.
+    cancel_requested_at: float | None = None
 
     @property
     def duration_s(self) -> float | None:

@@ -37,6 +37,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) STRICT, WITHOUT ROWID
         """,
     ),
+    # Replicas sharing one file (several processes on one machine): who owns each
+    # task, cancel requests for the owner, and each replica's heartbeat.
+    (
+        "ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN cancel_requested_at REAL",
+        """
+        CREATE TABLE executor_replicas (
+            replica TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL
+        ) STRICT
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

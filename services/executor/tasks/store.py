@@ -4,6 +4,9 @@
 The pool writes every status transition through the store before it tells
 anyone, so a restarted executor finds each task where the last one left it.
 Logs are append-only stream-json: one JSON object per line, numbered from 0.
+Replicas sharing a store coordinate through it: `update_if` is the one write two
+replicas may race on (exactly one wins), and each replica's heartbeat says it is
+alive.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +53,11 @@ class TaskStore(Protocol):
 
     async def update(self, task: TaskRecord) -> None: ...
 
+    async def update_if(self, task: TaskRecord, *, if_status: TaskStatus, if_owner: str) -> bool:
+        """Write the record only if the stored one is still in `if_status` and owned by
+        `if_owner`, atomically; False (nothing written) if it is not, or is unknown."""
+        ...
+
     async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
         """Every tenant's tasks in a status, oldest first (restart recovery)."""
         ...
@@ -59,6 +68,14 @@ class TaskStore(Protocol):
 
     async def read_log(self, task_id: str, after: int = -1) -> builtins.list[tuple[int, str]]:
         """(seq, json line) for every entry with seq > after, in order."""
+        ...
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> None:
+        """`replica` is alive for the next ttl_s seconds; 0 says it has stopped."""
+        ...
+
+    async def live_replicas(self) -> builtins.set[str]:
+        """The replicas whose last heartbeat has not expired."""
         ...
 
     async def close(self) -> None: ...
@@ -103,6 +120,8 @@ TASK_COLUMNS = (
     "created_at",
     "started_at",
     "finished_at",
+    "owner",
+    "cancel_requested_at",
 )
 TASK_COLUMN_LIST = ", ".join(TASK_COLUMNS)
 
@@ -158,6 +177,37 @@ def _update(conn: sqlite3.Connection, task: TaskRecord) -> None:
     cursor = conn.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*values[1:], task.id))
     if cursor.rowcount == 0:
         raise task_not_found(task.id)
+
+
+def _update_if(conn: sqlite3.Connection, task: TaskRecord, if_status: str, if_owner: str) -> bool:
+    assignments = ", ".join(f"{column} = ?" for column in TASK_COLUMNS[1:])
+    values = row_values(task)
+    cursor = conn.execute(
+        f"UPDATE tasks SET {assignments} WHERE id = ? AND status = ? AND owner = ?",
+        (*values[1:], task.id, if_status, if_owner),
+    )
+    return cursor.rowcount == 1
+
+
+def _heartbeat(conn: sqlite3.Connection, replica: str, ttl_s: float) -> None:
+    # Replicas sharing a file share a machine, hence a clock.
+    now = time.time()
+    if ttl_s > 0:
+        conn.execute(
+            "INSERT INTO executor_replicas (replica, expires_at) VALUES (?, ?) "
+            "ON CONFLICT (replica) DO UPDATE SET expires_at = excluded.expires_at",
+            (replica, now + ttl_s),
+        )
+    else:
+        conn.execute("DELETE FROM executor_replicas WHERE replica = ?", (replica,))
+    conn.execute("DELETE FROM executor_replicas WHERE expires_at <= ?", (now,))
+
+
+def _live_replicas(conn: sqlite3.Connection) -> builtins.set[str]:
+    rows = conn.execute(
+        "SELECT replica FROM executor_replicas WHERE expires_at > ?", (time.time(),)
+    )
+    return {str(row["replica"]) for row in rows}
 
 
 def _by_status(conn: sqlite3.Connection, status: str) -> builtins.list[TaskRecord]:
@@ -224,6 +274,15 @@ class SqliteTaskStore:
     async def update(self, task: TaskRecord) -> None:
         await self._db.run(_update, task)
 
+    async def update_if(self, task: TaskRecord, *, if_status: TaskStatus, if_owner: str) -> bool:
+        return await self._db.run(_update_if, task, if_status, if_owner)
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> None:
+        await self._db.run(_heartbeat, replica, ttl_s)
+
+    async def live_replicas(self) -> builtins.set[str]:
+        return await self._db.run(_live_replicas)
+
     async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
         check_listing(status, 1)
         return await self._db.run(_by_status, status)
@@ -238,6 +297,42 @@ class SqliteTaskStore:
 # -- Redis ----------------------------------------------------------------------
 
 
+# KEYS: the record, the index of its stored status, the index of its new status.
+# ARGV: the new record as JSON, the status and owner it must have, its id, created_at.
+# Compares the decoded record but stores the caller's JSON as it is: cjson would
+# re-encode floats with 14 significant digits.
+_UPDATE_IF = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local stored = cjson.decode(raw)
+local owner = stored['owner']
+if type(owner) ~= 'string' then owner = '' end
+if stored['status'] ~= ARGV[2] or owner ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+return 1
+"""
+# Heartbeats are scored by their expiry on the server's clock (replicas' clocks may
+# disagree). KEYS: the replicas index. ARGV: the replica, its ttl in ms (0: gone).
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return 1
+"""
+_LIVE_REPLICAS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+"""
+
+
 def _text(value: object) -> str:
     # The client may or may not decode responses; both must work.
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -248,12 +343,16 @@ class RedisTaskStore:
 
     Keys under `prefix`: `rec:<id>` the record as JSON, `log:<id>` a list of log
     lines (a line's seq is its index), `tenant:<tenant>` and `status:<status>`
-    sorted sets of ids scored by created_at.
+    sorted sets of ids scored by created_at, `replicas` the executor replicas
+    scored by when their heartbeat expires (ms, the server's clock).
     """
 
     def __init__(self, client: aioredis.Redis, prefix: str = "threadline:task:") -> None:
         self._redis = client
         self._prefix = prefix
+        self._update_if_script = client.register_script(_UPDATE_IF)
+        self._heartbeat_script = client.register_script(_HEARTBEAT)
+        self._live_replicas_script = client.register_script(_LIVE_REPLICAS)
 
     def _rec(self, task_id: str) -> str:
         return f"{self._prefix}rec:{task_id}"
@@ -335,6 +434,28 @@ class RedisTaskStore:
                 raise task_not_found(task.id)
         except RedisError as exc:
             raise Unavailable(f"task store: {exc}") from exc
+
+    async def update_if(self, task: TaskRecord, *, if_status: TaskStatus, if_owner: str) -> bool:
+        keys = [self._rec(task.id), self._status(if_status), self._status(task.status)]
+        args = [json.dumps(task.to_dict()), if_status, if_owner, task.id, repr(task.created_at)]
+        try:
+            return bool(await self._update_if_script(keys=keys, args=args))
+        except RedisError as exc:
+            raise Unavailable(f"task store: {exc}") from exc
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> None:
+        ttl_ms = max(0, round(ttl_s * 1000))
+        try:
+            await self._heartbeat_script(keys=[f"{self._prefix}replicas"], args=[replica, ttl_ms])
+        except RedisError as exc:
+            raise Unavailable(f"task store: {exc}") from exc
+
+    async def live_replicas(self) -> builtins.set[str]:
+        try:
+            replicas = await self._live_replicas_script(keys=[f"{self._prefix}replicas"])
+        except RedisError as exc:
+            raise Unavailable(f"task store: {exc}") from exc
+        return {_text(replica) for replica in replicas}
 
     async def by_status(self, status: TaskStatus) -> builtins.list[TaskRecord]:
         check_listing(status, 1)
