@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,18 +71,20 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         settings.executor.tasks.agent_types,
         _workspace_root(settings) / "tasks",
     )
-    await pool.start()
     servicer = ExecutorServicer(turns, task_service, pool, task_store)
 
     def register(server: grpc.aio.Server) -> list[str]:
         executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
         return [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name]
 
-    host, _ = build_server(
+    host, port = build_server(
         SERVICE,
         register,
         address=address or settings.bind_address(SERVICE),
     )
+    # The replica's name in the task store: the same after a restart, distinct between
+    # replicas (in Kubernetes the hostname is the pod's name; on one machine, the port).
+    await pool.start(f"{socket.gethostname()}:{port}")
     # Closers run last-registered first: partial answers are stored before peers close.
     host.on_stop(sessions.close)
     host.on_stop(memory.close)

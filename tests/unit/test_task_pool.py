@@ -67,6 +67,10 @@ class ExplodingRunner:
         raise RuntimeError("model server on fire")
 
 
+#: The pool's name among replicas: a restart of the same replica keeps it.
+REPLICA = "executor-0:50053"
+
+
 def make_task(tmp_path: Path, runner: str = "scripted", prompt: str = "p") -> TaskRecord:
     task_id = new_task_id()
     return TaskRecord(
@@ -129,7 +133,7 @@ async def test_never_runs_more_than_max_concurrency_and_records_the_outcome(
 ) -> None:
     runner = ScriptedRunner()
     pool = new_pool(store, bus, runner, max_concurrency=2, prices={"m-1": (0.5, 2.0)})
-    await pool.start()
+    await pool.start(REPLICA)
     try:
         tasks = [await pool.submit(make_task(tmp_path)) for _ in range(5)]
         await eventually(lambda: runner.active == 2)
@@ -170,7 +174,7 @@ async def test_full_queue_is_refused_and_nothing_is_stored(
 ) -> None:
     runner = ScriptedRunner()
     pool = new_pool(store, bus, runner, max_concurrency=1, max_queue=2)
-    await pool.start()
+    await pool.start(REPLICA)
     try:
         await pool.submit(make_task(tmp_path))
         await eventually(lambda: pool.running == 1)
@@ -191,7 +195,7 @@ async def test_cancel_queued_and_running_tasks(
 ) -> None:
     runner = ScriptedRunner()
     pool = new_pool(store, bus, runner, max_concurrency=1)
-    await pool.start()
+    await pool.start(REPLICA)
     try:
         running = await pool.submit(make_task(tmp_path))
         waiting = await pool.submit(make_task(tmp_path))
@@ -228,7 +232,7 @@ async def test_cancel_stops_a_command_runner(
     tmp_path: Path, store: SqliteTaskStore, bus: InProcessEventBus
 ) -> None:
     pool = new_pool(store, bus, CommandRunner(["sh", "-c", "echo up; sleep 30"]))
-    await pool.start()
+    await pool.start(REPLICA)
     try:
         task = await pool.submit(make_task(tmp_path, runner="command"))
         await eventually(lambda: pool.running == 1)
@@ -243,7 +247,7 @@ async def test_a_runner_that_raises_fails_the_task_and_the_pool_carries_on(
 ) -> None:
     ok = ScriptedRunner(hold=False)
     pool = new_pool(store, bus, ok, ExplodingRunner(), max_concurrency=1)
-    await pool.start()
+    await pool.start(REPLICA)
     try:
         bad = await pool.submit(make_task(tmp_path, runner="exploding"))
         unknown = await pool.submit(make_task(tmp_path, runner="nope"))
@@ -264,15 +268,17 @@ async def test_restart_fails_running_tasks_and_runs_queued_ones_in_order(
     crashed = make_task(tmp_path)
     crashed.status = "running"
     crashed.started_at = crashed.created_at
+    crashed.owner = REPLICA
     await store.create(crashed)
     queued = [make_task(tmp_path) for _ in range(3)]
     for i, task in enumerate(queued):
         task.created_at += i
+        task.owner = REPLICA
         await store.create(task)
 
     runner = ScriptedRunner(hold=False)
     pool = new_pool(store, bus, runner, max_concurrency=1)
-    await pool.start()
+    await pool.start(REPLICA)
     try:
         failed = await store.get("acme", crashed.id)
         assert (failed.status, failed.reason) == ("failed", "executor restarted")
@@ -292,7 +298,7 @@ async def test_stop_gives_grace_then_fails_running_tasks(
 ) -> None:
     runner = ScriptedRunner()
     pool = new_pool(store, bus, runner, max_concurrency=1)
-    await pool.start()
+    await pool.start(REPLICA)
     running = await pool.submit(make_task(tmp_path))
     waiting = await pool.submit(make_task(tmp_path))
     await eventually(lambda: runner.active == 1)
@@ -309,7 +315,7 @@ async def test_watch_streams_the_log_then_ends_when_terminal(
 ) -> None:
     runner = ScriptedRunner()
     pool = new_pool(store, bus, runner)
-    await pool.start()
+    await pool.start(REPLICA)
     try:
         task = await pool.submit(make_task(tmp_path, prompt="the logs"))
         with pytest.raises(NotFound):
@@ -344,7 +350,7 @@ async def test_a_new_pool_on_the_same_file_recovers_after_a_crash(
     await first_store.open()
     held = ScriptedRunner()
     first = new_pool(first_store, bus, held, max_concurrency=1)
-    await first.start()
+    await first.start(REPLICA)
     running = await first.submit(make_task(tmp_path))
     queued = [await first.submit(make_task(tmp_path)) for _ in range(2)]
     await eventually(lambda: held.active == 1)
@@ -356,7 +362,7 @@ async def test_a_new_pool_on_the_same_file_recovers_after_a_crash(
     runner = ScriptedRunner(hold=False)
     second = new_pool(second_store, bus, runner, max_concurrency=1)
     try:
-        await second.start()
+        await second.start(REPLICA)
         failed = await second_store.get("acme", running.id)
         assert (failed.status, failed.reason) == ("failed", "executor restarted")
         for task in queued:
