@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,3 +63,27 @@ def cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / _CLOCK_TICKS
+
+
+def busy_ticks() -> tuple[int, int]:
+    """The machine's (busy, all) CPU ticks so far, every core (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+@contextlib.asynccontextmanager
+async def postgres_database(admin_url: str) -> AsyncIterator[str]:
+    """A database of the benchmark's own on the server of `admin_url` (its URL);
+    dropped with its connections after, so a run never sees another's rows."""
+    name = "threadline_bench_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield admin_url.rsplit("/", 1)[0] + "/" + name
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
