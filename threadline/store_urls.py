@@ -82,7 +82,7 @@ def parse_store_url(value: str, *, kinds: Collection[StoreKind] = STORE_KINDS) -
     if url.kind not in kinds:
         raise ValueError(
             f"this store has no {url.kind} backend, only {', '.join(kinds)}: "
-            f"expected {expected}, got {value!r}"
+            f"expected {expected}, got {_shown(value)}"
         )
     return url
 
@@ -102,7 +102,7 @@ def _parse(value: str, expected: str) -> StoreUrl:
     if scheme == "sqlite":
         # "sqlite:///p" is the file "/p"; "sqlite://p" would be a host, which SQLite has not.
         if not rest.startswith("/") or rest == "/":
-            raise ValueError(f"expected sqlite:///path/file.db, got {value!r}")
+            raise ValueError(f"expected sqlite:///path/file.db, got {_shown(value)}")
         return SqliteUrl(Path(rest))
     return _parse_server(scheme, value, expected)
 
@@ -112,4 +112,15 @@ def _parse_server(scheme: str, value: str, expected: str) -> StoreUrl:
         return RedisUrl(value)
     if scheme in ("postgresql", "postgres"):
         return PostgresUrl(value)
-    raise ValueError(f"expected {expected}, got {value!r}")
+    raise ValueError(f"expected {expected}, got {_shown(value)}")
+
+
+def _shown(value: str) -> str:
+    """`value` fit for an error message: credentials masked, length bounded."""
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        if "@" in authority:
+            authority = "***@" + authority.rpartition("@")[2]
+        value = f"{scheme}://{authority}{slash}{path}"
+    return repr(value if len(value) <= 120 else value[:120] + "...")

@@ -111,3 +111,18 @@ def test_a_bad_url_fails_at_load_naming_the_setting(variable: str, setting: str)
 
     assert f"{setting} ({variable}): " in str(caught.value)
     assert "'mysql://db/threadline'" in str(caught.value)
+
+
+def test_a_refused_url_never_shows_its_password() -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_store_url("postgresq://app:s3cret@db.internal:5432/threadline")
+
+    assert "s3cret" not in str(caught.value)
+    assert "postgresq://***@db.internal:5432/threadline" in str(caught.value)
+
+
+def test_a_huge_refused_url_is_shown_cut() -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_store_url("http://" + "x" * 100_000)
+
+    assert len(str(caught.value)) < 400
