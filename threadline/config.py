@@ -8,6 +8,7 @@ raises `ConfigError` naming each bad setting and the variable that sets it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from threadline.store_urls import SqliteUrl, StoreUrl, check_store_url, parse_store_url
+from threadline.store_urls import (
+    PostgresUrl,
+    SqliteUrl,
+    StoreUrl,
+    check_store_url,
+    parse_store_url,
+)
 
 ENV_PREFIX = "THREADLINE_"
 ServiceName = Literal["gateway", "executor", "llm_proxy", "session", "memory"]
@@ -82,8 +89,7 @@ class Addresses(_Section):
         if len(value) > 1024 or not all(_port(e) is not None for e in _endpoints(value)):
             shown = value if len(value) <= 80 else value[:80] + "..."
             raise ValueError(
-                "expected host:port, dns:///host:port or ipv4:host:port,host:port,"
-                f" got {shown!r}"
+                f"expected host:port, dns:///host:port or ipv4:host:port,host:port, got {shown!r}"
             )
         return value
 
@@ -469,6 +475,8 @@ class Settings(BaseSettings):
     listen_port: int = Field(default=0, ge=0, lt=65536)
     addresses: Addresses = Addresses()
     grace_period_s: float = Field(default=10.0, ge=0)
+    #: Connections a process opens at most to PostgreSQL, per store it keeps there.
+    postgres_pool_size: int = Field(default=10, ge=1, le=1000)
     #: Port of the Prometheus /metrics endpoint for this process; 0 = none.
     metrics_port: int = Field(default=0, ge=0, lt=65536)
     llm: LlmSettings = LlmSettings()
@@ -505,7 +513,12 @@ class Settings(BaseSettings):
             "memory": (self.memory.database, "memory.db"),
             "tasks": (self.executor.tasks.database, "tasks.db"),
         }[store]
-        return parse_store_url(configured) if configured else SqliteUrl(self.data_dir / default)
+        if not configured:
+            return SqliteUrl(self.data_dir / default)
+        url = parse_store_url(configured)
+        if isinstance(url, PostgresUrl):
+            return dataclasses.replace(url, pool_size=self.postgres_pool_size)
+        return url
 
     def sqlite_path(self, store: Literal["session", "memory", "tasks"]) -> Path:
         """The file of a store configured for SQLite (ValueError for another backend)."""

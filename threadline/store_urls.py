@@ -59,6 +59,8 @@ class PostgresUrl:
     kind: ClassVar[StoreKind] = "postgresql"
     #: As configured, for `threadline.postgres.PostgresDatabase`.
     url: str
+    #: Connections this process may open to it, per store (`postgres_pool_size`).
+    pool_size: int = 10
 
     def __repr__(self) -> str:
         # The URL may carry a password: never print it.

@@ -175,7 +175,7 @@ async def open_task_store(settings: Settings) -> tuple[TaskStore, aioredis.Redis
         client = connect_redis(store_url.url)
         return RedisTaskStore(client), client
     if isinstance(store_url, PostgresUrl):
-        postgres = PostgresTaskStore(store_url.url)
+        postgres = PostgresTaskStore(store_url.url, max_connections=store_url.pool_size)
         await postgres.open()
         return postgres, None
     store_url.path.parent.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,9 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
 async def open_store(url: StoreUrl) -> SqliteMemoryStore | PostgresMemoryStore:
     """The memory store `memory.database` names, open; config allows no other kind."""
     if isinstance(url, PostgresUrl):
-        store: SqliteMemoryStore | PostgresMemoryStore = PostgresMemoryStore(url.url)
+        store: SqliteMemoryStore | PostgresMemoryStore = PostgresMemoryStore(
+            url.url, max_connections=url.pool_size
+        )
     elif isinstance(url, SqliteUrl):
         store = SqliteMemoryStore(url.path)
     else:

@@ -37,7 +37,10 @@ async def open_store(settings: Settings) -> tuple[SessionStore, aioredis.Redis |
         from services.session.postgres_store import PostgresSessionStore
 
         postgres_store = PostgresSessionStore(
-            store_url.url, max_message_chars=max_chars, max_messages_per_append=max_messages
+            store_url.url,
+            max_message_chars=max_chars,
+            max_messages_per_append=max_messages,
+            max_connections=store_url.pool_size,
         )
         await postgres_store.open()
         return postgres_store, None

@@ -74,8 +74,10 @@ class PostgresTaskStore:
     """TaskStore on a PostgreSQL database. `await open()` before use (it migrates),
     `await close()` after. Each call is one statement, so each commits on its own."""
 
-    def __init__(self, url: str) -> None:
-        self._db = PostgresDatabase(url, name="task", migrations=MIGRATIONS)
+    def __init__(self, url: str, *, max_connections: int = 10) -> None:
+        self._db = PostgresDatabase(
+            url, name="task", migrations=MIGRATIONS, max_size=max_connections
+        )
 
     async def open(self) -> None:
         await self._db.open()
