@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from threadline.config import ConfigError, Settings, hash_api_key, load_settings
+from threadline.store_urls import PostgresUrl
 
 DIGEST = hash_api_key("secret-key")
 
@@ -526,3 +527,15 @@ def test_a_huge_address_is_refused_without_being_echoed_whole() -> None:
 
     assert "addresses.session" in message
     assert len(message) < 2_000
+
+
+def test_each_postgresql_store_opens_at_most_the_pool_size() -> None:
+    settings = load_settings(
+        environ={
+            "THREADLINE_SESSION__DATABASE": "postgresql://app@db:5432/threadline",
+            "THREADLINE_POSTGRES_POOL_SIZE": "3",
+        }
+    )
+
+    url = settings.store_url("session")
+    assert isinstance(url, PostgresUrl) and url.pool_size == 3
