@@ -34,6 +34,8 @@ log = get_logger(__name__)
 
 #: How often a streaming turn saves its draft (and so the most a crash can lose).
 CHECKPOINT_S = 0.2
+#: How long the first delta of an answer may wait for its draft to be saved.
+FIRST_SAVE_WAIT_S = 0.25
 #: A draft nobody picked up is dropped after this long.
 DRAFT_TTL_S = 7 * 24 * 3600
 
@@ -93,8 +95,10 @@ class RedisDrafts:
 class Checkpoints:
     """Saves one model call's partial answer now and then, without holding up the stream.
 
-    A save runs in the background; while one is in flight the next waits for the
-    following delta. A failed save is logged and the stream goes on: the draft
+    The first save is awaited (for at most FIRST_SAVE_WAIT_S) before the first
+    delta goes out, so a user never sees an answer no draft holds; later saves
+    run in the background, and while one is in flight the next waits for the
+    following delta. A failed save is logged and the stream goes on: a draft
     only matters if this process dies.
     """
 
@@ -106,14 +110,17 @@ class Checkpoints:
         self._saving: asyncio.Task[None] | None = None
         self._last = 0.0
 
-    def saw(self, content: str) -> None:
+    async def saw(self, content: str) -> None:
         now = time.monotonic()
         if not content or (self._saving is not None and not self._saving.done()):
             return
         if now - self._last < CHECKPOINT_S:
             return
+        first = self._saving is None
         self._last = now
         self._saving = asyncio.create_task(self._save(Draft(*self._key, content)))
+        if first:
+            await asyncio.wait([self._saving], timeout=FIRST_SAVE_WAIT_S)
 
     async def _save(self, draft: Draft) -> None:
         try:

@@ -172,14 +172,14 @@ class TurnRunner:
             model=request.options.model or session.model,
             max_tokens=request.options.max_tokens or self.limits.max_output_tokens,
         )
-        try:
-            async for event in self._calls(turn, session, leases):
-                yield event
-        finally:
-            # Whatever happened, this process stored (or reported) the answer itself.
-            for session_id in {request.session_id, turn.session_id}:
-                with contextlib.suppress(Exception):
-                    await self.drafts.drop(session_id)
+        async for event in self._calls(turn, session, leases):
+            yield event
+        # The answer is stored. A turn that failed instead keeps its draft: if it
+        # could not store its answer, the next turn will (a draft of an answer that
+        # was stored is dropped then, its head having moved).
+        for session_id in {request.session_id, turn.session_id}:
+            with contextlib.suppress(Exception):
+                await self.drafts.drop(session_id)
 
     async def _calls(
         self, turn: _Turn, session: session_pb2.Session, leases: contextlib.AsyncExitStack
@@ -259,7 +259,7 @@ class TurnRunner:
             async for chunk in call.stream(self.llm, self._chat_request(turn), self.interrupts):
                 kind = chunk.WhichOneof("chunk")
                 if kind == "delta":
-                    checkpoints.saw(call.partial)
+                    await checkpoints.saw(call.partial)
                     yield executor_pb2.TurnEvent(delta=chunk.delta)
                 elif kind == "tool_call_delta":
                     yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
