@@ -324,7 +324,11 @@ class MemoryJobs:
             return
         keeper = asyncio.create_task(self._keep(delivery.touch), name=f"touch-{job.id}")
         try:
-            await self._run(job)
+            # Read again under the lease: a job queued twice (a requeue racing its
+            # submit) may have been run by another replica while this one waited.
+            job = await self.store.job(job.id) or job
+            if job.state not in _FINISHED:
+                await self._run(job)
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -871,3 +871,29 @@ async def test_a_waiter_gives_up_on_a_job_no_replica_takes_and_says_why(
     # claim_idle_s + scan_interval_s, not the job timeout's multiple it used to be.
     assert time.monotonic() - began < 5
     assert gave.value.retry_after_s is not None
+
+
+async def test_a_job_queued_twice_runs_once_even_if_the_session_moved_on(
+    start: Start, fake_upstream: FakeUpstream, redis_client: aioredis.Redis
+) -> None:
+    # A requeue can race the submit it repairs: the same job id lands on the queue
+    # twice. The second delivery waits for the session's lease while the first runs.
+    fake_upstream.route(SUMMARIZER, Script(text=json.dumps({"decisions": []}), token_delay_s=0.05))
+    async with start(workers=2) as (clients, events):
+        session_id = await clients.session(exchange(3))
+        request = memory_pb2.JobRequest(tenant=TENANT, session_id=session_id)
+        job = await clients.memory.extract(request)
+        await events.wait_for("memory.extraction.started")
+        await redis_client.xadd("threadline:memory:jobs", {"job_id": job.id})
+        # The session moves on while the first delivery runs.
+        await clients.add(session_id, *exchange(1))
+        done = await clients.wait_job(job.id)
+        await eventually(lambda: _stream_empty(redis_client), timeout=10)
+
+    assert done.state == memory_pb2.JOB_STATE_SUCCEEDED
+    assert len(summarizer_requests(fake_upstream)) == 1
+    assert events.types("memory.extraction.started") == ["memory.extraction.started"]
+
+
+async def _stream_empty(redis_client: aioredis.Redis) -> bool:
+    return int(await redis_client.xlen("threadline:memory:jobs")) == 0
