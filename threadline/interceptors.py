@@ -20,7 +20,7 @@ import grpc.aio
 import structlog
 
 from threadline import errors
-from threadline.logs import get_logger
+from threadline.logs import clip, get_logger
 from threadline.status import abort_with, domain_error
 
 REQUEST_ID_KEY = "x-request-id"
@@ -28,12 +28,16 @@ log = get_logger("threadline.rpc")
 
 
 def _request_fields(request: object) -> dict[str, str]:
-    """Tenant and session of a request, for the log context, when it names them."""
+    """Tenant and session of a request, for the log context, when it names them.
+
+    Bound before any check of the request (the API key's included), so clipped:
+    every line of the RPC repeats them.
+    """
     fields: dict[str, str] = {}
     for name in ("tenant", "session_id"):
         value = getattr(request, name, None)
         if isinstance(value, str) and value:
-            fields[name] = value
+            fields[name] = clip(value)
     return fields
 
 
@@ -60,7 +64,8 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method: str = handler_call_details.method
         metadata = dict(handler_call_details.invocation_metadata or ())
-        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        # Clipped here, not only in the log: it also travels on to the next service.
+        request_id = clip(str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex))
 
         def bind(request: object) -> None:
             structlog.contextvars.clear_contextvars()

@@ -33,17 +33,39 @@ def _all_error_classes() -> dict[str, type[errors.ThreadlineError]]:
     return found
 
 
+#: An error's text travels twice in the response headers (grpc-message, and the rich
+#: status in grpc-status-details-bin); past gRPC's 8 KiB header limit the caller
+#: would get RESOURCE_EXHAUSTED instead. Messages that echo a caller's input are
+#: bounded where they are built; this holds for every message, in UTF-8 bytes
+#: (grpc-message percent-encodes each non-ASCII byte as three).
+MAX_MESSAGE_BYTES = 1024
+MAX_DETAIL_BYTES = 256
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    kept = encoded[:limit].decode("utf-8", errors="ignore")
+    return f"{kept}...[truncated, {len(text)} chars]"
+
+
 def to_status(error: errors.ThreadlineError) -> grpc.Status:
     code = grpc.StatusCode[error.code]
+    metadata = {
+        _clip_utf8(key, MAX_DETAIL_BYTES): _clip_utf8(value, MAX_DETAIL_BYTES)
+        for key, value in error.details.items()
+    }
     info = error_details_pb2.ErrorInfo(
-        reason=type(error).__name__, domain=_DOMAIN, metadata=error.details
+        reason=type(error).__name__, domain=_DOMAIN, metadata=metadata
     )
     details = [_pack(info)]
     if isinstance(error, errors.Retryable) and error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    message = _clip_utf8(error.message, MAX_MESSAGE_BYTES)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     converted: grpc.Status = rpc_status.to_status(status)
     return converted
 
@@ -90,11 +112,11 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.ThreadlineError:
     reason = ""
     metadata: dict[str, str] = {}
     retry_after: float | None = None
+    # gRPC's own texts (a replica down, a connection refused) name peer addresses, and
+    # so can a peer's (a store it could not reach): callers, the gateway's outside
+    # callers last of all, must not see them.
+    message = _ADDRESS.sub("<address>", message)
     status = _rich_status(error)
-    if status is None:
-        # Not raised by a threadline server but by gRPC itself (a replica down, a
-        # connection refused): its text names addresses callers must not see.
-        message = _ADDRESS.sub("<address>", message)
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -120,9 +142,13 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.ThreadlineError:
     return cls(message, details=metadata)
 
 
-#: Peer addresses in gRPC's own error texts: target URIs, IPv4 and bracketed IPv6.
+#: Peer addresses in error texts: target URIs, IPv4, bracketed IPv6, and host:port
+#: (a host name with a numeric port, as Redis and socket errors print it).
 _ADDRESS = re.compile(
-    r"\b(?:ipv4|ipv6|unix|dns):[^\s,;]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?"
+    r"\b(?:ipv4|ipv6|unix|dns):[^\s,;]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"
+    # A colon inside the brackets: "messages[0]" is an index, not an address.
+    r"|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\](?::\d+)?"
+    r"|\b[A-Za-z][A-Za-z0-9.-]*:\d{2,5}\b(?![.:]?\w)"
 )
 
 

@@ -334,3 +334,45 @@ def test_grpcs_own_errors_reach_callers_without_peer_addresses() -> None:
     assert isinstance(error, errors.Unavailable)
     assert "10.1.2.3" not in error.message and "50052" not in error.message
     assert "Connection refused" in error.message
+
+
+async def test_an_error_echoing_a_huge_input_arrives_as_itself_and_short(
+    harness: Harness,
+) -> None:
+    # Past gRPC's header limit the caller would get RESOURCE_EXHAUSTED instead.
+    echoed = "é" * 20_000
+    harness.handlers.to_raise.append(
+        errors.InvalidArgument(f"bad id {echoed}", details={"id": echoed})
+    )
+
+    with pytest.raises(errors.InvalidArgument) as caught:
+        await unary(harness.call()(Request(), timeout=5))
+
+    assert caught.value.message.startswith("bad id éé")
+    assert len(caught.value.message.encode()) < 1200
+    assert len(caught.value.details["id"].encode()) < 400
+
+
+async def test_a_peer_error_naming_a_store_address_reaches_callers_without_it(
+    harness: Harness,
+) -> None:
+    harness.handlers.to_raise.append(
+        errors.Unavailable("task store: Error 111 connecting to redis-0.internal:6379. Refused.")
+    )
+
+    with pytest.raises(errors.Unavailable) as caught:
+        await unary(harness.call()(Request(), timeout=5))
+
+    assert "redis-0.internal" not in caught.value.message and "6379" not in caught.value.message
+    assert caught.value.message.startswith("task store: Error 111 connecting to")
+
+
+async def test_oversized_request_fields_are_clipped_in_the_log_context(harness: Harness) -> None:
+    request = Request(tenant="t" * 100_000, session_id="s" * 1_000_000)
+
+    await harness.call()(request, metadata=((REQUEST_ID_KEY, "r" * 6000),), timeout=5)
+
+    seen = harness.handlers.seen_context[-1]
+    for name in ("tenant", "session_id", "request_id"):
+        assert len(seen[name]) < 200
+    assert seen["session_id"].startswith("s" * 128) and "1000000 chars" in seen["session_id"]
