@@ -120,11 +120,19 @@ async def test_symlinked_directory_outside_is_denied(root: Path, outside: Path, 
 async def test_writing_a_new_file_through_a_symlinked_directory_creates_nothing_outside(
     root: Path, outside: Path
 ) -> None:
+    (root / "sub").mkdir()
+    (root / "sub" / "climb").symlink_to("../../outside")
     box = toolbox(root, ("", "write"))
 
     result = await call(box, "write_file", path="escape_dir/new/planted.txt", content="x")
+    relative = await call(box, "write_file", path="sub/climb/new/planted.txt", content="x")
 
     assert result.status == "denied"
+    assert relative.status == "denied"
+    assert relative.reason == (
+        "'sub/climb/new/planted.txt' goes through the symlink 'sub/climb', "
+        "which points outside the workspace"
+    )
     assert sorted(os.listdir(outside)) == ["secret.txt"]
 
 
@@ -144,12 +152,20 @@ async def test_write_through_a_symlink_inside_the_workspace_is_refused(root: Pat
 async def test_rules_apply_to_where_a_symlink_really_points(root: Path) -> None:
     (root / "public").mkdir()
     (root / "public" / "to_notes").symlink_to(root / "notes.txt")
-    box = toolbox(root, ("public", "read"))
+    (root / "drafts").mkdir()
+    (root / "drafts" / "plan.md").write_text("plan\n")
+    (root / "public" / "drafts").symlink_to("../drafts")
+    box = toolbox(root, ("public", "read"), ("drafts", "write"))
 
     result = await call(box, "read_file", path="public/to_notes")
+    through = await call(box, "read_file", path="public/drafts/plan.md")
+    written = await call(box, "write_file", path="public/drafts/next.md", content="next\n")
 
     assert result.status == "denied"
     assert result.reason.startswith("'public/to_notes' is not accessible here (no rule covers it")
+    # The link leads into drafts/, where writing is allowed; the result names the real path.
+    assert through == ToolResult("plan\n")
+    assert written == ToolResult("created 'drafts/next.md' (5 bytes)")
 
 
 def test_symlink_loop_is_denied_not_crashed(root: Path) -> None:
@@ -158,16 +174,18 @@ def test_symlink_loop_is_denied_not_crashed(root: Path) -> None:
     workspace = Workspace(root, [PermissionRule("", "write")])
 
     with pytest.raises(ToolDenied) as denied:
-        workspace.resolve("loop_a/x", "read")
+        workspace.read_bytes("loop_a/x")
 
     assert denied.value.reason == "'loop_a/x' cannot be resolved (a symlink loop?)"
 
 
-def test_missing_root_is_created(tmp_path: Path) -> None:
-    workspace = Workspace(tmp_path / "a" / "b", [PermissionRule("", "write")])
+async def test_missing_root_is_created(tmp_path: Path) -> None:
+    box = toolbox(tmp_path / "a" / "b", ("", "write"))
 
-    assert workspace.root.is_dir()
-    assert workspace.resolve(".", "write") == workspace.root
+    listed = await call(box, "list_dir")
+
+    assert (tmp_path / "a" / "b").is_dir()
+    assert listed == ToolResult("'.' is empty")
 
 
 # -- permission rules ------------------------------------------------------------------

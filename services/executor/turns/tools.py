@@ -6,22 +6,26 @@ anything the model did or the filesystem refused: every outcome becomes a
 bad call costs one round, not the turn. Confinement and permissions live in
 `services.executor.turns.workspace`; this module parses arguments, runs the file
 work off the event loop, and shapes what the model reads.
+
+A session's tools run in a workspace of the session's tenant, and the turn names
+the tenant only when it runs them: such a toolbox is made over `PerTenant`
+workspaces, offers its specs as any other, and runs through `for_tenant`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from services.executor.turns.workspace import ToolDenied, Workspace, format_size
+from services.executor.turns.workspace import Entry, TooLarge, ToolDenied, Workspace, format_size
 from threadline.logs import get_logger
 from threadline.v1 import common_pb2
 
@@ -51,6 +55,16 @@ class ToolResult:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class PerTenant:
+    """Tools whose workspace depends on the tenant, who is named when they run."""
+
+    #: The tools over a tenant's workspace.
+    tools: Callable[[str], ToolBox]
+    #: The file size limit of every such workspace (the descriptions name it).
+    max_file_bytes: int
+
+
 class _BadCall(Exception):
     """The model asked for something malformed; the message tells it what to fix."""
 
@@ -72,14 +86,18 @@ class ToolBox:
 
     def __init__(
         self,
-        workspace: Workspace,
+        workspace: Workspace | PerTenant,
         *,
         max_output_chars: int = 16_000,
         search_time_budget_s: float = 5.0,
+        max_message_chars: int = 32_000,
     ) -> None:
-        self.workspace = workspace
+        self._workspace = workspace
         self.max_output_chars = max_output_chars
         self.search_time_budget_s = search_time_budget_s
+        #: The longest content (or call arguments) a message of the session log may
+        #: hold (`session.max_message_chars`): a tool round stores nothing longer.
+        self.max_message_chars = max_message_chars
         limit = format_size(workspace.max_file_bytes)
         tools = (
             _Tool(
@@ -170,6 +188,18 @@ class ToolBox:
         self._tools = {tool.name: tool for tool in tools}
 
     @property
+    def workspace(self) -> Workspace:
+        if isinstance(self._workspace, PerTenant):
+            raise RuntimeError("these tools run in a tenant's workspace: use for_tenant()")
+        return self._workspace
+
+    def for_tenant(self, tenant: str) -> ToolBox:
+        """These tools over `tenant`'s workspace; a toolbox over one workspace is itself."""
+        if not isinstance(self._workspace, PerTenant):
+            return self
+        return self._workspace.tools(tenant)
+
+    @property
     def tool_names(self) -> tuple[str, ...]:
         return tuple(self._tools)
 
@@ -249,21 +279,17 @@ class ToolBox:
         path: str = args["path"]
         outcome = self.workspace.write_bytes(path, args["content"].encode("utf-8"))
         verb = "created" if outcome.created else "replaced"
-        shown = self.workspace.display(outcome.path)
-        return f"{verb} '{shown}' ({format_size(outcome.bytes_written)})"
+        return f"{verb} '{outcome.shown}' ({format_size(outcome.bytes_written)})"
 
     def _list_dir(self, args: Mapping[str, Any]) -> str:
         path: str = args.get("path", ".")
-        directory = self.workspace.resolve(path, "read")
-        with os.scandir(directory) as scan:
-            entries = sorted(scan, key=lambda entry: entry.name)
-        shown = self.workspace.display(directory)
-        if not entries:
-            return f"'{shown}' is empty"
-        lines = [f"'{shown}': {len(entries)} entries"]
-        lines.extend(_describe_entry(entry) for entry in entries[:MAX_LIST_ENTRIES])
-        if len(entries) > MAX_LIST_ENTRIES:
-            lines.append(f"[... {len(entries) - MAX_LIST_ENTRIES} more entries not shown]")
+        listing = self.workspace.list_dir(path, MAX_LIST_ENTRIES)
+        if not listing.total:
+            return f"'{listing.shown}' is empty"
+        lines = [f"'{listing.shown}': {listing.total} entries"]
+        lines.extend(_describe_entry(entry) for entry in listing.entries)
+        if listing.total > MAX_LIST_ENTRIES:
+            lines.append(f"[... {listing.total - MAX_LIST_ENTRIES} more entries not shown]")
         return "\n".join(lines)
 
     def _search_text(self, args: Mapping[str, Any]) -> str:
@@ -274,49 +300,25 @@ class ToolBox:
             regex = re.compile(pattern)
         except re.error as exc:
             raise _BadCall(f"invalid regular expression {pattern!r}: {exc}") from None
-        base = self.workspace.resolve(path, "read")
         deadline = time.monotonic() + self.search_time_budget_s
         matches: list[str] = []
         skipped: Counter[str] = Counter()
         stop: Literal["results", "time"] | None = None
-        for file in _files_under(base):
-            if time.monotonic() > deadline:
-                stop = "time"
-                break
-            shown = self.workspace.display(file)
-            try:
-                size = file.stat().st_size
-                if size > self.workspace.max_file_bytes:
-                    skipped[f"over {format_size(self.workspace.max_file_bytes)}"] += 1
-                    continue
-                # Through the workspace, so a symlink out of it (or out of the rules)
-                # found by the walk is refused like any named path.
-                data = self.workspace.read_bytes(shown)
-            except (ToolDenied, OSError):
-                skipped["not readable"] += 1
-                continue
-            if b"\0" in data[:BINARY_SNIFF_BYTES]:
-                skipped["binary"] += 1
-                continue
-            lines = data.decode("utf-8", errors="replace").split("\n")
-            for lineno, line in enumerate(lines[:SEARCH_MAX_LINES_PER_FILE], start=1):
-                if lineno % 256 == 0 and time.monotonic() > deadline:
+        files = self.workspace.files_under(path)
+        with contextlib.closing(files):
+            for shown in files:
+                if time.monotonic() > deadline:
                     stop = "time"
                     break
-                if regex.search(line, 0, SEARCH_MAX_LINE_CHARS):
-                    text = line.rstrip("\r")
-                    if len(text) > SEARCH_SHOWN_LINE_CHARS:
-                        text = text[:SEARCH_SHOWN_LINE_CHARS] + "..."
-                    matches.append(f"{shown}:{lineno}: {text}")
-                    if len(matches) >= max_results:
-                        stop = "results"
-                        break
-            if len(lines) > SEARCH_MAX_LINES_PER_FILE:
-                skipped[f"searched only in their first {SEARCH_MAX_LINES_PER_FILE} lines"] += 1
-            if stop:
-                break
+                data = self._searchable(shown, skipped)
+                if data is None:
+                    continue
+                stop = _search_file(regex, shown, data, matches, max_results, deadline, skipped)
+                if stop:
+                    break
 
-        out = matches or [f"no matches for {pattern!r} under '{self.workspace.display(base)}'"]
+        base = self.workspace.display(os.path.normpath(path))
+        out = matches or [f"no matches for {pattern!r} under '{base}'"]
         if stop == "results":
             out.append(f"[stopped at {max_results} matches; narrow the pattern or path for more]")
         elif stop == "time":
@@ -329,6 +331,23 @@ class ToolBox:
                 "[files skipped: " + ", ".join(f"{n} {why}" for why, n in skipped.items()) + "]"
             )
         return "\n".join(out)
+
+    def _searchable(self, shown: str, skipped: Counter[str]) -> bytes | None:
+        """The file's bytes, or None (counted in `skipped`) when it is not searched."""
+        try:
+            # Through the workspace, so a symlink out of it (or out of the rules), or a
+            # hard link, found by the walk is refused like any named path.
+            data = self.workspace.read_bytes(shown)
+        except TooLarge:
+            skipped[f"over {format_size(self.workspace.max_file_bytes)}"] += 1
+            return None
+        except (ToolDenied, OSError):
+            skipped["not readable"] += 1
+            return None
+        if b"\0" in data[:BINARY_SNIFF_BYTES]:
+            skipped["binary"] += 1
+            return None
+        return data
 
     # -- shaping results ----------------------------------------------------------------
 
@@ -425,31 +444,38 @@ def _split_lines(text: str) -> list[str]:
     return kept
 
 
-def _files_under(base: Path) -> Iterator[Path]:
-    """Regular files (and file symlinks) at or under `base`, in a stable order.
+def _search_file(
+    regex: re.Pattern[str],
+    shown: str,
+    data: bytes,
+    matches: list[str],
+    max_results: int,
+    deadline: float,
+    skipped: Counter[str],
+) -> Literal["results", "time"] | None:
+    """Add the file's matching lines to `matches`; why the search must stop, if it must."""
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if len(lines) > SEARCH_MAX_LINES_PER_FILE:
+        skipped[f"searched only in their first {SEARCH_MAX_LINES_PER_FILE} lines"] += 1
+    for lineno, line in enumerate(lines[:SEARCH_MAX_LINES_PER_FILE], start=1):
+        if lineno % 256 == 0 and time.monotonic() > deadline:
+            return "time"
+        if regex.search(line, 0, SEARCH_MAX_LINE_CHARS):
+            text = line.rstrip("\r")
+            if len(text) > SEARCH_SHOWN_LINE_CHARS:
+                text = text[:SEARCH_SHOWN_LINE_CHARS] + "..."
+            matches.append(f"{shown}:{lineno}: {text}")
+            if len(matches) >= max_results:
+                return "results"
+    return None
 
-    Directory symlinks are not followed: what they point to is searched under
-    its own path if it is in the workspace, and must not be if it is not.
-    """
-    if not base.is_dir():
-        yield base
-        return
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-        dirnames.sort()
-        for filename in sorted(filenames):
-            yield Path(dirpath, filename)
 
-
-def _describe_entry(entry: os.DirEntry[str]) -> str:
-    if entry.is_symlink():
-        return f"{entry.name} (symlink)"
-    if entry.is_dir(follow_symlinks=False):
+def _describe_entry(entry: Entry) -> str:
+    if entry.kind == "dir":
         return f"{entry.name}/ (dir)"
-    if entry.is_file(follow_symlinks=False):
-        try:
-            size = format_size(entry.stat(follow_symlinks=False).st_size)
-        except OSError:
+    if entry.kind == "file":
+        if entry.size is None:
             # Gone since the scan: still worth listing, just without a size.
             return f"{entry.name} (file)"
-        return f"{entry.name} (file, {size})"
-    return f"{entry.name} (other)"
+        return f"{entry.name} (file, {format_size(entry.size)})"
+    return f"{entry.name} ({entry.kind})"
