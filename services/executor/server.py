@@ -20,12 +20,12 @@ from services.executor.tasks.service import ByAgentType, TaskService
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
 from services.executor.turns.drafts import Drafts, LocalDrafts, RedisDrafts
 from services.executor.turns.leases import TurnLeases
+from services.executor.turns.session_workspaces import SessionWorkspaces
 from services.executor.turns.tools import ToolBox
 from services.executor.turns.turn import TurnLimits, TurnRunner
 from services.executor.turns.workspace import PermissionRule, Workspace
 from threadline.config import ExecutorSettings, ServiceName, Settings, TaskSettings
 from threadline.events import EventBus, EventPublisher
-from threadline.ids import validate_session_id
 from threadline.leases import LocalLeases, RedisLeases
 from threadline.peers import LlmClient, MemoryClient, SessionClient
 from threadline.redis_client import connect_redis
@@ -44,7 +44,10 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     llm = LlmClient(settings.addresses.llm_proxy)
     redis_client = connect_redis(settings.redis_url) if settings.redis_url else None
     events = EventPublisher(bus, SERVICE)
-    toolbox = _toolboxes(settings.executor)
+    toolbox = _toolboxes(settings)
+    workspaces = SessionWorkspaces(
+        _workspace_root(settings) / "sessions", toolbox, settings.executor.max_file_bytes
+    )
     turns = TurnRunner(
         sessions=sessions,
         memory=memory,
@@ -52,7 +55,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         leases=_turn_leases(settings, redis_client),
         events=events,
         limits=_turn_limits(settings),
-        tools=_session_tools(settings, toolbox) if settings.executor.tools_enabled else None,
+        tools=workspaces.offered if settings.executor.tools_enabled else None,
         prices=_prices(settings.executor),
         drafts=_drafts(redis_client),
     )
@@ -85,6 +88,8 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     # The replica's name in the task store: the same after a restart, distinct between
     # replicas (in Kubernetes the hostname is the pod's name; on one machine, the port).
     await pool.start(f"{socket.gethostname()}:{port}")
+    # Listening before serving: a session deleted once the service is up loses its files.
+    await workspaces.start(bus)
     # Closers run last-registered first: partial answers are stored before peers close.
     host.on_stop(sessions.close)
     host.on_stop(memory.close)
@@ -95,6 +100,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     if task_redis is not None:
         host.on_stop(task_redis.aclose)
     host.on_stop(task_store.close)
+    host.on_stop(workspaces.stop)
     host.on_drain(pool.stop)
     host.on_drain(turns.shutdown)
     host.on_hurry(turns.hurry)
@@ -131,28 +137,20 @@ def _workspace_root(settings: Settings) -> Path:
     return Path(configured) if configured else settings.data_dir / "workspaces"
 
 
-def _toolboxes(executor: ExecutorSettings) -> ToolBoxes:
+def _toolboxes(settings: Settings) -> ToolBoxes:
     """The tools over a workspace directory, under the configured permission rules."""
+    executor = settings.executor
     rules = [PermissionRule(rule.path, rule.permission) for rule in executor.tool_rules]
 
     def toolbox(directory: str) -> ToolBox:
         workspace = Workspace(Path(directory), rules, max_file_bytes=executor.max_file_bytes)
-        return ToolBox(workspace, max_output_chars=executor.max_tool_output_chars)
+        return ToolBox(
+            workspace,
+            max_output_chars=executor.max_tool_output_chars,
+            max_message_chars=settings.session.max_message_chars,
+        )
 
     return toolbox
-
-
-def _session_tools(
-    settings: Settings, toolbox: Callable[[str], ToolBox]
-) -> Callable[[str], ToolBox]:
-    root = _workspace_root(settings) / "sessions"
-
-    def tools(session_id: str) -> ToolBox:
-        # One directory per session: a session's tools never see another's files.
-        validate_session_id(session_id)  # it becomes a path
-        return toolbox(str(root / session_id))
-
-    return tools
 
 
 def _prices(executor: ExecutorSettings) -> dict[str, tuple[float, float]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from services.executor.turns.session_workspaces import tenant_key
 from tests.builders import TENANT, new_session
 from tests.conftest import make_settings
 from tests.service.conftest import EventRecorder, attrs, private_stack, run_turn
@@ -48,8 +49,8 @@ def tool_results(turn: list[executor_pb2.TurnEvent]) -> list[executor_pb2.ToolRe
     return [e.tool_result for e in turn if e.WhichOneof("event") == "tool_result"]
 
 
-def workspace(settings: Settings, session_id: str) -> Path:
-    return Path(settings.executor.workspace_root) / "sessions" / session_id
+def workspace(settings: Settings, session_id: str, tenant: str = TENANT) -> Path:
+    return Path(settings.executor.workspace_root) / "sessions" / tenant_key(tenant) / session_id
 
 
 async def test_a_two_tool_turn_stores_every_message_in_order(
@@ -200,3 +201,77 @@ async def test_a_turn_records_its_cost_from_the_price_table(
             await sessions.close()
     expected = done.usage.prompt_tokens * 3.0 / 1000 + done.usage.completion_tokens * 6.0 / 1000
     assert done.usage.prompt_tokens > 0 and done.cost == pytest.approx(expected)
+
+
+async def test_a_write_longer_than_a_stored_message_is_done_and_the_turn_goes_on(
+    settings: Settings,
+    executor: ExecutorClient,
+    sessions: SessionClient,
+    fake_upstream: FakeUpstream,
+) -> None:
+    session_id = await new_session(sessions)
+    content = "0123456789" * 4000  # 40,000 characters: over the 32,000 a message holds
+    fake_upstream.enqueue(
+        Script(tool_calls=[("write_file", json.dumps({"path": "big.txt", "content": content}))]),
+        Script(text="Written."),
+    )
+
+    turn = await run_turn(executor, session_id, "Write the big file.")
+
+    (result,) = tool_results(turn)
+    assert result.status == "ok"
+    assert "created 'big.txt' (40.0 KB)" in result.content
+    assert "the tool ran with all of them, but the call is stored shortened" in result.content
+    assert turn[-1].done.content == "Written."
+    assert (workspace(settings, session_id) / "big.txt").read_text() == content
+    # Stored within the session's limit, still naming the file; the chain holds.
+    detail = await sessions.get(TENANT, session_id, include_messages=True, verify_chain=True)
+    (call,) = detail.messages[1].tool_calls
+    limit = settings.session.max_message_chars
+    assert len(call.arguments_json) <= limit
+    assert json.loads(call.arguments_json)["path"] == "big.txt"
+    assert detail.messages[2].content == result.content
+    # The model heard back about its call.
+    second = fake_upstream.chat_requests()[-1].body
+    assert second is not None
+    assert "created 'big.txt'" in second["messages"][-1]["content"]
+
+
+async def test_a_result_longer_than_a_stored_message_is_cut_and_the_turn_goes_on(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        fake_upstream.base_url,
+        redis_url=redis_url,
+        session={"max_message_chars": 3000},
+        executor={
+            "tools_enabled": True,
+            "workspace_root": str(tmp_path / "workspaces"),
+            "tool_rules": [{"path": "", "permission": "write"}],
+            "max_tool_output_chars": 16_000,
+        },
+    )
+    async with private_stack(settings) as running:
+        executor = ExecutorClient(running.address("executor"))
+        sessions = SessionClient(running.address("session"))
+        try:
+            session_id = await new_session(sessions)
+            root = workspace(settings, session_id)
+            root.mkdir(parents=True)
+            (root / "long.txt").write_text("z" * 10_000)
+            fake_upstream.enqueue(
+                Script(tool_calls=[("read_file", json.dumps({"path": "long.txt"}))]),
+                Script(text="It is long."),
+            )
+            turn = await run_turn(executor, session_id, "Read long.txt.")
+            detail = await sessions.get(TENANT, session_id, include_messages=True)
+        finally:
+            await executor.close()
+            await sessions.close()
+
+    (result,) = tool_results(turn)
+    assert len(result.content) <= 3000
+    assert result.content.endswith("characters left out; the conversation keeps 3000 per message]")
+    assert turn[-1].done.content == "It is long."
+    assert detail.messages[2].content == result.content

@@ -1,0 +1,126 @@
+"""Where each session's tool workspace lives on this replica, and its removal when the
+session goes.
+
+A workspace is `<root>/<sha256(tenant)[:16]>/<session id>`. The tenant is part of
+the key: a session id can pass to another tenant (an import under the id of a
+deleted session), and the new owner must never find the old owner's files. The
+tenant's name itself never becomes a path.
+
+The session service announces deletions (`session.deleted`) and expiries
+(`session.expired`, retention) on the event bus; every executor replica keeps
+its own copy of a workspace, so every replica listens and removes its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.executor.turns.tools import PerTenant, ToolBox
+from threadline import errors
+from threadline.events import EventBus, Subscription
+from threadline.ids import validate_session_id
+from threadline.logs import get_logger
+from threadline.v1.events_pb2 import LifecycleEvent
+
+log = get_logger(__name__)
+
+#: Session events after which the session's files must go.
+GONE = frozenset({"session.deleted", "session.expired"})
+
+
+def tenant_key(tenant: str) -> str:
+    """The tenant's directory name: fixed length, no characters a path could misread."""
+    return hashlib.sha256(tenant.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class SessionWorkspaces:
+    #: `<workspace_root>/sessions`.
+    root: Path
+    #: The tools over a workspace directory.
+    toolbox: Callable[[str], ToolBox]
+    #: The file size limit of the workspaces (the tools' descriptions name it).
+    max_file_bytes: int
+    _subscription: Subscription | None = field(default=None, repr=False)
+    _follower: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def directory(self, tenant: str, session_id: str) -> Path:
+        if not tenant:
+            raise errors.InvalidArgument("tenant is required")
+        validate_session_id(session_id)  # it becomes a path
+        return self.root / tenant_key(tenant) / session_id
+
+    def tools(self, tenant: str, session_id: str) -> ToolBox:
+        return self.toolbox(str(self.directory(tenant, session_id)))
+
+    def offered(self, session_id: str) -> ToolBox:
+        """A session's tools as a turn asks for them, by session id: they run in the
+        workspace of the tenant the tool round names (`ToolBox.for_tenant`)."""
+        validate_session_id(session_id)
+        return ToolBox(
+            PerTenant(lambda tenant: self.tools(tenant, session_id), self.max_file_bytes)
+        )
+
+    def remove(self, tenant: str, session_id: str) -> bool:
+        """Delete the session's workspace; False if there was none."""
+        directory = self.directory(tenant, session_id)
+        if not os.path.lexists(directory):
+            return False
+        # A tool still running (a turn that outlived its session) may add an entry
+        # while the tree goes: try again. rmtree works through descriptors and never
+        # follows a symlink out.
+        for _ in range(3):
+            shutil.rmtree(directory, ignore_errors=True)
+            if not os.path.lexists(directory):
+                return True
+        raise OSError(errno.ENOTEMPTY, "the workspace could not be removed", session_id)
+
+    async def start(self, bus: EventBus) -> None:
+        """Remove workspaces as their sessions go, from now on. Subscribes before it
+        returns, so no deletion announced after the service starts is missed."""
+        if self._follower is None:
+            self._subscription = await bus.subscribe()
+            self._follower = asyncio.create_task(
+                self._follow(self._subscription), name="session-workspaces"
+            )
+
+    async def stop(self) -> None:
+        """Stop listening; safe to call twice."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        if self._subscription is not None:
+            await self._subscription.close()
+            self._subscription = None
+
+    async def _follow(self, subscription: Subscription) -> None:
+        async for event in subscription:
+            if event.type in GONE:
+                await self._forget(event)
+
+    async def _forget(self, event: LifecycleEvent) -> None:
+        # A failed removal is logged and the loop goes on: the next deletion must
+        # not wait for this one's disk.
+        try:
+            removed = await asyncio.to_thread(self.remove, event.tenant, event.session_id)
+        except errors.InvalidArgument as exc:
+            log.warning("workspace.unremovable_event", event_type=event.type, error=exc.message)
+            return
+        except OSError as exc:
+            log.error("workspace.remove_failed", session_id=event.session_id, error=exc.strerror)
+            return
+        except Exception:
+            log.exception("workspace.remove_crashed", session_id=event.session_id)
+            return
+        if removed:
+            log.info("workspace.removed", session_id=event.session_id, reason=event.type)
