@@ -14,7 +14,6 @@ its own copy of a workspace, so every replica listens and removes its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import os
@@ -96,8 +95,9 @@ class SessionWorkspaces:
         """Stop listening; safe to call twice."""
         if self._follower is not None:
             self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+            # wait(), not await: the follower's CancelledError is not ours to raise, and
+            # a cancel of this call itself still goes through.
+            await asyncio.wait({self._follower})
             self._follower = None
         if self._subscription is not None:
             await self._subscription.close()

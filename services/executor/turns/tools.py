@@ -99,7 +99,11 @@ class ToolBox:
         #: hold (`session.max_message_chars`): a tool round stores nothing longer.
         self.max_message_chars = max_message_chars
         limit = format_size(workspace.max_file_bytes)
-        tools = (
+        tools = (*self._file_tools(limit), *self._browsing_tools(limit))
+        self._tools = {tool.name: tool for tool in tools}
+
+    def _file_tools(self, limit: str) -> tuple[_Tool, ...]:
+        return (
             _Tool(
                 name="read_file",
                 description=(
@@ -135,6 +139,10 @@ class ToolBox:
                 ),
                 run=self._write_file,
             ),
+        )
+
+    def _browsing_tools(self, limit: str) -> tuple[_Tool, ...]:
+        return (
             _Tool(
                 name="list_dir",
                 description=(
@@ -182,10 +190,9 @@ class ToolBox:
                 # The budget is checked between lines; this backstop frees the turn when
                 # a single pathological match (nested quantifiers) never returns. The
                 # thread itself cannot be stopped: Python's re has no timeout.
-                timeout_s=search_time_budget_s * 2 + 5,
+                timeout_s=self.search_time_budget_s * 2 + 5,
             ),
         )
-        self._tools = {tool.name: tool for tool in tools}
 
     @property
     def workspace(self) -> Workspace:
