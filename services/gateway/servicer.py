@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,11 +12,13 @@ import grpc
 import grpc.aio
 import structlog
 
+from services.gateway import validation
 from services.gateway.auth import ApiKeyAuthenticator, Caller
 from threadline import errors
+from threadline.cancellation import cancel_and_wait
 from threadline.channels import streaming
 from threadline.events import EventBus, Subscription
-from threadline.ids import validate_session_id
+from threadline.ids import validate_memory_job_id, validate_session_id, validate_task_id
 from threadline.peers import ExecutorClient, MemoryClient, SessionClient
 from threadline.v1 import (
     events_pb2,
@@ -49,10 +50,8 @@ async def _until(
         # Never leave a read in flight: closing the subscription under it would fail it
         # with nobody to collect the error.
         for task in (following, stopped):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            if task is not None:
+                await cancel_and_wait(task)
 
 
 @dataclass(frozen=True)
@@ -124,6 +123,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.ListSessionsRequest, context: Context
     ) -> session_pb2.SessionList:
         caller = _caller(self.auth, context)
+        validation.check_length("page_token", request.page_token, validation.MAX_PAGE_TOKEN_CHARS)
         return await self.sessions.list(
             caller.tenant, page_size=request.page_size, page_token=request.page_token
         )
@@ -133,6 +133,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> session_pb2.Session:
         caller = _caller(self.auth, context)
         validate_session_id(request.session_id)
+        validation.check_at_hash(request.at_hash)
         return await self.sessions.fork(caller.tenant, request.session_id, request.at_hash)
 
     async def DeleteSession(
@@ -173,12 +174,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GetMemoryJobRequest, context: Context
     ) -> memory_pb2.Job:
         caller = _caller(self.auth, context)
+        validate_memory_job_id(request.job_id)
         return await self.memory.get_job(caller.tenant, request.job_id)
 
     async def SubmitTask(
         self, request: gateway_pb2.SubmitTaskRequest, context: Context
     ) -> executor_pb2.Task:
         caller = _caller(self.auth, context)
+        validation.check_length("agent_type", request.agent_type, validation.MAX_AGENT_TYPE_CHARS)
+        validation.check_length("workspace", request.workspace, validation.MAX_WORKSPACE_CHARS)
         return await self.executor.submit_task(
             executor_pb2.TasksSubmitRequest(
                 tenant=caller.tenant,
@@ -193,24 +197,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GetTaskRequest, context: Context
     ) -> executor_pb2.Task:
         caller = _caller(self.auth, context)
+        validate_task_id(request.task_id)
         return await self.executor.get_task(caller.tenant, request.task_id)
 
     async def ListTasks(
         self, request: gateway_pb2.ListTasksRequest, context: Context
     ) -> executor_pb2.TaskList:
         caller = _caller(self.auth, context)
+        validation.check_length("status", request.status, validation.MAX_STATUS_CHARS)
         return await self.executor.list_tasks(caller.tenant, request.status, request.limit)
 
     async def CancelTask(
         self, request: gateway_pb2.CancelTaskRequest, context: Context
     ) -> executor_pb2.Task:
         caller = _caller(self.auth, context)
+        validate_task_id(request.task_id)
         return await self.executor.cancel_task(caller.tenant, request.task_id)
 
     async def WatchTask(
         self, request: gateway_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TaskLogEntry]:
         caller = _caller(self.auth, context)
+        validate_task_id(request.task_id)
         async for entry in streaming(self.executor.watch_task(caller.tenant, request.task_id)):
             yield entry
 
@@ -231,6 +239,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise errors.InvalidArgument(
                 f"options.max_tokens must be >= 0, got {request.options.max_tokens}"
             )
+        validation.check_length("options.model", request.options.model, validation.MAX_MODEL_CHARS)
         # NOT_FOUND for unknown and for other tenants' sessions alike, before any work.
         await self.sessions.get(caller.tenant, request.session_id)
         call = self.executor.run_turn(
@@ -252,6 +261,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         caller = _caller(self.auth, context)
         if request.session_id:
             validate_session_id(request.session_id)
+        validation.check_event_patterns(request.types)
         patterns = list(request.types)
         subscription = await self.bus.subscribe()
         try:

@@ -11,7 +11,7 @@ from services.memory.pacing import TurnActivity
 from services.memory.recall import recall
 from services.memory.store import MemoryStore
 from threadline import errors
-from threadline.ids import validate_session_id
+from threadline.ids import validate_memory_job_id, validate_session_id
 from threadline.v1 import common_pb2, memory_pb2, memory_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -79,7 +79,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         return await self._job_request(request, "compact")
 
     async def GetJob(self, request: memory_pb2.GetJobRequest, context: Context) -> memory_pb2.Job:
-        job = await self.jobs.job(request.job_id) if request.job_id else None
+        validate_memory_job_id(request.job_id)
+        job = await self.jobs.job(request.job_id)
         # Another tenant's job does not exist, as far as this caller can tell.
         if job is None or job.tenant != request.tenant:
             raise errors.NotFound(f"memory job {request.job_id!r} not found")
@@ -122,7 +123,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         trigger = request.trigger or "request"
         if trigger not in _TRIGGERS:
             raise errors.InvalidArgument(
-                f"unknown trigger {trigger!r}; expected one of {', '.join(_TRIGGERS)}"
+                f"unknown trigger {trigger[:40]!r}; expected one of {', '.join(_TRIGGERS)}"
             )
         return await self._run(
             request.tenant, request.session_id, kind, trigger, request.model, request.wait

@@ -11,6 +11,7 @@ from services.session.context import build_context
 from services.session.retention import Retention
 from services.session.store import SessionStore
 from services.session.tokens import TokenEstimator, calibrated_estimator, calibrated_ratio
+from services.session.validation import validate_session_fields
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.ids import validate_session_id
@@ -44,6 +45,11 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         if request.compacted_from:
             validate_session_id(request.compacted_from)
             await self.store.get(request.tenant, request.compacted_from)
+        else:
+            # A compaction copies a stored session's fields, which may predate the limits.
+            validate_session_fields(
+                title=request.title, model=request.model, metadata=request.metadata
+            )
         session = await self.store.create(
             tenant=request.tenant,
             model=request.model,

@@ -7,7 +7,7 @@ building can keep a call and its results together.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from threadline.errors import InvalidArgument
 from threadline.v1 import common_pb2
@@ -24,6 +24,33 @@ _ROLES = frozenset(
 # The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+
+
+#: What a session carries beside its messages. Every list shows them, so they stay small.
+MAX_TITLE_CHARS = 256
+MAX_MODEL_CHARS = 128
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 1024
+
+
+def _check_length(field: str, value: str, limit: int) -> None:
+    # Never echoes the value: it may be megabytes.
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is {len(value)} characters; the limit is {limit}")
+
+
+def validate_session_fields(*, title: str, model: str, metadata: Mapping[str, str]) -> None:
+    """Raise InvalidArgument naming the first field past its limit (and the limit)."""
+    _check_length("title", title, MAX_TITLE_CHARS)
+    _check_length("model", model, MAX_MODEL_CHARS)
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument(
+            f"metadata has {len(metadata)} entries; the limit is {MAX_METADATA_ENTRIES}"
+        )
+    for key, value in metadata.items():
+        _check_length("metadata key", key, MAX_METADATA_KEY_CHARS)
+        _check_length(f"metadata[{key!r}]", value, MAX_METADATA_VALUE_CHARS)
 
 
 def _excerpt(value: str, limit: int = 80) -> str:
