@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import random
 import time
 import uuid
@@ -33,6 +32,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
+from threadline.cancellation import cancel_and_wait
 from threadline.logs import get_logger
 from threadline.redis_client import connect_redis
 from threadline.v1.events_pb2 import LifecycleEvent
@@ -304,9 +304,7 @@ class RedisEventBus:
         if self._pump is not None:
             if not await self.flush(2.0):
                 log.warning("events.unsent_at_close", pending=len(self._buffer))
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+            await cancel_and_wait(self._pump)
             self._pump = None
         await self._client.aclose()
 

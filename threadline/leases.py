@@ -15,12 +15,12 @@ could not renew for a whole expiry) and was taken: the holder is told through
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from threadline.cancellation import cancel_and_wait
 from threadline.logs import get_logger
 
 log = get_logger(__name__)
@@ -85,6 +85,7 @@ class _RedisHeld:
         self._token = token
         self._ttl_ms = ttl_ms
         self._lost = False
+        self._released = False
         self._renewer = asyncio.create_task(self._renew(), name=f"lease-renew-{key}")
 
     @property
@@ -92,9 +93,10 @@ class _RedisHeld:
         return self._lost
 
     async def release(self) -> None:
-        self._renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._renewer
+        # The flag stops a renewer that swallowed its cancellation at its next
+        # turn, before it could take the key again after the delete below.
+        self._released = True
+        await cancel_and_wait(self._renewer)
         try:
             await self._client.eval(_RELEASE, 1, self._key, self._token)
         except Exception:
@@ -104,6 +106,8 @@ class _RedisHeld:
     async def _renew(self) -> None:
         while not self._lost:
             await asyncio.sleep(self._ttl_ms / 3000)
+            if self._released:
+                return
             try:
                 renewed = await self._client.eval(
                     _RENEW, 1, self._key, self._token, str(self._ttl_ms)

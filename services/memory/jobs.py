@@ -27,10 +27,11 @@ from services.memory.compaction import Compactor, is_refusal
 from services.memory.consolidation import Consolidator, JobResult
 from services.memory.extraction import Extractor
 from services.memory.pacing import work_timeout
-from services.memory.queue import Delivery, JobQueue
+from services.memory.queue import Delivery, JobQueue, QueueClosed
 from services.memory.sessions import SessionReader
 from services.memory.store import Activity, MemoryStore, now_us
 from threadline import errors
+from threadline.cancellation import cancel_and_wait
 from threadline.events import EventPublisher
 from threadline.leases import HeldLease, Leases
 from threadline.logs import get_logger
@@ -103,6 +104,7 @@ class MemoryJobs:
     worker: str
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _finished: dict[str, asyncio.Event] = field(default_factory=dict)
+    _stopping: bool = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -121,11 +123,10 @@ class MemoryJobs:
         self._tasks.append(asyncio.create_task(self._scan_forever(), name="memory-idle-scan"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        for queue in {id(q): q for q in (self.queue, self.compactions)}.values():
+            await queue.close()
+        await asyncio.gather(*(cancel_and_wait(task) for task in self._tasks))
         self._tasks.clear()
 
     # -- submitting --------------------------------------------------------------
@@ -274,7 +275,7 @@ class MemoryJobs:
         return started
 
     async def _scan_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.scan_idle()
                 await self.requeue_unfinished()
@@ -297,9 +298,11 @@ class MemoryJobs:
         return self.compactions if kind == "compact" else self.queue
 
     async def _work(self, queue: JobQueue) -> None:
-        while True:
+        while not self._stopping:
             try:
                 delivery = await queue.get()
+            except QueueClosed:
+                return
             except Exception:
                 log.exception("memory.queue_read_failed")
                 await asyncio.sleep(1.0)
@@ -330,9 +333,7 @@ class MemoryJobs:
             if job.state not in _FINISHED:
                 await self._run(job)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await cancel_and_wait(keeper)
             await lease.release()
         # Not reached when cancelled (shutdown): the job stays unacknowledged, to be
         # taken over by another replica or run again at the next start.

@@ -42,6 +42,10 @@ class Delivery:
     reclaimed: bool = False
 
 
+class QueueClosed(Exception):
+    """`get` on a queue that was closed: the worker asking stops."""
+
+
 #: Called when a queue finds it lost its jobs (Redis restarted).
 ResetHook = Callable[[], Awaitable[None]]
 
@@ -50,7 +54,7 @@ class JobQueue(Protocol):
     async def put(self, job_id: str) -> None: ...
 
     async def get(self) -> Delivery:
-        """The next job for this replica; waits for one."""
+        """The next job for this replica; waits for one (QueueClosed once closed)."""
 
     async def requeue_missing(self, job_ids: Sequence[str]) -> list[str]:
         """Queue those of these unfinished jobs that the queue has lost; which ones."""
@@ -108,6 +112,9 @@ class RedisJobQueue:
         self._group_ready = False
         self._next_claim = 0.0
         self._reset_hooks: list[ResetHook] = []
+        # Checked between reads: a worker's cancellation can be swallowed inside
+        # the Redis client (threadline/cancellation.py), this cannot.
+        self._closed = False
 
     async def put(self, job_id: str) -> None:
         await self._ensure_group()
@@ -115,7 +122,7 @@ class RedisJobQueue:
 
     async def get(self) -> Delivery:
         await self._ensure_group()
-        while True:
+        while not self._closed:
             try:
                 delivery = await self._next()
             except ResponseError as exc:
@@ -125,6 +132,7 @@ class RedisJobQueue:
                 continue
             if delivery is not None:
                 return delivery
+        raise QueueClosed(self._stream)
 
     async def _next(self) -> Delivery | None:
         claimed = await self._claim_abandoned()
@@ -160,7 +168,7 @@ class RedisJobQueue:
         return missing
 
     async def close(self) -> None:
-        return None
+        self._closed = True
 
     async def _ensure_group(self) -> None:
         if self._group_ready:

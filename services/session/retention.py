@@ -8,13 +8,13 @@ so it holds at every moment, not only after the next sweep.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.session.store import SessionStore
 from threadline import errors
+from threadline.cancellation import cancel_and_wait
 from threadline.events import EventPublisher
 from threadline.logs import get_logger
 
@@ -75,7 +75,5 @@ class Retention:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None

@@ -29,6 +29,7 @@ from typing import Any
 
 from services.executor.tasks.records import TERMINAL, Runner, RunOutcome, TaskRecord, TaskStatus
 from services.executor.tasks.store import TaskStore
+from threadline.cancellation import cancel_and_wait
 from threadline.errors import ResourceExhausted, Unavailable
 from threadline.events import EventPublisher
 from threadline.logs import get_logger
@@ -169,9 +170,7 @@ class TaskPool:
         self._workers = []
         # Heartbeats went on through the grace period: a cancel from another replica
         # still reached the runs, and no replica took them for dead.
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(loop) for loop in self._loops))
         if self._started:
             await self._sign_off()
         self._stopped.set()
