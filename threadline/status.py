@@ -10,6 +10,7 @@ HeadMismatch` exactly as if the call had been local.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -66,8 +67,22 @@ def to_status(error: errors.ThreadlineError) -> grpc.Status:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     message = _clip_utf8(error.message, MAX_MESSAGE_BYTES)
     status = status_pb2.Status(code=code.value[0], message=message, details=details)
-    converted: grpc.Status = rpc_status.to_status(status)
-    return converted
+    converted = rpc_status.to_status(status)
+    return _Status(code, converted.details, (*converted.trailing_metadata, _NO_RETRY))
+
+
+#: Callers' channels repeat some calls on UNAVAILABLE (threadline/channels.py), for
+#: a replica that died or could not be reached. An error a threadline server
+#: returns is an answer, not a lost call: it tells gRPC not to repeat it (a
+#: negative pushback), and the caller decides from its RetryInfo.
+_NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 #: What a caller is told to wait when a shared store was unreachable for the whole
