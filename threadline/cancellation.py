@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from threadline.logs import get_logger
 
@@ -25,14 +26,15 @@ log = get_logger(__name__)
 _RECANCEL_S = 0.1
 
 
-async def cancel_and_wait(task: asyncio.Task[object], patience_s: float = 2.0) -> bool:
+async def cancel_and_wait(task: asyncio.Future[Any], patience_s: float = 2.0) -> bool:
     """Cancel `task` and wait up to `patience_s` for it to end, cancelling it again
     if it carries on; True if it ended. Its result or exception is dropped."""
     deadline = asyncio.get_running_loop().time() + patience_s
     while not task.done():
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
-            log.warning("task.cancel_ignored", task=task.get_name(), patience_s=patience_s)
+            name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+            log.warning("task.cancel_ignored", task=name, patience_s=patience_s)
             return False
         task.cancel()
         await asyncio.wait([task], timeout=min(_RECANCEL_S, left))

@@ -5,6 +5,9 @@ What a user of the stack must never see, however the kills fall: an acknowledged
 message lost or stored twice, a chain that does not verify, a failed turn without
 a clean status or whose partial answer is not stored as interrupted, a session
 refused as busy longer than the turn lease, a memory job done twice, a task lost.
+
+CHAOS_RUN_S shortens or lengthens the run, CHAOS_SEED repeats one (it is printed),
+CHAOS_LOG_LEVEL=info keeps the services' full logs under the test's tmp dir.
 """
 
 from __future__ import annotations
@@ -294,6 +297,7 @@ async def test_replicas_killed_at_random_lose_nothing_acknowledged(
         THREADLINE_MEMORY__LEASE_TTL_S="2",
         THREADLINE_GRACE_PERIOD_S="2",
     )
+    env["THREADLINE_LOG_LEVEL"] = os.environ.get("CHAOS_LOG_LEVEL", "warning")
     record = Record()
     try:
         async with (
@@ -327,7 +331,15 @@ async def test_replicas_killed_at_random_lose_nothing_acknowledged(
                 async def memory_settled() -> bool:
                     return await _unfinished_memory_jobs(conn) == 0
 
-                await eventually(memory_settled, timeout=60, interval=0.5)
+                try:
+                    await eventually(memory_settled, timeout=60, interval=0.5)
+                except TimeoutError:
+                    rows = await conn.fetch(
+                        "SELECT id, kind, session_id, state FROM memory_jobs"
+                        " WHERE state IN (1, 2) LIMIT 10"
+                    )
+                    print("unfinished memory jobs:", [dict(r) for r in rows])
+                    raise
                 overlaps = await _memory_overlaps(conn)
                 memory_done = int(await conn.fetchval("SELECT count(*) FROM memory_history"))
             finally:
