@@ -457,6 +457,63 @@ class LocalModelSettings(_Section):
     n_ctx: int = Field(default=8192, ge=512)
 
 
+class TlsSettings(_Section):
+    """TLS on every gRPC listener and channel (docs/security.md), from PEM files.
+
+    Off by default: `threadline up` serves on localhost. Servers read the files
+    again when they change (new connections get the new certificate); clients
+    read theirs at start.
+    """
+
+    enabled: bool = False
+    #: The certificate chain and key this process serves, and presents as a client
+    #: under `mutual`.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: CA bundle: clients verify the services' certificates against it (unset: the
+    #: system's roots), and under `mutual` internal services verify their callers'.
+    ca_file: Path | None = None
+    #: Internal services (not the gateway's public listener) require a client
+    #: certificate signed by `ca_file`, and clients present `cert_file`.
+    mutual: bool = False
+    #: The gateway's public listener's own certificate and key; unset = cert_file, key_file.
+    gateway_cert_file: Path | None = None
+    gateway_key_file: Path | None = None
+    #: Name clients check the services' certificates against, instead of each
+    #: address's host (for addresses given as IPs).
+    server_name: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsSettings:
+        for cert, key in (("cert_file", "key_file"), ("gateway_cert_file", "gateway_key_file")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(f"set both {cert} and {key}, or neither")
+        if self.mutual and not (self.enabled and self.ca_file and self.cert_file):
+            raise ValueError("mutual needs enabled, ca_file, cert_file and key_file")
+        return self
+
+
+class ServiceAuthSettings(_Section):
+    """Who may call the internal services: executor, llm_proxy, session, memory."""
+
+    #: Shared secret every internal call carries and every internal service
+    #: requires; unset = none required. Production sets it (docs/security.md);
+    #: `threadline up` makes one per data dir.
+    token: SecretStr | None = None
+    #: Accepted as well as `token`, never sent: the old token while a new one rolls out.
+    previous_token: SecretStr | None = None
+    #: The client certificate names (DNS SAN, else CN) allowed to call this process's
+    #: services; empty = any certificate `tls.ca_file` signed. Needs tls.mutual.
+    peer_names: tuple[str, ...] = ()
+
+    @field_validator("token", "previous_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("a service token needs at least 16 characters (openssl rand -hex 32)")
+        return value
+
+
 class Settings(BaseSettings):
     """All of threadline's settings. Build with `load_settings`, not `Settings()`."""
 
@@ -479,6 +536,9 @@ class Settings(BaseSettings):
     postgres_pool_size: int = Field(default=10, ge=1, le=1000)
     #: Port of the Prometheus /metrics endpoint for this process; 0 = none.
     metrics_port: int = Field(default=0, ge=0, lt=65536)
+    #: Port of a plaintext listener serving only grpc.health.v1, for probes that
+    #: cannot speak TLS (Kubernetes gRPC probes); 0 = none. One service per process.
+    health_port: int = Field(default=0, ge=0, lt=65536)
     llm: LlmSettings = LlmSettings()
     session: SessionSettings = SessionSettings()
     memory: MemorySettings = MemorySettings()
@@ -486,6 +546,8 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     events: EventSettings = EventSettings()
     local_model: LocalModelSettings = LocalModelSettings()
+    tls: TlsSettings = TlsSettings()
+    service_auth: ServiceAuthSettings = ServiceAuthSettings()
 
     @field_validator("redis_url")
     @classmethod
