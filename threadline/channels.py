@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
 from threadline.interceptors import client_interceptors
+from threadline.service_auth import token_interceptors
 from threadline.status import from_rpc_error
 
 T = TypeVar("T")
@@ -65,9 +67,35 @@ _OPTIONS = [
 ]
 
 
-def connect(address: str) -> grpc.aio.Channel:
-    """A channel to `address`: host:port, dns:///host:port, or ipv4:host:port,host:port,..."""
-    return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=client_interceptors())
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How a channel proves itself and checks its server (threadline.transport builds it)."""
+
+    #: TLS credentials; None is plaintext.
+    credentials: grpc.ChannelCredentials | None = None
+    #: Service token sent with every call (threadline.service_auth); None sends none.
+    token: str | None = None
+    #: Name the server's certificate must carry instead of the address's host.
+    server_name: str = ""
+
+
+def connect(address: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
+    """A channel to `address`: host:port, dns:///host:port, or ipv4:host:port,host:port,...
+
+    Plaintext without `security`, or with `security` that holds no credentials.
+    """
+    security = security or ChannelSecurity()
+    interceptors = client_interceptors()
+    if security.token:
+        interceptors += token_interceptors(security.token)
+    options = list(_OPTIONS)
+    if security.server_name:
+        options.append(("grpc.ssl_target_name_override", security.server_name))
+    if security.credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        address, security.credentials, options=options, interceptors=interceptors
+    )
 
 
 async def unary(call: Awaitable[T]) -> T:

@@ -13,10 +13,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
+import grpc
 import typer
 from google.protobuf import json_format
+from pydantic import SecretStr
 from rich.console import Console
 
 from threadline import errors
@@ -32,6 +34,7 @@ from threadline.config import (
 )
 from threadline.logs import configure_logging, get_logger
 from threadline.server import on_signal_during, wait_for_shutdown_signal
+from threadline.tls import PemFile, channel_credentials
 from threadline.v1 import executor_pb2
 
 app = typer.Typer(
@@ -51,6 +54,7 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (or THREADLINE_CONFIG).")
 ]
 DEV_KEY_FILE = "dev-api-key"
+SERVICE_TOKEN_FILE = "service-token"
 
 
 def _print_version(value: bool) -> None:
@@ -87,17 +91,34 @@ def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> S
         raise typer.Exit(2) from None
 
 
-def _dev_api_key(data_dir: Path) -> str:
-    """A key for the local tenant 'dev', kept in the data dir so `chat` finds it."""
-    path = data_dir / DEV_KEY_FILE
+def _local_secret(path: Path, prefix: str) -> str:
+    """A random secret kept in `path` (owner-only), made on first use."""
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = "tl-dev-" + secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = prefix + secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(key + "\n")
-    return key
+        handle.write(secret + "\n")
+    return secret
+
+
+def _dev_api_key(data_dir: Path) -> str:
+    """A key for the local tenant 'dev', kept in the data dir so `chat` finds it."""
+    return _local_secret(data_dir / DEV_KEY_FILE, "tl-dev-")
+
+
+def _with_service_token(settings: Settings) -> Settings:
+    """`settings` with a service token: the configured one, or one kept in the data dir.
+
+    Other users of this machine can reach the internal ports on localhost; the token
+    keeps them from reading every tenant's sessions there.
+    """
+    if settings.service_auth.token is not None:
+        return settings
+    token = SecretStr(_local_secret(settings.data_dir / SERVICE_TOKEN_FILE, "tl-svc-"))
+    auth = settings.service_auth.model_copy(update={"token": token})
+    return settings.model_copy(update={"service_auth": auth})
 
 
 @app.command()
@@ -166,6 +187,7 @@ async def _up(settings: Settings) -> None:
             update={"gateway": settings.gateway.model_copy(update={"api_keys": (dev,)})}
         )
         key_note = f" (dev API key in {settings.data_dir / DEV_KEY_FILE})"
+    settings = _with_service_token(settings)
     try:
         stack = await start_stack(settings)
         err.print(
@@ -192,8 +214,21 @@ def _chat_hint(settings: Settings) -> str:
     else:
         command = str(program.resolve())
     data_dir = settings.data_dir.resolve()
+    # `chat` reads TLS settings from the environment only: name them on its command line.
+    tls = settings.tls
+    env = ["env", "THREADLINE_TLS__ENABLED=true"] if tls.enabled else []
+    if tls.enabled and tls.ca_file:
+        env.append(f"THREADLINE_TLS__CA_FILE={tls.ca_file.resolve()}")
     return shlex.join(
-        [command, "chat", "--address", settings.addresses.gateway, "--data-dir", str(data_dir)]
+        [
+            *env,
+            command,
+            "chat",
+            "--address",
+            settings.addresses.gateway,
+            "--data-dir",
+            str(data_dir),
+        ]
     )
 
 
@@ -225,8 +260,32 @@ async def _serve(settings: Settings, service: ServiceName) -> None:
         await stack.stop()
 
 
-def _gateway(address: str | None, api_key: str | None, data_dir: Path | None) -> tuple[str, str]:
-    """Gateway address and API key from flags, environment or the dev key file."""
+class _Target(NamedTuple):
+    """A gateway and how to call it."""
+
+    address: str
+    api_key: str
+    #: TLS credentials when the settings enable TLS (tls.ca_file verifies the gateway).
+    credentials: grpc.ChannelCredentials | None
+
+
+def _client(target: _Target) -> GatewayClient:
+    return GatewayClient(target.address, api_key=target.api_key, credentials=target.credentials)
+
+
+def _credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    if not settings.tls.enabled:
+        return None
+    ca = PemFile(settings.tls.ca_file, "tls.ca_file") if settings.tls.ca_file else None
+    try:
+        return channel_credentials(ca)
+    except errors.ThreadlineError as exc:
+        fail(exc.message)
+        raise typer.Exit(2) from None
+
+
+def _gateway(address: str | None, api_key: str | None, data_dir: Path | None) -> _Target:
+    """Gateway address, API key and TLS credentials from flags, environment or the dev key file."""
     settings = _settings(None)
     key = api_key or os.environ.get("THREADLINE_API_KEY")
     if not key:
@@ -238,7 +297,7 @@ def _gateway(address: str | None, api_key: str | None, data_dir: Path | None) ->
             )
             raise typer.Exit(2)
         key = path.read_text().strip()
-    return address or settings.addresses.gateway, key
+    return _Target(address or settings.addresses.gateway, key, _credentials(settings))
 
 
 AddressOption = Annotated[str | None, typer.Option(help="Gateway host:port.")]
@@ -268,14 +327,14 @@ def chat(
 
 
 async def _chat(
-    target: tuple[str, str],
+    target: _Target,
     session_id: str | None,
     message: str | None,
     system: str,
     max_tokens: int,
 ) -> None:
     # The channel must be made inside the running loop it will be used on.
-    async with GatewayClient(target[0], api_key=target[1]) as client:
+    async with _client(target) as client:
         if session_id is None:
             session_id = (await client.create_session(system_prompt=system)).id
         err.print(f"session {session_id}")
@@ -331,9 +390,9 @@ def events_tail(
         pass
 
 
-async def _tail(target: tuple[str, str], types: list[str], session_id: str, as_json: bool) -> None:
+async def _tail(target: _Target, types: list[str], session_id: str, as_json: bool) -> None:
     out = Console()
-    async with GatewayClient(target[0], api_key=target[1]) as client:
+    async with _client(target) as client:
         async for event in client.watch_events(types=types, session_id=session_id):
             if as_json:
                 print(
@@ -363,9 +422,9 @@ def _task_line(task: executor_pb2.Task) -> str:
     )
 
 
-def _tasks(action: Callable[[GatewayClient], Awaitable[None]], target: tuple[str, str]) -> None:
+def _tasks(action: Callable[[GatewayClient], Awaitable[None]], target: _Target) -> None:
     async def run() -> None:
-        async with GatewayClient(target[0], api_key=target[1]) as client:
+        async with _client(target) as client:
             await action(client)
 
     try:

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 
+import grpc
 import grpc.aio
 
-from threadline.channels import connect, streaming, unary
+from threadline.channels import ChannelSecurity, connect, streaming, unary
 from threadline.v1 import (
     events_pb2,
     executor_pb2,
@@ -28,10 +29,17 @@ from threadline.v1 import (
 
 
 class GatewayClient:
-    def __init__(self, address: str, *, api_key: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        api_key: str,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """`credentials` for a gateway serving TLS, e.g. `grpc.ssl_channel_credentials(ca)`."""
         self.address = address
         self._metadata = (("authorization", f"Bearer {api_key}"),)
-        self._channel: grpc.aio.Channel = connect(address)
+        self._channel: grpc.aio.Channel = connect(address, ChannelSecurity(credentials))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def __aenter__(self) -> GatewayClient:

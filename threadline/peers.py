@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc.aio
 
-from threadline.channels import connect, streaming, unary
+from threadline.channels import ChannelSecurity, connect, streaming, unary
 from threadline.v1 import (
     common_pb2,
     executor_pb2,
@@ -26,17 +26,17 @@ from threadline.v1 import (
 
 
 class _Peer:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, security: ChannelSecurity | None = None) -> None:
         self.address = address
-        self.channel: grpc.aio.Channel = connect(address)
+        self.channel: grpc.aio.Channel = connect(address, security)
 
     async def close(self) -> None:
         await self.channel.close()
 
 
 class SessionClient(_Peer):
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, security: ChannelSecurity | None = None) -> None:
+        super().__init__(address, security)
         self.stub = session_pb2_grpc.SessionsStub(self.channel)
 
     async def create(self, request: session_pb2.SessionsCreateRequest) -> session_pb2.Session:
@@ -141,8 +141,8 @@ class SessionClient(_Peer):
 
 
 class LlmClient(_Peer):
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, security: ChannelSecurity | None = None) -> None:
+        super().__init__(address, security)
         self.stub = llm_pb2_grpc.LlmProxyStub(self.channel)
 
     def stream_chat(
@@ -155,10 +155,13 @@ class LlmClient(_Peer):
     ) -> llm_pb2.ChatResponse:
         return await unary(self.stub.Chat(request, timeout=timeout))
 
+    async def list_models(self, *, timeout: float | None = None) -> llm_pb2.ListModelsResponse:
+        return await unary(self.stub.ListModels(llm_pb2.ListModelsRequest(), timeout=timeout))
+
 
 class MemoryClient(_Peer):
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, security: ChannelSecurity | None = None) -> None:
+        super().__init__(address, security)
         self.stub = memory_pb2_grpc.MemoryStub(self.channel)
 
     async def recall(
@@ -199,8 +202,8 @@ class MemoryClient(_Peer):
 
 
 class ExecutorClient(_Peer):
-    def __init__(self, address: str) -> None:
-        super().__init__(address)
+    def __init__(self, address: str, security: ChannelSecurity | None = None) -> None:
+        super().__init__(address, security)
         self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
 
     async def submit_task(self, request: executor_pb2.TasksSubmitRequest) -> executor_pb2.Task:

@@ -38,6 +38,18 @@ DrainHook = Callable[[float], Awaitable[None]]
 HURRY_S = 1.0
 
 
+@dataclass(frozen=True)
+class ListenerSecurity:
+    """How a listener is secured (threadline.transport builds it from settings)."""
+
+    #: TLS credentials; None listens in plaintext.
+    credentials: grpc.ServerCredentials | None = None
+    #: Checks of who calls (threadline.service_auth), run after the request context is bound.
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+    #: A plaintext listener serving only health, for probes that cannot speak TLS.
+    health_address: str | None = None
+
+
 @dataclass
 class ServiceHost:
     name: str
@@ -45,6 +57,8 @@ class ServiceHost:
     health: HealthServicer
     port: int
     service_names: tuple[str, ...]
+    #: The probe listener (ListenerSecurity.health_address), if any.
+    health_server: grpc.aio.Server | None = None
     #: Run after the server has drained, last registered first (e.g. close Redis last).
     closers: list[Closer] = field(default_factory=list)
     #: Run when draining starts, e.g. to end endless streams (event watches) at once.
@@ -58,6 +72,8 @@ class ServiceHost:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         for service in ("", *self.service_names):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("service.listening", service=self.name, port=self.port)
@@ -101,6 +117,8 @@ class ServiceHost:
         self._stopping = True
         await self.begin_drain(grace_s)
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         assert self._draining is not None
         await self._draining
         for closer in reversed(self.closers):
@@ -121,10 +139,15 @@ def build_server(
     *,
     address: str,
     max_message_bytes: int = 16 * 1024 * 1024,
+    security: ListenerSecurity | None = None,
 ) -> tuple[ServiceHost, int]:
-    """Build (not start) a server for `register`'s servicers on `address` ("host:port")."""
+    """Build (not start) a server for `register`'s servicers on `address` ("host:port").
+
+    Without `security` it listens in plaintext and lets every caller in.
+    """
+    security = security or ListenerSecurity()
     server = grpc.aio.server(
-        interceptors=[ServerContextInterceptor()],
+        interceptors=[ServerContextInterceptor(), *security.interceptors],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -147,10 +170,25 @@ def build_server(
         ),
         server,
     )
-    port = server.add_insecure_port(address)
+    if security.credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, security.credentials)
     if port == 0:
         raise OSError(f"{name}: cannot bind {address}")
-    return ServiceHost(name, server, health, port, service_names), port
+    host = ServiceHost(name, server, health, port, service_names)
+    if security.health_address is not None:
+        host.health_server = _health_server(name, health, security.health_address)
+    return host, port
+
+
+def _health_server(name: str, health: HealthServicer, address: str) -> grpc.aio.Server:
+    """A plaintext server with only the health service, sharing the main server's state."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"{name}: cannot bind the health listener {address}")
+    return server
 
 
 async def _all(hooks: Sequence[Awaitable[None]]) -> None:

@@ -31,6 +31,7 @@ from threadline.peers import LlmClient, MemoryClient, SessionClient
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.store_urls import PostgresUrl, RedisUrl
+from threadline.transport import channel_security, listener_security
 from threadline.v1 import executor_pb2, executor_pb2_grpc
 
 SERVICE: ServiceName = "executor"
@@ -39,9 +40,10 @@ ToolBoxes = Callable[[str], ToolBox]
 
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
-    sessions = SessionClient(settings.addresses.session)
-    memory = MemoryClient(settings.addresses.memory)
-    llm = LlmClient(settings.addresses.llm_proxy)
+    peers = channel_security(settings)
+    sessions = SessionClient(settings.addresses.session, peers)
+    memory = MemoryClient(settings.addresses.memory, peers)
+    llm = LlmClient(settings.addresses.llm_proxy, peers)
     redis_client = connect_redis(settings.redis_url) if settings.redis_url else None
     events = EventPublisher(bus, SERVICE)
     toolbox = _toolboxes(settings)
@@ -84,6 +86,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         SERVICE,
         register,
         address=address or settings.bind_address(SERVICE),
+        security=listener_security(settings, SERVICE),
     )
     # The replica's name in the task store: the same after a restart, distinct between
     # replicas (in Kubernetes the hostname is the pod's name; on one machine, the port).

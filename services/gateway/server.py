@@ -10,15 +10,17 @@ from threadline.config import ServiceName, Settings
 from threadline.events import EventBus
 from threadline.peers import ExecutorClient, MemoryClient, SessionClient
 from threadline.server import ServiceHost, build_server
+from threadline.transport import channel_security, listener_security
 from threadline.v1 import gateway_pb2, gateway_pb2_grpc
 
 SERVICE: ServiceName = "gateway"
 
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
-    sessions = SessionClient(settings.addresses.session)
-    executor = ExecutorClient(settings.addresses.executor)
-    memory = MemoryClient(settings.addresses.memory)
+    peers = channel_security(settings)
+    sessions = SessionClient(settings.addresses.session, peers)
+    executor = ExecutorClient(settings.addresses.executor, peers)
+    memory = MemoryClient(settings.addresses.memory, peers)
     servicer = GatewayServicer(
         ApiKeyAuthenticator(settings.gateway.api_keys),
         sessions,
@@ -36,6 +38,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         SERVICE,
         register,
         address=address or settings.bind_address(SERVICE),
+        security=listener_security(settings, SERVICE),
     )
     host.on_drain(lambda _grace_s: servicer.end_watches())
     host.on_stop(sessions.close)

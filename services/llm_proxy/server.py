@@ -17,6 +17,7 @@ from threadline.errors import FailedPrecondition
 from threadline.events import EventBus, EventPublisher
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
+from threadline.transport import listener_security
 from threadline.v1 import llm_pb2, llm_pb2_grpc
 
 SERVICE: ServiceName = "llm_proxy"
@@ -61,7 +62,12 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         llm_pb2_grpc.add_LlmProxyServicer_to_server(LlmProxyServicer(proxy), server)
         return [llm_pb2.DESCRIPTOR.services_by_name["LlmProxy"].full_name]
 
-    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
+    host, _ = build_server(
+        SERVICE,
+        register,
+        address=address or settings.bind_address(SERVICE),
+        security=listener_security(settings, SERVICE),
+    )
     if redis_client is not None:
         host.on_stop(redis_client.aclose)
     for upstream in upstreams.values():

@@ -28,6 +28,7 @@ from threadline.peers import LlmClient, SessionClient
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.store_urls import PostgresUrl, SqliteUrl, StoreUrl
+from threadline.transport import channel_security, listener_security
 from threadline.v1 import memory_pb2, memory_pb2_grpc
 
 SERVICE: ServiceName = "memory"
@@ -36,8 +37,9 @@ SERVICE: ServiceName = "memory"
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
     config = settings.memory
     store = await open_store(settings.store_url("memory"))
-    sessions = SessionClient(settings.addresses.session)
-    llm = LlmClient(settings.addresses.llm_proxy)
+    peers = channel_security(settings)
+    sessions = SessionClient(settings.addresses.session, peers)
+    llm = LlmClient(settings.addresses.llm_proxy, peers)
     worker = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     shared = _coordination(settings, worker)
     # Consolidation and extraction give way to turns; compaction (a turn may wait) does not.
@@ -59,7 +61,12 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         worker=worker,
     )
     register = _registrar(_servicer(config, jobs, store, turns))
-    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
+    host, _ = build_server(
+        SERVICE,
+        register,
+        address=address or settings.bind_address(SERVICE),
+        security=listener_security(settings, SERVICE),
+    )
     # Closers run last-registered first: the workers stop before what they use closes.
     if shared.redis is not None:
         host.on_stop(shared.redis.aclose)

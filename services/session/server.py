@@ -15,6 +15,7 @@ from threadline.events import EventBus, EventPublisher
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.store_urls import PostgresUrl, RedisUrl, SqliteUrl
+from threadline.transport import listener_security
 from threadline.v1 import session_pb2, session_pb2_grpc
 
 SERVICE: ServiceName = "session"
@@ -69,7 +70,12 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         session_pb2_grpc.add_SessionsServicer_to_server(servicer, server)
         return [session_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name]
 
-    host, _ = build_server(SERVICE, register, address=address or settings.bind_address(SERVICE))
+    host, _ = build_server(
+        SERVICE,
+        register,
+        address=address or settings.bind_address(SERVICE),
+        security=listener_security(settings, SERVICE),
+    )
     retention.start()
     if redis_client is not None:
         host.on_stop(redis_client.aclose)
