@@ -3,7 +3,10 @@ classifier, cancel, logs, records (in the default SQLite file, and in PostgreSQL
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
 from pathlib import Path
 
 import asyncpg
@@ -55,6 +58,18 @@ def settings(
                         "description": "Sleeps for a long time.",
                         "runner": "command",
                         "argv": ["sh", "-c", "sleep 30 & echo child $!; wait"],
+                    },
+                    "escaper": {
+                        "description": "Starts a child that leaves its process group.",
+                        "runner": "command",
+                        # The escaped sh carries the task id in its argv ($0).
+                        "argv": [
+                            "sh",
+                            "-c",
+                            "setsid sh -c 'sleep 1000 & echo escaped $$ $!; wait' \"$1\" & wait",
+                            "sh",
+                            "escapee-{task_id}",
+                        ],
                     },
                 },
             },
@@ -120,6 +135,38 @@ async def test_cancel_stops_a_command_and_its_children(gateway: GatewayClient) -
     cancelled = await gateway.cancel_task(task.id)
     assert cancelled.status == "cancelled"
     await eventually(lambda: not alive(child))
+
+
+def live_with_marker(marker: str) -> list[int]:
+    """Live processes with `marker` in their command line."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as cmdline:
+            if marker.encode() in cmdline.read() and alive(int(name)):
+                found.append(int(name))
+    return found
+
+
+async def test_cancel_stops_a_command_whose_child_left_its_process_group_at_once(
+    gateway: GatewayClient,
+) -> None:
+    task = await gateway.submit_task("escape", agent_type="escaper")
+    escaped: list[int] = []
+    async for entry in gateway.watch_task(task.id):
+        line = json.loads(entry.json)
+        if line.get("type") == "stdout" and str(line["line"]).startswith("escaped"):
+            escaped = [int(pid) for pid in str(line["line"]).split()[1:]]
+            break
+    assert len(escaped) == 2 and all(alive(pid) for pid in escaped)
+
+    started = time.monotonic()
+    cancelled = await gateway.cancel_task(task.id)
+
+    assert time.monotonic() - started < 2.5
+    assert cancelled.status == "cancelled"
+    # Stopped and reaped before the cancel returned: not even left to init.
+    assert [pid for pid in escaped if alive(pid)] == []
+    assert live_with_marker(f"escapee-{task.id}") == []
 
 
 async def test_the_classifier_picks_the_type_and_a_local_task_records_cost(
