@@ -500,13 +500,14 @@ class ServiceAuthSettings(_Section):
     #: requires; unset = none required. Production sets it (docs/security.md);
     #: `threadline up` makes one per data dir.
     token: SecretStr | None = None
-    #: Accepted as well as `token`, never sent: the old token while a new one rolls out.
-    previous_token: SecretStr | None = None
+    #: A second token accepted (never sent), for rotation without refusals: the new
+    #: token until every replica sends it, then the old one until none does.
+    accepted_token: SecretStr | None = None
     #: The client certificate names (DNS SAN, else CN) allowed to call this process's
     #: services; empty = any certificate `tls.ca_file` signed. Needs tls.mutual.
     peer_names: tuple[str, ...] = ()
 
-    @field_validator("token", "previous_token")
+    @field_validator("token", "accepted_token")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
