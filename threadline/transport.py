@@ -81,7 +81,7 @@ def _caller_checks(
             "service_auth.peer_names (THREADLINE_SERVICE_AUTH__PEER_NAMES) names client"
             " certificates: it needs tls.mutual"
         )
-    tokens = [t.get_secret_value() for t in (auth.token, auth.previous_token) if t is not None]
+    tokens = [t.get_secret_value() for t in (auth.token, auth.accepted_token) if t is not None]
     if not tokens and not mutual:
         log.warning(
             "service_auth.open",

@@ -218,7 +218,7 @@ async def test_the_service_token_guards_every_internal_port(
     settings = make_settings(
         tmp_path,
         fake_upstream.base_url,
-        service_auth={"token": TOKEN, "previous_token": OLD_TOKEN},
+        service_auth={"token": TOKEN, "accepted_token": OLD_TOKEN},
     )
     async with running(settings) as stack:
         # The public API is unchanged: an API key, no service token.
@@ -246,7 +246,7 @@ async def test_the_service_token_guards_every_internal_port(
             session_list(stack.address("session"), ChannelSecurity(token="x" * len(TOKEN)))
         )
         current = await session_list(stack.address("session"), ChannelSecurity(token=TOKEN))
-        previous = await session_list(stack.address("session"), ChannelSecurity(token=OLD_TOKEN))
+        accepted = await session_list(stack.address("session"), ChannelSecurity(token=OLD_TOKEN))
         probe = await health(stack.address("session"), service="threadline.v1.Sessions")
 
     assert answer == "Authenticated."
@@ -255,7 +255,7 @@ async def test_the_service_token_guards_every_internal_port(
         assert "missing service token" in refusal.message
         assert "x-threadline-service-token" in refusal.message
     assert isinstance(wrong, errors.Unauthenticated) and "wrong service token" in wrong.message
-    assert current == previous == [session_id]
+    assert current == accepted == [session_id]
     assert probe == SERVING
     # The refused model call never reached the model.
     assert len(fake_upstream.chat_requests()) == 1
