@@ -6,7 +6,9 @@
 # and the newest the package knows. The example Secret is validated too. Then a
 # few checks of the topology itself: every workload has a PodDisruptionBudget
 # and the pod hardening, every dns:/// peer address names a headless Service on
-# that port. Exits non-zero on any failure.
+# that port, every threadline pod reads the service token from the Secret, and
+# the NetworkPolicies deny everything by default and allow exactly threadline's
+# edges (evaluated here between the rendered pods). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KUBECTL="${KUBECTL:-kubectl}"
@@ -110,6 +112,100 @@ def topology_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
+THREADLINE = ("gateway", "executor", "llm-proxy", "session", "memory")
+#: Every connection between pods of the namespace; NetworkPolicies must allow these
+#: (where both ends are rendered) and nothing else.
+EDGES = {
+    ("gateway", "executor", 50052),
+    ("gateway", "session", 50054),
+    ("gateway", "memory", 50055),
+    ("executor", "session", 50054),
+    ("executor", "memory", 50055),
+    ("executor", "llm-proxy", 50053),
+    ("memory", "session", 50054),
+    ("memory", "llm-proxy", 50053),
+    *((service, "redis", 6379) for service in THREADLINE),
+    *((service, "postgres", 5432) for service in ("executor", "session", "memory")),
+}
+#: The only ports open to callers outside the namespace.
+PUBLIC = {("gateway", 50051)}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        present = key in labels
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values):
+            return False
+        if (op == "Exists" and not present) or (op == "DoesNotExist" and present):
+            return False
+    return True
+
+
+def peer_matches(peer: dict, labels: dict | None) -> bool:
+    """Whether a from/to peer admits a pod of this namespace (labels) or, with None, an
+    outside caller. Only an empty namespaceSelector is taken to include this namespace."""
+    if labels is None:
+        return "ipBlock" in peer or peer.get("namespaceSelector") == {}
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer and peer["namespaceSelector"] != {}:
+        return False
+    return selects(peer.get("podSelector", {}), labels)
+
+
+def allows(policies: list[dict], kind: str, pod: dict, other: dict | None, port: int) -> bool:
+    """Whether `pod`'s policies of `kind` (Ingress, Egress) let it talk to `other` on `port`."""
+    field, peers = ("ingress", "from") if kind == "Ingress" else ("egress", "to")
+    mine = [p["spec"] for p in policies if kind in p["spec"].get("policyTypes", []) and selects(p["spec"]["podSelector"], pod["labels"])]
+    if not mine:
+        return True
+    for rule in (r for spec in mine for r in spec.get(field, [])):
+        ports = [p.get("port") for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        if not rule.get(peers) or any(peer_matches(peer, other and other["labels"]) for peer in rule[peers]):
+            return True
+    return False
+
+
+def network_problems(docs: list[dict]) -> list[str]:
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    if not any(p["spec"]["podSelector"] == {} and {"Ingress", "Egress"} <= set(p["spec"].get("policyTypes", [])) and not p["spec"].get("ingress") and not p["spec"].get("egress") for p in policies):
+        return ["no default-deny NetworkPolicy (empty podSelector, Ingress and Egress, no rules)"]
+    pods = {}
+    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet")):
+        spec = workload["spec"]["template"]
+        ports = [p["containerPort"] for c in spec["spec"]["containers"] for p in c.get("ports", [])]
+        pods[workload["metadata"]["name"]] = {"labels": spec["metadata"].get("labels", {}), "ports": ports}
+    problems = []
+    for src, dst in ((s, d) for s in pods for d in pods if s != d):
+        for port in pods[dst]["ports"]:
+            allowed = allows(policies, "Egress", pods[src], pods[dst], port) and allows(policies, "Ingress", pods[dst], pods[src], port)
+            if allowed != ((src, dst, port) in EDGES):
+                problems.append(f"NetworkPolicies {'allow' if allowed else 'do not allow'} {src} -> {dst}:{port}")
+    for name, pod in pods.items():
+        for port in pod["ports"]:
+            if allows(policies, "Ingress", pod, None, port) != ((name, port) in PUBLIC):
+                problems.append(f"NetworkPolicies {'open' if (name, port) not in PUBLIC else 'close'} {name}:{port} to callers outside the namespace")
+        dns = [r for p in policies if "Egress" in p["spec"].get("policyTypes", []) and selects(p["spec"]["podSelector"], pod["labels"]) for r in p["spec"].get("egress", []) if any(q.get("port") == 53 and q.get("protocol") == "UDP" for q in r.get("ports", []))]
+        if not dns:
+            problems.append(f"NetworkPolicies give {name} no DNS (UDP 53)")
+    return problems
+
+
+def token_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    for workload in (d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] in THREADLINE):
+        env = workload["spec"]["template"]["spec"]["containers"][0].get("env", [])
+        token = [e for e in env if e["name"] == "THREADLINE_SERVICE_AUTH__TOKEN"]
+        if not token or "secretKeyRef" not in token[0].get("valueFrom", {}):
+            problems.append(f"{name_of(workload)} does not read THREADLINE_SERVICE_AUTH__TOKEN from a Secret")
+    return problems
+
+
 for path in files:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     for version in versions:
@@ -123,7 +219,8 @@ for path in files:
                 failures.append(f"{path.name} {name_of(doc)} (Kubernetes {version}): {exc.message}")
     is_rendered = path.parent == Path(rendered_dir)
     if is_rendered:
-        failures += [f"{path.name}: {problem}" for problem in topology_problems(docs)]
+        problems = topology_problems(docs) + network_problems(docs) + token_problems(docs)
+        failures += [f"{path.name}: {problem}" for problem in problems]
     label = f"{path.stem} (rendered; topology checked)" if is_rendered else str(path)
     print(f"validated {label}: {len(docs)} resources, strict, Kubernetes {', '.join(versions)}")
 

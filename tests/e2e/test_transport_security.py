@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.certificates import CertificateAuthority, Issued
 from tests.conftest import ACME_KEY, make_settings
 from tests.ports import free_ports
+from tests.processes import start_service, threadline_environ, wait_healthy
 from tests.waiting import eventually
 from threadline import errors
 from threadline.channels import ChannelSecurity, connect, unary
@@ -350,3 +351,39 @@ async def test_a_rotated_ca_bundle_admits_the_new_client_certificates(
             return False
 
         assert await eventually(admitted)
+
+
+async def test_a_pod_configured_like_the_tls_component_serves_mtls_and_probes(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """`threadline serve session` with the variables deploy/k8s/components/tls and
+    base/config.env set: the probe port answers in plaintext, the service port only
+    to a certificate and the token."""
+    port, health_port = free_ports(2)
+    env = threadline_environ(
+        THREADLINE_DATA_DIR=str(tmp_path / "data"),
+        THREADLINE_LOG_LEVEL="warning",
+        THREADLINE_ADDRESSES__SESSION=f"127.0.0.1:{port}",
+        THREADLINE_HEALTH_PORT=str(health_port),
+        THREADLINE_SERVICE_AUTH__TOKEN=TOKEN,
+        THREADLINE_TLS__ENABLED="true",
+        THREADLINE_TLS__MUTUAL="true",
+        THREADLINE_TLS__CERT_FILE=str(pki.internal.cert),
+        THREADLINE_TLS__KEY_FILE=str(pki.internal.key),
+        THREADLINE_TLS__CA_FILE=str(pki.ca.cert),
+    )
+    proc = await start_service("session", env)
+    try:
+        await wait_healthy(f"127.0.0.1:{health_port}")
+        address = f"127.0.0.1:{port}"
+        ours = await session_list(address, client_tls(pki.ca.cert, pki.internal, token=TOKEN))
+        without_token = await _refusal(session_list(address, client_tls(pki.ca.cert, pki.internal)))
+        with pytest.raises(errors.Unavailable):
+            await session_list(address, ChannelSecurity(token=TOKEN))
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+    assert ours == []
+    assert isinstance(without_token, errors.Unauthenticated)
+    assert proc.returncode == 0
