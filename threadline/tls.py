@@ -12,6 +12,7 @@ Channels read their files once, when they are made.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,16 +65,38 @@ class CertificateFiles:
         return tuple(signature)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
+        self._check()
         cert, key, *ca = (pem.read() for pem in self._files)
         return grpc.ssl_server_certificate_configuration(
             [(key, cert)], root_certificates=ca[0] if ca else None
         )
 
+    def _check(self) -> None:
+        """Refuse files grpc would accept but no handshake could use: a key that is not
+        the certificate's (a rotation half done), or text that is not PEM."""
+        cert, key, *ca = self._files
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert.path, key.path)
+        except (ssl.SSLError, OSError) as exc:
+            raise FailedPrecondition(
+                f"{cert.setting} {cert.path} and {key.setting} {key.path} are not a"
+                f" certificate and its key: {exc}"
+            ) from None
+        for bundle in ca:
+            try:
+                context.load_verify_locations(cafile=bundle.path)
+            except (ssl.SSLError, OSError) as exc:
+                raise FailedPrecondition(
+                    f"{bundle.setting} {bundle.path} holds no usable CA certificate: {exc}"
+                ) from None
+
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """The new configuration if a file changed since the last look, else None (keep).
 
-        Called by grpc before each handshake. A file that cannot be read (caught
-        mid-rotation) keeps the configuration in use; the next handshake looks again.
+        Called by grpc before each handshake. Files that cannot be read or do not fit
+        together (caught mid-rotation) keep the configuration in use; the next
+        handshake looks again.
         """
         try:
             signature = self._stat()

@@ -310,6 +310,10 @@ async def test_a_rotated_server_certificate_reaches_new_connections(
         with pytest.raises(errors.Unavailable):
             await health(address, client_tls(new_ca.cert))
 
+        # Half a rotation (the new certificate beside the old key) is not served.
+        Issued(renewed.cert, pki.internal.key).install(cert, key)
+        assert await health(address, client_tls(pki.ca.cert)) == SERVING
+
         renewed.install(cert, key)
 
         async def trusted_by_the_new_ca() -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.certificates import CertificateAuthority
 from threadline import errors
 from threadline.config import ConfigError, load_settings
 from threadline.transport import channel_security, listener_security
@@ -74,3 +75,18 @@ def test_the_gateway_public_listener_never_checks_service_auth() -> None:
 
     assert listener_security(settings, "gateway").interceptors == ()
     assert len(listener_security(settings, "session").interceptors) == 1
+
+
+def test_a_key_that_is_not_the_certificates_does_not_start(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path / "ca", "test CA")
+    one, other = ca.issue("one", dns=["one"]), ca.issue("other", dns=["other"])
+    settings = load_settings(
+        environ={
+            "THREADLINE_TLS__ENABLED": "true",
+            "THREADLINE_TLS__CERT_FILE": str(one.cert),
+            "THREADLINE_TLS__KEY_FILE": str(other.key),
+        }
+    )
+
+    with pytest.raises(errors.FailedPrecondition, match="are not a certificate and its key"):
+        listener_security(settings, "session")
