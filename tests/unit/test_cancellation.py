@@ -15,17 +15,17 @@ async def test_a_loop_cancelled_mid_command_always_ends(redis_client: aioredis.R
     # `cancel(); await task` hangs for some of these (the client swallows a
     # cancellation that lands during a command and the loop goes on).
     rng = random.Random(7)
+
+    async def renew(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await redis_client.eval("return 1", 0)
+            await asyncio.sleep(0.0005)
+
     for _ in range(300):
-        stop = False
-
-        async def renew() -> None:
-            while not stop:
-                await redis_client.eval("return 1", 0)
-                await asyncio.sleep(0.0005)
-
-        task = asyncio.create_task(renew())
+        stop = asyncio.Event()
+        task = asyncio.create_task(renew(stop))
         await asyncio.sleep(rng.random() * 0.002)
-        stop = True
+        stop.set()
         assert await cancel_and_wait(task)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from services.executor.turns.tools import PerTenant, ToolBox
 from threadline import errors
+from threadline.cancellation import cancel_and_wait
 from threadline.events import EventBus, Subscription
 from threadline.ids import validate_session_id
 from threadline.logs import get_logger
@@ -93,15 +94,15 @@ class SessionWorkspaces:
 
     async def stop(self) -> None:
         """Stop listening; safe to call twice."""
-        if self._follower is not None:
-            self._follower.cancel()
-            # wait(), not await: the follower's CancelledError is not ours to raise, and
-            # a cancel of this call itself still goes through.
-            await asyncio.wait({self._follower})
-            self._follower = None
+        # The subscription first: its reader checks that flag between reads, while a
+        # cancellation alone can be swallowed by the Redis client mid-read
+        # (threadline/cancellation.py) and the stop would wait forever.
         if self._subscription is not None:
             await self._subscription.close()
             self._subscription = None
+        if self._follower is not None:
+            await cancel_and_wait(self._follower)
+            self._follower = None
 
     async def _follow(self, subscription: Subscription) -> None:
         async for event in subscription:
