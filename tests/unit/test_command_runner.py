@@ -261,3 +261,19 @@ async def test_a_dying_executor_takes_the_command_and_its_escaped_child_along(
     await executor.wait()
 
     await eventually(lambda: not survivors(marker) and not any(alive(p) for p in escaped))
+
+
+async def test_a_command_does_not_inherit_the_executors_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THREADLINE_SERVICE_AUTH__TOKEN", "s3cret-token")
+    monkeypatch.setenv("THREADLINE_SESSION__DATABASE", "postgresql://app:pw@db/threadline")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    log = LogCollector()
+
+    outcome = await CommandRunner(["env"]).run(make_task(tmp_path), log)
+
+    assert outcome.status == "succeeded"
+    seen = "\n".join(log.lines("stdout"))
+    assert "s3cret" not in seen and "THREADLINE_" not in seen and "pw@db" not in seen
+    assert "PATH=" in seen and "LC_ALL=C.UTF-8" in seen

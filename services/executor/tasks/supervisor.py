@@ -38,7 +38,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 #: After the command exits, how long what it left running may take to end by itself.
@@ -115,6 +115,20 @@ class Status:
             os.write(self.fd, data)
 
 
+#: What a command inherits from the executor's environment. Nothing else: the
+#: executor's own settings carry its service token, database URLs and Redis
+#: password, and a command a model asked for must not be able to call the
+#: internal services or the stores as the executor.
+_INHERITED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TZ", "TMPDIR", "TERM"})
+
+
+def command_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment a command runs with: the allowed variables and the locale."""
+    return {
+        key: value for key, value in environ.items() if key in _INHERITED or key.startswith("LC_")
+    }
+
+
 class Supervisor:
     def __init__(self, status: Status) -> None:
         self.status = status
@@ -129,7 +143,7 @@ class Supervisor:
             self.pid = os.posix_spawnp(
                 argv[0],
                 list(argv),
-                os.environ,
+                command_environment(os.environ),
                 setsid=True,
                 setsigmask=(),
                 # Python ignores these; an ignored disposition would survive exec.
