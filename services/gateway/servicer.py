@@ -235,10 +235,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 f"input is {len(request.input)} characters; the limit is "
                 f"{self.limits.max_input_chars}"
             )
-        if request.options.max_tokens < 0:
-            raise errors.InvalidArgument(
-                f"options.max_tokens must be >= 0, got {request.options.max_tokens}"
-            )
+        # The options' values are the executor's to judge (it knows the models and the
+        # context budget); their size is checked here.
         validation.check_length("options.model", request.options.model, validation.MAX_MODEL_CHARS)
         # NOT_FOUND for unknown and for other tenants' sessions alike, before any work.
         await self.sessions.get(caller.tenant, request.session_id)

@@ -5,9 +5,10 @@ is never lost. The answer is stored when it ends; a cut answer (upstream
 failure mid-stream, client gone, shutdown) is stored as it stands with
 `interrupted = true`: what the user saw is never lost either.
 
-A turn reads like the design: prepare (recall, pre-run compaction, store the
-input), model calls (each with a fresh context, tool rounds in between), finish
-(store the answer, cost, calibration, events).
+Whatever a turn can be refused for is checked before the input is stored (see
+`admission`). A turn reads like the design: prepare (recall, pre-run
+compaction, store the input), model calls (each with a fresh context, tool
+rounds in between), finish (store the answer, cost, calibration, events).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.executor.model_call import ModelCall, ReadInterrupts
+from services.executor.turns.admission import ModelCatalog, check_input, check_options
 from services.executor.turns.detached import DetachedWrites
 from services.executor.turns.drafts import Checkpoints, Drafts, LocalDrafts, store_draft
 from services.executor.turns.leases import TurnLeases, lease_lost
@@ -120,6 +122,7 @@ class TurnRunner:
 
     def __post_init__(self) -> None:
         self.writer = SessionWriter(self.sessions, self.detached)
+        self.models = ModelCatalog(self.llm)
         self._shutdown_timer: asyncio.TimerHandle | None = None
 
     async def shutdown(self, grace_s: float) -> None:
@@ -143,12 +146,14 @@ class TurnRunner:
     async def run(
         self, request: executor_pb2.RunTurnRequest
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
-        if not request.tenant:
-            raise errors.InvalidArgument("tenant is required")
-        if not request.input.strip():
-            raise errors.InvalidArgument("input is empty: send the user's message")
+        check_input(request)
+        check_options(request.options, context_budget_tokens=self.limits.context_budget_tokens)
         # Ownership first: another tenant must get NOT_FOUND, never "session busy".
         session = (await self.sessions.get(request.tenant, request.session_id)).session
+        if request.options.model:
+            await self.models.check(request.options.model, field="options.model")
+        else:
+            await self.models.check(session.model, field="session model")
         async with contextlib.AsyncExitStack() as leases:
             lease = await leases.enter_async_context(self.leases.hold(request.session_id))
             # The last turn's executor died mid-answer: store what its user saw first.
