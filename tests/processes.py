@@ -101,6 +101,28 @@ async def start_service(
 
 
 @contextlib.asynccontextmanager
+async def threadline_up(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`threadline up --config <config>` as a child process; killed at the end if it runs."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "threadline.cli",
+        "up",
+        "--config",
+        str(config),
+        env=threadline_environ(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
 async def serve_all(
     env: dict[str, str], logs: Path | None = None
 ) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import yaml
 
 from tests.conftest import ACME_KEY, FAKE_MODEL
 from tests.ports import free_ports
-from tests.processes import threadline_environ, wait_healthy
+from tests.processes import threadline_up, wait_healthy
 from tests.waiting import eventually
 from threadline import errors
 from threadline.client import GatewayClient
@@ -45,27 +44,6 @@ def write_config(
     path = tmp_path / "threadline.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-@contextlib.asynccontextmanager
-async def threadline_up(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "threadline.cli",
-        "up",
-        "--config",
-        str(config),
-        env=threadline_environ(),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
 
 
 def gateway_address(config: Path) -> str:

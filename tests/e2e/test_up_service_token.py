@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 
 from tests.conftest import FAKE_MODEL
 from tests.ports import free_ports
-from tests.processes import threadline_environ, wait_healthy
+from tests.processes import threadline_up, wait_healthy
 from threadline import errors
 from threadline.channels import ChannelSecurity
 from threadline.client import GatewayClient
@@ -43,18 +42,7 @@ async def test_up_guards_its_internal_ports_with_a_token_of_its_own(
             }
         )
     )
-    up = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "threadline.cli",
-        "up",
-        "--config",
-        str(config),
-        env=threadline_environ(),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
+    async with threadline_up(config) as up:
         # Health needs no token: probes and this wait keep working.
         await wait_healthy(addresses["gateway"])
         token_file = data / "service-token"
@@ -71,7 +59,6 @@ async def test_up_guards_its_internal_ports_with_a_token_of_its_own(
         ours = SessionClient(addresses["session"], ChannelSecurity(token=token))
         listed = [s.id for s in (await ours.list("dev")).sessions]
         await ours.close()
-    finally:
         up.terminate()
         await asyncio.wait_for(up.wait(), 30)
 
