@@ -363,5 +363,7 @@ async def test_replicas_killed_at_random_lose_nothing_acknowledged(
     assert _busy_after_ttl(record) == []
     assert overlaps == []
     assert set(tasks) <= {"succeeded", "failed"}
-    assert len(record.kills) >= RUN_S // KILL_EVERY_S - 1
+    # Kills wait for the last restart to be healthy, so a slow machine fits fewer in;
+    # what matters is that the run had several kills in it.
+    assert len(record.kills) >= min(4, RUN_S // KILL_EVERY_S - 1)
     assert sum(t.finish == "FINISH_REASON_STOP" for t in record.turns) > 10 * CONVERSATIONS
