@@ -27,7 +27,7 @@ from threadline.v1 import common_pb2 as threadline_dot_v1_dot_common__pb2
 from threadline.v1 import llm_pb2 as threadline_dot_v1_dot_llm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cthreadline/v1/executor.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1athreadline/v1/common.proto\x1a\x17threadline/v1/llm.proto\"Z\n\x0bTurnOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"p\n\x0eRunTurnRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"2\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x8e\x02\n\x08TurnDone\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.threadline.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0bmodel_calls\x18\n \x01(\x05\x12\x0c\n\x04\x63ost\x18\x0b \x01(\x01\x12\x12\n\nsession_id\x18\x0c \x01(\t\"Q\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"\x9b\x02\n\tTurnEvent\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.threadline.v1.TurnStartedH\x00\x12\x0f\n\x05\x64\x65lta\x18\x02 \x01(\tH\x00\x12\x37\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1c.threadline.v1.ToolCallDeltaH\x00\x12\'\n\x04\x64one\x18\x04 \x01(\x0b\x32\x17.threadline.v1.TurnDoneH\x00\x12\x30\n\x0btool_result\x18\x05 \x01(\x0b\x32\x19.threadline.v1.ToolResultH\x00\x12\x31\n\tcompacted\x18\x06 \x01(\x0b\x32\x1c.threadline.v1.TurnCompactedH\x00\x42\x07\n\x05\x65vent\"`\n\rTurnCompacted\x12\x17\n\x0f\x66rom_session_id\x18\x01 \x01(\t\x12\x15\n\rto_session_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07trigger\x18\x04 \x01(\t\"\xb0\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nagent_type\x18\x04 \x01(\t\x12\x0e\n\x06runner\x18\x05 \x01(\t\x12\x11\n\tworkspace\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x11\n\ttokens_in\x18\n \x01(\x03\x12\x12\n\ntokens_out\x18\x0b \x01(\x03\x12\x0c\n\x04\x63ost\x18\x0c \x01(\x01\x12\x15\n\rbudget_tokens\x18\r \x01(\x03\x12\x16\n\texit_code\x18\x0e \x01(\x05H\x00\x88\x01\x01\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x12 \x01(\x03\x42\x0c\n\n_exit_code\"r\n\x12TasksSubmitRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x15\n\rbudget_tokens\x18\x05 \x01(\x03\"2\n\x0fTasksGetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"A\n\x10TasksListRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\".\n\x08TaskList\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.threadline.v1.Task\"5\n\x12TasksCancelRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"4\n\x11TasksWatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\")\n\x0cTaskLogEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04json\x18\x02 \x01(\t2\xb1\x03\n\x08\x45xecutor\x12\x44\n\x07RunTurn\x12\x1d.threadline.v1.RunTurnRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x12\x44\n\nSubmitTask\x12!.threadline.v1.TasksSubmitRequest\x1a\x13.threadline.v1.Task\x12>\n\x07GetTask\x12\x1e.threadline.v1.TasksGetRequest\x1a\x13.threadline.v1.Task\x12\x45\n\tListTasks\x12\x1f.threadline.v1.TasksListRequest\x1a\x17.threadline.v1.TaskList\x12\x44\n\nCancelTask\x12!.threadline.v1.TasksCancelRequest\x1a\x13.threadline.v1.Task\x12L\n\tWatchTask\x12 .threadline.v1.TasksWatchRequest\x1a\x1b.threadline.v1.TaskLogEntry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cthreadline/v1/executor.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1athreadline/v1/common.proto\x1a\x17threadline/v1/llm.proto\"Z\n\x0bTurnOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"p\n\x0eRunTurnRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\x12+\n\x07options\x18\x04 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"2\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x8e\x02\n\x08TurnDone\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.threadline.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x01(\t\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x13\n\x0bmodel_calls\x18\n \x01(\x05\x12\x0c\n\x04\x63ost\x18\x0b \x01(\x01\x12\x12\n\nsession_id\x18\x0c \x01(\t\"Q\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"\xcc\x02\n\tTurnEvent\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.threadline.v1.TurnStartedH\x00\x12\x0f\n\x05\x64\x65lta\x18\x02 \x01(\tH\x00\x12\x37\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\x1c.threadline.v1.ToolCallDeltaH\x00\x12\'\n\x04\x64one\x18\x04 \x01(\x0b\x32\x17.threadline.v1.TurnDoneH\x00\x12\x30\n\x0btool_result\x18\x05 \x01(\x0b\x32\x19.threadline.v1.ToolResultH\x00\x12\x31\n\tcompacted\x18\x06 \x01(\x0b\x32\x1c.threadline.v1.TurnCompactedH\x00\x12/\n\x08rollback\x18\x07 \x01(\x0b\x32\x1b.threadline.v1.TurnRollbackH\x00\x42\x07\n\x05\x65vent\"b\n\x0cTurnRollback\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x10\n\x08upstream\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nmodel_call\x18\x05 \x01(\x05\"`\n\rTurnCompacted\x12\x17\n\x0f\x66rom_session_id\x18\x01 \x01(\t\x12\x15\n\rto_session_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0f\n\x07trigger\x18\x04 \x01(\t\"\xb0\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nagent_type\x18\x04 \x01(\t\x12\x0e\n\x06runner\x18\x05 \x01(\t\x12\x11\n\tworkspace\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12\x11\n\ttokens_in\x18\n \x01(\x03\x12\x12\n\ntokens_out\x18\x0b \x01(\x03\x12\x0c\n\x04\x63ost\x18\x0c \x01(\x01\x12\x15\n\rbudget_tokens\x18\r \x01(\x03\x12\x16\n\texit_code\x18\x0e \x01(\x05H\x00\x88\x01\x01\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x12 \x01(\x03\x42\x0c\n\n_exit_code\"r\n\x12TasksSubmitRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nagent_type\x18\x03 \x01(\t\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x15\n\rbudget_tokens\x18\x05 \x01(\x03\"2\n\x0fTasksGetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"A\n\x10TasksListRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\".\n\x08TaskList\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.threadline.v1.Task\"5\n\x12TasksCancelRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"4\n\x11TasksWatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\")\n\x0cTaskLogEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04json\x18\x02 \x01(\t\"5\n\x12TasksDeleteRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"*\n\x18\x44\x65leteTenantTasksRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"[\n\x0cTasksDeleted\x12\r\n\x05tasks\x18\x01 \x01(\x03\x12\x11\n\tlog_lines\x18\x02 \x01(\x03\x12\x12\n\nworkspaces\x18\x03 \x01(\x03\x12\x15\n\rstill_running\x18\x04 \x01(\x03\x32\xda\x04\n\x08\x45xecutor\x12\x44\n\x07RunTurn\x12\x1d.threadline.v1.RunTurnRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x12\x44\n\nSubmitTask\x12!.threadline.v1.TasksSubmitRequest\x1a\x13.threadline.v1.Task\x12>\n\x07GetTask\x12\x1e.threadline.v1.TasksGetRequest\x1a\x13.threadline.v1.Task\x12\x45\n\tListTasks\x12\x1f.threadline.v1.TasksListRequest\x1a\x17.threadline.v1.TaskList\x12\x44\n\nCancelTask\x12!.threadline.v1.TasksCancelRequest\x1a\x13.threadline.v1.Task\x12L\n\tWatchTask\x12 .threadline.v1.TasksWatchRequest\x1a\x1b.threadline.v1.TaskLogEntry0\x01\x12L\n\nDeleteTask\x12!.threadline.v1.TasksDeleteRequest\x1a\x1b.threadline.v1.TasksDeleted\x12Y\n\x11\x44\x65leteTenantTasks\x12\'.threadline.v1.DeleteTenantTasksRequest\x1a\x1b.threadline.v1.TasksDeletedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,25 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLRESULT']._serialized_start=664
   _globals['_TOOLRESULT']._serialized_end=745
   _globals['_TURNEVENT']._serialized_start=748
-  _globals['_TURNEVENT']._serialized_end=1031
-  _globals['_TURNCOMPACTED']._serialized_start=1033
-  _globals['_TURNCOMPACTED']._serialized_end=1129
-  _globals['_TASK']._serialized_start=1132
-  _globals['_TASK']._serialized_end=1564
-  _globals['_TASKSSUBMITREQUEST']._serialized_start=1566
-  _globals['_TASKSSUBMITREQUEST']._serialized_end=1680
-  _globals['_TASKSGETREQUEST']._serialized_start=1682
-  _globals['_TASKSGETREQUEST']._serialized_end=1732
-  _globals['_TASKSLISTREQUEST']._serialized_start=1734
-  _globals['_TASKSLISTREQUEST']._serialized_end=1799
-  _globals['_TASKLIST']._serialized_start=1801
-  _globals['_TASKLIST']._serialized_end=1847
-  _globals['_TASKSCANCELREQUEST']._serialized_start=1849
-  _globals['_TASKSCANCELREQUEST']._serialized_end=1902
-  _globals['_TASKSWATCHREQUEST']._serialized_start=1904
-  _globals['_TASKSWATCHREQUEST']._serialized_end=1956
-  _globals['_TASKLOGENTRY']._serialized_start=1958
-  _globals['_TASKLOGENTRY']._serialized_end=1999
-  _globals['_EXECUTOR']._serialized_start=2002
-  _globals['_EXECUTOR']._serialized_end=2435
+  _globals['_TURNEVENT']._serialized_end=1080
+  _globals['_TURNROLLBACK']._serialized_start=1082
+  _globals['_TURNROLLBACK']._serialized_end=1180
+  _globals['_TURNCOMPACTED']._serialized_start=1182
+  _globals['_TURNCOMPACTED']._serialized_end=1278
+  _globals['_TASK']._serialized_start=1281
+  _globals['_TASK']._serialized_end=1713
+  _globals['_TASKSSUBMITREQUEST']._serialized_start=1715
+  _globals['_TASKSSUBMITREQUEST']._serialized_end=1829
+  _globals['_TASKSGETREQUEST']._serialized_start=1831
+  _globals['_TASKSGETREQUEST']._serialized_end=1881
+  _globals['_TASKSLISTREQUEST']._serialized_start=1883
+  _globals['_TASKSLISTREQUEST']._serialized_end=1948
+  _globals['_TASKLIST']._serialized_start=1950
+  _globals['_TASKLIST']._serialized_end=1996
+  _globals['_TASKSCANCELREQUEST']._serialized_start=1998
+  _globals['_TASKSCANCELREQUEST']._serialized_end=2051
+  _globals['_TASKSWATCHREQUEST']._serialized_start=2053
+  _globals['_TASKSWATCHREQUEST']._serialized_end=2105
+  _globals['_TASKLOGENTRY']._serialized_start=2107
+  _globals['_TASKLOGENTRY']._serialized_end=2148
+  _globals['_TASKSDELETEREQUEST']._serialized_start=2150
+  _globals['_TASKSDELETEREQUEST']._serialized_end=2203
+  _globals['_DELETETENANTTASKSREQUEST']._serialized_start=2205
+  _globals['_DELETETENANTTASKSREQUEST']._serialized_end=2247
+  _globals['_TASKSDELETED']._serialized_start=2249
+  _globals['_TASKSDELETED']._serialized_end=2340
+  _globals['_EXECUTOR']._serialized_start=2343
+  _globals['_EXECUTOR']._serialized_end=2945
 # @@protoc_insertion_point(module_scope)

@@ -201,6 +201,7 @@ class TurnEvent(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
     COMPACTED_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     @_builtins.property
     def started(self) -> Global___TurnStarted: ...
@@ -216,6 +217,14 @@ class TurnEvent(_message.Message):
         stored, in the new session; later turns should use it.
         """
 
+    @_builtins.property
+    def rollback(self) -> Global___TurnRollback:
+        """Discard the text and tool-call deltas received since the last model call
+        started: llm_proxy is answering that call again from the start (see
+        llm.proto Rollback). Never after a tool has run: tool results already sent
+        stay.
+        """
+
     def __init__(
         self,
         *,
@@ -225,16 +234,51 @@ class TurnEvent(_message.Message):
         done: Global___TurnDone | None = ...,
         tool_result: Global___ToolResult | None = ...,
         compacted: Global___TurnCompacted | None = ...,
+        rollback: Global___TurnRollback | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "delta", b"delta", "done", b"done", "event", b"event", "rollback", b"rollback", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "delta", b"delta", "done", b"done", "event", b"event", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "delta", b"delta", "done", b"done", "event", b"event", "rollback", b"rollback", "started", b"started", "tool_call_delta", b"tool_call_delta", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "tool_call_delta", "done", "tool_result", "compacted"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "delta", "tool_call_delta", "done", "tool_result", "compacted", "rollback"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___TurnEvent: _TypeAlias = TurnEvent  # noqa: Y015
+
+@_typing.final
+class TurnRollback(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_CALL_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """As llm.proto Rollback.reason: "restart" or "replayed_continuation"."""
+    error: _builtins.str
+    upstream: _builtins.str
+    """The upstream and model that answer from now on."""
+    model: _builtins.str
+    model_call: _builtins.int
+    """Which model call of the turn is answered again (1 for the first)."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        error: _builtins.str = ...,
+        upstream: _builtins.str = ...,
+        model: _builtins.str = ...,
+        model_call: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model", "model_call", b"model_call", "reason", b"reason", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnRollback: _TypeAlias = TurnRollback  # noqa: Y015
 
 @_typing.final
 class TurnCompacted(_message.Message):
@@ -512,3 +556,81 @@ class TaskLogEntry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskLogEntry: _TypeAlias = TaskLogEntry  # noqa: Y015
+
+@_typing.final
+class TasksDeleteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TasksDeleteRequest: _TypeAlias = TasksDeleteRequest  # noqa: Y015
+
+@_typing.final
+class DeleteTenantTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTenantTasksRequest: _TypeAlias = DeleteTenantTasksRequest  # noqa: Y015
+
+@_typing.final
+class TasksDeleted(_message.Message):
+    """What a deletion removed, by count."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    LOG_LINES_FIELD_NUMBER: _builtins.int
+    WORKSPACES_FIELD_NUMBER: _builtins.int
+    STILL_RUNNING_FIELD_NUMBER: _builtins.int
+    tasks: _builtins.int
+    log_lines: _builtins.int
+    """Output log lines (stream-json objects)."""
+    workspaces: _builtins.int
+    """Task workspace directories removed on the replica that answered; other
+    replicas remove their copies at their next sweep.
+    """
+    still_running: _builtins.int
+    """DeleteTenantTasks: tasks left because they had not ended when the cancel wait
+    was over (their cancel stays requested).
+    """
+    def __init__(
+        self,
+        *,
+        tasks: _builtins.int = ...,
+        log_lines: _builtins.int = ...,
+        workspaces: _builtins.int = ...,
+        still_running: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_lines", b"log_lines", "still_running", b"still_running", "tasks", b"tasks", "workspaces", b"workspaces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TasksDeleted: _TypeAlias = TasksDeleted  # noqa: Y015

@@ -65,6 +65,16 @@ class ExecutorStub:
                 request_serializer=threadline_dot_v1_dot_executor__pb2.TasksWatchRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
                 _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/threadline.v1.Executor/DeleteTask',
+                request_serializer=threadline_dot_v1_dot_executor__pb2.TasksDeleteRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.TasksDeleted.FromString,
+                _registered_method=True)
+        self.DeleteTenantTasks = channel.unary_unary(
+                '/threadline.v1.Executor/DeleteTenantTasks',
+                request_serializer=threadline_dot_v1_dot_executor__pb2.DeleteTenantTasksRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.TasksDeleted.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -111,6 +121,25 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTask(self, request, context):
+        """Removes a task: its record, its output log and its workspace. A task that has
+        not ended is cancelled first (as CancelTask); one still running when the cancel
+        wait is over is left, FAILED_PRECONDITION, and can be deleted once it has ended.
+        NOT_FOUND for an unknown id and for another tenant's task alike.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTenantTasks(self, request, context):
+        """Removes every task of a tenant the same way (tenant erasure). Idempotent: tasks
+        still running after the cancel wait are left and counted in still_running; call
+        again until it is 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +172,16 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.WatchTask,
                     request_deserializer=threadline_dot_v1_dot_executor__pb2.TasksWatchRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=threadline_dot_v1_dot_executor__pb2.TasksDeleteRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.TasksDeleted.SerializeToString,
+            ),
+            'DeleteTenantTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenantTasks,
+                    request_deserializer=threadline_dot_v1_dot_executor__pb2.DeleteTenantTasksRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.TasksDeleted.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +347,60 @@ class Executor:
             '/threadline.v1.Executor/WatchTask',
             threadline_dot_v1_dot_executor__pb2.TasksWatchRequest.SerializeToString,
             threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Executor/DeleteTask',
+            threadline_dot_v1_dot_executor__pb2.TasksDeleteRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.TasksDeleted.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenantTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Executor/DeleteTenantTasks',
+            threadline_dot_v1_dot_executor__pb2.DeleteTenantTasksRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.TasksDeleted.FromString,
             options,
             channel_credentials,
             insecure,

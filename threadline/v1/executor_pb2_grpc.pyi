@@ -44,6 +44,17 @@ class ExecutorStub:
     CancelTask: _grpc.UnaryUnaryMultiCallable[_executor_pb2.TasksCancelRequest, _executor_pb2.Task]
     WatchTask: _grpc.UnaryStreamMultiCallable[_executor_pb2.TasksWatchRequest, _executor_pb2.TaskLogEntry]
     """The task's output log from the start, then live, until the task ends."""
+    DeleteTask: _grpc.UnaryUnaryMultiCallable[_executor_pb2.TasksDeleteRequest, _executor_pb2.TasksDeleted]
+    """Removes a task: its record, its output log and its workspace. A task that has
+    not ended is cancelled first (as CancelTask); one still running when the cancel
+    wait is over is left, FAILED_PRECONDITION, and can be deleted once it has ended.
+    NOT_FOUND for an unknown id and for another tenant's task alike.
+    """
+    DeleteTenantTasks: _grpc.UnaryUnaryMultiCallable[_executor_pb2.DeleteTenantTasksRequest, _executor_pb2.TasksDeleted]
+    """Removes every task of a tenant the same way (tenant erasure). Idempotent: tasks
+    still running after the cancel wait are left and counted in still_running; call
+    again until it is 0.
+    """
 
 @_typing.type_check_only
 class ExecutorAsyncStub(ExecutorStub):
@@ -61,6 +72,17 @@ class ExecutorAsyncStub(ExecutorStub):
     CancelTask: _aio.UnaryUnaryMultiCallable[_executor_pb2.TasksCancelRequest, _executor_pb2.Task]  # type: ignore[assignment]
     WatchTask: _aio.UnaryStreamMultiCallable[_executor_pb2.TasksWatchRequest, _executor_pb2.TaskLogEntry]  # type: ignore[assignment]
     """The task's output log from the start, then live, until the task ends."""
+    DeleteTask: _aio.UnaryUnaryMultiCallable[_executor_pb2.TasksDeleteRequest, _executor_pb2.TasksDeleted]  # type: ignore[assignment]
+    """Removes a task: its record, its output log and its workspace. A task that has
+    not ended is cancelled first (as CancelTask); one still running when the cancel
+    wait is over is left, FAILED_PRECONDITION, and can be deleted once it has ended.
+    NOT_FOUND for an unknown id and for another tenant's task alike.
+    """
+    DeleteTenantTasks: _aio.UnaryUnaryMultiCallable[_executor_pb2.DeleteTenantTasksRequest, _executor_pb2.TasksDeleted]  # type: ignore[assignment]
+    """Removes every task of a tenant the same way (tenant erasure). Idempotent: tasks
+    still running after the cancel wait are left and counted in still_running; call
+    again until it is 0.
+    """
 
 class ExecutorServicer(metaclass=_abc_1.ABCMeta):
     """Executor runs the agent loop for a session's turns."""
@@ -111,5 +133,28 @@ class ExecutorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.TaskLogEntry], _abc.AsyncIterator[_executor_pb2.TaskLogEntry]]:
         """The task's output log from the start, then live, until the task ends."""
+
+    @_abc_1.abstractmethod
+    def DeleteTask(
+        self,
+        request: _executor_pb2.TasksDeleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.TasksDeleted, _abc.Awaitable[_executor_pb2.TasksDeleted]]:
+        """Removes a task: its record, its output log and its workspace. A task that has
+        not ended is cancelled first (as CancelTask); one still running when the cancel
+        wait is over is left, FAILED_PRECONDITION, and can be deleted once it has ended.
+        NOT_FOUND for an unknown id and for another tenant's task alike.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteTenantTasks(
+        self,
+        request: _executor_pb2.DeleteTenantTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.TasksDeleted, _abc.Awaitable[_executor_pb2.TasksDeleted]]:
+        """Removes every task of a tenant the same way (tenant erasure). Idempotent: tasks
+        still running after the cancel wait are left and counted in still_running; call
+        again until it is 0.
+        """
 
 def add_ExecutorServicer_to_server(servicer: ExecutorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

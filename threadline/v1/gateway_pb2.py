@@ -28,7 +28,7 @@ from threadline.v1 import memory_pb2 as threadline_dot_v1_dot_memory__pb2
 from threadline.v1 import session_pb2 as threadline_dot_v1_dot_session__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bthreadline/v1/gateway.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/events.proto\x1a\x1cthreadline/v1/executor.proto\x1a\x1athreadline/v1/memory.proto\x1a\x1bthreadline/v1/session.proto\"\xc1\x01\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x43\n\x08metadata\x18\x04 \x03(\x0b\x32\x31.threadline.v1.CreateSessionRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10include_messages\x18\x02 \x01(\x08\x12\x14\n\x0cverify_chain\x18\x03 \x01(\x08\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x0f\x43onverseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"7\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"9\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61t_hash\x18\x02 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"9\n\x15\x43ompactSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"%\n\x13GetMemoryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"%\n\x14ImportSessionRequest\x12\r\n\x05lines\x18\x01 \x03(\t\"a\n\x11SubmitTaskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x15\n\rbudget_tokens\x18\x04 \x01(\x03\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x10ListTasksRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t2\xc3\t\n\x07Gateway\x12L\n\rCreateSession\x12#.threadline.v1.CreateSessionRequest\x1a\x16.threadline.v1.Session\x12L\n\nGetSession\x12 .threadline.v1.GetSessionRequest\x1a\x1c.threadline.v1.SessionDetail\x12N\n\x0cListSessions\x12\".threadline.v1.ListSessionsRequest\x1a\x1a.threadline.v1.SessionList\x12H\n\x0b\x46orkSession\x12!.threadline.v1.ForkSessionRequest\x1a\x16.threadline.v1.Session\x12S\n\rDeleteSession\x12#.threadline.v1.DeleteSessionRequest\x1a\x1d.threadline.v1.DeleteResponse\x12S\n\rExportSession\x12#.threadline.v1.ExportSessionRequest\x1a\x1d.threadline.v1.ExportResponse\x12L\n\rImportSession\x12#.threadline.v1.ImportSessionRequest\x1a\x16.threadline.v1.Session\x12J\n\x0e\x43ompactSession\x12$.threadline.v1.CompactSessionRequest\x1a\x12.threadline.v1.Job\x12\x46\n\x0cGetMemoryJob\x12\".threadline.v1.GetMemoryJobRequest\x1a\x12.threadline.v1.Job\x12\x46\n\x08\x43onverse\x12\x1e.threadline.v1.ConverseRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x12\x43\n\nSubmitTask\x12 .threadline.v1.SubmitTaskRequest\x1a\x13.threadline.v1.Task\x12=\n\x07GetTask\x12\x1d.threadline.v1.GetTaskRequest\x1a\x13.threadline.v1.Task\x12\x45\n\tListTasks\x12\x1f.threadline.v1.ListTasksRequest\x1a\x17.threadline.v1.TaskList\x12\x43\n\nCancelTask\x12 .threadline.v1.CancelTaskRequest\x1a\x13.threadline.v1.Task\x12K\n\tWatchTask\x12\x1f.threadline.v1.WatchTaskRequest\x1a\x1b.threadline.v1.TaskLogEntry0\x01\x12Q\n\x0bWatchEvents\x12!.threadline.v1.WatchEventsRequest\x1a\x1d.threadline.v1.LifecycleEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bthreadline/v1/gateway.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/events.proto\x1a\x1cthreadline/v1/executor.proto\x1a\x1athreadline/v1/memory.proto\x1a\x1bthreadline/v1/session.proto\"\xc1\x01\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x43\n\x08metadata\x18\x04 \x03(\x0b\x32\x31.threadline.v1.CreateSessionRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10include_messages\x18\x02 \x01(\x08\x12\x14\n\x0cverify_chain\x18\x03 \x01(\x08\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x0f\x43onverseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.threadline.v1.TurnOptions\"7\n\x12WatchEventsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"9\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61t_hash\x18\x02 \x01(\t\"D\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10with_descendants\x18\x02 \x01(\x08\"0\n\x1aListDerivedSessionsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"9\n\x15\x43ompactSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"%\n\x13GetMemoryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"%\n\x14ImportSessionRequest\x12\r\n\x05lines\x18\x01 \x03(\t\"a\n\x11SubmitTaskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nagent_type\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x15\n\rbudget_tokens\x18\x04 \x01(\x03\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x10ListTasksRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"$\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t2\xc4\x0b\n\x07Gateway\x12L\n\rCreateSession\x12#.threadline.v1.CreateSessionRequest\x1a\x16.threadline.v1.Session\x12L\n\nGetSession\x12 .threadline.v1.GetSessionRequest\x1a\x1c.threadline.v1.SessionDetail\x12N\n\x0cListSessions\x12\".threadline.v1.ListSessionsRequest\x1a\x1a.threadline.v1.SessionList\x12H\n\x0b\x46orkSession\x12!.threadline.v1.ForkSessionRequest\x1a\x16.threadline.v1.Session\x12S\n\rDeleteSession\x12#.threadline.v1.DeleteSessionRequest\x1a\x1d.threadline.v1.DeleteResponse\x12\\\n\x13ListDerivedSessions\x12).threadline.v1.ListDerivedSessionsRequest\x1a\x1a.threadline.v1.SessionList\x12T\n\x0b\x45raseTenant\x12!.threadline.v1.EraseTenantRequest\x1a\".threadline.v1.EraseTenantResponse\x12S\n\rExportSession\x12#.threadline.v1.ExportSessionRequest\x1a\x1d.threadline.v1.ExportResponse\x12L\n\rImportSession\x12#.threadline.v1.ImportSessionRequest\x1a\x16.threadline.v1.Session\x12J\n\x0e\x43ompactSession\x12$.threadline.v1.CompactSessionRequest\x1a\x12.threadline.v1.Job\x12\x46\n\x0cGetMemoryJob\x12\".threadline.v1.GetMemoryJobRequest\x1a\x12.threadline.v1.Job\x12\x46\n\x08\x43onverse\x12\x1e.threadline.v1.ConverseRequest\x1a\x18.threadline.v1.TurnEvent0\x01\x12\x43\n\nSubmitTask\x12 .threadline.v1.SubmitTaskRequest\x1a\x13.threadline.v1.Task\x12=\n\x07GetTask\x12\x1d.threadline.v1.GetTaskRequest\x1a\x13.threadline.v1.Task\x12\x45\n\tListTasks\x12\x1f.threadline.v1.ListTasksRequest\x1a\x17.threadline.v1.TaskList\x12\x43\n\nCancelTask\x12 .threadline.v1.CancelTaskRequest\x1a\x13.threadline.v1.Task\x12K\n\tWatchTask\x12\x1f.threadline.v1.WatchTaskRequest\x1a\x1b.threadline.v1.TaskLogEntry0\x01\x12K\n\nDeleteTask\x12 .threadline.v1.DeleteTaskRequest\x1a\x1b.threadline.v1.TasksDeleted\x12Q\n\x0bWatchEvents\x12!.threadline.v1.WatchEventsRequest\x1a\x1d.threadline.v1.LifecycleEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,25 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORKSESSIONREQUEST']._serialized_start=664
   _globals['_FORKSESSIONREQUEST']._serialized_end=721
   _globals['_DELETESESSIONREQUEST']._serialized_start=723
-  _globals['_DELETESESSIONREQUEST']._serialized_end=765
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=767
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=809
-  _globals['_COMPACTSESSIONREQUEST']._serialized_start=811
-  _globals['_COMPACTSESSIONREQUEST']._serialized_end=868
-  _globals['_GETMEMORYJOBREQUEST']._serialized_start=870
-  _globals['_GETMEMORYJOBREQUEST']._serialized_end=907
-  _globals['_IMPORTSESSIONREQUEST']._serialized_start=909
-  _globals['_IMPORTSESSIONREQUEST']._serialized_end=946
-  _globals['_SUBMITTASKREQUEST']._serialized_start=948
-  _globals['_SUBMITTASKREQUEST']._serialized_end=1045
-  _globals['_GETTASKREQUEST']._serialized_start=1047
-  _globals['_GETTASKREQUEST']._serialized_end=1080
-  _globals['_LISTTASKSREQUEST']._serialized_start=1082
-  _globals['_LISTTASKSREQUEST']._serialized_end=1131
-  _globals['_CANCELTASKREQUEST']._serialized_start=1133
-  _globals['_CANCELTASKREQUEST']._serialized_end=1169
-  _globals['_WATCHTASKREQUEST']._serialized_start=1171
-  _globals['_WATCHTASKREQUEST']._serialized_end=1206
-  _globals['_GATEWAY']._serialized_start=1209
-  _globals['_GATEWAY']._serialized_end=2428
+  _globals['_DELETESESSIONREQUEST']._serialized_end=791
+  _globals['_LISTDERIVEDSESSIONSREQUEST']._serialized_start=793
+  _globals['_LISTDERIVEDSESSIONSREQUEST']._serialized_end=841
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=843
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=885
+  _globals['_COMPACTSESSIONREQUEST']._serialized_start=887
+  _globals['_COMPACTSESSIONREQUEST']._serialized_end=944
+  _globals['_GETMEMORYJOBREQUEST']._serialized_start=946
+  _globals['_GETMEMORYJOBREQUEST']._serialized_end=983
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=985
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=1022
+  _globals['_SUBMITTASKREQUEST']._serialized_start=1024
+  _globals['_SUBMITTASKREQUEST']._serialized_end=1121
+  _globals['_GETTASKREQUEST']._serialized_start=1123
+  _globals['_GETTASKREQUEST']._serialized_end=1156
+  _globals['_LISTTASKSREQUEST']._serialized_start=1158
+  _globals['_LISTTASKSREQUEST']._serialized_end=1207
+  _globals['_CANCELTASKREQUEST']._serialized_start=1209
+  _globals['_CANCELTASKREQUEST']._serialized_end=1245
+  _globals['_WATCHTASKREQUEST']._serialized_start=1247
+  _globals['_WATCHTASKREQUEST']._serialized_end=1282
+  _globals['_DELETETASKREQUEST']._serialized_start=1284
+  _globals['_DELETETASKREQUEST']._serialized_end=1320
+  _globals['_GATEWAY']._serialized_start=1323
+  _globals['_GATEWAY']._serialized_end=2799
 # @@protoc_insertion_point(module_scope)

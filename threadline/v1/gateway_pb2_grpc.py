@@ -65,6 +65,16 @@ class GatewayStub:
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.ListDerivedSessions = channel.unary_unary(
+                '/threadline.v1.Gateway/ListDerivedSessions',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.ListDerivedSessionsRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.SessionList.FromString,
+                _registered_method=True)
+        self.EraseTenant = channel.unary_unary(
+                '/threadline.v1.Gateway/EraseTenant',
+                request_serializer=threadline_dot_v1_dot_session__pb2.EraseTenantRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.EraseTenantResponse.FromString,
+                _registered_method=True)
         self.ExportSession = channel.unary_unary(
                 '/threadline.v1.Gateway/ExportSession',
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.ExportSessionRequest.SerializeToString,
@@ -115,6 +125,11 @@ class GatewayStub:
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.WatchTaskRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
                 _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/threadline.v1.Gateway/DeleteTask',
+                request_serializer=threadline_dot_v1_dot_gateway__pb2.DeleteTaskRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_executor__pb2.TasksDeleted.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/threadline.v1.Gateway/WatchEvents',
                 request_serializer=threadline_dot_v1_dot_gateway__pb2.WatchEventsRequest.SerializeToString,
@@ -152,7 +167,25 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes the session (with its descendants when asked); its memory and workspace
+        are erased after it (session.erased says when).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDerivedSessions(self, request, context):
+        """The sessions derived from this one: forks and compactions, and theirs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseTenant(self, request, context):
+        """Deletes every session of a tenant, and through them its memory and workspaces,
+        and its tasks (tenant.erased says when all is gone). A tenant's key may erase
+        its own tenant; an admin key any tenant.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -221,6 +254,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTask(self, request, context):
+        """Removes the task, its output log and its workspace; a task that has not ended
+        is cancelled first (see Executor.DeleteTask).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Live lifecycle events of the caller's tenant.
         """
@@ -255,6 +296,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=threadline_dot_v1_dot_gateway__pb2.DeleteSessionRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ListDerivedSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDerivedSessions,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.ListDerivedSessionsRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.SessionList.SerializeToString,
+            ),
+            'EraseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseTenant,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.EraseTenantRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.EraseTenantResponse.SerializeToString,
             ),
             'ExportSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportSession,
@@ -305,6 +356,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.WatchTask,
                     request_deserializer=threadline_dot_v1_dot_gateway__pb2.WatchTaskRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_executor__pb2.TaskLogEntry.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=threadline_dot_v1_dot_gateway__pb2.DeleteTaskRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_executor__pb2.TasksDeleted.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -449,6 +505,60 @@ class Gateway:
             '/threadline.v1.Gateway/DeleteSession',
             threadline_dot_v1_dot_gateway__pb2.DeleteSessionRequest.SerializeToString,
             threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDerivedSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/ListDerivedSessions',
+            threadline_dot_v1_dot_gateway__pb2.ListDerivedSessionsRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.SessionList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/EraseTenant',
+            threadline_dot_v1_dot_session__pb2.EraseTenantRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.EraseTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -719,6 +829,33 @@ class Gateway:
             '/threadline.v1.Gateway/WatchTask',
             threadline_dot_v1_dot_gateway__pb2.WatchTaskRequest.SerializeToString,
             threadline_dot_v1_dot_executor__pb2.TaskLogEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Gateway/DeleteTask',
+            threadline_dot_v1_dot_gateway__pb2.DeleteTaskRequest.SerializeToString,
+            threadline_dot_v1_dot_executor__pb2.TasksDeleted.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,16 @@ class GatewayStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListSessionsRequest, _session_pb2.SessionList]
     ForkSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ForkSessionRequest, _session_pb2.Session]
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DeleteSessionRequest, _session_pb2.DeleteResponse]
+    """Deletes the session (with its descendants when asked); its memory and workspace
+    are erased after it (session.erased says when).
+    """
+    ListDerivedSessions: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListDerivedSessionsRequest, _session_pb2.SessionList]
+    """The sessions derived from this one: forks and compactions, and theirs."""
+    EraseTenant: _grpc.UnaryUnaryMultiCallable[_session_pb2.EraseTenantRequest, _session_pb2.EraseTenantResponse]
+    """Deletes every session of a tenant, and through them its memory and workspaces,
+    and its tasks (tenant.erased says when all is gone). A tenant's key may erase
+    its own tenant; an admin key any tenant.
+    """
     ExportSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ExportSessionRequest, _session_pb2.ExportResponse]
     ImportSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]
     CompactSession: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CompactSessionRequest, _memory_pb2.Job]
@@ -59,6 +69,10 @@ class GatewayStub:
     ListTasks: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListTasksRequest, _executor_pb2.TaskList]
     CancelTask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CancelTaskRequest, _executor_pb2.Task]
     WatchTask: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchTaskRequest, _executor_pb2.TaskLogEntry]
+    DeleteTask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DeleteTaskRequest, _executor_pb2.TasksDeleted]
+    """Removes the task, its output log and its workspace; a task that has not ended
+    is cancelled first (see Executor.DeleteTask).
+    """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchEventsRequest, _events_pb2.LifecycleEvent]
     """Live lifecycle events of the caller's tenant."""
 
@@ -74,6 +88,16 @@ class GatewayAsyncStub(GatewayStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListSessionsRequest, _session_pb2.SessionList]  # type: ignore[assignment]
     ForkSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ForkSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     DeleteSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DeleteSessionRequest, _session_pb2.DeleteResponse]  # type: ignore[assignment]
+    """Deletes the session (with its descendants when asked); its memory and workspace
+    are erased after it (session.erased says when).
+    """
+    ListDerivedSessions: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListDerivedSessionsRequest, _session_pb2.SessionList]  # type: ignore[assignment]
+    """The sessions derived from this one: forks and compactions, and theirs."""
+    EraseTenant: _aio.UnaryUnaryMultiCallable[_session_pb2.EraseTenantRequest, _session_pb2.EraseTenantResponse]  # type: ignore[assignment]
+    """Deletes every session of a tenant, and through them its memory and workspaces,
+    and its tasks (tenant.erased says when all is gone). A tenant's key may erase
+    its own tenant; an admin key any tenant.
+    """
     ExportSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ExportSessionRequest, _session_pb2.ExportResponse]  # type: ignore[assignment]
     ImportSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ImportSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     CompactSession: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CompactSessionRequest, _memory_pb2.Job]  # type: ignore[assignment]
@@ -89,6 +113,10 @@ class GatewayAsyncStub(GatewayStub):
     ListTasks: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListTasksRequest, _executor_pb2.TaskList]  # type: ignore[assignment]
     CancelTask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CancelTaskRequest, _executor_pb2.Task]  # type: ignore[assignment]
     WatchTask: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchTaskRequest, _executor_pb2.TaskLogEntry]  # type: ignore[assignment]
+    DeleteTask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DeleteTaskRequest, _executor_pb2.TasksDeleted]  # type: ignore[assignment]
+    """Removes the task, its output log and its workspace; a task that has not ended
+    is cancelled first (see Executor.DeleteTask).
+    """
     WatchEvents: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchEventsRequest, _events_pb2.LifecycleEvent]  # type: ignore[assignment]
     """Live lifecycle events of the caller's tenant."""
 
@@ -130,7 +158,29 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _gateway_pb2.DeleteSessionRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_session_pb2.DeleteResponse, _abc.Awaitable[_session_pb2.DeleteResponse]]: ...
+    ) -> _typing.Union[_session_pb2.DeleteResponse, _abc.Awaitable[_session_pb2.DeleteResponse]]:
+        """Deletes the session (with its descendants when asked); its memory and workspace
+        are erased after it (session.erased says when).
+        """
+
+    @_abc_1.abstractmethod
+    def ListDerivedSessions(
+        self,
+        request: _gateway_pb2.ListDerivedSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.SessionList, _abc.Awaitable[_session_pb2.SessionList]]:
+        """The sessions derived from this one: forks and compactions, and theirs."""
+
+    @_abc_1.abstractmethod
+    def EraseTenant(
+        self,
+        request: _session_pb2.EraseTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.EraseTenantResponse, _abc.Awaitable[_session_pb2.EraseTenantResponse]]:
+        """Deletes every session of a tenant, and through them its memory and workspaces,
+        and its tasks (tenant.erased says when all is gone). A tenant's key may erase
+        its own tenant; an admin key any tenant.
+        """
 
     @_abc_1.abstractmethod
     def ExportSession(
@@ -206,6 +256,16 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.WatchTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.TaskLogEntry], _abc.AsyncIterator[_executor_pb2.TaskLogEntry]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteTask(
+        self,
+        request: _gateway_pb2.DeleteTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.TasksDeleted, _abc.Awaitable[_executor_pb2.TasksDeleted]]:
+        """Removes the task, its output log and its workspace; a task that has not ended
+        is cancelled first (see Executor.DeleteTask).
+        """
 
     @_abc_1.abstractmethod
     def WatchEvents(

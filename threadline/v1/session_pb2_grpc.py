@@ -72,6 +72,26 @@ class SessionsStub:
                 request_serializer=threadline_dot_v1_dot_session__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.ListDerived = channel.unary_unary(
+                '/threadline.v1.Sessions/ListDerived',
+                request_serializer=threadline_dot_v1_dot_session__pb2.ListDerivedRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.SessionList.FromString,
+                _registered_method=True)
+        self.EraseTenant = channel.unary_unary(
+                '/threadline.v1.Sessions/EraseTenant',
+                request_serializer=threadline_dot_v1_dot_session__pb2.EraseTenantRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.EraseTenantResponse.FromString,
+                _registered_method=True)
+        self.PendingErasures = channel.unary_unary(
+                '/threadline.v1.Sessions/PendingErasures',
+                request_serializer=threadline_dot_v1_dot_session__pb2.PendingErasuresRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.PendingErasuresResponse.FromString,
+                _registered_method=True)
+        self.AcknowledgeErasure = channel.unary_unary(
+                '/threadline.v1.Sessions/AcknowledgeErasure',
+                request_serializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureResponse.FromString,
+                _registered_method=True)
         self.Export = channel.unary_unary(
                 '/threadline.v1.Sessions/Export',
                 request_serializer=threadline_dot_v1_dot_session__pb2.ExportRequest.SerializeToString,
@@ -135,7 +155,38 @@ class SessionsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Removes the session and everything of it.
+        """Removes the session (with its descendants on request) and records the deletion
+        for every owner service to erase what it keeps of it (see PendingErasures).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDerived(self, request, context):
+        """The sessions derived from this one (forks and compactions, and theirs in turn).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseTenant(self, request, context):
+        """Deletes every session of a tenant (the erasure of a tenant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PendingErasures(self, request, context):
+        """Deleted sessions an owner service (memory, executor) has not yet acknowledged,
+        oldest first. Owners poll this and erase what they keep of each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcknowledgeErasure(self, request, context):
+        """An owner is done with a deleted session; idempotent. When every owner is done
+        the session service publishes session.erased with what each removed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,7 +200,7 @@ class SessionsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Import(self, request, context):
-        """Re-creates an exported session (same id, timestamps and hashes; chain verified).
+        """Re-creates an exported session under a new id (same timestamps and hashes; chain verified).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,6 +250,26 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=threadline_dot_v1_dot_session__pb2.DeleteRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_session__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ListDerived': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDerived,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.ListDerivedRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.SessionList.SerializeToString,
+            ),
+            'EraseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseTenant,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.EraseTenantRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.EraseTenantResponse.SerializeToString,
+            ),
+            'PendingErasures': grpc.unary_unary_rpc_method_handler(
+                    servicer.PendingErasures,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.PendingErasuresRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.PendingErasuresResponse.SerializeToString,
+            ),
+            'AcknowledgeErasure': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeErasure,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureResponse.SerializeToString,
             ),
             'Export': grpc.unary_unary_rpc_method_handler(
                     servicer.Export,
@@ -408,6 +479,114 @@ class Sessions:
             '/threadline.v1.Sessions/Delete',
             threadline_dot_v1_dot_session__pb2.DeleteRequest.SerializeToString,
             threadline_dot_v1_dot_session__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDerived(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/ListDerived',
+            threadline_dot_v1_dot_session__pb2.ListDerivedRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.SessionList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/EraseTenant',
+            threadline_dot_v1_dot_session__pb2.EraseTenantRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.EraseTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PendingErasures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/PendingErasures',
+            threadline_dot_v1_dot_session__pb2.PendingErasuresRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.PendingErasuresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeErasure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/AcknowledgeErasure',
+            threadline_dot_v1_dot_session__pb2.AcknowledgeErasureRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.AcknowledgeErasureResponse.FromString,
             options,
             channel_credentials,
             insecure,

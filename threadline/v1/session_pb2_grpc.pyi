@@ -47,11 +47,25 @@ class SessionsStub:
     Fork: _grpc.UnaryUnaryMultiCallable[_session_pb2.ForkRequest, _session_pb2.Session]
     """A new session whose log is this one's prefix up to and including at_hash."""
     Delete: _grpc.UnaryUnaryMultiCallable[_session_pb2.DeleteRequest, _session_pb2.DeleteResponse]
-    """Removes the session and everything of it."""
+    """Removes the session (with its descendants on request) and records the deletion
+    for every owner service to erase what it keeps of it (see PendingErasures).
+    """
+    ListDerived: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListDerivedRequest, _session_pb2.SessionList]
+    """The sessions derived from this one (forks and compactions, and theirs in turn)."""
+    EraseTenant: _grpc.UnaryUnaryMultiCallable[_session_pb2.EraseTenantRequest, _session_pb2.EraseTenantResponse]
+    """Deletes every session of a tenant (the erasure of a tenant)."""
+    PendingErasures: _grpc.UnaryUnaryMultiCallable[_session_pb2.PendingErasuresRequest, _session_pb2.PendingErasuresResponse]
+    """Deleted sessions an owner service (memory, executor) has not yet acknowledged,
+    oldest first. Owners poll this and erase what they keep of each.
+    """
+    AcknowledgeErasure: _grpc.UnaryUnaryMultiCallable[_session_pb2.AcknowledgeErasureRequest, _session_pb2.AcknowledgeErasureResponse]
+    """An owner is done with a deleted session; idempotent. When every owner is done
+    the session service publishes session.erased with what each removed.
+    """
     Export: _grpc.UnaryUnaryMultiCallable[_session_pb2.ExportRequest, _session_pb2.ExportResponse]
     """The session as JSON lines (a header line, then one line per message)."""
     Import: _grpc.UnaryUnaryMultiCallable[_session_pb2.ImportRequest, _session_pb2.Session]
-    """Re-creates an exported session (same id, timestamps and hashes; chain verified)."""
+    """Re-creates an exported session under a new id (same timestamps and hashes; chain verified)."""
     Calibrate: _grpc.UnaryUnaryMultiCallable[_session_pb2.CalibrateRequest, _session_pb2.CalibrateResponse]
     """Records what a model server counted for a prompt, to calibrate token estimates."""
 
@@ -74,11 +88,25 @@ class SessionsAsyncStub(SessionsStub):
     Fork: _aio.UnaryUnaryMultiCallable[_session_pb2.ForkRequest, _session_pb2.Session]  # type: ignore[assignment]
     """A new session whose log is this one's prefix up to and including at_hash."""
     Delete: _aio.UnaryUnaryMultiCallable[_session_pb2.DeleteRequest, _session_pb2.DeleteResponse]  # type: ignore[assignment]
-    """Removes the session and everything of it."""
+    """Removes the session (with its descendants on request) and records the deletion
+    for every owner service to erase what it keeps of it (see PendingErasures).
+    """
+    ListDerived: _aio.UnaryUnaryMultiCallable[_session_pb2.ListDerivedRequest, _session_pb2.SessionList]  # type: ignore[assignment]
+    """The sessions derived from this one (forks and compactions, and theirs in turn)."""
+    EraseTenant: _aio.UnaryUnaryMultiCallable[_session_pb2.EraseTenantRequest, _session_pb2.EraseTenantResponse]  # type: ignore[assignment]
+    """Deletes every session of a tenant (the erasure of a tenant)."""
+    PendingErasures: _aio.UnaryUnaryMultiCallable[_session_pb2.PendingErasuresRequest, _session_pb2.PendingErasuresResponse]  # type: ignore[assignment]
+    """Deleted sessions an owner service (memory, executor) has not yet acknowledged,
+    oldest first. Owners poll this and erase what they keep of each.
+    """
+    AcknowledgeErasure: _aio.UnaryUnaryMultiCallable[_session_pb2.AcknowledgeErasureRequest, _session_pb2.AcknowledgeErasureResponse]  # type: ignore[assignment]
+    """An owner is done with a deleted session; idempotent. When every owner is done
+    the session service publishes session.erased with what each removed.
+    """
     Export: _aio.UnaryUnaryMultiCallable[_session_pb2.ExportRequest, _session_pb2.ExportResponse]  # type: ignore[assignment]
     """The session as JSON lines (a header line, then one line per message)."""
     Import: _aio.UnaryUnaryMultiCallable[_session_pb2.ImportRequest, _session_pb2.Session]  # type: ignore[assignment]
-    """Re-creates an exported session (same id, timestamps and hashes; chain verified)."""
+    """Re-creates an exported session under a new id (same timestamps and hashes; chain verified)."""
     Calibrate: _aio.UnaryUnaryMultiCallable[_session_pb2.CalibrateRequest, _session_pb2.CalibrateResponse]  # type: ignore[assignment]
     """Records what a model server counted for a prompt, to calibrate token estimates."""
 
@@ -140,7 +168,45 @@ class SessionsServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.DeleteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.DeleteResponse, _abc.Awaitable[_session_pb2.DeleteResponse]]:
-        """Removes the session and everything of it."""
+        """Removes the session (with its descendants on request) and records the deletion
+        for every owner service to erase what it keeps of it (see PendingErasures).
+        """
+
+    @_abc_1.abstractmethod
+    def ListDerived(
+        self,
+        request: _session_pb2.ListDerivedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.SessionList, _abc.Awaitable[_session_pb2.SessionList]]:
+        """The sessions derived from this one (forks and compactions, and theirs in turn)."""
+
+    @_abc_1.abstractmethod
+    def EraseTenant(
+        self,
+        request: _session_pb2.EraseTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.EraseTenantResponse, _abc.Awaitable[_session_pb2.EraseTenantResponse]]:
+        """Deletes every session of a tenant (the erasure of a tenant)."""
+
+    @_abc_1.abstractmethod
+    def PendingErasures(
+        self,
+        request: _session_pb2.PendingErasuresRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.PendingErasuresResponse, _abc.Awaitable[_session_pb2.PendingErasuresResponse]]:
+        """Deleted sessions an owner service (memory, executor) has not yet acknowledged,
+        oldest first. Owners poll this and erase what they keep of each.
+        """
+
+    @_abc_1.abstractmethod
+    def AcknowledgeErasure(
+        self,
+        request: _session_pb2.AcknowledgeErasureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.AcknowledgeErasureResponse, _abc.Awaitable[_session_pb2.AcknowledgeErasureResponse]]:
+        """An owner is done with a deleted session; idempotent. When every owner is done
+        the session service publishes session.erased with what each removed.
+        """
 
     @_abc_1.abstractmethod
     def Export(
@@ -156,7 +222,7 @@ class SessionsServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.ImportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]:
-        """Re-creates an exported session (same id, timestamps and hashes; chain verified)."""
+        """Re-creates an exported session under a new id (same timestamps and hashes; chain verified)."""
 
     @_abc_1.abstractmethod
     def Calibrate(
