@@ -34,6 +34,7 @@ class LifecycleEvent(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     """Namespaced, e.g. "turn.completed", "llm.retry"."""
@@ -42,6 +43,11 @@ class LifecycleEvent(_message.Message):
     tenant: _builtins.str
     session_id: _builtins.str
     trace_id: _builtins.str
+    """The W3C trace id (32 hex digits) of the span that published it: the trace of
+    the turn or job in a trace viewer. Empty outside any span.
+    """
+    request_id: _builtins.str
+    """The x-request-id of the call that published it, the same across services."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -57,10 +63,11 @@ class LifecycleEvent(_message.Message):
         session_id: _builtins.str = ...,
         trace_id: _builtins.str = ...,
         attributes: _struct_pb2.Struct | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "service", b"service", "session_id", b"session_id", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "request_id", b"request_id", "service", b"service", "session_id", b"session_id", "tenant", b"tenant", "time", b"time", "trace_id", b"trace_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
