@@ -28,7 +28,7 @@ from google.protobuf import json_format
 
 from services.session.chain import GENESIS_HASH, batch_fingerprint, seal_messages, verify_chain
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
-from services.session.validation import validate_messages
+from services.session.validation import validate_messages, validate_session_fields
 from threadline.errors import DataLoss, InvalidArgument, NotFound
 from threadline.ids import new_session_id, validate_session_id
 from threadline.v1 import common_pb2, session_pb2
@@ -159,12 +159,12 @@ class SessionStore(SessionReader, Protocol):
         ...
 
     async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
-        """Re-create an exported session under `tenant`, with the same id.
+        """Re-create an exported session under `tenant`, with a new id.
 
         Timestamps, hashes and lineage are kept, so export(import(export(x))) ==
-        export(x) except for the tenant. The chain is verified first: a malformed
-        line or a broken chain is InvalidArgument naming the line (and seq); an
-        id in use is AlreadyExists. Nothing is stored on error.
+        export(x) except for the id and the tenant. The chain is verified first: a
+        malformed line, a broken chain or a field past its limit is InvalidArgument
+        naming the line (and seq). Nothing is stored on error.
         """
         ...
 
@@ -332,6 +332,10 @@ class SessionBackend(abc.ABC):
     async def import_session(self, tenant: str, lines: Sequence[str]) -> session_pb2.Session:
         check_new_session(tenant, "", "")
         session, messages = parse_export(lines, max_message_chars=self.rules.max_message_chars)
+        # The id is minted here, never taken from the file: keeping it would tell the
+        # importer whether another tenant holds that id, and could bring back the id
+        # of a deleted session (with whatever other services still key by it).
+        session.id = new_session_id()
         session.tenant = tenant
         await self._store_import(session, messages)
         return session
@@ -626,6 +630,19 @@ def _parse_lines(
         yield number, target
 
 
+def _check_imported_fields(session: session_pb2.Session, max_message_chars: int) -> None:
+    # An import must not store what CreateSession would refuse.
+    try:
+        validate_session_fields(title=session.title, model=session.model, metadata=session.metadata)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"import line 1: {exc.message}") from None
+    if len(session.system_prompt) > max_message_chars:
+        raise InvalidArgument(
+            f"import line 1: system_prompt is {len(session.system_prompt)} characters; "
+            f"the limit is {max_message_chars}"
+        )
+
+
 def parse_export(
     lines: Sequence[str], *, max_message_chars: int
 ) -> tuple[session_pb2.Session, builtins.list[common_pb2.Message]]:
@@ -647,6 +664,7 @@ def parse_export(
         raise InvalidArgument("import: no lines; expected a session line, then its messages")
     validate_session_id(session.id)
     check_lineage(session.forked_from, session.compacted_from)
+    _check_imported_fields(session, max_message_chars)
 
     position = -1
 

@@ -33,16 +33,20 @@ async def test_fork_export_import_and_delete_through_the_gateway(
     with pytest.raises(errors.NotFound):
         await gateway.get_session(session.id)
     restored = await gateway.import_session(lines)
-    assert restored.id == session.id and restored.head == detail.session.head
+    assert restored.id != session.id and restored.head == detail.session.head
 
     async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
         with pytest.raises(errors.NotFound):
-            await other.fork_session(session.id, "")
+            await other.fork_session(restored.id, "")
         with pytest.raises(errors.NotFound):
-            await other.export_session(session.id)
+            await other.export_session(restored.id)
         with pytest.raises(errors.NotFound):
-            await other.delete_session(session.id)
-    assert (await gateway.get_session(session.id, verify_chain=True)).chain_verified
+            await other.delete_session(restored.id)
+        # Another tenant importing the same export gets its own session: the answer
+        # never says whether the exported id is held by someone else.
+        theirs = await other.import_session(lines)
+        assert theirs.id not in (session.id, restored.id)
+    assert (await gateway.get_session(restored.id, verify_chain=True)).chain_verified
 
 
 async def test_compact_session_through_the_gateway(

@@ -106,16 +106,17 @@ async def test_delete_removes_the_session_and_publishes(
     assert [e.session_id for e in await events.wait_for("session.deleted")] == [session_id]
 
 
-async def test_export_then_import_round_trips_exactly(sessions: SessionClient) -> None:
+async def test_export_then_import_round_trips_under_a_new_id(sessions: SessionClient) -> None:
     session_id, head = await new_session(sessions, "q1", "a1", "q2")
     lines = await sessions.export(TENANT, session_id)
     await sessions.delete(TENANT, session_id)
 
     imported = await sessions.import_session(TENANT, lines)
 
-    assert imported.id == session_id and imported.head == head
-    assert await sessions.export(TENANT, session_id) == lines
-    detail = await sessions.get(TENANT, session_id, verify_chain=True)
+    assert imported.id != session_id and imported.head == head
+    again = await sessions.export(TENANT, imported.id)
+    assert again == [lines[0].replace(session_id, imported.id), *lines[1:]]
+    detail = await sessions.get(TENANT, imported.id, verify_chain=True)
     assert detail.chain_verified
 
 

@@ -146,7 +146,7 @@ async def test_a_tenant_importing_under_a_deleted_sessions_id_finds_none_of_its_
     )
     turn = await run_turn(executor, imported.id, "What are the plans?", tenant=TENANT)
 
-    assert imported.id == session_id
+    assert imported.id != session_id
     read, listed, searched = tool_results(turn)
     assert read.status == "error" and "No such file or directory: 'plans.txt'" in read.content
     assert listed.content == "'.' is empty"

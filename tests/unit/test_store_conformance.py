@@ -32,7 +32,6 @@ from services.session.store import REQUEST_ID_MEMORY, SessionStore
 from services.session.tokens import TokenEstimator
 from tests.postgres_schema import postgres_schema
 from threadline.errors import (
-    AlreadyExists,
     HeadMismatch,
     InvalidArgument,
     NotFound,
@@ -331,11 +330,7 @@ async def test_list_pages_through_sessions_updated_at_the_same_instant(
     template = await _session(store)
     lines = await store.export(TENANT, template.id)
     await store.delete(TENANT, template.id)
-    header = json.loads(lines[0])
-    ids = sorted("ses_" + uuid.uuid4().hex for _ in range(5))
-    for session_id in ids:
-        header["session"]["id"] = session_id
-        await store.import_session(TENANT, [json.dumps(header)])
+    ids = sorted([(await store.import_session(TENANT, lines)).id for _ in range(5)])
     seen: list[str] = []
     token = ""
     while True:
@@ -830,29 +825,53 @@ async def test_export_then_import_round_trips_exactly(store: SessionStore) -> No
 
     imported = await store.import_session("other", lines)
 
+    assert imported.id != session_id
     expected = session_pb2.Session()
     expected.CopyFrom(original)
+    expected.id = imported.id
     expected.tenant = "other"
     assert imported == expected
-    assert await store.get("other", session_id) == expected
-    again = await store.export("other", session_id)
+    assert await store.get("other", imported.id) == expected
+    again = await store.export("other", imported.id)
     assert again[1:] == lines[1:]
-    assert json.loads(again[0]) == json.loads(lines[0].replace('"acme"', '"other"'))
-    await _verified(store, session_id, tenant="other")
+    assert json.loads(again[0]) == json.loads(
+        lines[0].replace('"acme"', '"other"').replace(session_id, imported.id)
+    )
+    await _verified(store, imported.id, tenant="other")
     # The tool call index came back with it.
     with pytest.raises(InvalidArgument, match="already used"):
-        await store.append("other", session_id, imported.head, [_assistant("", "c1")])
-    first = await store.first_user_message("other", session_id)
+        await store.append("other", imported.id, imported.head, [_assistant("", "c1")])
+    first = await store.first_user_message("other", imported.id)
     assert first is not None and first.content == "q1"
+    with pytest.raises(NotFound):
+        await store.get("other", session_id)
 
 
-async def test_import_onto_an_existing_id_is_already_exists(store: SessionStore) -> None:
+async def test_import_never_takes_the_exported_id(store: SessionStore) -> None:
+    # Whether another tenant holds the id, the importer holds it, or nobody does,
+    # an import answers the same way: a new session under a new id.
     session_id = await _rich_session(store)
     lines = await store.export(TENANT, session_id)
-    for tenant in (TENANT, "other"):
-        with pytest.raises(AlreadyExists, match=session_id):
-            await store.import_session(tenant, lines)
+    ids = {(await store.import_session(tenant, lines)).id for tenant in (TENANT, "other")}
+    assert len(ids) == 2 and session_id not in ids
     assert await store.export(TENANT, session_id) == lines
+    [other] = (await store.list("other", page_size=10, page_token=""))[0]
+    assert other.id in ids and other.message_count == 4
+
+
+async def test_import_applies_the_limits_create_applies(store: SessionStore) -> None:
+    session_id = await _rich_session(store)
+    lines = await store.export(TENANT, session_id)
+    header = json.loads(lines[0])
+    cases = {
+        "title": ("x" * 257, r"line 1: title is 257 characters; the limit is 256"),
+        "model": ("m" * 129, r"line 1: model is 129 characters"),
+        "metadata": ({f"k{i}": "v" for i in range(33)}, r"line 1: metadata has 33 entries"),
+    }
+    for field, (value, match) in cases.items():
+        changed = {**header, "session": {**header["session"], field: value}}
+        with pytest.raises(InvalidArgument, match=match):
+            await store.import_session("other", [json.dumps(changed), *lines[1:]])
     assert await store.list("other", page_size=10, page_token="") == ([], "")
 
 
@@ -885,7 +904,8 @@ async def test_import_of_a_tampered_or_malformed_export_is_refused(store: Sessio
         await store.get(TENANT, session_id)
     assert await store.list(TENANT, page_size=10, page_token="") == ([], "")
     # Trailing blank lines (a split on "\n") are fine.
-    assert (await store.import_session(TENANT, [*lines, ""])).id == session_id
+    restored = await store.import_session(TENANT, [*lines, ""])
+    assert restored.message_count == 4
 
 
 async def test_an_empty_session_round_trips(store: SessionStore) -> None:
@@ -893,8 +913,12 @@ async def test_an_empty_session_round_trips(store: SessionStore) -> None:
     lines = await store.export(TENANT, session.id)
     assert len(lines) == 1
     await store.delete(TENANT, session.id)
-    assert await store.import_session(TENANT, lines) == session
-    assert await store.export(TENANT, session.id) == lines
+    restored = await store.import_session(TENANT, lines)
+    session.id = restored.id
+    assert restored == session
+    assert await store.export(TENANT, restored.id) == [
+        lines[0].replace(json.loads(lines[0])["session"]["id"], restored.id)
+    ]
 
 
 # -- retention --------------------------------------------------------------------------
