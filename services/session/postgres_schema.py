@@ -88,4 +88,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # A deleted session's tombstone, kept after its erasure finished. No user
+        # text: ids, the tenant, why and when.
+        """
+        CREATE TABLE erasures (
+            session_id TEXT COLLATE "C" PRIMARY KEY,
+            tenant TEXT COLLATE "C" NOT NULL,
+            reason TEXT NOT NULL,
+            deleted_at BIGINT NOT NULL,
+            completed_at BIGINT NOT NULL DEFAULT 0
+        )
+        """,
+        "CREATE INDEX erasures_unfinished ON erasures (tenant) WHERE completed_at = 0",
+        # One row per owner service and deleted session, marked done with counts.
+        """
+        CREATE TABLE erasure_owners (
+            session_id TEXT COLLATE "C" NOT NULL REFERENCES erasures (session_id),
+            owner TEXT COLLATE "C" NOT NULL,
+            deleted_at BIGINT NOT NULL,
+            done BOOLEAN NOT NULL DEFAULT false,
+            removed TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (session_id, owner)
+        )
+        """,
+        "CREATE INDEX erasure_owners_pending ON erasure_owners (owner, deleted_at, session_id) "
+        "WHERE NOT done",
+        # Lineage: what derives from a session.
+        "CREATE INDEX sessions_by_forked_from ON sessions (forked_from) WHERE forked_from <> ''",
+        "CREATE INDEX sessions_by_compacted_from ON sessions (compacted_from) "
+        "WHERE compacted_from <> ''",
+    ),
 )

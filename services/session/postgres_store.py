@@ -20,25 +20,33 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 import asyncpg
 
 from services.session.postgres_schema import MIGRATIONS
 from services.session.store import (
+    ERASURE_OWNERS,
     RECENT_FIRST_BATCH,
     RECENT_MAX_BATCH,
     REQUEST_ID_MEMORY,
     AppendRequest,
+    Erasure,
+    ErasureDone,
     MessageRules,
     SessionBackend,
+    check_erasure_owner,
+    check_erasure_reason,
     check_from_seq,
+    check_listing_limit,
+    check_removed_counts,
     hash_not_found,
     message_extras,
     message_from,
     named_tool_call_ids,
     new_fork,
+    no_pending_erasure,
     now_micros,
     reused_request_id,
     session_not_found,
@@ -454,15 +462,102 @@ class PostgresSessionStore(SessionBackend):
                 await conn.execute(_INSERT_FORK, *_session_args(fork), session_id)
         return fork
 
-    async def delete(self, tenant: str, session_id: str) -> None:
+    async def delete(self, tenant: str, session_id: str, *, reason: str = "deleted") -> None:
+        validate_session_id(session_id)
+        check_erasure_reason(reason)
+        now = now_micros()
+        with self._guard():
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Its messages, tool call index and request ids go by ON DELETE CASCADE.
+                status = await conn.execute(
+                    "DELETE FROM sessions WHERE id = $1 AND tenant = $2", session_id, tenant
+                )
+                if status == "DELETE 0":
+                    raise session_not_found(session_id)
+                await conn.execute(
+                    "INSERT INTO erasures (session_id, tenant, reason, deleted_at) "
+                    "VALUES ($1, $2, $3, $4)",
+                    session_id,
+                    tenant,
+                    reason,
+                    now,
+                )
+                await conn.executemany(
+                    "INSERT INTO erasure_owners (session_id, owner, deleted_at) "
+                    "VALUES ($1, $2, $3)",
+                    [(session_id, owner, now) for owner in ERASURE_OWNERS],
+                )
+
+    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
         validate_session_id(session_id)
         with self._guard():
-            # Its messages, tool call index and request ids go by ON DELETE CASCADE.
-            status = await self._pool.execute(
-                "DELETE FROM sessions WHERE id = $1 AND tenant = $2", session_id, tenant
+            rows = await self._pool.fetch(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = $2 "
+                "AND (forked_from = $1 OR compacted_from = $1) ORDER BY created_at, id",
+                session_id,
+                tenant,
             )
-        if status == "DELETE 0":
-            raise session_not_found(session_id)
+        return [_session_from_row(row) for row in rows]
+
+    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
+        check_erasure_owner(owner)
+        check_listing_limit("limit", limit)
+        with self._guard():
+            rows = await self._pool.fetch(
+                "SELECT e.session_id, e.tenant, e.reason, e.deleted_at FROM erasure_owners o "
+                "JOIN erasures e ON e.session_id = o.session_id WHERE o.owner = $1 "
+                "AND NOT o.done ORDER BY o.deleted_at, o.session_id LIMIT $2",
+                owner,
+                limit,
+            )
+        return [Erasure(*row) for row in rows]
+
+    async def acknowledge_erasure(
+        self, owner: str, session_id: str, removed: Mapping[str, int]
+    ) -> ErasureDone | None:
+        check_erasure_owner(owner)
+        validate_session_id(session_id)
+        counts = check_removed_counts(removed)
+        with self._guard():
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Every owner row of the session, locked: two owners acknowledging at
+                # once see each other, so exactly one of them finishes the erasure.
+                rows = await conn.fetch(
+                    "SELECT owner, done, removed FROM erasure_owners WHERE session_id = $1 "
+                    "ORDER BY owner FOR UPDATE",
+                    session_id,
+                )
+                mine = next((row for row in rows if row["owner"] == owner), None)
+                if mine is None:
+                    raise no_pending_erasure(owner, session_id)
+                if mine["done"]:
+                    return None
+                await conn.execute(
+                    "UPDATE erasure_owners SET done = true, removed = $3 "
+                    "WHERE session_id = $1 AND owner = $2",
+                    session_id,
+                    owner,
+                    json.dumps(counts),
+                )
+                if not all(row["done"] for row in rows if row["owner"] != owner):
+                    return None
+                erasure = await conn.fetchrow(
+                    "UPDATE erasures SET completed_at = $2 WHERE session_id = $1 "
+                    "RETURNING session_id, tenant, reason, deleted_at",
+                    session_id,
+                    now_micros(),
+                )
+        assert erasure is not None, "erasure_owners rows reference their erasure"
+        done = {row["owner"]: json.loads(row["removed"]) for row in rows}
+        done[owner] = counts
+        return ErasureDone(Erasure(*erasure), done)
+
+    async def unfinished_erasures(self, tenant: str) -> int:
+        with self._guard():
+            count = await self._pool.fetchval(
+                "SELECT count(*) FROM erasures WHERE tenant = $1 AND completed_at = 0", tenant
+            )
+        return int(count)
 
     async def _store_calibration(self, model: str, chars_per_token: float) -> None:
         with self._guard():

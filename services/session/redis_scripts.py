@@ -89,8 +89,9 @@ return 1
 """
 )
 
-# KEYS: meta, log, calls, requests, request_order, tenant zset, by_updated zset
-# ARGV: tenant, session_id
+# KEYS: meta, log, calls, requests, request_order, tenant zset, by_updated zset,
+#       erasure hash, the tenant's unfinished erasures set, then each owner's pending zset
+# ARGV: tenant, session_id, reason, deleted_at, then the owners (as many as pending zsets)
 DELETE = """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then
   return 0
@@ -99,7 +100,39 @@ end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[6], ARGV[2])
 redis.call('ZREM', KEYS[7], ARGV[2])
+-- The tombstone and the work left to each owner, in the same script as the delete.
+redis.call('HSET', KEYS[8], 'tenant', ARGV[1], 'reason', ARGV[3], 'deleted_at', ARGV[4],
+  'completed_at', '0')
+redis.call('SADD', KEYS[9], ARGV[2])
+for i = 5, #ARGV do
+  redis.call('HSET', KEYS[8], 'owner:' .. ARGV[i], '')
+  redis.call('ZADD', KEYS[i + 5], ARGV[4], ARGV[2])
+end
 return 1
+"""
+
+# KEYS: erasure hash, the owner's pending zset, the tenant's unfinished erasures set
+# ARGV: owner, removed (JSON), session_id, completed_at
+ACKNOWLEDGE_ERASURE = """
+local field = 'owner:' .. ARGV[1]
+local state = redis.call('HGET', KEYS[1], field)
+if not state then
+  return 'missing'
+end
+if state ~= '' then
+  return 'repeated'
+end
+redis.call('HSET', KEYS[1], field, ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 6) == 'owner:' and fields[i + 1] == '' then
+    return 'waiting'
+  end
+end
+redis.call('HSET', KEYS[1], 'completed_at', ARGV[4])
+redis.call('SREM', KEYS[3], ARGV[3])
+return 'done'
 """
 
 # KEYS: meta of the session the key belongs to, the key. Re-checked here, atomically:

@@ -17,6 +17,11 @@ Keys, under `prefix` (default "threadline:session:"):
     requests:<id>        hash request_id -> result of that append (JSON)
     request_order:<id>   list of those request ids, oldest first (to bound the hash)
     tenant:<tenant>      sorted set of the tenant's session ids by updated_at
+    erasure:<id>         hash: a deleted session's tombstone (tenant, reason,
+                         deleted_at, completed_at) and owner:<owner> per owner
+                         service: "" while pending, then what it removed (JSON)
+    erasures_pending:<owner>  sorted set of the ids the owner has to erase, by deleted_at
+    erasures_unfinished:<tenant>  set of the tenant's ids some owner has not finished
     by_updated           sorted set of every session id by updated_at (retention)
     calibration          hash model -> characters per token
 
@@ -44,18 +49,27 @@ import redis.exceptions
 
 from services.session import redis_scripts
 from services.session.store import (
+    ERASURE_OWNERS,
     RECENT_FIRST_BATCH,
     RECENT_MAX_BATCH,
     REQUEST_ID_MEMORY,
     AppendRequest,
+    Erasure,
+    ErasureDone,
     MessageRules,
     SessionBackend,
+    check_erasure_owner,
+    check_erasure_reason,
     check_from_seq,
+    check_listing_limit,
+    check_removed_counts,
     hash_not_found,
     message_extras,
     message_from,
     named_tool_call_ids,
     new_fork,
+    no_pending_erasure,
+    now_micros,
     reused_request_id,
     session_not_found,
 )
@@ -186,6 +200,7 @@ class RedisSessionStore(SessionBackend):
         self._append_script = client.register_script(redis_scripts.APPEND)
         self._create_script = client.register_script(redis_scripts.CREATE)
         self._delete_script = client.register_script(redis_scripts.DELETE)
+        self._acknowledge_script = client.register_script(redis_scripts.ACKNOWLEDGE_ERASURE)
         self._orphan_key_script = client.register_script(redis_scripts.REMOVE_ORPHAN_KEY)
         self._orphan_members_script = client.register_script(redis_scripts.REMOVE_ORPHAN_MEMBERS)
 
@@ -515,14 +530,96 @@ class RedisSessionStore(SessionBackend):
             await self._write_new(fork, prefix, raw_prefix)
         return fork
 
-    async def delete(self, tenant: str, session_id: str) -> None:
+    async def delete(self, tenant: str, session_id: str, *, reason: str = "deleted") -> None:
         validate_session_id(session_id)
+        check_erasure_reason(reason)
+        keys = [
+            *self._session_keys(session_id, tenant),
+            self._key("erasure", session_id),
+            self._key("erasures_unfinished", tenant),
+            *(self._key("erasures_pending", owner) for owner in ERASURE_OWNERS),
+        ]
         with self._guard():
             deleted = await self._delete_script(
-                keys=self._session_keys(session_id, tenant), args=[tenant, session_id]
+                keys=keys, args=[tenant, session_id, reason, now_micros(), *ERASURE_OWNERS]
             )
         if not int(deleted):
             raise session_not_found(session_id)
+
+    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
+        validate_session_id(session_id)
+        # No index of children: the tenant's sessions are read, which is fine for the
+        # sizes retention keeps a tenant to.
+        with self._guard():
+            ids = _texts(await self._redis.zrange(self._tenant_key(tenant), 0, -1))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for child in ids:
+                    pipe.hgetall(self._key("meta", child))
+                metas = await pipe.execute()
+        sessions = [
+            _session_from_meta(child, meta)
+            for child, meta in zip(ids, map(_decoded, metas), strict=True)
+            if meta.get("tenant") == tenant
+            and session_id in (meta.get("forked_from"), meta.get("compacted_from"))
+        ]
+        return sorted(sessions, key=lambda s: (s.created_at.ToMicroseconds(), s.id))
+
+    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
+        check_erasure_owner(owner)
+        check_listing_limit("limit", limit)
+        if limit == 0:
+            return []
+        with self._guard():
+            ids = _texts(
+                await self._redis.zrange(self._key("erasures_pending", owner), 0, limit - 1)
+            )
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    pipe.hmget(self._key("erasure", session_id), ["tenant", "reason", "deleted_at"])
+                rows = await pipe.execute()
+        return [
+            Erasure(session_id, _text(tenant), _text(reason), int(deleted_at))
+            for session_id, (tenant, reason, deleted_at) in zip(ids, rows, strict=True)
+            if tenant is not None
+        ]
+
+    async def acknowledge_erasure(
+        self, owner: str, session_id: str, removed: Mapping[str, int]
+    ) -> ErasureDone | None:
+        check_erasure_owner(owner)
+        validate_session_id(session_id)
+        counts = check_removed_counts(removed)
+        key = self._key("erasure", session_id)
+        with self._guard():
+            tenant = await self._redis.hget(key, "tenant")
+            if tenant is None:
+                raise no_pending_erasure(owner, session_id)
+            outcome = _text(
+                await self._acknowledge_script(
+                    keys=[
+                        key,
+                        self._key("erasures_pending", owner),
+                        self._key("erasures_unfinished", _text(tenant)),
+                    ],
+                    args=[owner, _dumps(counts), session_id, now_micros()],
+                )
+            )
+            if outcome == "missing":
+                raise no_pending_erasure(owner, session_id)
+            if outcome != "done":
+                return None
+            fields = _decoded(await self._redis.hgetall(key))
+        erasure = Erasure(session_id, fields["tenant"], fields["reason"], int(fields["deleted_at"]))
+        done = {
+            name.removeprefix("owner:"): json.loads(value)
+            for name, value in fields.items()
+            if name.startswith("owner:")
+        }
+        return ErasureDone(erasure, done)
+
+    async def unfinished_erasures(self, tenant: str) -> int:
+        with self._guard():
+            return int(await self._redis.scard(self._key("erasures_unfinished", tenant)))
 
     async def _read_all(
         self, tenant: str, session_id: str

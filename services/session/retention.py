@@ -55,7 +55,9 @@ class Retention:
 
     async def _delete(self, tenant: str, session_id: str, *, reason: str) -> int:
         try:
-            await self.store.delete(tenant, session_id)
+            # The erasure (what memory and the executor must remove) is recorded with
+            # the delete, in one transaction: an expiry cannot lose its cascade.
+            await self.store.delete(tenant, session_id, reason=reason)
         except errors.NotFound:
             return 0  # deleted meanwhile (another replica's sweep, or the user)
         self.events.emit("session.expired", tenant=tenant, session_id=session_id, reason=reason)

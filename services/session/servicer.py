@@ -8,8 +8,9 @@ import grpc.aio
 
 from services.session.chain import verify_chain
 from services.session.context import build_context
+from services.session.erasure import Erasures
 from services.session.retention import Retention
-from services.session.store import SessionStore
+from services.session.store import MAX_PAGE_SIZE, SessionStore
 from services.session.tokens import TokenEstimator, calibrated_estimator, calibrated_ratio
 from services.session.validation import validate_session_fields
 from threadline import errors
@@ -34,6 +35,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         retention: Retention,
     ) -> None:
         self.store = store
+        self.erasures = Erasures(store, events)
         self.estimator = estimator
         self.events = events
         self.retention = retention
@@ -184,9 +186,49 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
     ) -> session_pb2.DeleteResponse:
         _require_tenant(request.tenant)
         validate_session_id(request.session_id)
-        await self.store.delete(request.tenant, request.session_id)
-        self.events.emit("session.deleted", tenant=request.tenant, session_id=request.session_id)
-        return session_pb2.DeleteResponse()
+        deleted = await self.erasures.delete(
+            request.tenant,
+            request.session_id,
+            reason="deleted",
+            with_descendants=request.with_descendants,
+        )
+        return session_pb2.DeleteResponse(deleted_session_ids=deleted)
+
+    async def ListDerived(
+        self, request: session_pb2.ListDerivedRequest, context: Context
+    ) -> session_pb2.SessionList:
+        _require_tenant(request.tenant)
+        validate_session_id(request.session_id)
+        sessions = await self.erasures.descendants(request.tenant, request.session_id)
+        return session_pb2.SessionList(sessions=sessions)
+
+    async def EraseTenant(
+        self, request: session_pb2.EraseTenantRequest, context: Context
+    ) -> session_pb2.EraseTenantResponse:
+        _require_tenant(request.tenant)
+        erased = await self.erasures.erase_tenant(request.tenant)
+        return session_pb2.EraseTenantResponse(sessions=erased)
+
+    async def PendingErasures(
+        self, request: session_pb2.PendingErasuresRequest, context: Context
+    ) -> session_pb2.PendingErasuresResponse:
+        if not 0 <= request.limit <= MAX_PAGE_SIZE:
+            raise errors.InvalidArgument(f"limit must be 0 to {MAX_PAGE_SIZE}, got {request.limit}")
+        response = session_pb2.PendingErasuresResponse()
+        for erasure in await self.erasures.pending(request.owner, request.limit):
+            item = response.erasures.add(
+                session_id=erasure.session_id, tenant=erasure.tenant, reason=erasure.reason
+            )
+            item.deleted_at.FromMicroseconds(erasure.deleted_at)
+        return response
+
+    async def AcknowledgeErasure(
+        self, request: session_pb2.AcknowledgeErasureRequest, context: Context
+    ) -> session_pb2.AcknowledgeErasureResponse:
+        completed = await self.erasures.acknowledge(
+            request.owner, request.session_id, dict(request.removed)
+        )
+        return session_pb2.AcknowledgeErasureResponse(completed=completed)
 
     async def Export(
         self, request: session_pb2.ExportRequest, context: Context

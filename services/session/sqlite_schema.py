@@ -85,6 +85,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) STRICT
         """,
     ),
+    (
+        # A deleted session's tombstone, kept after its erasure finished: the id stays
+        # known as deleted. No user text: ids, the tenant, why and when.
+        """
+        CREATE TABLE erasures (
+            session_id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            deleted_at INTEGER NOT NULL,
+            completed_at INTEGER NOT NULL DEFAULT 0
+        ) STRICT
+        """,
+        "CREATE INDEX erasures_unfinished ON erasures (tenant) WHERE completed_at = 0",
+        # One row per owner service (memory, executor) and deleted session: the owner
+        # erases what it keeps of the session, then marks its row done with counts.
+        """
+        CREATE TABLE erasure_owners (
+            session_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            deleted_at INTEGER NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0,
+            removed_json TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (session_id, owner)
+        ) STRICT, WITHOUT ROWID
+        """,
+        "CREATE INDEX erasure_owners_pending ON erasure_owners (owner, deleted_at, session_id) "
+        "WHERE done = 0",
+        # Lineage: what derives from a session.
+        "CREATE INDEX sessions_by_forked_from ON sessions (forked_from) WHERE forked_from != ''",
+        "CREATE INDEX sessions_by_compacted_from ON sessions (compacted_from) "
+        "WHERE compacted_from != ''",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

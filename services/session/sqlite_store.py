@@ -16,22 +16,30 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 from services.session.sqlite_schema import MIGRATIONS
 from services.session.store import (
+    ERASURE_OWNERS,
     RECENT_FIRST_BATCH,
     RECENT_MAX_BATCH,
     REQUEST_ID_MEMORY,
     AppendRequest,
+    Erasure,
+    ErasureDone,
     MessageRules,
     SessionBackend,
+    check_erasure_owner,
+    check_erasure_reason,
     check_from_seq,
+    check_listing_limit,
+    check_removed_counts,
     hash_not_found,
     named_tool_call_ids,
     new_fork,
+    no_pending_erasure,
     now_micros,
     reused_request_id,
     session_not_found,
@@ -368,7 +376,9 @@ def _fork(
     return fork
 
 
-def _delete(conn: sqlite3.Connection, tenant: str, session_id: str) -> None:
+def _delete(
+    conn: sqlite3.Connection, tenant: str, session_id: str, reason: str, owners: Sequence[str]
+) -> None:
     with transaction(conn, "BEGIN IMMEDIATE"):
         _session_row(conn, tenant, session_id)
         # Explicit rather than left to ON DELETE CASCADE, which only acts while
@@ -376,6 +386,77 @@ def _delete(conn: sqlite3.Connection, tenant: str, session_id: str) -> None:
         for table in _SESSION_CHILD_TABLES:
             conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
         conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        now = now_micros()
+        conn.execute(
+            "INSERT INTO erasures (session_id, tenant, reason, deleted_at) VALUES (?, ?, ?, ?)",
+            (session_id, tenant, reason, now),
+        )
+        conn.executemany(
+            "INSERT INTO erasure_owners (session_id, owner, deleted_at) VALUES (?, ?, ?)",
+            [(session_id, owner, now) for owner in owners],
+        )
+
+
+def _derived(conn: sqlite3.Connection, tenant: str, session_id: str) -> builtins.list[Any]:
+    rows = conn.execute(
+        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE forked_from = ? AND tenant = ? "
+        f"UNION SELECT {_SESSION_COLUMNS} FROM sessions WHERE compacted_from = ? AND tenant = ? "
+        "ORDER BY created_at, id",
+        (session_id, tenant, session_id, tenant),
+    ).fetchall()
+    return [_session_from_row(row) for row in rows]
+
+
+def _pending_erasures(conn: sqlite3.Connection, owner: str, limit: int) -> builtins.list[Erasure]:
+    rows = conn.execute(
+        "SELECT e.session_id, e.tenant, e.reason, e.deleted_at FROM erasure_owners o "
+        "JOIN erasures e ON e.session_id = o.session_id WHERE o.owner = ? AND o.done = 0 "
+        "ORDER BY o.deleted_at, o.session_id LIMIT ?",
+        (owner, limit),
+    ).fetchall()
+    return [Erasure(*row) for row in rows]
+
+
+def _acknowledge_erasure(
+    conn: sqlite3.Connection, owner: str, session_id: str, removed: dict[str, int]
+) -> ErasureDone | None:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        row = conn.execute(
+            "SELECT done FROM erasure_owners WHERE session_id = ? AND owner = ?",
+            (session_id, owner),
+        ).fetchone()
+        if row is None:
+            raise no_pending_erasure(owner, session_id)
+        if row["done"]:
+            return None  # a repeated acknowledgement: the first one counted
+        conn.execute(
+            "UPDATE erasure_owners SET done = 1, removed_json = ? "
+            "WHERE session_id = ? AND owner = ?",
+            (_json(removed), session_id, owner),
+        )
+        owners = conn.execute(
+            "SELECT owner, done, removed_json FROM erasure_owners WHERE session_id = ?",
+            (session_id,),
+        ).fetchall()
+        if not all(o["done"] for o in owners):
+            return None
+        conn.execute(
+            "UPDATE erasures SET completed_at = ? WHERE session_id = ?", (now_micros(), session_id)
+        )
+        erasure = conn.execute(
+            "SELECT session_id, tenant, reason, deleted_at FROM erasures WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+    return ErasureDone(
+        Erasure(*erasure), {o["owner"]: json.loads(o["removed_json"]) for o in owners}
+    )
+
+
+def _unfinished_erasures(conn: sqlite3.Connection, tenant: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM erasures WHERE tenant = ? AND completed_at = 0", (tenant,)
+    ).fetchone()
+    return int(row[0])
 
 
 def _export(
@@ -583,9 +664,30 @@ class SqliteSessionStore(SessionBackend):
         validate_session_id(session_id)
         return await self._db.run(_fork, tenant, session_id, at_hash)
 
-    async def delete(self, tenant: str, session_id: str) -> None:
+    async def delete(self, tenant: str, session_id: str, *, reason: str = "deleted") -> None:
         validate_session_id(session_id)
-        await self._db.run(_delete, tenant, session_id)
+        check_erasure_reason(reason)
+        await self._db.run(_delete, tenant, session_id, reason, ERASURE_OWNERS)
+
+    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
+        validate_session_id(session_id)
+        return await self._db.run(_derived, tenant, session_id)
+
+    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
+        check_erasure_owner(owner)
+        check_listing_limit("limit", limit)
+        return await self._db.run(_pending_erasures, owner, limit)
+
+    async def acknowledge_erasure(
+        self, owner: str, session_id: str, removed: Mapping[str, int]
+    ) -> ErasureDone | None:
+        check_erasure_owner(owner)
+        validate_session_id(session_id)
+        counts = check_removed_counts(removed)
+        return await self._db.run(_acknowledge_erasure, owner, session_id, counts)
+
+    async def unfinished_erasures(self, tenant: str) -> int:
+        return await self._db.run(_unfinished_erasures, tenant)
 
     async def cleanup_orphans(self) -> int:
         # Walked in short steps, each one call on the worker, so appends queued

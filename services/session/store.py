@@ -143,11 +143,37 @@ class SessionStore(SessionReader, Protocol):
         """
         ...
 
-    async def delete(self, tenant: str, session_id: str) -> None:
-        """Remove the session with its messages, tool call index and request ids.
+    async def delete(self, tenant: str, session_id: str, *, reason: str = "deleted") -> None:
+        """Remove the session with its messages, tool call index and request ids, and
+        record its erasure (a tombstone, and one pending entry per erasure owner) in
+        the same transaction: the deletion and the work it leaves to the owners are
+        stored together or not at all.
 
         Calibration is per model and stays. NotFound if the session is absent.
         """
+        ...
+
+    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
+        """The tenant's sessions forked or compacted from this one (direct children)."""
+        ...
+
+    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
+        """Up to `limit` erasures `owner` has not acknowledged, oldest first."""
+        ...
+
+    async def acknowledge_erasure(
+        self, owner: str, session_id: str, removed: Mapping[str, int]
+    ) -> ErasureDone | None:
+        """Record that `owner` erased what it kept of the session; idempotent.
+
+        Returns the finished erasure (what every owner removed) when this was the
+        last owner's first acknowledgement, else None. NotFound if no erasure of
+        the session awaits `owner`.
+        """
+        ...
+
+    async def unfinished_erasures(self, tenant: str) -> int:
+        """How many of the tenant's erasures some owner has not acknowledged yet."""
         ...
 
     async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
@@ -194,6 +220,65 @@ class SessionStore(SessionReader, Protocol):
     async def close(self) -> None:
         """Release the backend; safe to call more than once."""
         ...
+
+
+# -- erasures -------------------------------------------------------------------------
+
+#: The services that keep something of a session and erase it when it is deleted.
+ERASURE_OWNERS = ("memory", "executor")
+
+#: Why a session was deleted, as erasures and events name it.
+ERASURE_REASONS = ("deleted", "idle", "tenant_cap", "tenant_erased")
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """A deleted session, as the owners of what derives from it see it."""
+
+    session_id: str
+    tenant: str
+    reason: str
+    deleted_at: int  # microseconds
+
+
+@dataclass(frozen=True)
+class ErasureDone:
+    """An erasure every owner has acknowledged: what each removed, by kind."""
+
+    erasure: Erasure
+    removed: dict[str, dict[str, int]]
+
+
+def check_erasure_owner(owner: str) -> None:
+    if owner not in ERASURE_OWNERS:
+        raise InvalidArgument(
+            f"owner {owner[:40]!r} is not an erasure owner; expected one of "
+            f"{', '.join(ERASURE_OWNERS)}"
+        )
+
+
+def check_erasure_reason(reason: str) -> None:
+    if reason not in ERASURE_REASONS:
+        raise InvalidArgument(f"unknown erasure reason {reason[:40]!r}")
+
+
+def check_removed_counts(removed: Mapping[str, int]) -> dict[str, int]:
+    """An acknowledgement's counts, checked: a few short names, none negative."""
+    if len(removed) > 16:
+        raise InvalidArgument(f"removed: {len(removed)} kinds, the limit is 16")
+    for kind, count in removed.items():
+        if not kind or len(kind) > 40:
+            raise InvalidArgument("removed: a kind must be 1 to 40 characters")
+        if count < 0:
+            raise InvalidArgument(f"removed[{kind!r}] must be >= 0, got {count}")
+    return dict(removed)
+
+
+def no_pending_erasure(owner: str, session_id: str) -> NotFound:
+    return NotFound(
+        f"no erasure of session {session_id} awaits owner {owner}",
+        details={"session_id": session_id},
+    )
 
 
 # -- what every backend shares ---------------------------------------------------------

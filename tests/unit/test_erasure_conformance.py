@@ -1,0 +1,120 @@
+"""Erasures and lineage, on every SessionStore backend (the fixtures of
+test_store_conformance: SQLite, Redis with bytes and str replies, PostgreSQL).
+
+A delete leaves a tombstone and one pending erasure per owner service; owners
+acknowledge once each, and the last acknowledgement hands back what every owner
+removed, exactly once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.session.store import ERASURE_OWNERS, SessionStore
+from tests.unit.test_store_conformance import (  # noqa: F401 - fixtures
+    TENANT,
+    _session,
+    _user,
+    backend,
+    backend_kind,
+    store,
+)
+from threadline.errors import InvalidArgument, NotFound
+
+
+async def test_a_delete_leaves_an_erasure_for_every_owner(store: SessionStore) -> None:
+    kept = await _session(store)
+    gone = await _session(store)
+    await store.append(TENANT, gone.id, "", [_user("canary phrase")])
+
+    await store.delete(TENANT, gone.id)
+
+    for owner in ERASURE_OWNERS:
+        [erasure] = await store.pending_erasures(owner, 10)
+        assert (erasure.session_id, erasure.tenant, erasure.reason) == (gone.id, TENANT, "deleted")
+        assert erasure.deleted_at > 0
+    assert await store.unfinished_erasures(TENANT) == 1
+    assert await store.unfinished_erasures("other") == 0
+    # The tombstone is not a session: every read answers as for an unknown id.
+    with pytest.raises(NotFound) as missing:
+        await store.get(TENANT, gone.id)
+    assert missing.value.message == f"session {gone.id} not found"
+    assert [s.id for s in (await store.list(TENANT, page_size=10, page_token=""))[0]] == [kept.id]
+
+
+async def test_the_last_owners_acknowledgement_finishes_the_erasure_once(
+    store: SessionStore,
+) -> None:
+    gone = await _session(store)
+    await store.delete(TENANT, gone.id, reason="idle")
+
+    assert await store.acknowledge_erasure("memory", gone.id, {"summaries": 1, "items": 3}) is None
+    assert await store.pending_erasures("memory", 10) == []
+    assert [e.session_id for e in await store.pending_erasures("executor", 10)] == [gone.id]
+    # A repeated acknowledgement (a replica that crashed before it heard the answer).
+    assert await store.acknowledge_erasure("memory", gone.id, {"summaries": 9}) is None
+
+    done = await store.acknowledge_erasure("executor", gone.id, {"workspaces": 1})
+
+    assert done is not None
+    assert done.erasure.session_id == gone.id and done.erasure.reason == "idle"
+    assert done.removed == {
+        "memory": {"summaries": 1, "items": 3},
+        "executor": {"workspaces": 1},
+    }
+    assert await store.acknowledge_erasure("executor", gone.id, {"workspaces": 0}) is None
+    assert await store.pending_erasures("executor", 10) == []
+    assert await store.unfinished_erasures(TENANT) == 0
+
+
+async def test_pending_erasures_come_oldest_first_and_bounded(store: SessionStore) -> None:
+    sessions = [await _session(store) for _ in range(3)]
+    for session in sessions:
+        await store.delete(TENANT, session.id)
+
+    first_two = await store.pending_erasures("memory", 2)
+
+    assert [e.session_id for e in first_two] == [s.id for s in sessions[:2]]
+    assert await store.pending_erasures("memory", 0) == []
+
+
+async def test_erasure_arguments_are_checked(store: SessionStore) -> None:
+    session = await _session(store)
+    with pytest.raises(NotFound):
+        await store.acknowledge_erasure("memory", session.id, {})  # not deleted
+    with pytest.raises(NotFound):
+        await store.delete(TENANT, "ses_" + "0" * 32)
+    await store.delete(TENANT, session.id)
+    with pytest.raises(InvalidArgument, match="not an erasure owner"):
+        await store.pending_erasures("billing", 10)
+    with pytest.raises(InvalidArgument, match="not an erasure owner"):
+        await store.acknowledge_erasure("billing", session.id, {})
+    with pytest.raises(InvalidArgument, match=r"removed\['items'\] must be >= 0"):
+        await store.acknowledge_erasure("memory", session.id, {"items": -1})
+    with pytest.raises(InvalidArgument, match="unknown erasure reason"):
+        await store.delete(TENANT, (await _session(store)).id, reason="because")
+    # Nothing of the refused calls counted.
+    assert len(await store.pending_erasures("memory", 10)) == 1
+
+
+async def test_derived_lists_forks_and_compactions_of_the_tenant(store: SessionStore) -> None:
+    source = await _session(store)
+    head, _ = await store.append(TENANT, source.id, "", [_user("q")])
+    fork = await store.fork(TENANT, source.id, head)
+    compacted = await store.create(
+        tenant=TENANT,
+        model="m",
+        system_prompt="",
+        title="",
+        metadata={},
+        compacted_from=source.id,
+        messages=[_user("summary")],
+    )
+    grandchild = await store.fork(TENANT, fork.id, "")
+    await _session(store)  # unrelated
+
+    children = await store.derived(TENANT, source.id)
+
+    assert sorted(s.id for s in children) == sorted([fork.id, compacted.id])
+    assert [s.id for s in await store.derived(TENANT, fork.id)] == [grandchild.id]
+    assert await store.derived("other", source.id) == []
