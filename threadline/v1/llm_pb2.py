@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from threadline.v1 import common_pb2 as threadline_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17threadline/v1/llm.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/common.proto\"\xb4\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.threadline.v1.Message\x12&\n\x05tools\x18\x03 \x03(\x0b\x32\x17.threadline.v1.ToolSpec\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x36\n\x0fresponse_format\x18\x08 \x01(\x0e\x32\x1d.threadline.v1.ResponseFormat\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x12\n\nsession_id\x18\n \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"Q\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0f\x61rguments_delta\x18\x04 \x01(\t\"\x84\x01\n\x0b\x41ttemptInfo\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.threadline.v1.Usage\"\xfc\x01\n\x08\x43hatDone\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.threadline.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08upstream\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12+\n\ntool_calls\x18\x06 \x03(\x0b\x32\x17.threadline.v1.ToolCall\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x17\n\x0fusage_estimated\x18\t \x01(\x08\"\xb6\x01\n\tChatChunk\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x37\n\x0ftool_call_delta\x18\x02 \x01(\x0b\x32\x1c.threadline.v1.ToolCallDeltaH\x00\x12-\n\x07\x61ttempt\x18\x03 \x01(\x0b\x32\x1a.threadline.v1.AttemptInfoH\x00\x12\'\n\x04\x64one\x18\x04 \x01(\x0b\x32\x17.threadline.v1.ChatDoneH\x00\x42\x07\n\x05\x63hunk\"^\n\x0c\x43hatResponse\x12\'\n\x07message\x18\x01 \x01(\x0b\x32\x16.threadline.v1.Message\x12%\n\x04\x64one\x18\x02 \x01(\x0b\x32\x17.threadline.v1.ChatDone\"\x13\n\x11ListModelsRequest\")\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.threadline.v1.ModelInfo*l\n\x0eResponseFormat\x12\x1f\n\x1bRESPONSE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14RESPONSE_FORMAT_TEXT\x10\x01\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_OBJECT\x10\x02\x32\xe4\x01\n\x08LlmProxy\x12\x44\n\nStreamChat\x12\x1a.threadline.v1.ChatRequest\x1a\x18.threadline.v1.ChatChunk0\x01\x12?\n\x04\x43hat\x12\x1a.threadline.v1.ChatRequest\x1a\x1b.threadline.v1.ChatResponse\x12Q\n\nListModels\x12 .threadline.v1.ListModelsRequest\x1a!.threadline.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17threadline/v1/llm.proto\x12\rthreadline.v1\x1a\x1athreadline/v1/common.proto\"\xb4\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.threadline.v1.Message\x12&\n\x05tools\x18\x03 \x03(\x0b\x32\x17.threadline.v1.ToolSpec\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x36\n\x0fresponse_format\x18\x08 \x01(\x0e\x32\x1d.threadline.v1.ResponseFormat\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x12\n\nsession_id\x18\n \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"Q\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0f\x61rguments_delta\x18\x04 \x01(\t\"\x84\x01\n\x0b\x41ttemptInfo\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.threadline.v1.Usage\"\xaa\x02\n\x08\x43hatDone\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.threadline.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08upstream\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12+\n\ntool_calls\x18\x06 \x03(\x0b\x32\x17.threadline.v1.ToolCall\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12\x17\n\x0fusage_estimated\x18\t \x01(\x08\x12\x11\n\trollbacks\x18\n \x01(\x05\x12\x19\n\x11proxy_overhead_ms\x18\x0b \x01(\x01\"J\n\x08Rollback\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x10\n\x08upstream\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\xe3\x01\n\tChatChunk\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x37\n\x0ftool_call_delta\x18\x02 \x01(\x0b\x32\x1c.threadline.v1.ToolCallDeltaH\x00\x12-\n\x07\x61ttempt\x18\x03 \x01(\x0b\x32\x1a.threadline.v1.AttemptInfoH\x00\x12\'\n\x04\x64one\x18\x04 \x01(\x0b\x32\x17.threadline.v1.ChatDoneH\x00\x12+\n\x08rollback\x18\x05 \x01(\x0b\x32\x17.threadline.v1.RollbackH\x00\x42\x07\n\x05\x63hunk\"^\n\x0c\x43hatResponse\x12\'\n\x07message\x18\x01 \x01(\x0b\x32\x16.threadline.v1.Message\x12%\n\x04\x64one\x18\x02 \x01(\x0b\x32\x17.threadline.v1.ChatDone\"\x13\n\x11ListModelsRequest\")\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.threadline.v1.ModelInfo*l\n\x0eResponseFormat\x12\x1f\n\x1bRESPONSE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14RESPONSE_FORMAT_TEXT\x10\x01\x12\x1f\n\x1bRESPONSE_FORMAT_JSON_OBJECT\x10\x02\x32\xe4\x01\n\x08LlmProxy\x12\x44\n\nStreamChat\x12\x1a.threadline.v1.ChatRequest\x1a\x18.threadline.v1.ChatChunk0\x01\x12?\n\x04\x43hat\x12\x1a.threadline.v1.ChatRequest\x1a\x1b.threadline.v1.ChatResponse\x12Q\n\nListModels\x12 .threadline.v1.ListModelsRequest\x1a!.threadline.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'threadline.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESPONSEFORMAT']._serialized_start=1263
-  _globals['_RESPONSEFORMAT']._serialized_end=1371
+  _globals['_RESPONSEFORMAT']._serialized_start=1430
+  _globals['_RESPONSEFORMAT']._serialized_end=1538
   _globals['_CHATREQUEST']._serialized_start=71
   _globals['_CHATREQUEST']._serialized_end=379
   _globals['_TOOLCALLDELTA']._serialized_start=381
@@ -41,17 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTEMPTINFO']._serialized_start=465
   _globals['_ATTEMPTINFO']._serialized_end=597
   _globals['_CHATDONE']._serialized_start=600
-  _globals['_CHATDONE']._serialized_end=852
-  _globals['_CHATCHUNK']._serialized_start=855
-  _globals['_CHATCHUNK']._serialized_end=1037
-  _globals['_CHATRESPONSE']._serialized_start=1039
-  _globals['_CHATRESPONSE']._serialized_end=1133
-  _globals['_LISTMODELSREQUEST']._serialized_start=1135
-  _globals['_LISTMODELSREQUEST']._serialized_end=1154
-  _globals['_MODELINFO']._serialized_start=1156
-  _globals['_MODELINFO']._serialized_end=1197
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1199
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1261
-  _globals['_LLMPROXY']._serialized_start=1374
-  _globals['_LLMPROXY']._serialized_end=1602
+  _globals['_CHATDONE']._serialized_end=898
+  _globals['_ROLLBACK']._serialized_start=900
+  _globals['_ROLLBACK']._serialized_end=974
+  _globals['_CHATCHUNK']._serialized_start=977
+  _globals['_CHATCHUNK']._serialized_end=1204
+  _globals['_CHATRESPONSE']._serialized_start=1206
+  _globals['_CHATRESPONSE']._serialized_end=1300
+  _globals['_LISTMODELSREQUEST']._serialized_start=1302
+  _globals['_LISTMODELSREQUEST']._serialized_end=1321
+  _globals['_MODELINFO']._serialized_start=1323
+  _globals['_MODELINFO']._serialized_end=1364
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1366
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1428
+  _globals['_LLMPROXY']._serialized_start=1541
+  _globals['_LLMPROXY']._serialized_end=1769
 # @@protoc_insertion_point(module_scope)

@@ -174,6 +174,8 @@ class ChatDone(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     USAGE_ESTIMATED_FIELD_NUMBER: _builtins.int
+    ROLLBACKS_FIELD_NUMBER: _builtins.int
+    PROXY_OVERHEAD_MS_FIELD_NUMBER: _builtins.int
     finish_reason: _common_pb2.FinishReason.ValueType
     model: _builtins.str
     """The model and upstream that actually produced the answer."""
@@ -185,6 +187,12 @@ class ChatDone(_message.Message):
     attempts: _builtins.int
     usage_estimated: _builtins.bool
     """The server sent no usage: the figures are estimates (4 characters per token)."""
+    rollbacks: _builtins.int
+    """Answers discarded by a rollback before this one (see Rollback)."""
+    proxy_overhead_ms: _builtins.float
+    """Time spent in llm_proxy itself: the request's time minus the time spent
+    waiting on upstreams (reads, connects), on backoff and on rate limits.
+    """
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     @_builtins.property
@@ -201,14 +209,56 @@ class ChatDone(_message.Message):
         error: _builtins.str = ...,
         attempts: _builtins.int = ...,
         usage_estimated: _builtins.bool = ...,
+        rollbacks: _builtins.int = ...,
+        proxy_overhead_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "content", b"content", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "tool_calls", b"tool_calls", "upstream", b"upstream", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "content", b"content", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "proxy_overhead_ms", b"proxy_overhead_ms", "rollbacks", b"rollbacks", "tool_calls", b"tool_calls", "upstream", b"upstream", "usage", b"usage", "usage_estimated", b"usage_estimated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatDone: _TypeAlias = ChatDone  # noqa: Y015
+
+@_typing.final
+class Rollback(_message.Message):
+    """Discard everything received so far for this answer: its text and its
+    tool-call deltas. The answer starts again after this chunk: a cut stream that
+    no target could continue is restarted on another target, or a continuation
+    answered from the start instead of continuing. Never sent after a done chunk.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """"restart" (the answer is asked for again on the next target) or
+    "replayed_continuation" (the fallback started over instead of continuing;
+    what it sends is the whole answer).
+    """
+    error: _builtins.str
+    """The failure that cut the discarded answer."""
+    upstream: _builtins.str
+    """The target that answers from now on."""
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        error: _builtins.str = ...,
+        upstream: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model", "reason", b"reason", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollback: _TypeAlias = Rollback  # noqa: Y015
 
 @_typing.final
 class ChatChunk(_message.Message):
@@ -218,6 +268,7 @@ class ChatChunk(_message.Message):
     TOOL_CALL_DELTA_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     @_builtins.property
     def tool_call_delta(self) -> Global___ToolCallDelta: ...
@@ -225,6 +276,8 @@ class ChatChunk(_message.Message):
     def attempt(self) -> Global___AttemptInfo: ...
     @_builtins.property
     def done(self) -> Global___ChatDone: ...
+    @_builtins.property
+    def rollback(self) -> Global___Rollback: ...
     def __init__(
         self,
         *,
@@ -232,12 +285,13 @@ class ChatChunk(_message.Message):
         tool_call_delta: Global___ToolCallDelta | None = ...,
         attempt: Global___AttemptInfo | None = ...,
         done: Global___ChatDone | None = ...,
+        rollback: Global___Rollback | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk", b"chunk", "delta", b"delta", "done", b"done", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk", b"chunk", "delta", b"delta", "done", b"done", "rollback", b"rollback", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk", b"chunk", "delta", b"delta", "done", b"done", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk", b"chunk", "delta", b"delta", "done", b"done", "rollback", b"rollback", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_chunk: _TypeAlias = _typing.Literal["delta", "tool_call_delta", "attempt", "done"]  # noqa: Y015
+    _WhichOneofReturnType_chunk: _TypeAlias = _typing.Literal["delta", "tool_call_delta", "attempt", "done", "rollback"]  # noqa: Y015
     _WhichOneofArgType_chunk: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_chunk) -> _WhichOneofReturnType_chunk | None: ...
 
