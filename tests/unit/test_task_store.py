@@ -282,3 +282,109 @@ async def test_postgresql_replicas_share_records_and_logs(postgres_url: str) -> 
     finally:
         await first.close()
         await second.close()
+
+
+# -- erasure ----------------------------------------------------------------------
+
+
+async def _with_log(store: TaskStore, task: TaskRecord, lines: int = 2) -> TaskRecord:
+    await store.create(task)
+    for n in range(lines):
+        await store.append_log(task.id, {"type": "stdout", "line": f"secret {n}"})
+    return task
+
+
+async def test_delete_ended_removes_the_record_and_its_log_and_nothing_else(
+    store: TaskStore,
+) -> None:
+    done = await _with_log(store, make_task(status="succeeded", finished_at=1010.0), lines=3)
+    running = await _with_log(store, make_task(status="running"))
+    theirs = await _with_log(store, make_task(tenant="other", status="failed"))
+
+    removed = await store.delete_ended("acme", done.id)
+    assert ([t.id for t in removed.tasks], removed.log_lines) == ([done.id], 3)
+    assert removed.tasks[0] == done
+    with pytest.raises(NotFound):
+        await store.get("acme", done.id)
+    assert await store.read_log(done.id) == []
+    assert await store.list("acme", status="succeeded") == []
+    assert await store.by_status("succeeded") == []
+
+    # Not ended, another tenant's, unknown, already gone: nothing is removed.
+    for tenant, task_id in [
+        ("acme", running.id),
+        ("acme", theirs.id),
+        ("acme", new_task_id()),
+        ("acme", done.id),
+    ]:
+        nothing = await store.delete_ended(tenant, task_id)
+        assert (nothing.tasks, nothing.log_lines) == ([], 0)
+    assert await store.get("acme", running.id) == running
+    assert await store.get("other", theirs.id) == theirs
+    assert len(await store.read_log(running.id)) == 2
+    assert len(await store.read_log(theirs.id)) == 2
+
+
+async def test_delete_tenant_ended_leaves_unfinished_tasks_and_other_tenants(
+    store: TaskStore,
+) -> None:
+    ended = [
+        await _with_log(store, make_task(status=status, finished_at=1010.0))
+        for status in ("succeeded", "failed", "cancelled")
+    ]
+    queued = await _with_log(store, make_task())
+    theirs = await _with_log(store, make_task(tenant="other", status="succeeded"))
+
+    removed = await store.delete_tenant_ended("acme")
+    assert sorted(t.id for t in removed.tasks) == sorted(t.id for t in ended)
+    assert removed.log_lines == 6
+    assert [t.id for t in await store.list("acme")] == [queued.id]
+    assert [t.id for t in await store.list("other")] == [theirs.id]
+    assert [await store.read_log(t.id) for t in ended] == [[], [], []]
+    again = await store.delete_tenant_ended("acme")
+    assert (again.tasks, again.log_lines) == ([], 0)
+
+
+async def test_delete_ended_before_takes_the_oldest_ends_first_across_tenants(
+    store: TaskStore,
+) -> None:
+    old = [
+        await _with_log(store, make_task(tenant=t, status="succeeded", finished_at=f))
+        for t, f in [("acme", 1003.0), ("other", 1001.0), ("acme", 1002.0)]
+    ]
+    recent = await _with_log(store, make_task(status="failed", finished_at=2000.0))
+    # Created long ago but still running: never expired, whatever its age.
+    running = await _with_log(store, make_task(status="running", created_at=1.0))
+
+    first = await store.delete_ended_before(1500.0, 2)
+    assert [t.id for t in first.tasks] == [old[1].id, old[2].id]
+    assert first.log_lines == 4
+    rest = await store.delete_ended_before(1500.0, 10)
+    assert [t.id for t in rest.tasks] == [old[0].id]
+    assert (await store.delete_ended_before(1500.0, 10)).tasks == []
+    assert {t.id for t in await store.list("acme")} == {recent.id, running.id}
+    assert await store.list("other") == []
+
+
+async def test_replicas_expiring_at_once_each_remove_a_task_once(store: TaskStore) -> None:
+    tasks = [
+        await _with_log(store, make_task(status="succeeded", finished_at=1000.0 + n), lines=1)
+        for n in range(12)
+    ]
+    sweeps = await asyncio.gather(*(store.delete_ended_before(5000.0, 5) for _ in range(4)))
+    reported = [t.id for sweep in sweeps for t in sweep.tasks]
+    # Each removed task is reported by exactly one sweep, with its log line.
+    assert len(reported) == len(set(reported))
+    assert sum(sweep.log_lines for sweep in sweeps) == len(reported)
+    while more := (await store.delete_ended_before(5000.0, 5)).tasks:
+        reported += [t.id for t in more]
+    assert sorted(reported) == sorted(t.id for t in tasks)
+
+
+async def test_workspaces_in_use_are_those_stored_tasks_name(store: TaskStore) -> None:
+    await store.create(make_task(workspace="/ws/a"))
+    await store.create(make_task(workspace="/ws/a"))
+    await store.create(make_task(tenant="other", workspace="/ws/b", status="failed"))
+    assert await store.workspaces_in_use(["/ws/a", "/ws/b", "/ws/c"]) == {"/ws/a", "/ws/b"}
+    assert await store.workspaces_in_use([]) == set()
+    assert await store.workspaces_in_use([f"/ws/{n}" for n in range(1200)]) == set()

@@ -55,6 +55,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Erasure: retention finds ended tasks by when they ended; the workspace sweep asks
+    # which workspaces stored tasks still name.
+    (
+        "CREATE INDEX tasks_by_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL",
+        "CREATE INDEX tasks_by_workspace ON tasks (workspace)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

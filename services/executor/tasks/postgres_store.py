@@ -8,7 +8,7 @@ and errors are the ones `store` gives every backend.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from services.executor.tasks.records import LIST_LIMIT_DEFAULT, TaskRecord, Task
 from services.executor.tasks.store import (
     TASK_COLUMN_LIST,
     TASK_COLUMNS,
+    TasksRemoved,
     check_listing,
     log_line,
     row_values,
@@ -55,6 +56,36 @@ _APPEND = (
     "SELECT $1, COALESCE(MAX(seq) + 1, 0), $2 FROM task_logs WHERE task_id = $1 "
     "ON CONFLICT (task_id, seq) DO NOTHING RETURNING seq"
 )
+
+
+_ENDED = "status IN ('succeeded', 'failed', 'cancelled')"
+
+
+def _removing(chosen: str) -> str:
+    """One statement that deletes the tasks `chosen` selects (a query of ids, `$n`
+    parameters its own) with their logs, and returns each record with its log's size.
+    Rows another transaction is deleting are skipped, not waited for: two replicas
+    sweeping at once each remove, and report, different tasks."""
+    return (
+        f"WITH gone AS (DELETE FROM tasks WHERE id IN ({chosen} FOR UPDATE SKIP LOCKED) "
+        f"RETURNING {TASK_COLUMN_LIST}), "
+        "lines AS (DELETE FROM task_logs WHERE task_id IN (SELECT id FROM gone) "
+        "RETURNING task_id) "
+        f"SELECT {TASK_COLUMN_LIST}, "
+        "(SELECT count(*) FROM lines WHERE lines.task_id = gone.id) AS log_lines FROM gone "
+        "ORDER BY finished_at, id"
+    )
+
+
+_DELETE_ENDED = _removing(f"SELECT id FROM tasks WHERE id = $1 AND tenant = $2 AND {_ENDED}")
+_DELETE_TENANT_ENDED = _removing(f"SELECT id FROM tasks WHERE tenant = $1 AND {_ENDED}")
+_DELETE_ENDED_BEFORE = _removing(
+    f"SELECT id FROM tasks WHERE finished_at < $1 AND {_ENDED} ORDER BY finished_at, id LIMIT $2"
+)
+
+
+def _removed(rows: builtins.list[asyncpg.Record]) -> TasksRemoved:
+    return TasksRemoved([_task(row) for row in rows], sum(int(row["log_lines"]) for row in rows))
 
 
 def _task(row: asyncpg.Record) -> TaskRecord:
@@ -175,3 +206,23 @@ class PostgresTaskStore:
                 after,
             )
         return [(int(row["seq"]), str(row["line"])) for row in rows]
+
+    async def delete_ended(self, tenant: str, task_id: str) -> TasksRemoved:
+        with _reachable():
+            return _removed(await self._db.pool.fetch(_DELETE_ENDED, task_id, tenant))
+
+    async def delete_tenant_ended(self, tenant: str) -> TasksRemoved:
+        with _reachable():
+            return _removed(await self._db.pool.fetch(_DELETE_TENANT_ENDED, tenant))
+
+    async def delete_ended_before(self, cutoff: float, limit: int) -> TasksRemoved:
+        with _reachable():
+            return _removed(await self._db.pool.fetch(_DELETE_ENDED_BEFORE, cutoff, limit))
+
+    async def workspaces_in_use(self, paths: Collection[str]) -> builtins.set[str]:
+        with _reachable():
+            rows = await self._db.pool.fetch(
+                "SELECT DISTINCT workspace FROM tasks WHERE workspace = ANY($1::text[])",
+                list(paths),
+            )
+        return {str(row["workspace"]) for row in rows}

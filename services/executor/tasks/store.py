@@ -15,6 +15,8 @@ import builtins
 import json
 import sqlite3
 import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +27,7 @@ from services.executor.tasks.records import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     TASK_STATUSES,
+    TERMINAL,
     TaskRecord,
     TaskStatus,
 )
@@ -78,7 +81,39 @@ class TaskStore(Protocol):
         """The replicas whose last heartbeat has not expired."""
         ...
 
+    async def delete_ended(self, tenant: str, task_id: str) -> TasksRemoved:
+        """Remove the tenant's task with its log if it has ended, atomically; nothing
+        (an empty result) if it is unknown, another tenant's, or has not ended."""
+        ...
+
+    async def delete_tenant_ended(self, tenant: str) -> TasksRemoved:
+        """Remove every ended task of the tenant with its log; the others stay."""
+        ...
+
+    async def delete_ended_before(self, cutoff: float, limit: int) -> TasksRemoved:
+        """Remove up to `limit` tasks of any tenant that ended before `cutoff` (epoch
+        seconds), with their logs, oldest first. Replicas may run it at once: each task
+        is removed, and reported, by one of them."""
+        ...
+
+    async def workspaces_in_use(self, paths: Collection[str]) -> builtins.set[str]:
+        """Those of `paths` that a stored task names as its workspace."""
+        ...
+
     async def close(self) -> None: ...
+
+
+@dataclass
+class TasksRemoved:
+    """What a deletion took from the store."""
+
+    tasks: list[TaskRecord] = field(default_factory=list)
+    log_lines: int = 0
+
+    def __iadd__(self, other: TasksRemoved) -> TasksRemoved:
+        self.tasks.extend(other.tasks)
+        self.log_lines += other.log_lines
+        return self
 
 
 def task_not_found(task_id: str) -> NotFound:
@@ -241,6 +276,60 @@ def _read_log(conn: sqlite3.Connection, task_id: str, after: int) -> builtins.li
     return [(int(row["seq"]), str(row["line"])) for row in rows]
 
 
+_ENDED = "status IN ('succeeded', 'failed', 'cancelled')"
+
+
+def _remove(conn: sqlite3.Connection, rows: builtins.list[sqlite3.Row]) -> TasksRemoved:
+    """Delete these tasks and their logs; inside the caller's transaction."""
+    removed = TasksRemoved()
+    for row in rows:
+        task = _task_from_row(row)
+        cursor = conn.execute("DELETE FROM task_logs WHERE task_id = ?", (task.id,))
+        removed.log_lines += cursor.rowcount
+        conn.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
+        removed.tasks.append(task)
+    return removed
+
+
+def _delete_ended(conn: sqlite3.Connection, tenant: str, task_id: str) -> TasksRemoved:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        rows = conn.execute(
+            f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE id = ? AND tenant = ? AND {_ENDED}",
+            (task_id, tenant),
+        ).fetchall()
+        return _remove(conn, rows)
+
+
+def _delete_tenant_ended(conn: sqlite3.Connection, tenant: str) -> TasksRemoved:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        rows = conn.execute(
+            f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE tenant = ? AND {_ENDED}", (tenant,)
+        ).fetchall()
+        return _remove(conn, rows)
+
+
+def _delete_ended_before(conn: sqlite3.Connection, cutoff: float, limit: int) -> TasksRemoved:
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        rows = conn.execute(
+            f"SELECT {TASK_COLUMN_LIST} FROM tasks WHERE finished_at < ? AND {_ENDED} "
+            "ORDER BY finished_at, id LIMIT ?",
+            (cutoff, limit),
+        ).fetchall()
+        return _remove(conn, rows)
+
+
+def _workspaces_in_use(conn: sqlite3.Connection, paths: builtins.list[str]) -> builtins.set[str]:
+    found: builtins.set[str] = set()
+    # In chunks: SQLite bounds the number of parameters of one statement.
+    for start in range(0, len(paths), 500):
+        chunk = paths[start : start + 500]
+        marks = ", ".join("?" for _ in chunk)
+        sql = f"SELECT DISTINCT workspace FROM tasks WHERE workspace IN ({marks})"
+        rows = conn.execute(sql, chunk)
+        found.update(str(row["workspace"]) for row in rows)
+    return found
+
+
 class SqliteTaskStore:
     """TaskStore on a SQLite file. `await open()` before use, `await close()` after.
 
@@ -293,6 +382,18 @@ class SqliteTaskStore:
     async def read_log(self, task_id: str, after: int = -1) -> builtins.list[tuple[int, str]]:
         return await self._db.run(_read_log, task_id, after)
 
+    async def delete_ended(self, tenant: str, task_id: str) -> TasksRemoved:
+        return await self._db.run(_delete_ended, tenant, task_id)
+
+    async def delete_tenant_ended(self, tenant: str) -> TasksRemoved:
+        return await self._db.run(_delete_tenant_ended, tenant)
+
+    async def delete_ended_before(self, cutoff: float, limit: int) -> TasksRemoved:
+        return await self._db.run(_delete_ended_before, cutoff, limit)
+
+    async def workspaces_in_use(self, paths: Collection[str]) -> builtins.set[str]:
+        return await self._db.run(_workspaces_in_use, list(paths))
+
 
 # -- Redis ----------------------------------------------------------------------
 
@@ -326,6 +427,21 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return 1
 """
+# KEYS: the record, its log, the tenant's index, then the index of every status.
+# ARGV: the tenant it must belong to, its id. Returns the record as stored and its
+# log's length, or nil when it is unknown, another tenant's or has not ended.
+_DELETE_ENDED = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return nil end
+local stored = cjson.decode(raw)
+if stored['tenant'] ~= ARGV[1] then return nil end
+local status = stored['status']
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return nil end
+local lines = redis.call('LLEN', KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[2]) end
+return {raw, lines}
+"""
 _LIVE_REPLICAS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -353,6 +469,7 @@ class RedisTaskStore:
         self._update_if_script = client.register_script(_UPDATE_IF)
         self._heartbeat_script = client.register_script(_HEARTBEAT)
         self._live_replicas_script = client.register_script(_LIVE_REPLICAS)
+        self._delete_ended_script = client.register_script(_DELETE_ENDED)
 
     def _rec(self, task_id: str) -> str:
         return f"{self._prefix}rec:{task_id}"
@@ -481,6 +598,64 @@ class RedisTaskStore:
         except RedisError as exc:
             raise Unavailable(f"task store: {exc}") from exc
         return [(first + i, _text(line)) for i, line in enumerate(lines)]
+
+    async def delete_ended(self, tenant: str, task_id: str) -> TasksRemoved:
+        keys = [self._rec(task_id), self._log(task_id), self._tenant(tenant)]
+        keys += [self._status(status) for status in sorted(TASK_STATUSES)]
+        try:
+            reply = await self._delete_ended_script(keys=keys, args=[tenant, task_id])
+        except RedisError as exc:
+            raise Unavailable(f"task store: {exc}") from exc
+        if reply is None:
+            return TasksRemoved()
+        raw, lines = reply
+        return TasksRemoved([TaskRecord.from_dict(json.loads(raw))], int(lines))
+
+    async def delete_tenant_ended(self, tenant: str) -> TasksRemoved:
+        try:
+            ids = await self._redis.zrange(self._tenant(tenant), 0, -1)
+        except RedisError as exc:
+            raise Unavailable(f"task store: {exc}") from exc
+        removed = TasksRemoved()
+        for task_id in ids:
+            removed += await self.delete_ended(tenant, _text(task_id))
+        return removed
+
+    async def delete_ended_before(self, cutoff: float, limit: int) -> TasksRemoved:
+        # A task ends after it was created, so the status indexes (scored by created_at)
+        # bound the candidates; each record says when it really ended.
+        candidates: builtins.list[TaskRecord] = []
+        for status in sorted(TERMINAL):
+            try:
+                ids = await self._redis.zrangebyscore(self._status(status), "-inf", cutoff)
+            except RedisError as exc:
+                raise Unavailable(f"task store: {exc}") from exc
+            candidates += await self._load_many([_text(i) for i in ids])
+        expired = sorted(
+            (t for t in candidates if t.terminal and (t.finished_at or cutoff) < cutoff),
+            key=lambda t: (t.finished_at or 0.0, t.id),
+        )
+        removed = TasksRemoved()
+        for task in expired[:limit]:
+            removed += await self.delete_ended(task.tenant, task.id)
+        return removed
+
+    async def workspaces_in_use(self, paths: Collection[str]) -> builtins.set[str]:
+        # No workspace index on Redis: every stored record is read. Retention keeps
+        # their number bounded; the sweep that asks runs once a minute.
+        wanted = set(paths)
+        if not wanted:
+            return set()
+        found: builtins.set[str] = set()
+        for status in sorted(TASK_STATUSES):
+            try:
+                ids = await self._redis.zrange(self._status(status), 0, -1)
+            except RedisError as exc:
+                raise Unavailable(f"task store: {exc}") from exc
+            for start in range(0, len(ids), 500):
+                batch = [_text(i) for i in ids[start : start + 500]]
+                found.update(t.workspace for t in await self._load_many(batch))
+        return found & wanted
 
     async def close(self) -> None:
         # The client belongs to whoever made it.
