@@ -111,8 +111,17 @@ class RetrySettings(_Section):
     budget_s: float = Field(default=30.0, gt=0)
 
 
+#: An upstream's connection pool when neither max_connections nor max_concurrency is
+#: set: room for 1,000 streamed answers at once with some to spare for memory's jobs.
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
 class TimeoutSettings(_Section):
+    #: The TCP/TLS connect alone; the wait for a free pooled connection is `pool_wait_s`.
     connect_s: float = Field(default=5.0, gt=0)
+    #: How long a request waits for a free connection of the upstream's pool (a local
+    #: wait: never counted against the upstream's circuit) before failing over.
+    pool_wait_s: float = Field(default=60.0, gt=0)
     first_token_s: float = Field(default=60.0, gt=0)
     idle_between_chunks_s: float = Field(default=30.0, gt=0)
     total_s: float = Field(default=600.0, gt=0)
@@ -144,6 +153,9 @@ class UpstreamSettings(_Section):
     models: tuple[str, ...] = ()
     #: Requests in flight at once from one llm_proxy replica; 0 = unlimited.
     max_concurrency: int = Field(default=0, ge=0)
+    #: Connections one llm_proxy replica opens to this upstream (one per request being
+    #: answered); 0 = `max_concurrency` when that is set, else DEFAULT_MAX_CONNECTIONS.
+    max_connections: int = Field(default=0, ge=0)
     #: Requests and tokens per minute, shared by all replicas through Redis; 0 = unlimited.
     rpm: int = Field(default=0, ge=0)
     tpm: int = Field(default=0, ge=0)
@@ -171,6 +183,11 @@ class UpstreamSettings(_Section):
         if not self.model and not self.models:
             raise ValueError(f"upstream {self.name!r} serves no model: set model or models")
         return self
+
+    @property
+    def pool_size(self) -> int:
+        """The connection pool's size, defaults applied."""
+        return self.max_connections or self.max_concurrency or DEFAULT_MAX_CONNECTIONS
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -384,6 +401,10 @@ class ExecutorSettings(_Section):
     #: Expiry of a turn's session lease (Redis), renewed at a third of it while the
     #: turn runs: a crashed executor's sessions take new turns after at most this long.
     turn_lease_ttl_s: float = Field(default=15.0, ge=3)
+    #: Turns one executor replica runs at once; more wait to start, first come first
+    #: served, up to `max_queued_turns`; past that a turn is refused RESOURCE_EXHAUSTED.
+    max_running_turns: int = Field(default=1024, ge=1)
+    max_queued_turns: int = Field(default=1024, ge=0)
     #: Offer the built-in tools (read_file, write_file, list_dir, search_text) to the
     #: model. Off by default: the upstream must support tool calls.
     tools_enabled: bool = False

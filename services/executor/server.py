@@ -18,6 +18,7 @@ from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import Runner
 from services.executor.tasks.service import ByAgentType, TaskService
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
+from services.executor.turns.admission import TurnQueue
 from services.executor.turns.drafts import Drafts, LocalDrafts, RedisDrafts
 from services.executor.turns.leases import TurnLeases
 from services.executor.turns.session_workspaces import SessionWorkspaces
@@ -76,7 +77,10 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         settings.executor.tasks.agent_types,
         _workspace_root(settings) / "tasks",
     )
-    servicer = ExecutorServicer(turns, task_service, pool, task_store)
+    queue = TurnQueue(
+        settings.executor.max_running_turns, settings.executor.max_queued_turns, events
+    )
+    servicer = ExecutorServicer(turns, task_service, pool, task_store, queue)
 
     def register(server: grpc.aio.Server) -> list[str]:
         executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)

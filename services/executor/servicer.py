@@ -18,6 +18,7 @@ from services.executor.tasks.records import (
 )
 from services.executor.tasks.service import TaskService
 from services.executor.tasks.store import TaskStore
+from services.executor.turns.admission import TurnQueue
 from services.executor.turns.turn import TurnRunner
 from threadline import errors
 from threadline.v1 import executor_pb2, executor_pb2_grpc
@@ -66,9 +67,15 @@ def _task_id(task_id: str) -> str:
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(
-        self, turns: TurnRunner, tasks: TaskService, pool: TaskPool, store: TaskStore
+        self,
+        turns: TurnRunner,
+        tasks: TaskService,
+        pool: TaskPool,
+        store: TaskStore,
+        queue: TurnQueue,
     ) -> None:
         self.turns = turns
+        self.queue = queue
         self.tasks = tasks
         self.pool = pool
         self.store = store
@@ -76,8 +83,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def RunTurn(
         self, request: executor_pb2.RunTurnRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
-        async for event in self.turns.run(request):
-            yield event
+        async with self.queue.place(request.tenant, request.session_id):
+            async for event in self.turns.run(request):
+                yield event
 
     async def SubmitTask(
         self, request: executor_pb2.TasksSubmitRequest, context: Context

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from services.llm_proxy.metrics import Waits
+
 
 class RateLimited(Exception):
     def __init__(self, upstream: str, limit: str, retry_after_s: float) -> None:
@@ -94,20 +96,24 @@ class UpstreamLimiter:
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
+        self.waits = Waits(self.upstream, "concurrency")
 
     @contextlib.asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[None]:
         """Hold capacity for one request of about `tokens` tokens (prompt + max output)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        if self._slots is not None:
+        if self._slots is not None and self._slots.locked():
             try:
                 # asyncio.timeout, not wait_for: with no wait allowed a free slot must
                 # still be taken (wait_for(..., 0) cancels before trying).
-                async with asyncio.timeout(self.max_wait_s):
-                    await self._slots.acquire()
+                with self.waits.waiting():
+                    async with asyncio.timeout(self.max_wait_s):
+                        await self._slots.acquire()
             except TimeoutError:
                 raise RateLimited(self.upstream, "concurrency", 1.0) from None
+        elif self._slots is not None:
+            await self._slots.acquire()
         try:
             if self.tpm:
                 await self._draw("tpm", tokens, self.tpm, deadline)

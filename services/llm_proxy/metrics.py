@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 from prometheus_client import Counter, Gauge, Histogram
 
 ATTEMPTS = Counter(
@@ -34,3 +38,36 @@ TOKENS = Counter(
 CIRCUIT_OPEN = Gauge(
     "threadline_llm_circuit_open", "1 while an upstream's circuit is open", ["upstream"]
 )
+WAITING = Gauge(
+    "threadline_llm_waiting_requests",
+    "Requests waiting for local capacity (resource: connection, concurrency)",
+    ["upstream", "resource"],
+)
+WAITED = Histogram(
+    "threadline_llm_wait_seconds",
+    "How long requests waited for local capacity (resource: connection, concurrency)",
+    ["upstream", "resource"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+class Waits:
+    """Queue depth and time waited for one resource of one upstream."""
+
+    def __init__(self, upstream: str, resource: str) -> None:
+        # Label children resolved once: a labels() lookup per request is measurable.
+        self._waiting = WAITING.labels(upstream, resource)
+        self._waited = WAITED.labels(upstream, resource)
+        self.depth = 0
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        self.depth += 1
+        self._waiting.inc()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self._waiting.dec()
+            self._waited.observe(time.perf_counter() - started)

@@ -393,7 +393,7 @@ class ChatProxy:
             )
         if isinstance(last, RateLimited):
             return errors.ResourceExhausted(
-                f"every upstream of {route!r} is at its rate limit",
+                f"every upstream of {route!r} is at its {last.limit} limit",
                 retry_after_s=last.retry_after_s,
                 details={"limit": last.limit, "upstream": last.upstream},
             )
@@ -455,7 +455,7 @@ class ChatProxy:
         tokens = _estimate_prompt_tokens(request) + (request.max_tokens or 512)
         async with upstream.limiter.slot(tokens):
             try:
-                async with asyncio.timeout(settings.timeouts.total_s):
+                async with asyncio.timeout(settings.timeouts.total_s) as total:
                     async for batch in Batches(upstream.client.stream(body)):
                         first = answer.deltas == 0
                         for chunk in _relayed(answer, batch):
@@ -465,6 +465,8 @@ class ChatProxy:
                                 time.perf_counter() - answer.started
                             )
             except TimeoutError:
+                if not total.expired():
+                    raise  # not the answer's total time: someone else's timeout
                 raise UpstreamFailure(
                     "total_timeout",
                     f"answer took longer than {settings.timeouts.total_s:g}s",

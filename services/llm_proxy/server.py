@@ -35,9 +35,10 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     if settings.redis_url:
         redis_client = connect_redis(settings.redis_url)
         buckets = RedisBuckets(redis_client)
+    events = EventPublisher(bus, SERVICE)
     upstreams = {
         u.name: UpstreamRuntime(
-            client=Upstream.create(u),
+            client=Upstream.create(u, events),
             limiter=UpstreamLimiter(
                 u.name,
                 buckets,
@@ -55,7 +56,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     proxy = ChatProxy(
         Router(llm, upstreams),
         RetryPolicy.from_settings(llm.retry),
-        EventPublisher(bus, SERVICE),
+        events,
     )
 
     def register(server: grpc.aio.Server) -> list[str]:

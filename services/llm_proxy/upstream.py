@@ -28,9 +28,11 @@ from services.llm_proxy.openai_wire import (
     ToolDelta,
     parse_chunk,
 )
+from services.llm_proxy.pool import ConnectionSlots
 from services.llm_proxy.sse import SseParser
 from threadline.config import UpstreamSettings
 from threadline.errors import FailedPrecondition
+from threadline.events import EventPublisher
 from threadline.logs import get_logger
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -116,9 +118,13 @@ class Upstream:
 
     settings: UpstreamSettings
     client: aiohttp.ClientSession
+    #: One per request being answered, first come first served (`pool`).
+    connections: ConnectionSlots
+    #: Where waits for a connection are reported (`llm.pool_wait`).
+    events: EventPublisher | None = None
 
     @classmethod
-    def create(cls, settings: UpstreamSettings) -> Upstream:
+    def create(cls, settings: UpstreamSettings, events: EventPublisher | None = None) -> Upstream:
         """Build the client; call with the event loop running."""
         headers = {}
         if settings.api_key_env:
@@ -132,17 +138,23 @@ class Upstream:
             if key:  # set but empty: an upstream that needs no key (Ollama, llama.cpp)
                 headers["Authorization"] = f"Bearer {key}"
         timeouts = settings.timeouts
+        size = settings.pool_size
         client = aiohttp.ClientSession(
             headers=headers,
             # Read waits are bounded by the first-token and idle timers below, per read.
-            timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect_s),
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=0),
+            # `connect` would include a wait for a pooled connection; that wait is
+            # `connections`' own, and a request holding a slot never waits in here.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=timeouts.connect_s, sock_connect=timeouts.connect_s
+            ),
+            connector=aiohttp.TCPConnector(limit=size, limit_per_host=0),
             # No proxy variables, no cookies: the upstream is a fixed internal server.
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=True,
         )
-        return cls(settings, client)
+        slots = ConnectionSlots(settings.name, size, timeouts.pool_wait_s)
+        return cls(settings, client, slots, events)
 
     @property
     def name(self) -> str:
@@ -162,12 +174,16 @@ class Upstream:
         deltas are merged: a fast upstream costs one relayed message per read, not
         per token, while a slow one still gets every token through at once.
         """
-        # Taken before the request is sent: the first token is due this long after it.
-        first_token_deadline = (
-            asyncio.get_running_loop().time() + self.settings.timeouts.first_token_s
-        )
         try:
             async with contextlib.AsyncExitStack() as exits:
+                waited = await exits.enter_async_context(self.connections.hold())
+                if waited:
+                    self._report_wait(body, waited)
+                # Taken before the request is sent (after any wait for a connection):
+                # the first token is due this long after it.
+                first_token_deadline = (
+                    asyncio.get_running_loop().time() + self.settings.timeouts.first_token_s
+                )
                 response = await self._open(body, exits)
                 # Keep-alives do not move it: the first token has its own deadline.
                 watchdog = _ReadWatchdog(first_token_deadline)
@@ -176,6 +192,20 @@ class Upstream:
                     yield event
         except (aiohttp.ClientError, OSError) as exc:
             raise self._transport_failure(exc) from None
+
+    def _report_wait(self, body: dict[str, object], waited: float) -> None:
+        """A request that had to wait for a connection: how long, and how many still do."""
+        model, waiting = str(body.get("model", "")), self.connections.waits.depth
+        size, waited_s = self.connections.size, round(waited, 3)
+        if self.events is not None:
+            self.events.emit(
+                "llm.pool_wait",
+                upstream=self.name,
+                model=model,
+                waited_s=waited_s,
+                pool_size=size,
+                waiting=waiting,
+            )
 
     async def _open(
         self, body: dict[str, object], exits: contextlib.AsyncExitStack
@@ -187,6 +217,9 @@ class Upstream:
             # caller past the first-token deadline (no read timeout is set).
             async with asyncio.timeout(first_token_s):
                 response = await exits.enter_async_context(self.client.post(self.url, json=body))
+        except aiohttp.ServerTimeoutError as exc:
+            # aiohttp's own connect timeout is a TimeoutError too: not the first token's.
+            raise self._transport_failure(exc) from None
         except TimeoutError:
             raise UpstreamFailure(
                 "first_token_timeout",
@@ -262,14 +295,27 @@ class Upstream:
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             connect_s = self.settings.timeouts.connect_s
             return UpstreamFailure(
-                "connect_timeout", f"no connection within {connect_s:g}s", retryable=True
+                "connect_timeout",
+                f"could not connect to upstream {self.name!r} within {connect_s:g}s",
+                retryable=True,
             )
-        if isinstance(
-            exc,
-            aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientOSError,
-        ):
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            # aiohttp words a body cut short as its parser's error (e.g.
+            # "<TransferEncodingError: 400, message='Not enough data...'>"): that 400 is
+            # aiohttp's, not a status the upstream sent, so it is not repeated here.
+            _log.info("llm.stream_cut", upstream=self.name, error=str(exc))
             return UpstreamFailure(
-                "reset", f"connection broken: {exc or type(exc).__name__}", retryable=True
+                "reset",
+                f"upstream {self.name!r} closed the connection mid-answer "
+                "(the streamed response ended before its end)",
+                retryable=True,
+            )
+        if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+            return UpstreamFailure(
+                "reset",
+                f"upstream {self.name!r} closed or reset the connection "
+                f"({type(exc).__name__})",
+                retryable=True,
             )
         _log.warning("llm.transport_failed", upstream=self.name, error=str(exc))
         return UpstreamFailure(

@@ -6,16 +6,24 @@ no answer, and every retry adds another. So whatever a turn can be refused for
 up front is checked first: its options' ranges (`check_options`), its model
 against what llm_proxy serves (`ModelCatalog`), the session's owner (by the
 turn itself, with the session read).
+
+Turns beyond what the executor runs at once wait their turn in a bounded
+first-come-first-served queue (`TurnQueue`); a turn that finds the queue full
+is refused RESOURCE_EXHAUSTED with a retry delay before it touches anything.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Callable, Collection
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Protocol
 
 from threadline import errors
+from threadline.events import EventPublisher
 from threadline.logs import get_logger
 from threadline.v1 import executor_pb2, llm_pb2
 
@@ -121,3 +129,83 @@ def _listing(known: Collection[str]) -> str:
     names = sorted(known)
     shown = ", ".join(names[:_LISTED])
     return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+class TurnQueue:
+    """Turns running at once on this executor, and those waiting to start, in order.
+
+    A finished turn hands its place straight to the longest-waiting one, so a turn
+    that arrives later never overtakes a waiting one. The queue is bounded: a turn
+    that finds it full is refused at once with a retry delay of about how long a
+    place takes to free (the recent turn duration over the turns running).
+    """
+
+    def __init__(
+        self, max_running: int, max_queued: int, events: EventPublisher | None = None
+    ) -> None:
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self._events = events
+        self.running = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        #: Moving average of how long a turn holds its place (seconds).
+        self._turn_s = 1.0
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @contextlib.asynccontextmanager
+    async def place(self, tenant: str, session_id: str) -> AsyncIterator[float]:
+        """A running place for the turn of the block; yields the seconds waited for it."""
+        started = time.perf_counter()
+        if self.running < self.max_running and not self._waiting:
+            self.running += 1
+        else:
+            self._refuse_when_full()
+            if self._events is not None:
+                self._events.emit(
+                    "turn.queued",
+                    tenant=tenant,
+                    session_id=session_id,
+                    position=len(self._waiting) + 1,
+                    running=self.running,
+                )
+            await self._wait()
+        held_from = time.perf_counter()
+        try:
+            yield held_from - started
+        finally:
+            self._turn_s += (time.perf_counter() - held_from - self._turn_s) / 16
+            self._release()
+
+    def _refuse_when_full(self) -> None:
+        if len(self._waiting) >= self.max_queued:
+            retry_after = min(max(self._turn_s * self.max_queued / self.max_running, 1.0), 30.0)
+            raise errors.ResourceExhausted(
+                f"the executor is running {self.running} turns and {len(self._waiting)} "
+                "more are waiting to start (executor.max_running_turns, "
+                "executor.max_queued_turns); retry the turn later",
+                retry_after_s=retry_after,
+                details={"limit": "turn_queue"},
+            )
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter  # the place is handed over already counted (see `_release`)
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a place just as the caller left: pass it on
+            else:
+                self._waiting.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.running -= 1
