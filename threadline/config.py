@@ -314,6 +314,9 @@ class MemorySettings(_Section):
     duty_cycle: float = Field(default=0.1, gt=0, le=1)
     #: How often idle sessions are looked for.
     scan_interval_s: float = Field(default=30, gt=0)
+    #: How often a replica asks the session service for deleted sessions whose memory
+    #: it has not erased yet (docs/sessions.md, Erasure).
+    erasure_poll_s: float = Field(default=5.0, gt=0)
     #: Per-session lease (Redis) while a replica works on it; renewed at a third of this.
     lease_ttl_s: float = Field(default=30, gt=0)
     #: A job delivered to a replica that has not touched it for this long is taken
@@ -412,6 +415,9 @@ class ExecutorSettings(_Section):
     max_iterations: int = Field(default=8, ge=1, le=100)
     #: Per-session workspaces live under this directory; empty = `<data_dir>/workspaces`.
     workspace_root: str = ""
+    #: How often a replica asks the session service for deleted sessions and removes
+    #: their workspaces (docs/sessions.md, Erasure).
+    erasure_poll_s: float = Field(default=5.0, gt=0)
     tool_rules: tuple[ToolRule, ...] = (ToolRule(path="", permission="write"),)
     max_file_bytes: int = Field(default=1_000_000, gt=0)
     max_tool_output_chars: int = Field(default=16_000, gt=0)

@@ -113,10 +113,48 @@ class SessionClient(_Peer):
             )
         )
 
-    async def delete(self, tenant: str, session_id: str) -> None:
-        await unary(
-            self.stub.Delete(session_pb2.DeleteRequest(tenant=tenant, session_id=session_id))
+    async def delete(
+        self, tenant: str, session_id: str, *, with_descendants: bool = False
+    ) -> builtins.list[str]:
+        """Delete the session (and its descendants when asked); the ids deleted."""
+        response = await unary(
+            self.stub.Delete(
+                session_pb2.DeleteRequest(
+                    tenant=tenant, session_id=session_id, with_descendants=with_descendants
+                )
+            )
         )
+        return list(response.deleted_session_ids)
+
+    async def list_derived(self, tenant: str, session_id: str) -> session_pb2.SessionList:
+        return await unary(
+            self.stub.ListDerived(
+                session_pb2.ListDerivedRequest(tenant=tenant, session_id=session_id)
+            )
+        )
+
+    async def erase_tenant(self, tenant: str) -> session_pb2.EraseTenantResponse:
+        return await unary(self.stub.EraseTenant(session_pb2.EraseTenantRequest(tenant=tenant)))
+
+    async def pending_erasures(
+        self, owner: str, limit: int = 0
+    ) -> builtins.list[session_pb2.Erasure]:
+        response = await unary(
+            self.stub.PendingErasures(session_pb2.PendingErasuresRequest(owner=owner, limit=limit))
+        )
+        return list(response.erasures)
+
+    async def acknowledge_erasure(
+        self, owner: str, session_id: str, removed: dict[str, int]
+    ) -> bool:
+        response = await unary(
+            self.stub.AcknowledgeErasure(
+                session_pb2.AcknowledgeErasureRequest(
+                    owner=owner, session_id=session_id, removed=removed
+                )
+            )
+        )
+        return response.completed
 
     async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
         response = await unary(

@@ -89,4 +89,16 @@ MIGRATIONS = [
         "CREATE UNIQUE INDEX memory_jobs_one_active ON memory_jobs (tenant, session_id, kind) "
         f"WHERE state IN ({_QUEUED}, {_RUNNING})",
     ],
+    [
+        # Sessions erased here (their session was deleted): no write for them lands
+        # after the erasure, whatever job was still running. Ids only.
+        """
+    CREATE TABLE memory_erased_sessions (
+        tenant TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        erased_at BIGINT NOT NULL,
+        PRIMARY KEY (tenant, session_id)
+    )
+    """,
+    ],
 ]

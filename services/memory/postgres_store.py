@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from asyncpg.pool import PoolConnectionProxy
 
 from services.memory.postgres_schema import MIGRATIONS
-from services.memory.store import Activity, Item, SessionMemory, now_us
+from services.memory.store import Activity, Item, SessionMemory, erased_session, now_us
 from threadline.errors import Aborted, Unavailable
 from threadline.postgres import UNREACHABLE, PostgresDatabase
 from threadline.v1 import memory_pb2
@@ -23,6 +23,14 @@ from threadline.v1 import memory_pb2
 _ACTIVITY_COLUMNS = "tenant, session_id, model, prompt_tokens, context_window, last_active"
 _QUEUED, _RUNNING = memory_pb2.JOB_STATE_QUEUED, memory_pb2.JOB_STATE_RUNNING
 _ACTIVE = f"state IN ({_QUEUED}, {_RUNNING})"
+#: What an erasure removes, as (kind it is counted as, table).
+_ERASED_TABLES = (
+    ("summaries", "memories"),
+    ("history", "memory_history"),
+    ("items", "memory_items"),
+    ("activity", "memory_activity"),
+    ("jobs", "memory_jobs"),
+)
 #: Tries of put_job_if_none_active: each either inserts or finds the active job,
 #: unless that job finished in between; twice running is already rare.
 _SUBMIT_TRIES = 3
@@ -86,6 +94,43 @@ class PostgresMemoryStore:
         return SessionMemory("", 0) if row is None else SessionMemory(*row)
 
     @staticmethod
+    async def _erased(conn: PoolConnectionProxy, tenant: str, session_id: str) -> bool:
+        """Whether the session was erased, under a lock its erasure takes too: a write
+        that asks this in its transaction either commits before the erasure (which
+        then removes it) or sees the tombstone and writes nothing."""
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))",
+            tenant,
+            session_id,
+        )
+        found = await conn.fetchval(
+            "SELECT 1 FROM memory_erased_sessions WHERE tenant = $1 AND session_id = $2",
+            tenant,
+            session_id,
+        )
+        return found is not None
+
+    async def erase(self, tenant: str, session_id: str) -> dict[str, int]:
+        removed: dict[str, int] = {}
+        async with self._connection(transaction=True) as conn:
+            await self._erased(conn, tenant, session_id)  # the lock
+            await conn.execute(
+                "INSERT INTO memory_erased_sessions VALUES ($1, $2, $3) "
+                "ON CONFLICT (tenant, session_id) DO NOTHING",
+                tenant,
+                session_id,
+                now_us(),
+            )
+            for kind, table in _ERASED_TABLES:
+                status = await conn.execute(
+                    f"DELETE FROM {table} WHERE tenant = $1 AND session_id = $2",
+                    tenant,
+                    session_id,
+                )
+                removed[kind] = int(status.split()[-1])
+        return removed
+
+    @staticmethod
     async def _ensure_row(conn: PoolConnectionProxy, tenant: str, session_id: str) -> None:
         """The session's row exists, for the UPDATE that follows."""
         await conn.execute(
@@ -108,6 +153,8 @@ class PostgresMemoryStore:
     ) -> None:
         now = now_us()
         async with self._connection(transaction=True) as conn:
+            if await self._erased(conn, tenant, session_id):
+                return
             await self._ensure_row(conn, tenant, session_id)
             await conn.execute(
                 "UPDATE memories SET summary = $1, next_offset = $2, consolidate_failures = 0, "
@@ -132,6 +179,8 @@ class PostgresMemoryStore:
 
     async def count_failure(self, tenant: str, session_id: str, kind: str, head: str = "") -> int:
         async with self._connection(transaction=True) as conn:
+            if await self._erased(conn, tenant, session_id):
+                return 0
             await self._ensure_row(conn, tenant, session_id)
             if kind == "compact":
                 count = await conn.fetchval(
@@ -163,7 +212,9 @@ class PostgresMemoryStore:
     async def start_compacted(
         self, tenant: str, session_id: str, *, size: int, summary_messages: int
     ) -> None:
-        async with self._connection() as conn:
+        async with self._connection(transaction=True) as conn:
+            if await self._erased(conn, tenant, session_id):
+                return
             await conn.execute(
                 "INSERT INTO memories (tenant, session_id, summary, next_offset, updated_at, "
                 "extract_offset, compacted_size) VALUES ($1, $2, '', $3, $4, 0, $5) "
@@ -180,7 +231,9 @@ class PostgresMemoryStore:
     # -- activity ----------------------------------------------------------------
 
     async def record_activity(self, activity: Activity) -> None:
-        async with self._connection() as conn:
+        async with self._connection(transaction=True) as conn:
+            if await self._erased(conn, activity.tenant, activity.session_id):
+                return
             await conn.execute(
                 f"INSERT INTO memory_activity ({_ACTIVITY_COLUMNS}) "
                 "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, session_id) "
@@ -242,6 +295,8 @@ class PostgresMemoryStore:
     ) -> None:
         now = now_us()
         async with self._connection(transaction=True) as conn:
+            if await self._erased(conn, tenant, session_id):
+                return
             await self._ensure_row(conn, tenant, session_id)
             await conn.executemany(
                 "INSERT INTO memory_items VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
@@ -274,7 +329,9 @@ class PostgresMemoryStore:
     # -- jobs --------------------------------------------------------------------
 
     async def put_job(self, job: memory_pb2.Job) -> None:
-        async with self._connection() as conn:
+        async with self._connection(transaction=True) as conn:
+            if await self._erased(conn, job.tenant, job.session_id):
+                return  # a job that outlived its session: its record must not come back
             await conn.execute(
                 "INSERT INTO memory_jobs (id, kind, tenant, session_id, state, head, record) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET "
@@ -285,15 +342,18 @@ class PostgresMemoryStore:
     async def put_job_if_none_active(self, job: memory_pb2.Job) -> memory_pb2.Job:
         async with self._connection() as conn:
             for _ in range(_SUBMIT_TRIES):
-                # A concurrent insert of the same (tenant, session, kind) makes this one
-                # wait for it to commit, then do nothing: the other replica's job is it.
-                inserted = await conn.fetchval(
-                    "INSERT INTO memory_jobs (id, kind, tenant, session_id, state, head, record) "
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
-                    f"ON CONFLICT (tenant, session_id, kind) WHERE {_ACTIVE} DO NOTHING "
-                    "RETURNING id",
-                    *_job_args(job),
-                )
+                async with conn.transaction():
+                    if await self._erased(conn, job.tenant, job.session_id):
+                        raise erased_session(job.session_id)
+                    # A concurrent insert of the same (tenant, session, kind) makes this
+                    # one wait for it to commit, then do nothing: the other's job is it.
+                    inserted = await conn.fetchval(
+                        "INSERT INTO memory_jobs (id, kind, tenant, session_id, state, head, "
+                        "record) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                        f"ON CONFLICT (tenant, session_id, kind) WHERE {_ACTIVE} DO NOTHING "
+                        "RETURNING id",
+                        *_job_args(job),
+                    )
                 if inserted is not None:
                     return job
                 active = await self._active_job(conn, job.tenant, job.session_id, job.kind)

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from services.memory.compaction import Compactor
 from services.memory.consolidation import Consolidator, SummaryModel
+from services.memory.erasure import memory_erasures
 from services.memory.extraction import Extractor
 from services.memory.jobs import JobSettings, MemoryJobs
 from services.memory.pacing import Pacer, TurnActivity
@@ -60,7 +61,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         settings=_job_settings(config),
         worker=worker,
     )
-    register = _registrar(_servicer(config, jobs, store, turns))
+    register = _registrar(_servicer(config, jobs, store, turns, sessions))
     host, _ = build_server(
         SERVICE,
         register,
@@ -74,7 +75,10 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host.on_stop(sessions.close)
     host.on_stop(store.close)
     host.on_stop(jobs.stop)
+    erasures = memory_erasures(store, sessions, config.erasure_poll_s)
+    host.on_stop(erasures.stop)
     await jobs.start()
+    erasures.start()
     return host
 
 
@@ -176,11 +180,16 @@ def _job_settings(config: MemorySettings) -> JobSettings:
 
 
 def _servicer(
-    config: MemorySettings, jobs: MemoryJobs, store: MemoryStore, turns: TurnActivity
+    config: MemorySettings,
+    jobs: MemoryJobs,
+    store: MemoryStore,
+    turns: TurnActivity,
+    sessions: SessionClient,
 ) -> MemoryServicer:
     return MemoryServicer(
         jobs,
         store,
+        sessions,
         # A waiting caller gets the answer even when the job first waits for a lease
         # and, while turns run, rests between its steps (rests are not in the timeout).
         wait_timeout_s=config.job_timeout_s / config.duty_cycle + 2 * config.lease_ttl_s,

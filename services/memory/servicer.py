@@ -12,6 +12,7 @@ from services.memory.recall import recall
 from services.memory.store import MemoryStore
 from threadline import errors
 from threadline.ids import validate_memory_job_id, validate_session_id
+from threadline.peer_protocols import SessionGetter
 from threadline.v1 import common_pb2, memory_pb2, memory_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -30,6 +31,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self,
         jobs: MemoryJobs,
         store: MemoryStore,
+        sessions: SessionGetter,
         *,
         wait_timeout_s: float,
         recall_budget_tokens: int,
@@ -37,6 +39,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
     ) -> None:
         self.jobs = jobs
         self.store = store
+        #: Every call about a session asks the session service first: a deleted
+        #: session is NOT_FOUND here at once, not only after memory erased it.
+        self.sessions = sessions
         self.wait_timeout_s = wait_timeout_s
         self.recall_budget_tokens = recall_budget_tokens
         #: Every turn recalls first: background jobs give way while turns run.
@@ -46,6 +51,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self, request: memory_pb2.RecordActivityRequest, context: Context
     ) -> memory_pb2.RecordActivityResponse:
         _check(request.tenant, request.session_id)
+        await self.sessions.get(request.tenant, request.session_id)
         if request.prompt_tokens < 0 or request.context_window_tokens < 0:
             raise errors.InvalidArgument("prompt_tokens and context_window_tokens must be >= 0")
         return await self.jobs.record_activity(request)
@@ -54,6 +60,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self, request: memory_pb2.ConsolidateRequest, context: Context
     ) -> memory_pb2.ConsolidateResponse:
         _check(request.tenant, request.session_id)
+        await self.sessions.get(request.tenant, request.session_id)
         job = await self._run(
             request.tenant, request.session_id, "consolidate", "request", request.model, True
         )
@@ -81,9 +88,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
     async def GetJob(self, request: memory_pb2.GetJobRequest, context: Context) -> memory_pb2.Job:
         validate_memory_job_id(request.job_id)
         job = await self.jobs.job(request.job_id)
-        # Another tenant's job does not exist, as far as this caller can tell.
+        missing = errors.NotFound(f"memory job {request.job_id!r} not found")
+        # Another tenant's job does not exist, as far as this caller can tell; nor
+        # does the job of a deleted session, even before memory has erased it.
         if job is None or job.tenant != request.tenant:
-            raise errors.NotFound(f"memory job {request.job_id!r} not found")
+            raise missing
+        try:
+            await self.sessions.get(job.tenant, job.session_id)
+        except errors.NotFound:
+            raise missing from None
         return job
 
     async def Recall(
@@ -93,6 +106,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.turns.seen()
         if request.budget_tokens < 0:
             raise errors.InvalidArgument("budget_tokens must be >= 0")
+        await self.sessions.get(request.tenant, request.session_id)
         memory = await self.store.get(request.tenant, request.session_id)
         items = await self.store.items(request.tenant, request.session_id)
         recalled = recall(
@@ -125,6 +139,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             raise errors.InvalidArgument(
                 f"unknown trigger {trigger[:40]!r}; expected one of {', '.join(_TRIGGERS)}"
             )
+        await self.sessions.get(request.tenant, request.session_id)
         return await self._run(
             request.tenant, request.session_id, kind, trigger, request.model, request.wait
         )

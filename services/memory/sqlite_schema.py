@@ -103,4 +103,16 @@ MIGRATIONS = [
         f"CREATE UNIQUE INDEX jobs_one_active ON jobs (tenant, session_id, kind) "
         f"WHERE state IN ({_QUEUED}, {_RUNNING})",
     ],
+    [
+        # Sessions erased here (their session was deleted): no write for them lands
+        # after the erasure, whatever job was still running. Ids only.
+        """
+    CREATE TABLE erased_sessions (
+        tenant TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        erased_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, session_id)
+    )
+    """,
+    ],
 ]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from services.memory.sqlite_schema import MIGRATIONS
+from threadline.errors import NotFound
 from threadline.sqlite import SqliteDatabase, transaction
 from threadline.v1 import memory_pb2
 
@@ -162,6 +163,15 @@ class MemoryStore(Protocol):
         """A job of `kind` that already succeeded on this head (redelivery, duplicates)."""
         ...
 
+    async def erase(self, tenant: str, session_id: str) -> dict[str, int]:
+        """Remove everything kept of a deleted session (summary, history, items,
+        activity, job records) and refuse its writes from now on; idempotent.
+
+        Returns what went, by kind. Writes for an erased session are dropped (a job
+        still running when its session went) or NotFound (a new job).
+        """
+        ...
+
     async def close(self) -> None:
         """Release the backend; safe to call more than once."""
         ...
@@ -183,6 +193,46 @@ def _get(conn: sqlite3.Connection, tenant: str, session_id: str) -> SessionMemor
     return SessionMemory(summary, offset, extract_offset, c_failures, k_failures, failed_head, size)
 
 
+def _erased(conn: sqlite3.Connection, tenant: str, session_id: str) -> bool:
+    """Whether the session was erased: then nothing of it may be written again. Asked
+    inside each write's transaction, on the one writer thread, so no write slips in
+    after an erasure."""
+    row = conn.execute(
+        "SELECT 1 FROM erased_sessions WHERE tenant = ? AND session_id = ?",
+        (tenant, session_id),
+    ).fetchone()
+    return row is not None
+
+
+#: What an erasure removes, as (kind it is counted as, table).
+ERASED_TABLES = (
+    ("summaries", "memories"),
+    ("history", "memory_history"),
+    ("items", "items"),
+    ("activity", "activity"),
+    ("jobs", "jobs"),
+)
+
+
+def _erase(conn: sqlite3.Connection, tenant: str, session_id: str) -> dict[str, int]:
+    removed: dict[str, int] = {}
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        conn.execute(
+            "INSERT OR IGNORE INTO erased_sessions VALUES (?, ?, ?)", (tenant, session_id, now_us())
+        )
+        for kind, table in ERASED_TABLES:
+            cursor = conn.execute(
+                f"DELETE FROM {table} WHERE tenant = ? AND session_id = ?", (tenant, session_id)
+            )
+            removed[kind] = cursor.rowcount
+    return removed
+
+
+def erased_session(session_id: str) -> NotFound:
+    # The session service's words for a missing session: an erased one is no different.
+    return NotFound(f"session {session_id} not found", details={"session_id": session_id})
+
+
 def _ensure_row(conn: sqlite3.Connection, tenant: str, session_id: str) -> None:
     conn.execute(
         "INSERT OR IGNORE INTO memories (tenant, session_id, summary, next_offset, updated_at) "
@@ -202,6 +252,8 @@ def _save_summary(
 ) -> None:
     now = now_us()
     with transaction(conn, "BEGIN IMMEDIATE"):
+        if _erased(conn, tenant, session_id):
+            return
         _ensure_row(conn, tenant, session_id)
         conn.execute(
             "UPDATE memories SET summary = ?, next_offset = ?, consolidate_failures = 0, "
@@ -227,6 +279,8 @@ def _count_failure(
     conn: sqlite3.Connection, tenant: str, session_id: str, kind: str, head: str
 ) -> int:
     with transaction(conn, "BEGIN IMMEDIATE"):
+        if _erased(conn, tenant, session_id):
+            return 0
         _ensure_row(conn, tenant, session_id)
         if kind == "compact":
             conn.execute(
@@ -263,6 +317,8 @@ def _start_compacted(
     conn: sqlite3.Connection, tenant: str, session_id: str, size: int, summary_messages: int
 ) -> None:
     with transaction(conn, "BEGIN IMMEDIATE"):
+        if _erased(conn, tenant, session_id):
+            return
         conn.execute(
             "INSERT INTO memories (tenant, session_id, summary, next_offset, updated_at, "
             "extract_offset, compacted_size) VALUES (?, ?, '', ?, ?, 0, ?) "
@@ -274,7 +330,9 @@ def _start_compacted(
 
 
 def _record_activity(conn: sqlite3.Connection, activity: Activity) -> None:
-    with transaction(conn):
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        if _erased(conn, activity.tenant, activity.session_id):
+            return
         conn.execute(
             "INSERT INTO activity (tenant, session_id, model, prompt_tokens, context_window, "
             "last_active) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, session_id) "
@@ -334,6 +392,8 @@ def _save_items(
 ) -> None:
     now = now_us()
     with transaction(conn, "BEGIN IMMEDIATE"):
+        if _erased(conn, tenant, session_id):
+            return
         _ensure_row(conn, tenant, session_id)
         for item in items:
             conn.execute(
@@ -361,7 +421,9 @@ def _save_items(
 
 
 def _put_job(conn: sqlite3.Connection, job: memory_pb2.Job) -> None:
-    with transaction(conn):
+    with transaction(conn, "BEGIN IMMEDIATE"):
+        if _erased(conn, job.tenant, job.session_id):
+            return  # a job that outlived its session: its record must not come back
         conn.execute(
             "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
             "state = excluded.state, head = excluded.head, record = excluded.record",
@@ -384,6 +446,8 @@ def _job_row(job: memory_pb2.Job) -> tuple[object, ...]:
 def _put_job_if_none_active(conn: sqlite3.Connection, job: memory_pb2.Job) -> memory_pb2.Job:
     # IMMEDIATE: another process's submit waits for this one, then finds its job.
     with transaction(conn, "BEGIN IMMEDIATE"):
+        if _erased(conn, job.tenant, job.session_id):
+            raise erased_session(job.session_id)
         active = _active_job(conn, job.tenant, job.session_id, job.kind)
         if active is not None:
             return active
@@ -522,3 +586,8 @@ class SqliteMemoryStore:
         self, tenant: str, session_id: str, kind: str, head: str
     ) -> memory_pb2.Job | None:
         return await self._db.run(_succeeded_job, tenant, session_id, kind, head)
+
+    # -- erasure -----------------------------------------------------------------
+
+    async def erase(self, tenant: str, session_id: str) -> dict[str, int]:
+        return await self._db.run(_erase, tenant, session_id)

@@ -6,9 +6,16 @@ the key: a session id can pass to another tenant (an import under the id of a
 deleted session), and the new owner must never find the old owner's files. The
 tenant's name itself never becomes a path.
 
-The session service announces deletions (`session.deleted`) and expiries
-(`session.expired`, retention) on the event bus; every executor replica keeps
-its own copy of a workspace, so every replica listens and removes its own.
+Two ways a workspace goes when its session is deleted or expires:
+
+- the erasure cascade (threadline/erasure_owner.py): the replica polls the session
+  service for deletions the executor has not acknowledged, removes the workspace
+  and acknowledges. Durable: a deletion waits in the session store until some
+  replica has done it, across crashes and restarts.
+- the events (`session.deleted`, `session.expired`): every executor replica keeps
+  its own copy of a workspace, so every replica also listens and removes its own
+  at once. This path is best effort (an event can be missed while a replica is
+  down); the cascade is what the executor acknowledges.
 """
 
 from __future__ import annotations
@@ -25,15 +32,20 @@ from pathlib import Path
 from services.executor.turns.tools import PerTenant, ToolBox
 from threadline import errors
 from threadline.cancellation import cancel_and_wait
+from threadline.erasure_owner import ErasureFollower, ErasureSource
 from threadline.events import EventBus, Subscription
 from threadline.ids import validate_session_id
 from threadline.logs import get_logger
+from threadline.v1 import session_pb2
 from threadline.v1.events_pb2 import LifecycleEvent
 
 log = get_logger(__name__)
 
 #: Session events after which the session's files must go.
 GONE = frozenset({"session.deleted", "session.expired"})
+
+#: The executor's name as an owner in the erasure cascade.
+OWNER = "executor"
 
 
 def tenant_key(tenant: str) -> str:
@@ -51,6 +63,7 @@ class SessionWorkspaces:
     max_file_bytes: int
     _subscription: Subscription | None = field(default=None, repr=False)
     _follower: asyncio.Task[None] | None = field(default=None, repr=False)
+    _erasures: ErasureFollower | None = field(default=None, repr=False)
 
     def directory(self, tenant: str, session_id: str) -> Path:
         if not tenant:
@@ -71,29 +84,47 @@ class SessionWorkspaces:
 
     def remove(self, tenant: str, session_id: str) -> bool:
         """Delete the session's workspace; False if there was none."""
+        return self.erase(tenant, session_id)["workspaces"] == 1
+
+    def erase(self, tenant: str, session_id: str) -> dict[str, int]:
+        """Delete the session's workspace; what went (workspaces 0 or 1, files)."""
         directory = self.directory(tenant, session_id)
         if not os.path.lexists(directory):
-            return False
+            return {"workspaces": 0, "files": 0}
+        files = sum(len(names) for _, _, names in os.walk(directory))
         # A tool still running (a turn that outlived its session) may add an entry
         # while the tree goes: try again. rmtree works through descriptors and never
         # follows a symlink out.
         for _ in range(3):
             shutil.rmtree(directory, ignore_errors=True)
             if not os.path.lexists(directory):
-                return True
+                return {"workspaces": 1, "files": files}
         raise OSError(errno.ENOTEMPTY, "the workspace could not be removed", session_id)
 
-    async def start(self, bus: EventBus) -> None:
-        """Remove workspaces as their sessions go, from now on. Subscribes before it
-        returns, so no deletion announced after the service starts is missed."""
+    async def start(self, bus: EventBus, erasures: ErasureSource, poll_s: float) -> None:
+        """Remove workspaces as their sessions go: the events from now on, and every
+        deletion the cascade holds for the executor, earlier ones included."""
         if self._follower is None:
             self._subscription = await bus.subscribe()
             self._follower = asyncio.create_task(
                 self._follow(self._subscription), name="session-workspaces"
             )
+        if self._erasures is None:
+            self._erasures = ErasureFollower(OWNER, erasures, self._erase, interval_s=poll_s)
+            self._erasures.start()
+
+    async def _erase(self, erasure: session_pb2.Erasure) -> dict[str, int]:
+        # A failure raises: the erasure stays pending and the next pass tries again.
+        removed = await asyncio.to_thread(self.erase, erasure.tenant, erasure.session_id)
+        if removed["workspaces"]:
+            log.info("workspace.removed", session_id=erasure.session_id, reason="erasure")
+        return removed
 
     async def stop(self) -> None:
         """Stop listening; safe to call twice."""
+        if self._erasures is not None:
+            await self._erasures.stop()
+            self._erasures = None
         # The subscription first: its reader checks that flag between reads, while a
         # cancellation alone can be swallowed by the Redis client mid-read
         # (threadline/cancellation.py) and the stop would wait forever.
