@@ -149,6 +149,12 @@ class GatewayClient:
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         """Stream one turn: started, deltas, then done. Leaving the loop cancels the turn."""
         options = executor_pb2.TurnOptions(model=model, max_tokens=max_tokens)
+    async def delete_task(self, task_id: str) -> executor_pb2.TasksDeleted:
+        """Removes the task, its output log and its workspace; one that has not ended is
+        cancelled first (FailedPrecondition if it is still running after that)."""
+        request = gateway_pb2.DeleteTaskRequest(task_id=task_id)
+        return await unary(self._stub.DeleteTask(request, metadata=self._metadata))
+
         if temperature is not None:
             options.temperature = temperature
         request = gateway_pb2.ConverseRequest(session_id=session_id, input=text, options=options)

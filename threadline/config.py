@@ -402,6 +402,12 @@ class ExecutorSettings(_Section):
     context_budget_tokens: int = Field(default=4096, gt=0)
     max_output_tokens: int = Field(default=512, gt=0)
     #: Expiry of a turn's session lease (Redis), renewed at a third of it while the
+    #: Ended tasks (record, output log, workspace) are removed this many seconds after
+    #: they ended; 0 keeps them until deleted.
+    retention_s: float = Field(default=0, ge=0)
+    #: How often each replica sweeps: expired tasks, then task workspaces no stored
+    #: task names (deleted through another replica).
+    sweep_s: float = Field(default=60, gt=0)
     #: turn runs: a crashed executor's sessions take new turns after at most this long.
     turn_lease_ttl_s: float = Field(default=15.0, ge=3)
     #: Turns one executor replica runs at once; more wait to start, first come first

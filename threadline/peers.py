@@ -266,6 +266,17 @@ class ExecutorClient(_Peer):
             self.stub.CancelTask(executor_pb2.TasksCancelRequest(tenant=tenant, task_id=task_id))
         )
 
+    async def delete_task(self, tenant: str, task_id: str) -> executor_pb2.TasksDeleted:
+        return await unary(
+            self.stub.DeleteTask(executor_pb2.TasksDeleteRequest(tenant=tenant, task_id=task_id))
+        )
+
+    async def delete_tenant_tasks(self, tenant: str) -> executor_pb2.TasksDeleted:
+        """Every task of the tenant; call again while `still_running` is not 0."""
+        return await unary(
+            self.stub.DeleteTenantTasks(executor_pb2.DeleteTenantTasksRequest(tenant=tenant))
+        )
+
     def watch_task(
         self, tenant: str, task_id: str, *, timeout: float | None = None
     ) -> grpc.aio.UnaryStreamCall[executor_pb2.TasksWatchRequest, executor_pb2.TaskLogEntry]:

@@ -13,12 +13,14 @@ from services.executor.servicer import ExecutorServicer
 from services.executor.tasks.classifier import AgentType, Classifier
 from services.executor.tasks.command_runner import CommandRunner
 from services.executor.tasks.local_runner import LocalRunner
+from services.executor.tasks.erasure import TaskErasure
 from services.executor.tasks.pool import TaskPool
 from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import Runner
 from services.executor.tasks.service import ByAgentType, TaskService
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
 from services.executor.turns.admission import TurnQueue
+from services.executor.tasks.workspaces import TaskWorkspaces
 from services.executor.turns.drafts import Drafts, LocalDrafts, RedisDrafts
 from services.executor.turns.leases import TurnLeases
 from services.executor.turns.session_workspaces import SessionWorkspaces
@@ -75,7 +77,17 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         pool,
         _classifier(settings.executor.tasks, llm),
         settings.executor.tasks.agent_types,
-        _workspace_root(settings) / "tasks",
+    task_workspaces = TaskWorkspaces(_workspace_root(settings) / "tasks")
+    erasure = TaskErasure(
+        task_store,
+        pool,
+        task_workspaces,
+        events,
+        retention_s=settings.executor.tasks.retention_s,
+        sweep_s=settings.executor.tasks.sweep_s,
+    )
+        task_workspaces,
+        erasure,
     )
     queue = TurnQueue(
         settings.executor.max_running_turns, settings.executor.max_queued_turns, events
@@ -99,6 +111,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     await workspaces.start(bus, sessions, settings.executor.erasure_poll_s)
     # Closers run last-registered first: partial answers are stored before peers close.
     host.on_stop(sessions.close)
+    erasure.start()
     host.on_stop(memory.close)
     host.on_stop(llm.close)
     if redis_client is not None:
@@ -111,6 +124,8 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host.on_drain(pool.stop)
     host.on_drain(turns.shutdown)
     host.on_hurry(turns.hurry)
+    # Before the store closes (closers run last-registered first).
+    host.on_stop(erasure.stop)
     return host
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
+from services.executor.tasks.erasure import Erased
 from services.executor.tasks.pool import TaskPool
 from services.executor.tasks.records import (
     LIST_LIMIT_DEFAULT,
@@ -131,3 +132,25 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     ) -> AsyncIterator[executor_pb2.TaskLogEntry]:
         async for seq, line in self.pool.watch(request.tenant, _task_id(request.task_id)):
             yield executor_pb2.TaskLogEntry(seq=seq, json=line)
+
+    async def DeleteTask(
+        self, request: executor_pb2.TasksDeleteRequest, context: Context
+    ) -> executor_pb2.TasksDeleted:
+        erased = await self.tasks.erasure.delete(request.tenant, _task_id(request.task_id))
+        return _deleted_proto(erased)
+
+    async def DeleteTenantTasks(
+        self, request: executor_pb2.DeleteTenantTasksRequest, context: Context
+    ) -> executor_pb2.TasksDeleted:
+        if not request.tenant:
+            raise errors.InvalidArgument("tenant is required")
+        return _deleted_proto(await self.tasks.erasure.delete_tenant(request.tenant))
+
+
+def _deleted_proto(erased: Erased) -> executor_pb2.TasksDeleted:
+    return executor_pb2.TasksDeleted(
+        tasks=erased.tasks,
+        log_lines=erased.log_lines,
+        workspaces=erased.workspaces,
+        still_running=erased.still_running,
+    )

@@ -78,6 +78,10 @@ def settings(
     )
 
 
+def on_disk(path: str | Path) -> bool:
+    return os.path.lexists(path)
+
+
 async def finished(client: GatewayClient, task_id: str) -> executor_pb2.Task:
     async def terminal() -> executor_pb2.Task | None:
         task = await client.get_task(task_id)
@@ -212,3 +216,49 @@ async def test_bad_task_input_names_the_problem(gateway: GatewayClient) -> None:
         await gateway.submit_task("x", agent_type="echo", workspace="../etc")
     with pytest.raises(errors.InvalidArgument, match="malformed task id"):
         await gateway.get_task("nope")
+
+
+@pytest.mark.parametrize("tasks_database", ["", "postgresql"], indirect=True)
+async def test_delete_task_removes_the_record_the_log_and_the_workspace(
+    stack: Stack, gateway: GatewayClient, tmp_path: Path
+) -> None:
+    task = await gateway.submit_task("canary-7c1f written here", agent_type="echo")
+    await finished(gateway, task.id)
+    workspace = Path(task.workspace)
+    assert on_disk(workspace)
+    # The tenant's name is never part of the path: a hashed key stands for it.
+    assert workspace.parent.parent == tmp_path / "ws" / "tasks"
+    assert "acme" not in str(workspace)
+
+    async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
+        with pytest.raises(errors.NotFound):
+            await other.delete_task(task.id)
+    assert (await gateway.get_task(task.id)).id == task.id
+
+    deleted = await gateway.delete_task(task.id)
+    assert (deleted.tasks, deleted.workspaces) == (1, 1)
+    assert deleted.log_lines >= 3
+    assert not on_disk(workspace)
+    with pytest.raises(errors.NotFound):
+        await gateway.get_task(task.id)
+    with pytest.raises(errors.NotFound):
+        await logs(gateway, task.id)
+    with pytest.raises(errors.NotFound):
+        await gateway.delete_task(task.id)
+    assert task.id not in [t.id for t in (await gateway.list_tasks()).tasks]
+
+
+async def test_delete_task_cancels_a_running_task_first(gateway: GatewayClient) -> None:
+    task = await gateway.submit_task("sleep", agent_type="sleeper")
+
+    async def started() -> bool:
+        return (await gateway.get_task(task.id)).status == "running"
+
+    await eventually(started, timeout=15)
+    deleted = await gateway.delete_task(task.id)
+    assert deleted.tasks == 1
+    assert not on_disk(task.workspace)
+    with pytest.raises(errors.NotFound):
+        await gateway.get_task(task.id)
+    with pytest.raises(errors.InvalidArgument, match="malformed task id"):
+        await gateway.delete_task("task_" + "x" * 5000)

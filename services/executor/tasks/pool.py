@@ -30,7 +30,7 @@ from typing import Any
 from services.executor.tasks.records import TERMINAL, Runner, RunOutcome, TaskRecord, TaskStatus
 from services.executor.tasks.store import TaskStore
 from threadline.cancellation import cancel_and_wait
-from threadline.errors import ResourceExhausted, Unavailable
+from threadline.errors import NotFound, ResourceExhausted, Unavailable
 from threadline.events import EventPublisher
 from threadline.logs import get_logger
 
@@ -305,7 +305,15 @@ class TaskPool:
         for entry in list(self._running.values()):
             if entry.run is None or entry.run.done() or entry.end_as is not None:
                 continue
-            stored = await self._store.get(entry.task.tenant, entry.task.id)
+            try:
+                stored = await self._store.get(entry.task.tenant, entry.task.id)
+            except NotFound:
+                # Failed by a replica that thought this one dead, then deleted: the
+                # run has no record to write to any more.
+                log.warning("task_pool.task_deleted", task_id=entry.task.id)
+                entry.taken = True
+                entry.run.cancel()
+                continue
             if stored.owner != self.replica:
                 # Failed by a replica that thought this one dead: the record is theirs now.
                 log.warning("task_pool.task_taken", task_id=stored.id, by=stored.owner)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from services.executor.tasks.classifier import Classifier
+from services.executor.tasks.erasure import TaskErasure
 from services.executor.tasks.pool import TaskPool
 from services.executor.tasks.records import (
     LogWriter,
@@ -16,6 +16,7 @@ from services.executor.tasks.records import (
     TaskRecord,
     new_task_id,
 )
+from services.executor.tasks.workspaces import TaskWorkspaces
 from threadline import errors
 from threadline.config import AgentTypeSettings
 
@@ -42,7 +43,9 @@ class TaskService:
     pool: TaskPool
     classifier: Classifier
     agent_types: Mapping[str, AgentTypeSettings]
-    workspace_root: Path
+    workspaces: TaskWorkspaces
+    #: Deleting tasks, by id or by tenant, and their retention.
+    erasure: TaskErasure
 
     async def submit(
         self,
@@ -81,7 +84,7 @@ class TaskService:
             reason = f"classifier: {chosen.reasons}" + (" (default)" if chosen.fell_back else "")
         task_id = new_task_id()
         # Tenants never share a workspace: the name is scoped under the tenant.
-        directory = self.workspace_root / tenant / (workspace or task_id)
+        directory = self.workspaces.directory(tenant, workspace or task_id)
         record = TaskRecord(
             id=task_id,
             tenant=tenant,
