@@ -18,6 +18,7 @@ import grpc.aio
 from threadline.interceptors import client_interceptors
 from threadline.service_auth import token_interceptors
 from threadline.status import from_rpc_error
+from threadline.telemetry import tracing
 
 T = TypeVar("T")
 
@@ -85,7 +86,8 @@ def connect(address: str, security: ChannelSecurity | None = None) -> grpc.aio.C
     Plaintext without `security`, or with `security` that holds no credentials.
     """
     security = security or ChannelSecurity()
-    interceptors = client_interceptors()
+    # The tracing span first: the request id and token then ride inside the call it times.
+    interceptors = tracing.client_interceptors() + client_interceptors()
     if security.token:
         interceptors += token_interceptors(security.token)
     options = list(_OPTIONS)

@@ -26,7 +26,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from threadline.store_urls import (
     PostgresUrl,
@@ -402,12 +407,6 @@ class ExecutorSettings(_Section):
     context_budget_tokens: int = Field(default=4096, gt=0)
     max_output_tokens: int = Field(default=512, gt=0)
     #: Expiry of a turn's session lease (Redis), renewed at a third of it while the
-    #: Ended tasks (record, output log, workspace) are removed this many seconds after
-    #: they ended; 0 keeps them until deleted.
-    retention_s: float = Field(default=0, ge=0)
-    #: How often each replica sweeps: expired tasks, then task workspaces no stored
-    #: task names (deleted through another replica).
-    sweep_s: float = Field(default=60, gt=0)
     #: turn runs: a crashed executor's sessions take new turns after at most this long.
     turn_lease_ttl_s: float = Field(default=15.0, ge=3)
     #: Turns one executor replica runs at once; more wait to start, first come first
@@ -477,6 +476,21 @@ class EventSettings(_Section):
     #: Prefix of the event channels and stream on Redis; empty = `threadline` on
     #: database 0, `threadline.db<N>` on database N (channels are server-wide).
     namespace: str = Field(default="", pattern=r"^[A-Za-z0-9_.:-]{0,64}$")
+
+
+class TracingSettings(_Section):
+    """OpenTelemetry tracing (docs/operations.md). Spans are always made, so every log
+    line and event carries a trace id and a caller's W3C trace context is joined;
+    they leave the process only when an OTLP endpoint is set."""
+
+    #: OTLP/gRPC collector, e.g. http://otel-collector:4317; empty = export nothing.
+    otlp_endpoint: str = Field(default="", max_length=512)
+    #: Plaintext to the collector (a sidecar or in-cluster collector); false = TLS.
+    otlp_insecure: bool = True
+    #: Share of new traces kept; a caller's sampling decision is always followed.
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    #: service.name of the spans; empty = threadline-<service>, or threadline for `up`.
+    service_name: str = Field(default="", max_length=128)
 
 
 class LocalModelSettings(_Section):
@@ -582,6 +596,20 @@ class Settings(BaseSettings):
     local_model: LocalModelSettings = LocalModelSettings()
     tls: TlsSettings = TlsSettings()
     service_auth: ServiceAuthSettings = ServiceAuthSettings()
+    tracing: TracingSettings = TracingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings reads the environment it is given (_EnvSource); the class itself
+        # reads none, so load_settings(environ={}) never sees the process's variables.
+        return (init_settings,)
 
     @field_validator("redis_url")
     @classmethod

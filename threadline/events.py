@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +36,7 @@ from redis.exceptions import RedisError
 from threadline.cancellation import cancel_and_wait
 from threadline.logs import get_logger
 from threadline.redis_client import connect_redis
+from threadline.telemetry import tracing
 from threadline.v1.events_pb2 import LifecycleEvent
 
 DEFAULT_NAMESPACE = "threadline"
@@ -49,8 +51,28 @@ EVENTS_DROPPED = Counter(
 EVENTS_PUBLISHED = Counter("threadline_events_published_total", "Lifecycle events published")
 
 
+def _whole_numbers_as_ints(value: Any) -> Any:
+    """`value` with every whole float an int: a Struct holds only doubles, and an
+    attribute published as `port=47551` must read back as 47551, not 47551.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_ints(v) for v in value]
+    return value
+
+
+def to_dict(event: LifecycleEvent) -> dict[str, Any]:
+    """The proto JSON mapping (snake_case names), integer attributes as integers."""
+    data = json_format.MessageToDict(event, preserving_proto_field_name=True)
+    if "attributes" in data:
+        data["attributes"] = _whole_numbers_as_ints(data["attributes"])
+    return data
+
+
 def to_json(event: LifecycleEvent) -> str:
-    return json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None)
+    return json.dumps(to_dict(event), separators=(", ", ": "))
 
 
 def from_json(data: str | bytes) -> LifecycleEvent:
@@ -58,7 +80,8 @@ def from_json(data: str | bytes) -> LifecycleEvent:
 
 
 def attributes_of(event: LifecycleEvent) -> dict[str, Any]:
-    return json_format.MessageToDict(event.attributes)
+    attributes: dict[str, Any] = _whole_numbers_as_ints(json_format.MessageToDict(event.attributes))
+    return attributes
 
 
 class Subscription(Protocol):
@@ -332,8 +355,10 @@ class EventPublisher:
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         ctx = structlog.contextvars.get_contextvars()
+        given = {k: v for k, v in attributes.items() if v is not None}
         attrs = struct_pb2.Struct()
-        attrs.update({k: v for k, v in attributes.items() if v is not None})
+        attrs.update(given)
+        trace_id, _span_id = tracing.current_ids()
         event = LifecycleEvent(
             id=uuid.uuid4().hex,
             time=now,
@@ -341,11 +366,29 @@ class EventPublisher:
             service=self.service,
             tenant=tenant or str(ctx.get("tenant", "")),
             session_id=session_id or str(ctx.get("session_id", "")),
-            trace_id=str(ctx.get("request_id", "")),
+            trace_id=trace_id,
+            request_id=str(ctx.get("request_id", "")),
             attributes=attrs,
         )
         self.bus.publish(event)
+        for observer in _observers:
+            try:
+                observer(event, given)
+            except Exception:
+                log.exception("events.observer_failed", event_type=type_)
         # Attributes go under one key: names like "type" or "event" must not clash with
         # the log call's own arguments (publishing never fails a request).
-        log.info("event.published", event_type=type_, attributes=json_format.MessageToDict(attrs))
+        log.info("event.published", event_type=type_, attributes=given)
         return event
+
+
+#: Called with each event this process publishes and its attributes as given
+#: (metrics derived from events, threadline.telemetry.event_metrics).
+Observer = Callable[[LifecycleEvent, Mapping[str, Any]], None]
+_observers: list[Observer] = []
+
+
+def observe(observer: Observer) -> None:
+    """Call `observer` for every event published in this process from now on (once)."""
+    if observer not in _observers:
+        _observers.append(observer)

@@ -4,13 +4,17 @@ Server side, every RPC runs with rpc method, request id, tenant and session
 bound in structlog's contextvars, and any `ThreadlineError` that escapes a
 servicer becomes its gRPC status (see `threadline.status`). Anything else is a
 bug: it is logged with its traceback and the caller gets INTERNAL with the
-request id to quote. Client side, the request id travels to the next service.
+request id to quote. The same wrapper counts each RPC for Prometheus (status code,
+duration, in flight) and puts the request id, tenant and session on the RPC's
+server span (threadline.telemetry). Client side, the request id travels to the
+next service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,6 +26,7 @@ import structlog
 from threadline import errors
 from threadline.logs import clip, get_logger
 from threadline.status import abort_with, domain_error
+from threadline.telemetry import metrics, tracing
 
 REQUEST_ID_KEY = "x-request-id"
 log = get_logger("threadline.rpc")
@@ -51,7 +56,33 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> 
     await abort_with(context, errors.Internal(f"internal error (request id {request_id})"))
 
 
+class _Measured:
+    """One RPC's metrics: in flight from arrival, then its status code and duration."""
+
+    def __init__(self, service: str, method: str) -> None:
+        self.labels = (service, method)
+        self.started = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels(*self.labels).inc()
+
+    def end(self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+        elif isinstance(error, grpc.aio.AbortError) or error is None:
+            # An abort (domain errors included, see _fail) left its code on the context.
+            code = context.code() or grpc.StatusCode.OK
+        else:
+            code = grpc.StatusCode.UNKNOWN
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        metrics.RPC_IN_FLIGHT.labels(*self.labels).dec()
+        metrics.RPC_HANDLED.labels(*self.labels, name).inc()
+        metrics.RPC_SECONDS.labels(*self.labels).observe(time.perf_counter() - self.started)
+
+
 class ServerContextInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, service: str = "") -> None:
+        #: The `service` label of this server's RPC metrics.
+        self.service = service
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -67,10 +98,17 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
         # Clipped here, not only in the log: it also travels on to the next service.
         request_id = clip(str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex))
 
+        service = self.service
+
         def bind(request: object) -> None:
+            fields = _request_fields(request)
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(
-                rpc_method=method, request_id=request_id, **_request_fields(request)
+                rpc_method=method, request_id=request_id, **fields
+            )
+            tracing.annotate(
+                {"threadline.request_id": request_id}
+                | {f"threadline.{key}": value for key, value in fields.items()}
             )
 
         if handler.unary_unary is not None:
@@ -78,12 +116,17 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 bind(request)
+                measured, error = _Measured(service, method), None
                 try:
                     return await inner_unary(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+                    error = exc
                     raise
                 except Exception as exc:
+                    error = grpc.aio.AbortError()
                     await _fail(context, exc)
+                finally:
+                    measured.end(context, error)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -97,13 +140,18 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
                 request: object, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 bind(request)
+                measured, error = _Measured(service, method), None
                 try:
                     async for item in inner_stream(request, context):
                         yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit) as exc:
+                    error = exc
                     raise
                 except Exception as exc:
+                    error = grpc.aio.AbortError()
                     await _fail(context, exc)
+                finally:
+                    measured.end(context, error)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

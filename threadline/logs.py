@@ -2,7 +2,9 @@
 
 Context (rpc method, request id, tenant, session) is bound per RPC by the
 server interceptor through structlog's contextvars, so every line logged while
-serving a request carries it without passing loggers around.
+serving a request carries it without passing loggers around. Every line logged
+inside a span also carries its OpenTelemetry `trace_id` and `span_id`, the ids
+a trace viewer finds the turn by.
 
 Fields are bounded: a request field copied into the context, or any other
 string a log call is handed, never writes more than its cap per line, however
@@ -17,6 +19,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -53,11 +56,22 @@ def _clip_fields(
     return event_dict
 
 
+def _add_trace_ids(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict["trace_id"] = trace.format_trace_id(context.trace_id)
+        event_dict["span_id"] = trace.format_span_id(context.span_id)
+    return event_dict
+
+
 def configure_logging(level: str = "info") -> None:
     """Idempotent: safe to call from every entry point (and from tests)."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),

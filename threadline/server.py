@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from threadline.interceptors import ServerContextInterceptor
 from threadline.logs import get_logger
+from threadline.telemetry import tracing
 
 log = get_logger("threadline.server")
 
@@ -147,7 +148,12 @@ def build_server(
     """
     security = security or ListenerSecurity()
     server = grpc.aio.server(
-        interceptors=[ServerContextInterceptor(), *security.interceptors],
+        # The tracing span first, so it covers the request context, metrics and auth.
+        interceptors=[
+            tracing.server_interceptor(),
+            ServerContextInterceptor(name),
+            *security.interceptors,
+        ],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

@@ -10,8 +10,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import start_http_server
-
 from services.executor import server as executor_server
 from services.gateway import server as gateway_server
 from services.llm_proxy import server as llm_proxy_server
@@ -21,14 +19,9 @@ from threadline.config import SERVICE_NAMES, ServiceName, Settings
 from threadline.events import EventBus, EventPublisher, make_bus
 from threadline.logs import get_logger
 from threadline.server import ServiceHost, stop_in_order
+from threadline.telemetry import metrics, tracing
 
 log = get_logger(__name__)
-
-
-def serve_metrics(port: int, host: str) -> None:
-    """Prometheus /metrics for every service in this process (a daemon thread)."""
-    start_http_server(port, addr=host)
-    log.info("metrics.listening", port=port)
 
 
 Factory = Callable[..., Awaitable[ServiceHost]]
@@ -94,8 +87,10 @@ async def start_stack(
         )
         await bus.start()
     stack = Stack(settings, bus, owns_bus=owns_bus)
+    only = services[0] if len(services) == 1 else None
+    tracing.install(settings.tracing, f"threadline-{only}" if only else "threadline")
     if settings.metrics_port:
-        serve_metrics(settings.metrics_port, settings.listen_host)
+        metrics.serve(settings.metrics_port, settings.listen_host, services)
     try:
         for name in START_ORDER:
             if name not in services:

@@ -9,18 +9,17 @@ from pathlib import Path
 import grpc.aio
 import redis.asyncio as aioredis
 
+from services.executor import turn_metrics
 from services.executor.servicer import ExecutorServicer
 from services.executor.tasks.classifier import AgentType, Classifier
 from services.executor.tasks.command_runner import CommandRunner
 from services.executor.tasks.local_runner import LocalRunner
-from services.executor.tasks.erasure import TaskErasure
 from services.executor.tasks.pool import TaskPool
 from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import Runner
 from services.executor.tasks.service import ByAgentType, TaskService
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
 from services.executor.turns.admission import TurnQueue
-from services.executor.tasks.workspaces import TaskWorkspaces
 from services.executor.turns.drafts import Drafts, LocalDrafts, RedisDrafts
 from services.executor.turns.leases import TurnLeases
 from services.executor.turns.session_workspaces import SessionWorkspaces
@@ -34,6 +33,7 @@ from threadline.peers import LlmClient, MemoryClient, SessionClient
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.store_urls import PostgresUrl, RedisUrl
+from threadline.telemetry.stores import backend_of, instrumented
 from threadline.transport import channel_security, listener_security
 from threadline.v1 import executor_pb2, executor_pb2_grpc
 
@@ -64,7 +64,9 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         prices=_prices(settings.executor),
         drafts=_drafts(redis_client),
     )
-    task_store, task_redis = await open_task_store(settings)
+    opened, task_redis = await open_task_store(settings)
+    task_store = instrumented(opened, "tasks", backend_of(opened))
+    turn_metrics.install()
     pool = TaskPool(
         task_store,
         task_runners(settings.executor.tasks, llm, toolbox, settings.executor, events),
@@ -77,17 +79,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         pool,
         _classifier(settings.executor.tasks, llm),
         settings.executor.tasks.agent_types,
-    task_workspaces = TaskWorkspaces(_workspace_root(settings) / "tasks")
-    erasure = TaskErasure(
-        task_store,
-        pool,
-        task_workspaces,
-        events,
-        retention_s=settings.executor.tasks.retention_s,
-        sweep_s=settings.executor.tasks.sweep_s,
-    )
-        task_workspaces,
-        erasure,
+        _workspace_root(settings) / "tasks",
     )
     queue = TurnQueue(
         settings.executor.max_running_turns, settings.executor.max_queued_turns, events
@@ -111,7 +103,6 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     await workspaces.start(bus, sessions, settings.executor.erasure_poll_s)
     # Closers run last-registered first: partial answers are stored before peers close.
     host.on_stop(sessions.close)
-    erasure.start()
     host.on_stop(memory.close)
     host.on_stop(llm.close)
     if redis_client is not None:
@@ -124,8 +115,6 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     host.on_drain(pool.stop)
     host.on_drain(turns.shutdown)
     host.on_hurry(turns.hurry)
-    # Before the store closes (closers run last-registered first).
-    host.on_stop(erasure.stop)
     return host
 
 

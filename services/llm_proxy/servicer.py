@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc.aio
 
+from services.llm_proxy.attempt_spans import traced_attempts
 from services.llm_proxy.proxy import ChatProxy
 from threadline import errors
 from threadline.v1 import common_pb2, llm_pb2, llm_pb2_grpc
@@ -21,11 +22,11 @@ class LlmProxyServicer(llm_pb2_grpc.LlmProxyServicer):
     async def StreamChat(
         self, request: llm_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
-        async for chunk in self.proxy.stream(request):
+        async for chunk in traced_attempts(self.proxy.stream(request)):
             yield chunk
 
     async def Chat(self, request: llm_pb2.ChatRequest, context: Context) -> llm_pb2.ChatResponse:
-        async for chunk in self.proxy.stream(request):
+        async for chunk in traced_attempts(self.proxy.stream(request)):
             if chunk.HasField("done"):
                 done = chunk.done
                 message = common_pb2.Message(

@@ -35,6 +35,7 @@ from threadline.cancellation import cancel_and_wait
 from threadline.events import EventPublisher
 from threadline.leases import HeldLease, Leases
 from threadline.logs import get_logger
+from threadline.telemetry import metrics
 from threadline.v1 import memory_pb2
 
 log = get_logger(__name__)
@@ -158,6 +159,7 @@ class MemoryJobs:
         if active.id != job.id:
             return active
         await self._queue_for(kind).put(job.id)
+        metrics.MEMORY_JOBS_QUEUED.labels(kind).inc()
         return job
 
     async def wait(self, job_id: str, timeout_s: float) -> memory_pb2.Job:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc.aio
 import redis.asyncio as aioredis
 
+from services.memory import job_metrics
 from services.memory.compaction import Compactor
 from services.memory.consolidation import Consolidator, SummaryModel
 from services.memory.erasure import memory_erasures
@@ -29,6 +30,7 @@ from threadline.peers import LlmClient, SessionClient
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.store_urls import PostgresUrl, SqliteUrl, StoreUrl
+from threadline.telemetry.stores import backend_of, instrumented
 from threadline.transport import channel_security, listener_security
 from threadline.v1 import memory_pb2, memory_pb2_grpc
 
@@ -37,7 +39,9 @@ SERVICE: ServiceName = "memory"
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
     config = settings.memory
-    store = await open_store(settings.store_url("memory"))
+    opened = await open_store(settings.store_url("memory"))
+    store = instrumented(opened, "memory", backend_of(opened))
+    job_metrics.install()
     peers = channel_security(settings)
     sessions = SessionClient(settings.addresses.session, peers)
     llm = LlmClient(settings.addresses.llm_proxy, peers)

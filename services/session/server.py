@@ -15,6 +15,7 @@ from threadline.events import EventBus, EventPublisher
 from threadline.redis_client import connect_redis
 from threadline.server import ServiceHost, build_server
 from threadline.store_urls import PostgresUrl, RedisUrl, SqliteUrl
+from threadline.telemetry.stores import backend_of, instrumented
 from threadline.transport import listener_security
 from threadline.v1 import session_pb2, session_pb2_grpc
 
@@ -55,7 +56,8 @@ async def open_store(settings: Settings) -> tuple[SessionStore, aioredis.Redis |
 
 
 async def create(settings: Settings, bus: EventBus, *, address: str | None = None) -> ServiceHost:
-    store, redis_client = await open_store(settings)
+    opened, redis_client = await open_store(settings)
+    store = instrumented(opened, "session", backend_of(opened))
     events = EventPublisher(bus, SERVICE)
     retention = Retention(
         store,

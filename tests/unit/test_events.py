@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from opentelemetry.trace import format_trace_id
 
 from tests.ports import free_ports
 from tests.redis_server import start_redis, stop_redis
+from threadline.config import TracingSettings
 from threadline.events import (
     EventKeys,
     EventPublisher,
@@ -29,6 +31,7 @@ from threadline.events import (
     make_bus,
     to_json,
 )
+from threadline.telemetry import tracing
 from threadline.v1.events_pb2 import LifecycleEvent
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -315,7 +318,8 @@ async def test_emit_fills_identity_and_context() -> None:
     assert received.type == "turn.completed"
     assert received.service == "executor"
     assert (received.tenant, received.session_id) == ("acme", "ses_ctx")
-    assert received.trace_id == "req-42"
+    # The request id is the x-request-id; the trace id is empty outside any span.
+    assert (received.request_id, received.trace_id) == ("req-42", "")
     age_s = (datetime.now(UTC) - received.time.ToDatetime(tzinfo=UTC)).total_seconds()
     assert 0 <= age_s < 5
     # None values are left out rather than sent as null.
@@ -380,6 +384,9 @@ def test_json_round_trip() -> None:
     assert decoded == event
     assert "\n" not in text  # one line per event for redis-cli and log pipes
     assert json.loads(text)["session_id"] == "ses_1"
+    # A Struct holds doubles; integers are still written as integers.
+    assert json.loads(text)["attributes"]["attempt"] == 2
+    assert '"attempt": 2,' in text or '"attempt": 2}' in text
     assert attributes_of(decoded) == {
         "attempt": 2,
         "reason": "http_503",
@@ -424,3 +431,15 @@ async def test_a_subscriber_resumes_after_redis_restarts_and_misses_nothing(
         stop_redis(server)
 
     assert seen == ["during-1", "during-2", "after"]
+
+
+async def test_an_event_carries_the_trace_of_the_span_that_published_it() -> None:
+    tracer = tracing.install(TracingSettings(), "threadline-tests").get_tracer("test")
+    bus = InProcessEventBus()
+    with tracer.start_as_current_span("turn") as span:
+        event = EventPublisher(bus, "executor").emit("service.started", port=47551)
+    await bus.close()
+
+    assert event.trace_id == format_trace_id(span.get_span_context().trace_id)
+    assert json.loads(to_json(event))["attributes"] == {"port": 47551}
+    assert '"port": 47551}' in to_json(event)

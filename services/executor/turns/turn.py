@@ -79,6 +79,8 @@ class _Turn:
         default_factory=session_pb2.BuildContextResponse
     )
     done: llm_pb2.ChatDone = field(default_factory=llm_pb2.ChatDone)
+    #: From the turn's start to its first answer delta (what a user waits for).
+    first_delta_ms: int | None = None
 
     @property
     def tenant(self) -> str:
@@ -265,6 +267,8 @@ class TurnRunner:
                 kind = chunk.WhichOneof("chunk")
                 if kind == "delta":
                     await checkpoints.saw(call.partial)
+                    if turn.first_delta_ms is None:
+                        turn.first_delta_ms = turn.latency_ms
                     yield executor_pb2.TurnEvent(delta=chunk.delta)
                 elif kind == "tool_call_delta":
                     yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
@@ -372,6 +376,7 @@ class TurnRunner:
             model_calls=turn.calls,
             cost=cost,
             latency_ms=latency_ms,
+            first_delta_ms=turn.first_delta_ms,
             error=done.error or None,
         )
         return executor_pb2.TurnEvent(

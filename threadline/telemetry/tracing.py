@@ -1,0 +1,124 @@
+"""OpenTelemetry tracing: one tracer provider per process, W3C trace context on every call.
+
+The gRPC instrumentation of opentelemetry-instrumentation-grpc makes a server span
+for each RPC a service answers (joining the caller's `traceparent`) and a client
+span for each call it makes (sending `traceparent` on), so a turn is one trace from
+the gateway through the executor to session, memory and llm_proxy. Services add
+their own spans inside (a model attempt, a store operation) with `child_span`.
+
+Spans are always made, exported or not: the trace id is what joins a log line, an
+event and a caller's trace, so it must exist when no collector is configured.
+Export (OTLP over gRPC, batched) starts only when `tracing.otlp_endpoint` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import grpc.aio
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+from threadline.config import TracingSettings
+
+_TRACER = trace.get_tracer("threadline")
+#: Endpoints already exported to, so a second stack in one process adds no second exporter.
+_exporting: set[str] = set()
+#: Probes and reflection: a span per kubelet probe would bury the turns.
+_NOT_TRACED = negate(any_of(service_prefix("grpc.health"), service_prefix("grpc.reflection")))
+
+Attributes = Mapping[str, AttributeValue]
+
+
+def install(settings: TracingSettings, service_name: str) -> TracerProvider:
+    """The process's tracer provider, made on the first call; later calls only add export.
+
+    A provider someone else installed first (a test's in-memory exporter, an
+    application embedding threadline) is kept and used.
+    """
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        provider = current
+    else:
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": settings.service_name or service_name}),
+            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+        )
+        trace.set_tracer_provider(provider)
+    endpoint = settings.otlp_endpoint
+    if endpoint and endpoint not in _exporting:
+        # Imported here: the exporter pulls in its own gRPC stubs, needed only when exporting.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=settings.otlp_insecure)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        _exporting.add(endpoint)
+    return provider
+
+
+def server_interceptor() -> grpc.aio.ServerInterceptor:
+    """A server span per RPC (health and reflection excepted), in the caller's trace."""
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(filter_=_NOT_TRACED)  # type: ignore[no-untyped-call]
+    return interceptor
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """A client span per call, and `traceparent` in its metadata."""
+    interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors()  # type: ignore[no-untyped-call]
+    return interceptors
+
+
+def current_ids() -> tuple[str, str]:
+    """Trace id and span id (hex) of the current span; empty strings outside any."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return "", ""
+    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
+def annotate(attributes: Attributes) -> None:
+    """Attributes on the current span (the RPC's server span inside a servicer)."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(attributes)
+
+
+@contextlib.contextmanager
+def child_span(name: str, attributes: Attributes | None = None) -> Iterator[Span]:
+    """A span under the current one that is not made current itself.
+
+    Safe around an async generator's yields: making it current there would leak it
+    into the caller's code between items, and detach it in another context.
+    An exception marks it failed; a cancellation only says so.
+    """
+    span = _TRACER.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
+    try:
+        yield span
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:256]))
+        else:
+            span.set_attribute("threadline.cancelled", True)
+        raise
+    finally:
+        span.end()
+
+
+def fail(span: Span, description: str) -> None:
+    """Mark `span` failed with a short description (no request content)."""
+    span.set_status(Status(StatusCode.ERROR, description[:256]))
+
+
+def start_child(name: str, attributes: Attributes | None = None) -> Span:
+    """A span under the current one, not made current, for the caller to `end()`: for
+    spans whose start and end are seen in different places (one per model attempt)."""
+    return _TRACER.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
