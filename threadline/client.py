@@ -132,6 +132,12 @@ class GatewayClient:
         request = gateway_pb2.CancelTaskRequest(task_id=task_id)
         return await unary(self._stub.CancelTask(request, metadata=self._metadata))
 
+    async def delete_task(self, task_id: str) -> executor_pb2.TasksDeleted:
+        """Removes the task, its output log and its workspace; one that has not ended is
+        cancelled first (FailedPrecondition if it is still running after that)."""
+        request = gateway_pb2.DeleteTaskRequest(task_id=task_id)
+        return await unary(self._stub.DeleteTask(request, metadata=self._metadata))
+
     def watch_task(self, task_id: str) -> AsyncIterator[executor_pb2.TaskLogEntry]:
         """The task's output log (stream-json lines) from the start, until it ends."""
         request = gateway_pb2.WatchTaskRequest(task_id=task_id)
@@ -149,12 +155,6 @@ class GatewayClient:
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         """Stream one turn: started, deltas, then done. Leaving the loop cancels the turn."""
         options = executor_pb2.TurnOptions(model=model, max_tokens=max_tokens)
-    async def delete_task(self, task_id: str) -> executor_pb2.TasksDeleted:
-        """Removes the task, its output log and its workspace; one that has not ended is
-        cancelled first (FailedPrecondition if it is still running after that)."""
-        request = gateway_pb2.DeleteTaskRequest(task_id=task_id)
-        return await unary(self._stub.DeleteTask(request, metadata=self._metadata))
-
         if temperature is not None:
             options.temperature = temperature
         request = gateway_pb2.ConverseRequest(session_id=session_id, input=text, options=options)

@@ -387,6 +387,12 @@ class TaskSettings(_Section):
     default_agent_type: str = "general"
     #: Model route for the classifier's one call; empty uses the default route.
     classifier_model: str = ""
+    #: Ended tasks (record, output log, workspace) are removed this many seconds after
+    #: they ended; 0 keeps them until deleted.
+    retention_s: float = Field(default=0, ge=0)
+    #: How often each replica sweeps: expired tasks, then task workspaces no stored
+    #: task names (deleted through another replica).
+    sweep_s: float = Field(default=60, gt=0)
 
     @field_validator("database")
     @classmethod

@@ -13,12 +13,14 @@ from services.executor import turn_metrics
 from services.executor.servicer import ExecutorServicer
 from services.executor.tasks.classifier import AgentType, Classifier
 from services.executor.tasks.command_runner import CommandRunner
+from services.executor.tasks.erasure import TaskErasure
 from services.executor.tasks.local_runner import LocalRunner
 from services.executor.tasks.pool import TaskPool
 from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import Runner
 from services.executor.tasks.service import ByAgentType, TaskService
 from services.executor.tasks.store import RedisTaskStore, SqliteTaskStore, TaskStore
+from services.executor.tasks.workspaces import TaskWorkspaces
 from services.executor.turns.admission import TurnQueue
 from services.executor.turns.drafts import Drafts, LocalDrafts, RedisDrafts
 from services.executor.turns.leases import TurnLeases
@@ -75,11 +77,21 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         max_queue=settings.executor.tasks.max_queue,
         prices=_prices(settings.executor),
     )
+    task_workspaces = TaskWorkspaces(_workspace_root(settings) / "tasks")
+    erasure = TaskErasure(
+        task_store,
+        pool,
+        task_workspaces,
+        events,
+        retention_s=settings.executor.tasks.retention_s,
+        sweep_s=settings.executor.tasks.sweep_s,
+    )
     task_service = TaskService(
         pool,
         _classifier(settings.executor.tasks, llm),
         settings.executor.tasks.agent_types,
-        _workspace_root(settings) / "tasks",
+        task_workspaces,
+        erasure,
     )
     queue = TurnQueue(
         settings.executor.max_running_turns, settings.executor.max_queued_turns, events
@@ -99,6 +111,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     # The replica's name in the task store: the same after a restart, distinct between
     # replicas (in Kubernetes the hostname is the pod's name; on one machine, the port).
     await pool.start(f"{socket.gethostname()}:{port}")
+    erasure.start()
     # Listening before serving: a session deleted once the service is up loses its files.
     await workspaces.start(bus, sessions, settings.executor.erasure_poll_s)
     # Closers run last-registered first: partial answers are stored before peers close.
@@ -111,6 +124,8 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     if task_redis is not None:
         host.on_stop(task_redis.aclose)
     host.on_stop(task_store.close)
+    # Before the store closes (closers run last-registered first).
+    host.on_stop(erasure.stop)
     host.on_stop(workspaces.stop)
     host.on_drain(pool.stop)
     host.on_drain(turns.shutdown)

@@ -214,6 +214,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         validate_task_id(request.task_id)
         return await self.executor.cancel_task(caller.tenant, request.task_id)
 
+    async def DeleteTask(
+        self, request: gateway_pb2.DeleteTaskRequest, context: Context
+    ) -> executor_pb2.TasksDeleted:
+        caller = _caller(self.auth, context)
+        validate_task_id(request.task_id)
+        return await self.executor.delete_task(caller.tenant, request.task_id)
+
     async def WatchTask(
         self, request: gateway_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[executor_pb2.TaskLogEntry]:
@@ -240,13 +247,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         validation.check_length("options.model", request.options.model, validation.MAX_MODEL_CHARS)
         # NOT_FOUND for unknown and for other tenants' sessions alike, before any work.
         await self.sessions.get(caller.tenant, request.session_id)
-    async def DeleteTask(
-        self, request: gateway_pb2.DeleteTaskRequest, context: Context
-    ) -> executor_pb2.TasksDeleted:
-        caller = _caller(self.auth, context)
-        validate_task_id(request.task_id)
-        return await self.executor.delete_task(caller.tenant, request.task_id)
-
         call = self.executor.run_turn(
             executor_pb2.RunTurnRequest(
                 tenant=caller.tenant,
