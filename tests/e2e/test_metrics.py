@@ -16,6 +16,7 @@ from tests.ports import free_ports
 from tests.processes import service_env, start_service, wait_healthy
 from tests.waiting import eventually
 from threadline.client import GatewayClient
+from threadline.config import ServiceName
 from threadline.stack import START_ORDER
 from threadline.testing.fake_upstream import FakeUpstream, Script
 
@@ -81,7 +82,7 @@ async def test_each_service_exports_its_per_rpc_series_and_only_its_families(
         async with httpx.AsyncClient(timeout=5) as http:
             for name in START_ORDER:
 
-                async def counted(name: str = name) -> Samples | None:
+                async def counted(name: ServiceName = name) -> Samples | None:
                     samples = await scrape(http, ports[name])
                     return samples if handled_ok(samples, name, CALLED[name]) >= 1 else None
 
