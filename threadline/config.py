@@ -141,6 +141,10 @@ class Capabilities(_Section):
     #: Continues a trailing assistant message (vLLM `continue_final_message`): lets a
     #: stream cut on another upstream be finished here, seamlessly.
     prefill: bool = False
+    #: Reports cumulative usage in every streamed chunk (vLLM
+    #: `stream_options.continuous_usage_stats`): a cut stream is then billed with the
+    #: upstream's own count instead of an estimate.
+    usage_per_chunk: bool = False
     tools: bool = True
     json_mode: bool = True
 
@@ -201,6 +205,12 @@ class UpstreamSettings(_Section):
         return self.models
 
 
+#: What a route does with a stream cut after output (docs/llm-proxy.md, "Cut streams"):
+#: end it INTERRUPTED; continue it on a prefill-capable fallback; restart it on the
+#: next target after a rollback; or try continuing first, then restart.
+OnCut = Literal["interrupt", "continue", "restart", "continue_then_restart"]
+
+
 class RouteTarget(_Section):
     upstream: str
     model: str
@@ -212,6 +222,8 @@ class Route(_Section):
     targets: tuple[RouteTarget, ...] = Field(min_length=1)
     #: Route to use when the prompt is too long for these targets' context window.
     context_fallback: str = ""
+    #: What a stream cut after output becomes; empty = `llm.on_cut`.
+    on_cut: OnCut | None = None
 
 
 class CircuitSettings(_Section):
@@ -231,6 +243,9 @@ class LlmSettings(_Section):
     circuit: CircuitSettings = CircuitSettings()
     #: How long a request may wait for rate-limit capacity before failing over.
     rate_limit_wait_s: float = Field(default=5.0, ge=0)
+    #: What a stream cut after output becomes on routes that do not say (and on
+    #: requests that name a model rather than a route).
+    on_cut: OnCut = "continue"
 
     @property
     def all_upstreams(self) -> tuple[UpstreamSettings, ...]:

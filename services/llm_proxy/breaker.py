@@ -53,16 +53,16 @@ class CircuitBreaker:
         return was_open
 
     def record_failure(self) -> bool:
-        """Returns True when this failure opened the circuit."""
+        """Returns True when this failure opened the circuit: the threshold reached, or
+        the half-open probe failed (open again for another cooldown)."""
         self.failures += 1
         if self.state is CircuitState.HALF_OPEN or (
             self.state is CircuitState.CLOSED and self.failures >= self.failure_threshold
         ):
-            opened = self.state is CircuitState.CLOSED
             self.state = CircuitState.OPEN
             self.opened_at = self.clock()
             self._probing = False
-            return opened
+            return True
         return False
 
     def release_probe(self) -> None:

@@ -4,6 +4,11 @@ Buckets live in Redis (one atomic script, so every llm_proxy replica draws from
 the same budget) when Redis is configured, in process memory otherwise. The
 concurrency limit is per replica. A request that cannot get capacity within
 `max_wait_s` raises `RateLimited` with the time after which it likely would.
+
+TPM is reserved with an estimate before a request is sent and settled with what
+the attempt really used once it has ended (`UpstreamLimiter.settle`), however it
+ended, so the shared bucket follows the upstream's own count. Each bucket keeps a
+ledger of the tokens charged to it (`charged`), net of refunds.
 """
 
 from __future__ import annotations
@@ -33,10 +38,18 @@ class TokenBuckets(Protocol):
         """Take `amount` if available and return 0; else take nothing and return the
         seconds until it would be. A negative amount gives tokens back."""
 
+    async def charge(self, key: str, amount: float, *, capacity: float, per_second: float) -> None:
+        """Take `amount` whatever the bucket holds (it may go below zero: a debt later
+        requests wait out); a negative amount gives tokens back."""
+
+    async def charged(self, key: str) -> float:
+        """Tokens charged to the bucket, net of refunds, since it was created."""
+
 
 class LocalBuckets:
     def __init__(self) -> None:
         self._state: dict[str, tuple[float, float]] = {}
+        self._charged: dict[str, float] = {}
 
     async def take(self, key: str, amount: float, *, capacity: float, per_second: float) -> float:
         now = time.monotonic()
@@ -46,9 +59,20 @@ class LocalBuckets:
         if tokens >= amount:
             # A negative amount is a refund, never past the capacity.
             self._state[key] = (min(capacity, tokens - amount), now)
+            self._charged[key] = self._charged.get(key, 0.0) + amount
             return 0.0
         self._state[key] = (tokens, now)
         return (amount - tokens) / per_second
+
+    async def charge(self, key: str, amount: float, *, capacity: float, per_second: float) -> None:
+        now = time.monotonic()
+        tokens, updated = self._state.get(key, (capacity, now))
+        tokens = min(capacity, tokens + (now - updated) * per_second)
+        self._state[key] = (min(capacity, tokens - amount), now)
+        self._charged[key] = self._charged.get(key, 0.0) + amount
+
+    async def charged(self, key: str) -> float:
+        return self._charged.get(key, 0.0)
 
 
 _TAKE = """
@@ -62,11 +86,33 @@ local tokens = tonumber(state[1]) or capacity
 local ts = tonumber(state[2]) or now
 tokens = math.min(capacity, tokens + (now - ts) * per_ms)
 local wait = 0
-if tokens >= amount then tokens = math.min(capacity, tokens - amount)
+if tokens >= amount then
+  tokens = math.min(capacity, tokens - amount)
+  redis.call('HINCRBYFLOAT', KEYS[1], 'charged', amount)
 else wait = (amount - tokens) / per_ms end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / per_ms) + 1000)
 return tostring(wait)
+"""
+
+# Unconditional: settles an attempt with what it used, however little the bucket holds.
+_CHARGE = """
+local capacity = tonumber(ARGV[1])
+local per_ms = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or capacity
+local ts = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + (now - ts) * per_ms)
+tokens = math.min(capacity, tokens - amount)
+redis.call('HINCRBYFLOAT', KEYS[1], 'charged', amount)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+-- A debt takes longer than a full bucket to refill.
+local refill = (capacity - math.min(tokens, 0)) / per_ms
+redis.call('PEXPIRE', KEYS[1], math.ceil(refill) + 1000)
+return 0
 """
 
 
@@ -77,12 +123,20 @@ class RedisBuckets:
         self._client = client
         self._prefix = prefix
         self._script = client.register_script(_TAKE)
+        self._charge = client.register_script(_CHARGE)
 
     async def take(self, key: str, amount: float, *, capacity: float, per_second: float) -> float:
         wait_ms = await self._script(
             keys=[self._prefix + key], args=[capacity, per_second / 1000, amount]
         )
         return float(wait_ms) / 1000
+
+    async def charge(self, key: str, amount: float, *, capacity: float, per_second: float) -> None:
+        await self._charge(keys=[self._prefix + key], args=[capacity, per_second / 1000, amount])
+
+    async def charged(self, key: str) -> float:
+        value = await self._client.hget(self._prefix + key, "charged")
+        return float(value or 0)
 
 
 @dataclass
@@ -134,6 +188,22 @@ class UpstreamLimiter:
         finally:
             if self._slots is not None:
                 self._slots.release()
+
+    def reserved(self, tokens: int) -> int:
+        """What `slot(tokens)` took from the TPM bucket (a take is capped at its size)."""
+        return min(tokens, self.tpm) if self.tpm else 0
+
+    async def settle(self, reserved: int, used: int) -> None:
+        """Correct the TPM bucket once an attempt has ended: it was charged `reserved`
+        up front and used `used` (the upstream's count, or the estimate where it
+        reported none)."""
+        if self.tpm and used != reserved:
+            await self.buckets.charge(
+                f"{self.upstream}:tpm",
+                used - reserved,
+                capacity=self.tpm,
+                per_second=self.tpm / 60,
+            )
 
     async def _draw(self, limit: str, amount: int, per_minute: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()

@@ -2,25 +2,35 @@
 
 Before the first delta a failure is retried on the same upstream (backoff,
 Retry-After, budget) or failed over to the route's next target; a silent
-upstream is never waited on twice. After the first delta, a cut stream is
-continued on a prefill-capable fallback when no tool-call delta was sent, so
-the caller still gets one complete answer; otherwise the stream ends with
-finish_reason INTERRUPTED, the partial text and its usage. A cut answer is
-never presented as complete, and a fallback's refusal never masks the
-original failure.
+upstream is never waited on twice. After the first delta, what a cut stream
+becomes is the route's `on_cut`: continued on a prefill-capable fallback when no
+tool-call delta was sent (a continuation that starts over is rolled back and
+taken as the whole answer), restarted on the next target after a rollback chunk
+that tells the caller to discard what it received, or ended with finish_reason
+INTERRUPTED, the partial text and its usage. A cut answer is never presented as
+complete, and a fallback's refusal never masks the original failure.
+
+Every attempt that got capacity settles its TPM reservation with what it used
+once it has ended, however it ended (`limits.UpstreamLimiter.settle`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.llm_proxy import metrics
 from services.llm_proxy.breaker import CircuitState
-from services.llm_proxy.limits import RateLimited
+from services.llm_proxy.continuation import (
+    ContinuationCheck,
+    continuation_request,
+    continuation_targets,
+)
+from services.llm_proxy.limits import RateLimited, UpstreamLimiter
 from services.llm_proxy.openai_wire import (
     FINISH_REASONS,
     Finish,
@@ -30,6 +40,7 @@ from services.llm_proxy.openai_wire import (
     UsageReport,
     request_body,
 )
+from services.llm_proxy.overhead import OVERHEAD, RequestClock
 from services.llm_proxy.relay import Batches
 from services.llm_proxy.retry import RetryPolicy
 from services.llm_proxy.router import ResolvedRoute, Router, Target
@@ -71,6 +82,21 @@ class _Answer:
     def produced_output(self) -> bool:
         return self.deltas > 0
 
+    def completion_spent(self) -> int:
+        """Completion tokens this answer cost: the upstream's count, else the estimate."""
+        spent = self.usage.completion_tokens if self.usage is not None else None
+        return self.carried_completion + (
+            spent if spent is not None else self.estimated_completion()
+        )
+
+    def used(self, request: llm_pb2.ChatRequest) -> int:
+        """Tokens this attempt used, for its TPM bucket: the upstream's last count
+        (a cut stream has one when the upstream reports usage in every chunk), else
+        the estimate."""
+        if self.usage is not None:
+            return self.usage.prompt_tokens + self.usage.completion_tokens
+        return _estimate_prompt_tokens(request) + self.estimated_completion()
+
     def continued_by(self, rest: _Answer) -> _Answer:
         """This cut answer and the continuation that finished it, as one answer."""
         return _Answer(
@@ -78,13 +104,17 @@ class _Answer:
             finish_reason=rest.finish_reason,
             usage=rest.usage,
             deltas=self.deltas + rest.deltas,
+            started=self.started,
             # The cut attempt's text is part of the answer: bill it as completion.
-            carried_completion=(
-                self.usage.completion_tokens
-                if self.usage is not None
-                else self.estimated_completion()
-            ),
+            carried_completion=self.completion_spent(),
         )
+
+    def replaying(self, cut: _Answer) -> _Answer:
+        """This continuation, which started over, as the whole answer (the cut part,
+        rolled back, is still billed as completion)."""
+        self.carried_completion = cut.completion_spent()
+        self.started = cut.started
+        return self
 
     def apply(self, event: StreamEvent) -> llm_pb2.ChatChunk | None:
         if isinstance(event, TextDelta):
@@ -193,29 +223,35 @@ class _RouteRun:
     attempt: int
     #: When the route was entered (loop time): no retry starts past the retry budget.
     started: float
+    #: The whole request's clock (its time in the proxy itself, its age).
+    clock: RequestClock
     #: What the caller is told when no target answers.
     last: UpstreamFailure | RateLimited | None = None
 
-
-def _continuation(request: llm_pb2.ChatRequest, cut: _Answer) -> llm_pb2.ChatRequest:
-    """The request again, with the cut answer as a trailing assistant message to continue."""
-    continuation = llm_pb2.ChatRequest()
-    continuation.CopyFrom(request)
-    continuation.messages.append(
-        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="".join(cut.text))
-    )
-    return continuation
+    def child(self, route: ResolvedRoute, followed: tuple[str, ...]) -> _RouteRun:
+        """The same request entering another route (a context fallback, a restart)."""
+        loop_time = asyncio.get_running_loop().time()
+        return _RouteRun(route, followed, self.attempt, loop_time, self.clock)
 
 
-def _continuation_targets(route: ResolvedRoute, index: int) -> Iterator[Target]:
-    """The targets after `index` that can continue a cut answer, one at a time.
+@dataclass
+class _Cut:
+    """A stream cut after output, on its way to an ending (see `on_cut`)."""
 
-    Lazy on purpose: letting a request through a half-open circuit reserves its
-    probe, so the next target is only asked once the previous one has failed.
-    """
-    for target in route.targets[index + 1 :]:
-        if target.upstream.settings.capabilities.prefill and target.upstream.breaker.allow():
-            yield target
+    request: llm_pb2.ChatRequest
+    #: What the caller holds now: the cut answer (with any continuation of it).
+    answer: _Answer
+    #: Where it was cut, and why.
+    target: Target
+    failure: UpstreamFailure
+    #: Rollback chunks sent to the caller while ending it.
+    rollbacks: int = 0
+    #: A done chunk has been sent.
+    answered: bool = False
+
+    @property
+    def error(self) -> str:
+        return f"{self.failure.reason}: {self.failure.message}"
 
 
 class ChatProxy:
@@ -231,6 +267,8 @@ class ChatProxy:
         self.retry = retry
         self.events = events
         self._sleep = sleep
+        #: TPM settlements under way: they never delay the answer.
+        self._settling: set[asyncio.Task[None]] = set()
 
     def models(self) -> list[llm_pb2.ModelInfo]:
         return self.router.models()
@@ -239,21 +277,30 @@ class ChatProxy:
         if not request.messages:
             raise errors.InvalidArgument("messages is empty: send at least one message")
         route = self.router.resolve(request.model)
-        async for chunk in self._serve(request, route, followed=(), attempts_before=0):
-            yield chunk
+        clock = RequestClock()
+        run = _RouteRun(route, (), 0, asyncio.get_running_loop().time(), clock)
+        try:
+            async for chunk in self._serve(request, run):
+                if chunk.HasField("done"):
+                    chunk.done.proxy_overhead_ms = round(clock.overhead_s() * 1000, 3)
+                with clock.waiting():
+                    yield chunk
+        finally:
+            OVERHEAD.observe(clock.overhead_s())
+
+    async def settled(self) -> None:
+        """Wait for the TPM settlements under way (shutdown, tests)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def _serve(
-        self,
-        request: llm_pb2.ChatRequest,
-        route: ResolvedRoute,
-        followed: tuple[str, ...],
-        attempts_before: int,
+        self, request: llm_pb2.ChatRequest, run: _RouteRun
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
         """The route's targets in order, failing over, until one of them answers.
 
         Raises what the last failure means to the caller when none does.
         """
-        run = _RouteRun(route, followed, attempts_before, asyncio.get_running_loop().time())
+        route = run.route
         for index, target in enumerate(route.targets):
             skipped = self._skipped(request, target)
             if skipped is not None:
@@ -286,12 +333,12 @@ class ChatProxy:
             run.attempt += 1
             tries += 1
             answer = _Answer()
-            async for chunk in self._attempt(request, target, run.attempt, answer):
+            async for chunk in self._attempt(request, target, run, answer):
                 yield chunk
             failure = answer.failure
             if failure is None:
                 self._record_success(target)
-                yield self._done(request, answer, target, run.attempt)
+                yield self._done(request, answer, target, run)
                 return
             if isinstance(failure, RateLimited):
                 self._record_rate_limited(target, failure, run.attempt)
@@ -299,9 +346,8 @@ class ChatProxy:
                 return
             if answer.produced_output:
                 self._record_failure(target, failure, "interrupted")
-                async for chunk in self._finish_cut_answer(
-                    request, run.route, index, answer, failure, run.attempt
-                ):
+                cut = _Cut(request, answer, target, failure)
+                async for chunk in self._finish_cut_answer(run, index, cut):
                     yield chunk
                 return
             yield self._attempt_failed(target, failure, run.attempt)
@@ -315,7 +361,8 @@ class ChatProxy:
             if delay is None:
                 yield _FailOver(failure.reason, failure)
                 return
-            await self._sleep(delay)
+            with run.clock.waiting():
+                await self._sleep(delay)
 
     def _skipped(self, request: llm_pb2.ChatRequest, target: Target) -> UpstreamFailure | None:
         """Why `target` is not tried for this request, or None when it may be."""
@@ -362,9 +409,8 @@ class ChatProxy:
         self._emit(
             "llm.failover", target, attempt=run.attempt, reason=failure.reason, to_route=fallback
         )
-        async for chunk in self._serve(
-            request, self.router.route(fallback), (*run.followed, run.route.name), run.attempt
-        ):
+        child = run.child(self.router.route(fallback), (*run.followed, run.route.name))
+        async for chunk in self._serve(request, child):
             yield chunk
 
     def _announce_failover(self, run: _RouteRun, index: int, reason: str) -> None:
@@ -410,14 +456,14 @@ class ChatProxy:
         self,
         request: llm_pb2.ChatRequest,
         target: Target,
-        attempt: int,
+        run: _RouteRun,
         answer: _Answer,
         *,
         prefill: bool = False,
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
         """One attempt, relayed; how it failed, if it did, is left in `answer.failure`."""
         try:
-            async for chunk in self._send(request, target, attempt, answer, prefill=prefill):
+            async for chunk in self._send(request, target, run, answer, prefill=prefill):
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             # The caller left mid-attempt: no verdict on the upstream, and a
@@ -431,7 +477,7 @@ class ChatProxy:
         self,
         request: llm_pb2.ChatRequest,
         target: Target,
-        attempt: int,
+        run: _RouteRun,
         answer: _Answer,
         *,
         prefill: bool,
@@ -447,16 +493,18 @@ class ChatProxy:
             # ignore them, strict ones refuse (and the original failure is reported).
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
+        if settings.capabilities.usage_per_chunk:
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         yield llm_pb2.ChatChunk(
             attempt=llm_pb2.AttemptInfo(
-                attempt=attempt, upstream=upstream.name, model=target.model, status="started"
+                attempt=run.attempt, upstream=upstream.name, model=target.model, status="started"
             )
         )
         tokens = _estimate_prompt_tokens(request) + (request.max_tokens or 512)
         async with upstream.limiter.slot(tokens):
             try:
                 async with asyncio.timeout(settings.timeouts.total_s) as total:
-                    async for batch in Batches(upstream.client.stream(body)):
+                    async for batch in Batches(upstream.client.stream(body), run.clock):
                         first = answer.deltas == 0
                         for chunk in _relayed(answer, batch):
                             yield chunk
@@ -472,61 +520,241 @@ class ChatProxy:
                     f"answer took longer than {settings.timeouts.total_s:g}s",
                     retryable=False,
                 ) from None
+            finally:
+                # However the attempt ended (answered, cut, its caller gone): the
+                # bucket is charged what it used, not the estimate taken above.
+                self._settle(upstream.limiter, upstream.limiter.reserved(tokens), request, answer)
+
+    def _settle(
+        self,
+        limiter: UpstreamLimiter,
+        reserved: int,
+        request: llm_pb2.ChatRequest,
+        answer: _Answer,
+    ) -> None:
+        if not limiter.tpm:
+            return
+        # In the background: the answer is never held up by the bucket, and a
+        # cancelled request (its caller gone) still settles.
+        task = asyncio.get_running_loop().create_task(
+            self._settle_now(limiter, reserved, answer.used(request))
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_now(self, limiter: UpstreamLimiter, reserved: int, used: int) -> None:
+        try:
+            await limiter.settle(reserved, used)
+        except Exception as exc:  # Redis away: the bucket keeps the estimate
+            log.warning(
+                "llm.tpm_settle_failed", upstream=limiter.upstream, used=used, error=str(exc)
+            )
 
     async def _finish_cut_answer(
-        self,
-        request: llm_pb2.ChatRequest,
-        route: ResolvedRoute,
-        index: int,
-        answer: _Answer,
-        failure: UpstreamFailure,
-        attempt: int,
+        self, run: _RouteRun, index: int, cut: _Cut
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
-        """Continue a cut answer on a prefill-capable fallback, or end it INTERRUPTED."""
-        cut_at = route.targets[index]
+        """What the route's `on_cut` makes of a stream cut after output: continued on a
+        prefill-capable fallback, restarted on the next target after a rollback, or
+        ended INTERRUPTED with the partial answer."""
         self._emit(
             "llm.stream_interrupted",
-            cut_at,
-            attempt=attempt,
-            reason=failure.reason,
-            error=failure.message,
-            deltas_sent=answer.deltas,
+            cut.target,
+            attempt=run.attempt,
+            reason=cut.failure.reason,
+            error=cut.failure.message,
+            deltas_sent=cut.answer.deltas,
         )
-        if answer.tool_calls:
-            # Tool-call deltas already sent cannot be continued as text.
-            yield self._interrupted(request, answer, cut_at, attempt, failure)
-            return
-        continuation = _continuation(request, answer)
-        for target in _continuation_targets(route, index):
-            attempt += 1
-            self._emit(
-                "llm.failover",
-                cut_at,
-                attempt=attempt,
-                reason=failure.reason,
-                to_upstream=target.upstream.name,
-                to_model=target.model,
-                continuation=True,
-            )
-            rest = _Answer()
-            async for chunk in self._attempt(continuation, target, attempt, rest, prefill=True):
+        on_cut = run.route.on_cut
+        # Tool-call deltas already sent cannot be continued as text.
+        if on_cut in ("continue", "continue_then_restart") and not cut.answer.tool_calls:
+            async for chunk in self._continue(run, index, cut):
+                yield chunk
+        if not cut.answered and on_cut in ("restart", "continue_then_restart"):
+            async for chunk in self._restart(run, index, cut):
+                yield chunk
+        if not cut.answered:
+            yield self._interrupted(cut.request, cut.answer, cut.target, run.attempt, cut)
+
+    async def _continue(
+        self, run: _RouteRun, index: int, cut: _Cut
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        """Continue the cut answer on the prefill-capable targets after it, in order.
+
+        A continuation that starts over is rolled back and taken as the whole answer;
+        one that fails before the caller saw any of it (refused) leaves the cut
+        answer as it was for the next target. `cut` says how it ended.
+        """
+        partial = "".join(cut.answer.text)
+        continuation = continuation_request(cut.request, partial)
+        for target in continuation_targets(run.route, index):
+            run.attempt += 1
+            self._announce_continuation(cut, target, run.attempt)
+            rest, check = _Answer(), ContinuationCheck(partial)
+            async for chunk in self._checked(continuation, target, run, rest, check, cut):
                 yield chunk
             if rest.failure is None:
                 self._record_success(target)
-                yield self._done(continuation, answer.continued_by(rest), target, attempt)
+                replayed = bool(check.replayed)
+                whole = rest.replaying(cut.answer) if replayed else cut.answer.continued_by(rest)
+                yield self._done(continuation, whole, target, run, rollbacks=cut.rollbacks)
+                cut.answered = True
                 return
-            if isinstance(rest.failure, UpstreamFailure):
-                self._record_failure(target, rest.failure, "failed")
+            seen = check.decided and rest.produced_output
+            self._continuation_failed(target, rest.failure, run.attempt, seen=seen)
+            if not seen:
+                continue  # a refusal never masks the original failure: on to the next
+            if check.replayed:
+                cut.answer = rest.replaying(cut.answer)
             else:
-                target.upstream.breaker.release_probe()
-            if rest.produced_output:
-                answer.text.extend(rest.text)
-                answer.deltas += rest.deltas
-                cause = rest.failure if isinstance(rest.failure, UpstreamFailure) else failure
-                yield self._interrupted(request, answer, target, attempt, cause)
-                return
-            # A refused continuation never masks the original failure: on to the next.
-        yield self._interrupted(request, answer, cut_at, attempt, failure)
+                cut.answer.text.extend(rest.text)
+                cut.answer.deltas += rest.deltas
+            cut.target = target
+            if isinstance(rest.failure, UpstreamFailure):
+                cut.failure = rest.failure
+            return
+
+    async def _checked(
+        self,
+        continuation: llm_pb2.ChatRequest,
+        target: Target,
+        run: _RouteRun,
+        rest: _Answer,
+        check: ContinuationCheck,
+        cut: _Cut,
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        """A continuation attempt relayed through its check: a replay is preceded by a
+        rollback; text still held when the attempt fails is never sent."""
+        rolled_back = False
+        stream = self._attempt(continuation, target, run, rest, prefill=True)
+        async for chunk in stream:
+            released = check.feed(chunk)
+            if check.replayed and not rolled_back:
+                rolled_back = True
+                yield self._rollback("replayed_continuation", cut, target)
+            for out in released:
+                yield out
+        if rest.failure is None:
+            released = check.end()
+            if check.replayed and not rolled_back:
+                yield self._rollback("replayed_continuation", cut, target)
+            for out in released:
+                yield out
+
+    async def _restart(
+        self, run: _RouteRun, index: int, cut: _Cut
+    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+        """Ask the targets after the cut one for the whole answer again.
+
+        The caller is sent a rollback just before the new answer's first output (or
+        its end), so when no target answers nothing was rolled back and the cut
+        answer stands.
+        """
+        following = run.route.targets[index + 1 :]
+        if not following:
+            return
+        self._emit(
+            "llm.failover",
+            cut.target,
+            attempt=run.attempt,
+            reason=cut.failure.reason,
+            to_upstream=following[0].upstream.name,
+            to_model=following[0].model,
+            restart=True,
+        )
+        inner = run.child(dataclasses.replace(run.route, targets=following), run.followed)
+        answering, rolled_back = following[0], False
+        try:
+            async for chunk in self._serve(cut.request, inner):
+                if chunk.HasField("attempt"):
+                    answering = self._target_named(following, chunk.attempt) or answering
+                elif not rolled_back:
+                    rolled_back = True
+                    yield self._rollback("restart", cut, answering)
+                if chunk.HasField("done"):
+                    self._carry(chunk.done, cut)
+                yield chunk
+        except errors.ThreadlineError as exc:
+            if rolled_back:
+                raise
+            log.info("llm.restart_failed", route=run.route.name, error=exc.message)
+            return
+        finally:
+            run.attempt = inner.attempt
+        cut.answered = True
+
+    @staticmethod
+    def _target_named(targets: tuple[Target, ...], attempt: llm_pb2.AttemptInfo) -> Target | None:
+        for target in targets:
+            if (target.upstream.name, target.model) == (attempt.upstream, attempt.model):
+                return target
+        return None
+
+    def _carry(self, done: llm_pb2.ChatDone, cut: _Cut) -> None:
+        """The restarted answer's result also bills the answer it replaced."""
+        spent = self._usage(cut.request, cut.answer)
+        usage = done.usage
+        usage.prompt_tokens += spent.prompt_tokens
+        usage.completion_tokens += spent.completion_tokens
+        usage.cached_tokens += spent.cached_tokens
+        usage.total_tokens += spent.total_tokens
+        done.usage_estimated = done.usage_estimated or cut.answer.usage is None
+        done.rollbacks += cut.rollbacks
+
+    def _rollback(self, reason: str, cut: _Cut, target: Target) -> llm_pb2.ChatChunk:
+        cut.rollbacks += 1
+        self._emit(
+            "llm.rollback",
+            cut.target,
+            reason=reason,
+            error=cut.error,
+            to_upstream=target.upstream.name,
+            to_model=target.model,
+            discarded_deltas=cut.answer.deltas,
+        )
+        return llm_pb2.ChatChunk(
+            rollback=llm_pb2.Rollback(
+                reason=reason, error=cut.error, upstream=target.upstream.name, model=target.model
+            )
+        )
+
+    def _announce_continuation(self, cut: _Cut, target: Target, attempt: int) -> None:
+        self._emit(
+            "llm.failover",
+            cut.target,
+            attempt=attempt,
+            reason=cut.failure.reason,
+            to_upstream=target.upstream.name,
+            to_model=target.model,
+            continuation=True,
+        )
+
+    def _continuation_failed(
+        self,
+        target: Target,
+        failure: UpstreamFailure | RateLimited | None,
+        attempt: int,
+        *,
+        seen: bool,
+    ) -> None:
+        """Account for a failed continuation; one the caller saw nothing of is refused."""
+        if isinstance(failure, UpstreamFailure):
+            self._record_failure(target, failure, "failed")
+        else:
+            target.upstream.breaker.release_probe()
+        if seen or failure is None:
+            return
+        if isinstance(failure, RateLimited):
+            reason, error, status = "rate_limited", str(failure), None
+        else:
+            reason, error, status = failure.reason, failure.message, failure.status
+        self._emit(
+            "llm.continuation_refused",
+            target,
+            attempt=attempt,
+            reason=reason,
+            error=error,
+            status=status,
+        )
 
     def _emit(self, type_: str, target: Target, **attributes: Any) -> None:
         self.events.emit(type_, upstream=target.upstream.name, model=target.model, **attributes)
@@ -551,6 +779,7 @@ class ChatProxy:
         upstream = target.upstream
         metrics.ATTEMPTS.labels(upstream.name, target.model, outcome).inc()
         if _counts_against_health(failure):
+            probing = upstream.breaker.state is CircuitState.HALF_OPEN
             if upstream.breaker.record_failure():
                 metrics.CIRCUIT_OPEN.labels(upstream.name).set(1)
                 self._emit(
@@ -558,6 +787,8 @@ class ChatProxy:
                     target,
                     reason=failure.reason,
                     failures=upstream.breaker.failures,
+                    # The half-open probe failed: open again for another cooldown.
+                    reopened=probing,
                 )
         else:
             upstream.breaker.release_probe()
@@ -602,7 +833,13 @@ class ChatProxy:
         )
 
     def _done(
-        self, request: llm_pb2.ChatRequest, answer: _Answer, target: Target, attempt: int
+        self,
+        request: llm_pb2.ChatRequest,
+        answer: _Answer,
+        target: Target,
+        run: _RouteRun,
+        *,
+        rollbacks: int = 0,
     ) -> llm_pb2.ChatChunk:
         reason = FINISH_REASONS.get(answer.finish_reason, common_pb2.FINISH_REASON_STOP)
         if answer.tool_calls and reason == common_pb2.FINISH_REASON_STOP:
@@ -616,8 +853,10 @@ class ChatProxy:
             "llm.answered",
             upstream=name,
             model=target.model,
-            attempt=attempt,
-            seconds=round(time.perf_counter() - answer.started, 3),
+            attempt=run.attempt,
+            # The whole request's time, every attempt and continuation included.
+            seconds=round(run.clock.elapsed_s(), 3),
+            answer_seconds=round(time.perf_counter() - answer.started, 3),
         )
         return llm_pb2.ChatChunk(
             done=llm_pb2.ChatDone(
@@ -627,8 +866,9 @@ class ChatProxy:
                 upstream=name,
                 content="".join(answer.text),
                 tool_calls=[answer.tool_calls[i] for i in sorted(answer.tool_calls)],
-                attempts=attempt,
+                attempts=run.attempt,
                 usage_estimated=answer.usage is None,
+                rollbacks=rollbacks,
             )
         )
 
@@ -638,7 +878,7 @@ class ChatProxy:
         answer: _Answer,
         target: Target,
         attempt: int,
-        failure: UpstreamFailure,
+        cut: _Cut,
     ) -> llm_pb2.ChatChunk:
         usage = self._usage(request, answer)
         name = target.upstream.name
@@ -654,6 +894,7 @@ class ChatProxy:
                 tool_calls=[answer.tool_calls[i] for i in sorted(answer.tool_calls)],
                 attempts=attempt,
                 usage_estimated=answer.usage is None,
-                error=f"{failure.reason}: {failure.message}",
+                error=cut.error,
+                rollbacks=cut.rollbacks,
             )
         )

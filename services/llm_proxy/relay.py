@@ -3,7 +3,8 @@
 A fast upstream outpaces the gRPC writes to our caller; instead of one message
 per token, whatever arrived during the previous write goes out together. A slow
 upstream (one token at a time) sees no added latency: a lone event is relayed
-at once.
+at once. The relay's waits for the upstream are timed on the request's clock
+(`overhead`), so they are not counted as the proxy's own time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Generic, TypeVar
+
+from services.llm_proxy.overhead import RequestClock
 
 T = TypeVar("T")
 
@@ -26,8 +29,9 @@ class _Failed:
 
 
 class Batches(Generic[T]):
-    def __init__(self, source: AsyncIterator[T]) -> None:
+    def __init__(self, source: AsyncIterator[T], clock: RequestClock | None = None) -> None:
         self._source = source
+        self._clock = clock
         self._queue: asyncio.Queue[T | _End | _Failed] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
@@ -49,7 +53,12 @@ class Batches(Generic[T]):
         self._reader = asyncio.create_task(self._read(), name="upstream-reader")
         try:
             while True:
-                batch = [await self._queue.get()]
+                if self._queue.empty() and self._clock is not None:
+                    with self._clock.waiting():
+                        first = await self._queue.get()
+                else:
+                    first = await self._queue.get()
+                batch = [first]
                 while not self._queue.empty():
                     batch.append(self._queue.get_nowait())
                 items: list[T] = []

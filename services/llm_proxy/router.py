@@ -9,7 +9,7 @@ from services.llm_proxy.breaker import CircuitBreaker
 from services.llm_proxy.limits import UpstreamLimiter
 from services.llm_proxy.upstream import Upstream
 from threadline import errors
-from threadline.config import LlmSettings, UpstreamSettings
+from threadline.config import LlmSettings, OnCut, UpstreamSettings
 from threadline.v1 import llm_pb2
 
 
@@ -41,6 +41,8 @@ class ResolvedRoute:
     name: str
     targets: tuple[Target, ...]
     context_fallback: str = ""
+    #: What a stream cut after output becomes (see `threadline.config.OnCut`).
+    on_cut: OnCut = "continue"
 
 
 class Router:
@@ -54,6 +56,7 @@ class Router:
             alias,
             tuple(Target(self.upstreams[t.upstream], t.model) for t in route.targets),
             route.context_fallback,
+            route.on_cut or self.settings.on_cut,
         )
 
     def resolve(self, requested: str) -> ResolvedRoute:
@@ -62,7 +65,8 @@ class Router:
             if self.settings.default_route:
                 return self.route(self.settings.default_route)
             first = next(iter(self.upstreams.values()))
-            return ResolvedRoute("default", (Target(first, first.settings.served_models[0]),))
+            target = Target(first, first.settings.served_models[0])
+            return ResolvedRoute("default", (target,), on_cut=self.settings.on_cut)
         if requested in self.settings.routes:
             return self.route(requested)
         targets = tuple(
@@ -71,7 +75,7 @@ class Router:
             if requested in upstream.settings.served_models
         )
         if targets:
-            return ResolvedRoute(requested, targets)
+            return ResolvedRoute(requested, targets, on_cut=self.settings.on_cut)
         known = sorted({*self.settings.routes, *(m.id for m in self.models())})
         raise errors.InvalidArgument(
             f"unknown model {requested!r}: known models and routes are {', '.join(known)}",

@@ -313,8 +313,7 @@ class Upstream:
         if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
             return UpstreamFailure(
                 "reset",
-                f"upstream {self.name!r} closed or reset the connection "
-                f"({type(exc).__name__})",
+                f"upstream {self.name!r} closed or reset the connection ({type(exc).__name__})",
                 retryable=True,
             )
         _log.warning("llm.transport_failed", upstream=self.name, error=str(exc))

@@ -40,6 +40,7 @@ from tests.service.test_llm_proxy_routes import (
     text_of,
     upstream,
 )
+from tests.waiting import eventually
 from threadline import errors
 from threadline.peers import LlmClient
 from threadline.testing.fake_upstream import FakeUpstream, Script, estimate_prompt_tokens
@@ -236,7 +237,7 @@ async def test_outage_is_served_by_the_fallback_and_recovery_returns_to_the_prim
             await asyncio.sleep(cooldown_s / 3)
         await proxy.events.settle()
         circuit = [
-            (e.type, attrs(e)["upstream"])
+            (e.type, attrs(e)["upstream"], attrs(e).get("reopened"))
             for e in proxy.events.events
             if e.type.startswith("llm.circuit_")
         ]
@@ -251,7 +252,15 @@ async def test_outage_is_served_by_the_fallback_and_recovery_returns_to_the_prim
     on_primary = requests_for(fake_upstream, "model-a")
     assert len(on_primary) == len(down) + (20 - recovered_at)
     assert recovered_at > len(down)
-    assert circuit == [("llm.circuit_opened", primary), ("llm.circuit_closed", primary)]
+    # Opened once by the failures, then again by every probe that failed (an operator
+    # sees each re-open), closed by the probe that succeeded.
+    probes = len(down) - 2  # failure_threshold
+    assert probes >= 1
+    assert circuit == [
+        ("llm.circuit_opened", primary, False),
+        *[("llm.circuit_opened", primary, True)] * probes,
+        ("llm.circuit_closed", primary, None),
+    ]
     assert sample("threadline_llm_circuit_open", upstream=primary) == 0.0
 
 
@@ -317,6 +326,22 @@ def _tpm_estimate(max_tokens: int) -> int:
     return 40 // 4 + 4 + max_tokens
 
 
+#: Answers `_tpm_request(600)` with 589 tokens: the fake reports 11 prompt tokens
+#: (40 // 4 + 1) and 589 completion tokens, 600 in all.
+SPENDER = Script(tokens=589)
+SPENT = 600
+
+
+async def _tpm_charged(redis_client: aioredis.Redis, upstream_name: str, amount: float) -> None:
+    """Wait until the upstream's TPM bucket has been settled to `amount` tokens charged."""
+
+    async def settled() -> bool:
+        charged = await redis_client.hget(f"threadline:ratelimit:{upstream_name}:tpm", "charged")
+        return charged is not None and float(charged) == amount
+
+    await eventually(settled)
+
+
 async def test_tpm_refuses_a_request_whose_estimate_exceeds_the_remaining_budget(
     tmp_path: Path,
     redis_url: str,
@@ -326,18 +351,20 @@ async def test_tpm_refuses_a_request_whose_estimate_exceeds_the_remaining_budget
 ) -> None:
     name, tpm = f"tpm-{uid}", 1000
     llm = {"upstreams": [upstream(fake_upstream, name, "model-a", tpm=tpm)], "rate_limit_wait_s": 0}
-    fake_upstream.route("model-a", Script(text="ok"))
+    fake_upstream.route_sequence("model-a", [SPENDER, Script(text="ok")])
     async with running_proxy(tmp_path, redis_url, llm) as proxy:
-        await proxy.llm.chat(_tpm_request(600))  # ~614 of 1000 tokens spent
+        await proxy.llm.chat(_tpm_request(600))  # 600 of 1000 tokens used
+        # Reserved at its estimate (614), then settled with the upstream's count.
+        await _tpm_charged(redis_client, name, SPENT)
         with pytest.raises(errors.ResourceExhausted) as caught:
-            await proxy.llm.chat(_tpm_request(500))  # ~514 > the ~386 left
+            await proxy.llm.chat(_tpm_request(500))  # ~514 > the ~400 left
         # A refusal takes nothing: a request that fits the remainder still goes through.
         small = await proxy.llm.chat(_tpm_request(300))
         (limited,) = await proxy.events.wait_for("llm.rate_limited")
 
     assert small.done.finish_reason == common_pb2.FINISH_REASON_STOP
     assert caught.value.details["limit"] == "tpm"
-    missing = _tpm_estimate(500) - (tpm - _tpm_estimate(600))
+    missing = _tpm_estimate(500) - (tpm - SPENT)
     per_second = tpm / 60
     assert caught.value.retry_after_s is not None
     assert 0 < caught.value.retry_after_s <= missing / per_second + 0.01
@@ -357,9 +384,10 @@ async def test_a_request_refused_by_tpm_does_not_spend_an_rpm_token(
         "upstreams": [upstream(fake_upstream, name, "model-a", rpm=2, tpm=1000)],
         "rate_limit_wait_s": 0,
     }
-    fake_upstream.route("model-a", Script(text="ok"))
+    fake_upstream.route_sequence("model-a", [SPENDER, Script(text="ok")])
     async with running_proxy(tmp_path, redis_url, llm) as proxy:
         await proxy.llm.chat(_tpm_request(600))
+        await _tpm_charged(redis_client, name, SPENT)
         with pytest.raises(errors.ResourceExhausted) as refused:
             await proxy.llm.chat(_tpm_request(500))  # refused by TPM, never sent
         assert refused.value.details["limit"] == "tpm"

@@ -15,6 +15,9 @@ Token accounting, so tests can predict usage:
   message; text parts of multi-part contents count, other parts do not.
 - completion_tokens = number of generated deltas: content tokens plus
   tool-call deltas (one carrying id and name, then one per arguments piece).
+- With stream_options.continuous_usage_stats (vLLM's), every chunk carries the
+  usage so far: completion_tokens = deltas sent up to and including it, so a
+  stream cut after k deltas has reported prompt + k.
 
 Streams use `Transfer-Encoding: chunked` with one SSE event per HTTP chunk,
 as vLLM (uvicorn) and llama.cpp's server do, so a cut stream is a protocol error
@@ -819,6 +822,10 @@ class _Completion:
         self.include_usage = (
             isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         )
+        self.continuous_usage = self.include_usage and (
+            isinstance(stream_options, dict)
+            and stream_options.get("continuous_usage_stats") is True
+        )
         self.prompt_tokens = estimate_prompt_tokens(body.get("messages"))
 
         deltas: list[dict[str, Any]] = [{"content": t} for t in script.content_tokens()]
@@ -854,7 +861,9 @@ class _Completion:
 
     @property
     def usage(self) -> dict[str, int]:
-        completion_tokens = len(self.deltas)
+        return self._usage(len(self.deltas))
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -879,10 +888,12 @@ class _Completion:
             if index == 0:
                 delta = {"role": "assistant", **delta}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-            yield _sse(self._chunk([choice]), script)
+            so_far = self._usage(index + 1) if self.continuous_usage else None
+            yield _sse(self._chunk([choice], so_far), script)
         final_delta: dict[str, Any] = {} if self.deltas else {"role": "assistant"}
         final = {"index": 0, "delta": final_delta, "logprobs": None}
-        yield _sse(self._chunk([{**final, "finish_reason": self.finish_reason}]), script)
+        so_far = self.usage if self.continuous_usage else None
+        yield _sse(self._chunk([{**final, "finish_reason": self.finish_reason}], so_far), script)
         if self.include_usage:
             yield _sse(self._chunk([], self.usage), script)
         if script.fault != "no_done":
