@@ -60,6 +60,9 @@ def open_database(
             raise FailedPrecondition(f"{name} {path}: WAL journal mode unavailable (got {mode})")
         # FULL: an acknowledged write survives kill -9 and power loss.
         conn.execute("PRAGMA synchronous = FULL")
+        # Deleted rows are overwritten with zeros in the pages that held them, not
+        # just unlinked: erased text is not left in the file's free space.
+        conn.execute("PRAGMA secure_delete = ON")
         # Cascades where a schema declares them; a store still deletes a session's
         # rows explicitly, since a tool that opens the file without this skips them.
         conn.execute("PRAGMA foreign_keys = ON")
@@ -68,6 +71,18 @@ def open_database(
         conn.close()
         raise
     return conn
+
+
+def truncate_wal(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database and cut the WAL file to zero bytes.
+
+    After an erasure: secure_delete zeroes the pages in the database, but the WAL
+    still holds the frames that wrote the rows until it is reset, and a reset only
+    rewinds, overwriting old frames as new ones come. Best effort: a reader in another
+    process (a replica sharing the file) keeps the WAL until it is done, and the
+    next erasure's call takes what this one could not.
+    """
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
 
 def migrate(conn: sqlite3.Connection, *, path: Path, name: str, migrations: Migrations) -> None:
@@ -103,9 +118,10 @@ class SqliteDatabase:
     """One store's SQLite file and the one thread its connection lives on.
 
     `open()` connects on that thread with the pragmas every store shares (WAL,
-    synchronous=FULL, busy timeout, foreign keys) and migrates the file forward;
-    `run(fn, *args)` calls `fn(conn, *args)` there, so writes serialise without
-    locks and the event loop never waits on the disk; `close()` runs
+    synchronous=FULL, secure_delete, busy timeout, foreign keys) and migrates the
+    file forward; `run(fn, *args)` calls `fn(conn, *args)` there, so writes
+    serialise without locks and the event loop never waits on the disk (`erase`
+    also truncates the WAL after a deletion); `close()` runs
     `PRAGMA optimize` and closes, after every statement already submitted.
     """
 
@@ -144,6 +160,22 @@ class SqliteDatabase:
             await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
         finally:
             executor.shutdown(wait=False)
+
+    async def erase(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """`run` for a statement that deletes what must not stay on disk: the WAL is
+        truncated after it (`truncate_wal`)."""
+
+        def erasing(conn: sqlite3.Connection) -> T:
+            result = fn(conn, *args, **kwargs)
+            truncate_wal(conn)
+            return result
+
+        return await self.run(erasing)
 
     async def run(
         self,

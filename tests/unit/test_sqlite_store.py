@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from services.executor.tasks.records import TaskRecord, new_task_id
 from services.executor.tasks.sqlite_schema import MIGRATIONS as TASK_MIGRATIONS
 from services.executor.tasks.store import SqliteTaskStore
 from services.memory.sqlite_schema import MIGRATIONS as MEMORY_MIGRATIONS
@@ -27,6 +28,7 @@ from threadline.errors import (
     InvalidArgument,
     Unavailable,
 )
+from threadline.sqlite import open_database
 from threadline.v1 import common_pb2
 
 Message = common_pb2.Message
@@ -243,3 +245,61 @@ async def test_deleting_a_long_session_removes_every_row(db_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         for table in ("sessions", "messages", "tool_calls", "append_requests"):
             assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+
+
+# -- physical erasure ----------------------------------------------------------------
+
+
+def test_every_connection_overwrites_what_it_deletes(tmp_path: Path) -> None:
+    conn = open_database(tmp_path / "any.db", name="any store", migrations=[])
+    try:
+        assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+def _bytes_on_disk(db: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*") if p.is_file())
+
+
+async def test_a_deleted_task_leaves_no_text_in_the_database_or_wal_files(
+    tmp_path: Path,
+) -> None:
+    canary = "canary-3e9a0f-erasure"
+    path = tmp_path / "tasks.db"
+    store = SqliteTaskStore(path)
+    await store.open()
+    try:
+        doomed = TaskRecord(
+            id=new_task_id(),
+            tenant="acme",
+            prompt=f"{canary} in the prompt",
+            agent_type="general",
+            runner="local",
+            workspace=f"/ws/{canary}",
+            status="succeeded",
+            finished_at=1000.0,
+        )
+        kept = TaskRecord(
+            id=new_task_id(),
+            tenant="acme",
+            prompt="kept",
+            agent_type="g",
+            runner="local",
+            workspace="/ws/kept",
+        )
+        await store.create(doomed)
+        await store.create(kept)
+        for n in range(50):
+            await store.append_log(doomed.id, {"type": "delta", "text": f"{canary} {n}"})
+        # Written through the WAL: the text is on disk now.
+        assert canary.encode() in await asyncio.to_thread(_bytes_on_disk, path)
+
+        await store.delete_ended("acme", doomed.id)
+        # While the store is open, as a running service: neither file holds it.
+        on_disk = await asyncio.to_thread(_bytes_on_disk, path)
+        assert canary.encode() not in on_disk
+        assert b"kept" in on_disk
+        assert (await store.get("acme", kept.id)).prompt == "kept"
+    finally:
+        await store.close()

@@ -383,13 +383,13 @@ class SqliteTaskStore:
         return await self._db.run(_read_log, task_id, after)
 
     async def delete_ended(self, tenant: str, task_id: str) -> TasksRemoved:
-        return await self._db.run(_delete_ended, tenant, task_id)
+        return await self._db.erase(_delete_ended, tenant, task_id)
 
     async def delete_tenant_ended(self, tenant: str) -> TasksRemoved:
-        return await self._db.run(_delete_tenant_ended, tenant)
+        return await self._db.erase(_delete_tenant_ended, tenant)
 
     async def delete_ended_before(self, cutoff: float, limit: int) -> TasksRemoved:
-        return await self._db.run(_delete_ended_before, cutoff, limit)
+        return await self._db.erase(_delete_ended_before, cutoff, limit)
 
     async def workspaces_in_use(self, paths: Collection[str]) -> builtins.set[str]:
         return await self._db.run(_workspaces_in_use, list(paths))
