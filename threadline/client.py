@@ -87,9 +87,26 @@ class GatewayClient:
         request = gateway_pb2.ForkSessionRequest(session_id=session_id, at_hash=at_hash)
         return await unary(self._stub.ForkSession(request, metadata=self._metadata))
 
-    async def delete_session(self, session_id: str) -> None:
-        request = gateway_pb2.DeleteSessionRequest(session_id=session_id)
-        await unary(self._stub.DeleteSession(request, metadata=self._metadata))
+    async def delete_session(self, session_id: str, *, with_descendants: bool = False) -> list[str]:
+        """Deletes the session (and what derives from it, when asked): the ids deleted.
+        Its memory and workspace are erased after it (event session.erased)."""
+        request = gateway_pb2.DeleteSessionRequest(
+            session_id=session_id, with_descendants=with_descendants
+        )
+        response = await unary(self._stub.DeleteSession(request, metadata=self._metadata))
+        return list(response.deleted_session_ids)
+
+    async def list_derived_sessions(self, session_id: str) -> list[session_pb2.Session]:
+        """The forks and compactions of the session, and theirs."""
+        request = gateway_pb2.ListDerivedSessionsRequest(session_id=session_id)
+        response = await unary(self._stub.ListDerivedSessions(request, metadata=self._metadata))
+        return list(response.sessions)
+
+    async def erase_tenant(self, tenant: str = "") -> session_pb2.EraseTenantResponse:
+        """Deletes every session and task of the tenant ("" for the key's own; another
+        tenant needs an admin key); event tenant.erased when all is gone."""
+        request = session_pb2.EraseTenantRequest(tenant=tenant)
+        return await unary(self._stub.EraseTenant(request, metadata=self._metadata))
 
     async def export_session(self, session_id: str) -> list[str]:
         request = gateway_pb2.ExportSessionRequest(session_id=session_id)

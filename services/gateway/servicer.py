@@ -141,8 +141,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> session_pb2.DeleteResponse:
         caller = _caller(self.auth, context)
         validate_session_id(request.session_id)
-        await self.sessions.delete(caller.tenant, request.session_id)
-        return session_pb2.DeleteResponse()
+        deleted = await self.sessions.delete(
+            caller.tenant, request.session_id, with_descendants=request.with_descendants
+        )
+        return session_pb2.DeleteResponse(deleted_session_ids=deleted)
+
+    async def ListDerivedSessions(
+        self, request: gateway_pb2.ListDerivedSessionsRequest, context: Context
+    ) -> session_pb2.SessionList:
+        caller = _caller(self.auth, context)
+        validate_session_id(request.session_id)
+        return await self.sessions.list_derived(caller.tenant, request.session_id)
+
+    async def EraseTenant(
+        self, request: session_pb2.EraseTenantRequest, context: Context
+    ) -> session_pb2.EraseTenantResponse:
+        caller = _caller(self.auth, context)
+        validation.check_length("tenant", request.tenant, validation.MAX_TENANT_CHARS)
+        tenant = request.tenant or caller.tenant
+        if tenant != caller.tenant and not caller.admin:
+            # The same answer whether or not the named tenant exists.
+            raise errors.PermissionDenied("only an admin key may erase another tenant")
+        # Tasks first: a task still running for the tenant must not outlive its sessions'
+        # erasure by writing into a workspace afterwards.
+        tasks = await self.executor.delete_tenant_tasks(tenant)
+        response = await self.sessions.erase_tenant(tenant)
+        response.tasks = tasks.tasks
+        response.tasks_still_running = tasks.still_running
+        return response
 
     async def ExportSession(
         self, request: gateway_pb2.ExportSessionRequest, context: Context

@@ -23,6 +23,8 @@ MAX_STATUS_CHARS = 32
 #: Page tokens the session service hands out are well under 100 characters.
 MAX_PAGE_TOKEN_CHARS = 256
 MAX_EVENT_PATTERNS = 32
+#: Tenant names come from configuration (gateway.api_keys): short.
+MAX_TENANT_CHARS = 128
 MAX_EVENT_PATTERN_CHARS = 128
 
 #: Message hashes of the session chain: sha256, hex.

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ GONE = frozenset({"session.deleted", "session.expired"})
 #: The executor's name as an owner in the erasure cascade.
 OWNER = "executor"
 
+#: Removals by event remembered for the erasure's acknowledgement.
+_REMEMBERED_REMOVALS = 4096
+
 
 def tenant_key(tenant: str) -> str:
     """The tenant's directory name: fixed length, no characters a path could misread."""
@@ -64,6 +68,11 @@ class SessionWorkspaces:
     _subscription: Subscription | None = field(default=None, repr=False)
     _follower: asyncio.Task[None] | None = field(default=None, repr=False)
     _erasures: ErasureFollower | None = field(default=None, repr=False)
+    #: What the events removed, by session, until the erasure asks (bounded: the
+    #: sessions another replica acknowledges never ask here).
+    _removed_by_events: OrderedDict[str, dict[str, int]] = field(
+        default_factory=OrderedDict, repr=False
+    )
 
     def directory(self, tenant: str, session_id: str) -> Path:
         if not tenant:
@@ -118,7 +127,10 @@ class SessionWorkspaces:
         removed = await asyncio.to_thread(self.erase, erasure.tenant, erasure.session_id)
         if removed["workspaces"]:
             log.info("workspace.removed", session_id=erasure.session_id, reason="erasure")
-        return removed
+        # The event may have been faster on this replica: what it removed is what the
+        # acknowledgement reports.
+        earlier = self._removed_by_events.pop(erasure.session_id, None)
+        return earlier if earlier is not None and not removed["workspaces"] else removed
 
     async def stop(self) -> None:
         """Stop listening; safe to call twice."""
@@ -144,7 +156,7 @@ class SessionWorkspaces:
         # A failed removal is logged and the loop goes on: the next deletion must
         # not wait for this one's disk.
         try:
-            removed = await asyncio.to_thread(self.remove, event.tenant, event.session_id)
+            removed = await asyncio.to_thread(self.erase, event.tenant, event.session_id)
         except errors.InvalidArgument as exc:
             log.warning("workspace.unremovable_event", event_type=event.type, error=exc.message)
             return
@@ -154,5 +166,8 @@ class SessionWorkspaces:
         except Exception:
             log.exception("workspace.remove_crashed", session_id=event.session_id)
             return
-        if removed:
+        if removed["workspaces"]:
             log.info("workspace.removed", session_id=event.session_id, reason=event.type)
+            self._removed_by_events[event.session_id] = removed
+            while len(self._removed_by_events) > _REMEMBERED_REMOVALS:
+                self._removed_by_events.popitem(last=False)

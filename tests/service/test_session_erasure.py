@@ -1,0 +1,316 @@
+"""Deleting or expiring a session erases everything derived from it.
+
+A canary phrase goes through turns, a tool write, consolidation, extraction and a
+fork; after DeleteSession (and after retention expiry) it is in no store the test
+can read (session and memory databases, every Redis key, the workspaces), and
+every API answers NOT_FOUND for the deleted ids exactly as for ids never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import ACME_KEY, ADMIN_KEY, FAKE_MODEL, OTHER_KEY, make_settings
+from tests.postgres_schema import postgres_schema
+from tests.service.conftest import EventRecorder, attrs, private_stack, upstream_config
+from tests.service.erasure_stores import holding
+from threadline import errors
+from threadline.channels import streaming
+from threadline.client import GatewayClient
+from threadline.config import Settings
+from threadline.peers import ExecutorClient, MemoryClient, SessionClient
+from threadline.stack import Stack
+from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.v1 import executor_pb2, memory_pb2, session_pb2
+
+CANARY = "Quokka-Heliotrope-7731"
+SUMMARIZER = "summarizer"
+TENANT = "acme"
+UNKNOWN = "ses_" + "5" * 32
+
+
+def erasure_settings(
+    tmp_path: Path, fake: FakeUpstream, redis_url: str, **overrides: Any
+) -> Settings:
+    upstream = upstream_config(fake.base_url, first_token_s=2, total_s=10)
+    upstream["models"] = [FAKE_MODEL, SUMMARIZER]
+    session = overrides.pop("session", {})
+    memory = overrides.pop("memory", {})
+    return make_settings(
+        tmp_path,
+        fake.base_url,
+        redis_url=redis_url,
+        llm={"upstream": upstream, "default_route": ""},
+        memory={"model": SUMMARIZER, "erasure_poll_s": 0.1, "job_timeout_s": 5.0, **memory},
+        executor={
+            "tools_enabled": True,
+            "workspace_root": str(tmp_path / "workspaces"),
+            "tool_rules": [{"path": "", "permission": "write"}],
+            "erasure_poll_s": 0.1,
+        },
+        session=session,
+        **overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def backend_settings(
+    kind: str, tmp_path: Path, fake: FakeUpstream, redis_url: str, postgres: str, **extra: Any
+) -> AsyncIterator[Settings]:
+    """Settings with the session (and memory) store of `kind`."""
+    session = dict(extra.pop("session", {}))
+    if kind == "sqlite":
+        yield erasure_settings(tmp_path, fake, redis_url, session=session, **extra)
+    elif kind == "redis":
+        session["database"] = redis_url
+        yield erasure_settings(tmp_path, fake, redis_url, session=session, **extra)
+    else:
+        async with postgres_schema(postgres) as url:
+            session["database"] = url
+            yield erasure_settings(
+                tmp_path, fake, redis_url, session=session, memory={"database": url}, **extra
+            )
+
+
+class Clients:
+    def __init__(self, stack: Stack) -> None:
+        self.gateway = GatewayClient(stack.address("gateway"), api_key=ACME_KEY)
+        self.sessions = SessionClient(stack.address("session"))
+        self.memory = MemoryClient(stack.address("memory"))
+        self.executor = ExecutorClient(stack.address("executor"))
+
+    async def close(self) -> None:
+        await self.gateway.close()
+        for peer in (self.sessions, self.memory, self.executor):
+            await peer.close()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[Clients, EventRecorder]]:
+    async with private_stack(settings) as stack:
+        events = EventRecorder(stack.bus, await stack.bus.subscribe())
+        await events.settle()
+        clients = Clients(stack)
+        try:
+            yield clients, events
+        finally:
+            await clients.close()
+            await events.close()
+
+
+async def converse(gateway: GatewayClient, session_id: str, text: str) -> str:
+    """A turn through the public API; the answer's text."""
+    answer = ""
+    async for event in gateway.converse(session_id, text):
+        if event.WhichOneof("event") == "delta":
+            answer += event.delta
+    return answer
+
+
+async def spread_the_canary(clients: Clients, fake: FakeUpstream) -> tuple[str, list[str]]:
+    """A session holding the canary everywhere it can go; its id and its memory jobs."""
+    session = await clients.gateway.create_session(system_prompt="Be brief.")
+    for i in range(5):
+        fake.enqueue(Script(text=f"Noted {i}."))
+        await converse(clients.gateway, session.id, f"Remember {CANARY}, note {i}.")
+    fake.enqueue(
+        Script(tool_calls=[("write_file", json.dumps({"path": "c.txt", "content": CANARY}))]),
+        Script(text="Saved."),
+    )
+    await converse(clients.gateway, session.id, "Save it to a file.")
+    decision = {"options": [CANARY, "none"], "chosen": CANARY, "rationale": CANARY}
+    fake.route_sequence(
+        SUMMARIZER,
+        [
+            Script(text=f"The user asked to remember {CANARY}."),
+            Script(text=json.dumps({"decisions": [decision]})),
+        ],
+    )
+    consolidated = await clients.memory.consolidate(TENANT, session.id)
+    assert CANARY in consolidated.summary
+    extraction = await clients.memory.extract(
+        memory_pb2.JobRequest(tenant=TENANT, session_id=session.id, wait=True)
+    )
+    assert extraction.state == memory_pb2.JOB_STATE_SUCCEEDED, extraction.error
+    recalled = await clients.memory.recall(TENANT, session.id)
+    assert CANARY in recalled.summary and any(CANARY in i.json for i in recalled.items)
+    return session.id, [consolidated.job.id, extraction.id]
+
+
+async def refusal(call: Callable[[], Awaitable[object]]) -> errors.ThreadlineError:
+    with pytest.raises(errors.ThreadlineError) as refused:
+        await call()
+    return refused.value
+
+
+async def assert_unknown_everywhere(clients: Clients, session_id: str, job_ids: list[str]) -> None:
+    """Every API answers for `session_id` exactly as for an id never used."""
+    gateway, memory = clients.gateway, clients.memory
+
+    def calls(sid: str) -> list[Callable[[], Awaitable[object]]]:
+        return [
+            lambda: gateway.get_session(sid),
+            lambda: gateway.export_session(sid),
+            lambda: gateway.fork_session(sid, ""),
+            lambda: gateway.delete_session(sid),
+            lambda: gateway.list_derived_sessions(sid),
+            lambda: gateway.compact_session(sid),
+            lambda: converse(gateway, sid, "hello"),
+            lambda: memory.recall(TENANT, sid),
+            lambda: memory.consolidate(TENANT, sid),
+            lambda: memory.extract(memory_pb2.JobRequest(tenant=TENANT, session_id=sid)),
+            lambda: memory.record_activity(
+                memory_pb2.RecordActivityRequest(tenant=TENANT, session_id=sid)
+            ),
+            lambda: clients.sessions.build_context(
+                session_pb2.BuildContextRequest(tenant=TENANT, session_id=sid, budget_tokens=100)
+            ),
+            lambda: collect_turn(clients.executor, sid),
+        ]
+
+    for deleted_call, unknown_call in zip(calls(session_id), calls(UNKNOWN), strict=True):
+        deleted, unknown = await refusal(deleted_call), await refusal(unknown_call)
+        assert deleted.code == unknown.code == "NOT_FOUND", (deleted, unknown)
+        assert deleted.message.replace(session_id, "ID") == unknown.message.replace(UNKNOWN, "ID")
+    unknown_job = "job_" + "7" * 32
+    never = await refusal(lambda: gateway.get_memory_job(unknown_job))
+    for job_id in job_ids:
+        refused = await refusal(functools.partial(gateway.get_memory_job, job_id))
+        assert refused.code == never.code == "NOT_FOUND"
+        assert refused.message.replace(job_id, "ID") == never.message.replace(unknown_job, "ID")
+
+
+async def collect_turn(executor: ExecutorClient, session_id: str) -> None:
+    request = executor_pb2.RunTurnRequest(tenant=TENANT, session_id=session_id, input="hi")
+    async for _ in streaming(executor.run_turn(request)):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgresql"])
+async def test_a_deleted_session_and_its_fork_leave_no_trace(
+    kind: str,
+    tmp_path: Path,
+    fake_upstream: FakeUpstream,
+    redis_url: str,
+    postgres_url: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    async with (
+        backend_settings(kind, tmp_path, fake_upstream, redis_url, postgres_url) as settings,
+        running(settings) as (clients, events),
+    ):
+        session_id, job_ids = await spread_the_canary(clients, fake_upstream)
+        head = (await clients.gateway.get_session(session_id)).session.head
+        fork = await clients.gateway.fork_session(session_id, head)
+        kept = await clients.gateway.create_session(system_prompt="Unrelated.")
+        assert [s.id for s in await clients.gateway.list_derived_sessions(session_id)] == [fork.id]
+        assert await holding(CANARY, settings, redis_client)
+
+        deleted = await clients.gateway.delete_session(session_id, with_descendants=True)
+
+        assert deleted == [session_id, fork.id]
+        erased = {e.session_id: attrs(e) for e in await events.wait_for("session.erased", count=2)}
+        assert erased[session_id]["reason"] == "deleted"
+        assert erased[session_id]["removed"]["memory"]["items"] == 1
+        assert erased[session_id]["removed"]["memory"]["summaries"] == 1
+        assert erased[session_id]["removed"]["executor"] == {"workspaces": 1, "files": 1}
+        assert await holding(CANARY, settings, redis_client) == []
+        await assert_unknown_everywhere(clients, session_id, job_ids)
+        await assert_unknown_everywhere(clients, fork.id, [])
+        assert [s.id for s in (await clients.gateway.list_sessions()).sessions] == [kept.id]
+
+
+async def test_an_expired_session_leaves_no_trace(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    settings = erasure_settings(
+        tmp_path, fake_upstream, redis_url, session={"ttl_s": 3.0, "cleanup_interval_s": 0.2}
+    )
+    async with running(settings) as (clients, events):
+        session_id, job_ids = await spread_the_canary(clients, fake_upstream)
+
+        (expired,) = await events.wait_for("session.expired", session_id=session_id, timeout=15)
+        (erased,) = await events.wait_for("session.erased", session_id=session_id, timeout=10)
+
+        assert attrs(expired)["reason"] == attrs(erased)["reason"] == "idle"
+        assert await holding(CANARY, settings, redis_client) == []
+        await assert_unknown_everywhere(clients, session_id, job_ids)
+
+
+async def test_lineage_lists_forks_and_compactions_and_delete_can_spare_them(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with running(erasure_settings(tmp_path, fake_upstream, redis_url)) as (clients, _):
+        gateway = clients.gateway
+        source = await gateway.create_session()
+        fake_upstream.enqueue(Script(text="Hello."))
+        await converse(gateway, source.id, "Hi")
+        head = (await gateway.get_session(source.id)).session.head
+        fork = await gateway.fork_session(source.id, head)
+        compacted = await clients.sessions.create(
+            session_pb2.SessionsCreateRequest(tenant=TENANT, compacted_from=source.id)
+        )
+        grandchild = await gateway.fork_session(fork.id, "")
+
+        derived = await gateway.list_derived_sessions(source.id)
+
+        assert [(s.id, s.forked_from, s.compacted_from) for s in derived] == [
+            (fork.id, source.id, ""),
+            (compacted.id, "", source.id),
+            (grandchild.id, fork.id, ""),
+        ]
+        async with GatewayClient(clients.gateway.address, api_key=OTHER_KEY) as other:
+            with pytest.raises(errors.NotFound):
+                await other.list_derived_sessions(source.id)
+            with pytest.raises(errors.NotFound):
+                await other.delete_session(source.id, with_descendants=True)
+
+        assert await gateway.delete_session(source.id) == [source.id]
+
+        # Without the flag the descendants stay, and still name where they came from.
+        kept = {s.id: s for s in (await gateway.list_sessions()).sessions}
+        assert set(kept) == {fork.id, compacted.id, grandchild.id}
+        assert kept[fork.id].forked_from == source.id
+
+
+async def test_erasing_a_tenant_leaves_nothing_of_it_and_spares_the_others(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    settings = erasure_settings(tmp_path, fake_upstream, redis_url)
+    async with running(settings) as (clients, events):
+        await spread_the_canary(clients, fake_upstream)
+        fake_upstream.enqueue(Script(text="Fine."))
+        second = await clients.gateway.create_session()
+        await converse(clients.gateway, second.id, f"Also {CANARY}")
+        async with (
+            GatewayClient(clients.gateway.address, api_key=OTHER_KEY) as other,
+            GatewayClient(clients.gateway.address, api_key=ADMIN_KEY) as admin,
+        ):
+            fake_upstream.enqueue(Script(text="Theirs."))
+            theirs = await other.create_session()
+            await converse(other, theirs.id, "Keep me: Wombat-Cerulean")
+            with pytest.raises(errors.PermissionDenied):
+                await other.erase_tenant(TENANT)
+
+            erased = await clients.gateway.erase_tenant()
+
+            assert erased.sessions == 2
+            (done,) = await events.wait_for("tenant.erased", timeout=10)
+            assert done.tenant == TENANT
+            assert len(events.of_type("session.erased")) == 2
+            assert await holding(CANARY, settings, redis_client) == []
+            assert (await clients.gateway.list_sessions()).sessions == []
+            assert [s.id for s in (await other.list_sessions()).sessions] == [theirs.id]
+            assert await holding("Wombat-Cerulean", settings, redis_client)
+            # An admin key may erase another tenant.
+            assert (await admin.erase_tenant("other")).sessions == 1
+            await events.wait_for("tenant.erased", count=2, timeout=10)
+            assert await holding("Wombat-Cerulean", settings, redis_client) == []
