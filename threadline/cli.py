@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from rich.console import Console
 
 from threadline import errors
+from threadline.answer_display import AnswerDisplay
 from threadline.client import GatewayClient
 from threadline.config import (
     SERVICE_NAMES,
@@ -354,13 +355,22 @@ async def _chat(
 
 
 async def _turn(client: GatewayClient, session_id: str, text: str, max_tokens: int) -> None:
+    answer = AnswerDisplay(sys.stdout)
     async for event in client.converse(session_id, text, max_tokens=max_tokens):
         kind = event.WhichOneof("event")
         if kind == "delta":
-            sys.stdout.write(event.delta)
-            sys.stdout.flush()
+            answer.write(event.delta)
+        elif kind == "rollback":
+            # The answer restarts on another model server: redraw it from the start.
+            answer.rollback()
+            rollback = event.rollback
+            err.print(
+                f"[answer restarted on {rollback.upstream}: {rollback.error}]",
+                style="dim",
+                markup=False,
+            )
         elif kind == "done":
-            sys.stdout.write("\n")
+            answer.end()
             done = event.done
             note = f"[{done.latency_ms} ms, {done.usage.completion_tokens} tokens, {done.model}]"
             if done.error:

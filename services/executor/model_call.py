@@ -4,6 +4,11 @@ Both agent loops relay or log what streams in and then need the same facts: the
 text so far (what the user already saw), the model's result if it came, and the
 failure if the stream broke. A call's reads can be interrupted (at shutdown): it
 then ends like a stream cut by the upstream, with what had arrived.
+
+A rollback chunk (llm_proxy restarted the answer on another target, or a
+continuation started over) empties the text so far: what follows is the whole
+answer, and the result holds only it. Tool-call deltas are never collected here
+(the result lists the calls), so the discarded ones can never run.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class ModelCall:
 
     def __init__(self) -> None:
         self._text: list[str] = []
+        #: Rollbacks seen: answers discarded before the one being collected.
+        self.rollbacks = 0
         #: The model's result (the `done` chunk), if the stream got that far.
         self.done: llm_pb2.ChatDone | None = None
         #: Why the stream broke, if it did.
@@ -98,6 +105,9 @@ class ModelCall:
                     continue
                 if kind == "delta":
                     self._text.append(chunk.delta)
+                elif kind == "rollback":
+                    self._text.clear()
+                    self.rollbacks += 1
                 yield chunk
         except errors.ThreadlineError as exc:
             self.failure = exc

@@ -272,6 +272,10 @@ class TurnRunner:
                     yield executor_pb2.TurnEvent(delta=chunk.delta)
                 elif kind == "tool_call_delta":
                     yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
+                elif kind == "rollback":
+                    # Only this call's output is discarded: tools of earlier rounds ran
+                    # and stay; this call's tool calls had not run (they run after it).
+                    yield _rollback_event(chunk.rollback, turn.calls)
         except asyncio.CancelledError:
             # Client gone or shutdown past its grace: keep what the user already saw.
             self._store_partial_detached(turn, call.partial, "turn cancelled")
@@ -529,6 +533,18 @@ class TurnRunner:
             lease=turn.lease,
             then=interrupted,
         )
+
+
+def _rollback_event(rollback: llm_pb2.Rollback, model_call: int) -> executor_pb2.TurnEvent:
+    return executor_pb2.TurnEvent(
+        rollback=executor_pb2.TurnRollback(
+            reason=rollback.reason,
+            error=rollback.error,
+            upstream=rollback.upstream,
+            model=rollback.model,
+            model_call=model_call,
+        )
+    )
 
 
 def _prompt_chars(messages: Sequence[common_pb2.Message]) -> int:
