@@ -8,7 +8,13 @@
 # and the pod hardening, every dns:/// peer address names a headless Service on
 # that port, every threadline pod reads the service token from the Secret, and
 # the NetworkPolicies deny everything by default and allow exactly threadline's
-# edges (evaluated here between the rendered pods). Exits non-zero on any failure.
+# edges (evaluated here between the rendered pods); every threadline object
+# carries the app.kubernetes.io labels, gateway, executor and llm-proxy have an
+# autoscaler that owns their replica count, every pod declares its metrics port.
+# The optional components no overlay includes (components/monitoring) are
+# rendered on top of the production overlay and checked the same way; the
+# ServiceMonitor (a CRD kubernetes-validate has no schema for) is checked for
+# selecting every threadline Service by a port it has. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KUBECTL="${KUBECTL:-kubectl}"
@@ -36,6 +42,20 @@ for tree in "${trees[@]}"; do
     exit 1
   fi
   echo "rendered $tree: $(grep -c '^kind:' "$rendered/$name.yaml") resources"
+done
+# The optional components no overlay includes, rendered on top of the production
+# overlay: what an operator gets by adding them.
+for component in deploy/k8s/components/monitoring; do
+  name="production+$(basename "$component")"
+  mkdir -p "$rendered/$name.d"
+  printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\ncomponents:\n  - %s\n' \
+    "$(realpath --relative-to="$rendered/$name.d" deploy/k8s/overlays/production)" \
+    "$(realpath --relative-to="$rendered/$name.d" "$component")" >"$rendered/$name.d/kustomization.yaml"
+  if ! "$KUBECTL" kustomize "$rendered/$name.d" >"$rendered/$name.yaml"; then
+    echo "check_deploy: kustomize could not render the production overlay with $component" >&2
+    exit 1
+  fi
+  echo "rendered production overlay + $component: $(grep -c '^kind:' "$rendered/$name.yaml") resources"
 done
 
 "$PY" - "$rendered" deploy/k8s/overlays/*/secret.example.yaml <<'EOF'
@@ -88,8 +108,73 @@ def pod_problems(doc: dict) -> list[str]:
     return problems
 
 
-def topology_problems(docs: list[dict]) -> list[str]:
+#: Kinds of the Prometheus Operator's CRDs: kubernetes-validate has no schema for them,
+#: so they are checked for what threadline relies on (crd_problems) instead.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+AUTOSCALED = ("gateway", "executor", "llm-proxy")
+METRICS_PORT = 9090
+
+
+def label_problems(docs: list[dict]) -> list[str]:
+    """The recommended app.kubernetes.io labels on every threadline object and pod."""
     problems = []
+    for doc in docs:
+        labels = doc.get("metadata", {}).get("labels", {})
+        if labels.get("app") not in THREADLINE:
+            continue
+        wanted = {"app.kubernetes.io/name": labels["app"], "app.kubernetes.io/part-of": "threadline"}
+        places = [("", labels)]
+        if doc["kind"] == "Deployment":
+            places.append((" pods", doc["spec"]["template"]["metadata"].get("labels", {})))
+        for where, found in places:
+            for key, value in wanted.items():
+                if found.get(key) != value:
+                    problems.append(f"{name_of(doc)}{where}: label {key}={value} missing")
+            if "app.kubernetes.io/component" not in found:
+                problems.append(f"{name_of(doc)}{where}: label app.kubernetes.io/component missing")
+    return problems
+
+
+def scaling_problems(docs: list[dict]) -> list[str]:
+    """An autoscaler for each stateless service, owning its replica count; metrics exposed."""
+    problems = []
+    targets = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    config = {k: v for d in docs if d["kind"] == "ConfigMap" for k, v in d.get("data", {}).items()}
+    for workload in (d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] in THREADLINE):
+        name = workload["metadata"]["name"]
+        if name in AUTOSCALED and name not in targets:
+            problems.append(f"{name_of(workload)} has no HorizontalPodAutoscaler")
+        if name in targets and "replicas" in workload["spec"]:
+            problems.append(f"{name_of(workload)} sets replicas, which its autoscaler owns")
+        ports = {p.get("name"): p["containerPort"] for c in workload["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        if ports.get("metrics") != METRICS_PORT:
+            problems.append(f"{name_of(workload)} declares no metrics port {METRICS_PORT}")
+    if config and config.get("THREADLINE_METRICS_PORT") != str(METRICS_PORT):
+        problems.append(f"THREADLINE_METRICS_PORT is not {METRICS_PORT} in the ConfigMap")
+    return problems
+
+
+def crd_problems(docs: list[dict]) -> list[str]:
+    """A ServiceMonitor selects every threadline Service and names a port each one has."""
+    problems = []
+    services = [d for d in docs if d["kind"] == "Service"]
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        spec = monitor["spec"]
+        ports = [e.get("port") for e in spec.get("endpoints", [])]
+        if not ports or None in ports:
+            problems.append(f"{name_of(monitor)}: every endpoint needs a named port")
+        chosen = {s["metadata"]["name"]: s for s in services if selects(spec["selector"], s["metadata"].get("labels", {}))}
+        for name in THREADLINE:
+            if name not in chosen:
+                problems.append(f"{name_of(monitor)} does not select Service/{name}")
+                continue
+            names = {p.get("name") for p in chosen[name]["spec"]["ports"]}
+            problems += [f"{name_of(monitor)}: Service/{name} has no port {p}" for p in ports if p not in names]
+    return problems
+
+
+def topology_problems(docs: list[dict]) -> list[str]:
+    problems = label_problems(docs) + scaling_problems(docs) + crd_problems(docs)
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     budgets = [d["spec"]["selector"]["matchLabels"] for d in docs if d["kind"] == "PodDisruptionBudget"]
     for workload in workloads:
@@ -210,6 +295,8 @@ for path in files:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     for version in versions:
         for doc in docs:
+            if (doc.get("apiVersion"), doc.get("kind")) in CRD_KINDS:
+                continue
             try:
                 validate(doc, version, strict=True)
             except ValidationError as exc:
