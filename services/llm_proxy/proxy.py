@@ -561,7 +561,6 @@ class ChatProxy:
             cut.target,
             attempt=run.attempt,
             reason=cut.failure.reason,
-            error=cut.failure.message,
             deltas_sent=cut.answer.deltas,
         )
         on_cut = run.route.on_cut
@@ -706,7 +705,6 @@ class ChatProxy:
             "llm.rollback",
             cut.target,
             reason=reason,
-            error=cut.error,
             to_upstream=target.upstream.name,
             to_model=target.model,
             discarded_deltas=cut.answer.deltas,
@@ -744,19 +742,16 @@ class ChatProxy:
         if seen or failure is None:
             return
         if isinstance(failure, RateLimited):
-            reason, error, status = "rate_limited", str(failure), None
+            reason, status = "rate_limited", None
         else:
-            reason, error, status = failure.reason, failure.message, failure.status
+            reason, status = failure.reason, failure.status
         self._emit(
-            "llm.continuation_refused",
-            target,
-            attempt=attempt,
-            reason=reason,
-            error=error,
-            status=status,
+            "llm.continuation_refused", target, attempt=attempt, reason=reason, status=status
         )
 
     def _emit(self, type_: str, target: Target, **attributes: Any) -> None:
+        # `reason` classifies a failure; its message stays out of events: an upstream's
+        # error may quote the request, the user's text.
         self.events.emit(type_, upstream=target.upstream.name, model=target.model, **attributes)
 
     def _record_success(self, target: Target) -> None:
@@ -802,7 +797,6 @@ class ChatProxy:
             target,
             attempt=attempt,
             reason=failure.reason,
-            error=failure.message,
             status=failure.status,
         )
         return llm_pb2.ChatChunk(

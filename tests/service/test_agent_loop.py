@@ -91,11 +91,11 @@ async def test_a_two_tool_turn_stores_every_message_in_order(
 
 
 @pytest.mark.parametrize(
-    ("call", "why"),
+    ("call", "why", "rule"),
     [
-        (("read_file", {"path": "../../etc/passwd"}), "leaves the workspace"),
-        (("read_file", {"path": "/etc/passwd"}), "/etc/passwd"),
-        (("write_file", {"path": "docs/readme.md", "content": "x"}), "read-only"),
+        (("read_file", {"path": "../../etc/passwd"}), "leaves the workspace", "leaves_workspace"),
+        (("read_file", {"path": "/etc/passwd"}), "/etc/passwd", "outside_workspace"),
+        (("write_file", {"path": "docs/readme.md", "content": "x"}), "read-only", "read_only"),
     ],
 )
 async def test_escapes_and_forbidden_writes_are_refused_and_reported(
@@ -106,6 +106,7 @@ async def test_escapes_and_forbidden_writes_are_refused_and_reported(
     events: EventRecorder,
     call: tuple[str, dict[str, str]],
     why: str,
+    rule: str,
 ) -> None:
     session_id = await new_session(sessions)
     name, arguments = call
@@ -116,7 +117,9 @@ async def test_escapes_and_forbidden_writes_are_refused_and_reported(
     (result,) = tool_results(turn)
     assert result.status == "denied" and why in result.content
     (denied,) = await events.wait_for("tool.denied", session_id=session_id)
-    assert attrs(denied)["tool"] == name and why in attrs(denied)["reason"]
+    # The event names the rule; the path the model chose stays in the conversation.
+    assert attrs(denied)["tool"] == name and attrs(denied)["rule"] == rule
+    assert arguments["path"] not in str(denied)
     assert not (workspace(settings, session_id) / "docs/readme.md").exists()
     assert turn[-1].done.content == "ok"
 

@@ -288,8 +288,8 @@ async def test_restart_fails_running_tasks_and_runs_queued_ones_in_order(
         await pool.stop()
     assert runner.started == [t.id for t in queued]
     published = [(e.type, attributes_of(e)) for e in await drain(events)]
-    assert ("task.failed", crashed.id, "executor restarted") in [
-        (t, a["task_id"], a.get("reason")) for t, a in published
+    assert ("task.failed", crashed.id, "executor_restarted") in [
+        (t, a["task_id"], a.get("cause")) for t, a in published
     ]
 
 

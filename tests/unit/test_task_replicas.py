@@ -194,18 +194,18 @@ async def test_a_dead_replicas_running_task_fails_and_its_queued_task_runs_once_
 
     published = [(e.type, attributes_of(e)) for e in await drain(events)]
     about = {
-        task_id: [(t, a.get("reason")) for t, a in published if a["task_id"] == task_id]
+        task_id: [(t, a.get("cause")) for t, a in published if a["task_id"] == task_id]
         for task_id in (running.id, waiting.id)
     }
     assert about[running.id] == [
         ("task.queued", None),
         ("task.started", None),
-        ("task.failed", "its executor replica a stopped"),
+        ("task.failed", "replica_stopped"),
     ]
     assert about[waiting.id] == [
         ("task.queued", None),
         ("task.started", None),
-        ("task.succeeded", ""),
+        ("task.succeeded", None),
     ]
 
 

@@ -97,19 +97,28 @@ class CommandRunner:
         if not child.exited.done():
             await child.stop()
             return RunOutcome(
-                "failed", reason=f"timed out after {self.timeout_s:g}s", exit_code=child.code()
+                "failed",
+                reason=f"timed out after {self.timeout_s:g}s",
+                exit_code=child.code(),
+                cause="timeout",
             )
         await child.settle()
         code = child.code()
         if child.spawn_error:
-            return RunOutcome("failed", reason=f"cannot start the command: {child.spawn_error}")
+            return RunOutcome(
+                "failed", reason=f"cannot start the command: {child.spawn_error}", cause="spawn"
+            )
         if code is None:
-            return RunOutcome("failed", reason="the command's supervisor ended unexpectedly")
+            return RunOutcome(
+                "failed", reason="the command's supervisor ended unexpectedly", cause="supervisor"
+            )
         if code == 0:
             return RunOutcome("succeeded", exit_code=0)
         if code < 0:
-            return RunOutcome("failed", reason=f"killed by signal {-code}", exit_code=code)
-        return RunOutcome("failed", reason=f"exit code {code}", exit_code=code)
+            return RunOutcome(
+                "failed", reason=f"killed by signal {-code}", exit_code=code, cause="signal"
+            )
+        return RunOutcome("failed", reason=f"exit code {code}", exit_code=code, cause="exit_code")
 
 
 class Supervised:

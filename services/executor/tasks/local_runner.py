@@ -59,9 +59,11 @@ class _Usage:
 
 
 class _Failed(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, cause: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        #: The rule's name, for events (RunOutcome.cause).
+        self.cause = cause
 
 
 class LocalRunner:
@@ -95,7 +97,7 @@ class LocalRunner:
         try:
             answer, note = await self._loop(task, log, usage)
         except _Failed as exc:
-            return _outcome("failed", exc.reason, usage)
+            return _outcome("failed", exc.reason, usage, exc.cause)
         await log({"type": "answer", "content": answer})
         return _outcome("succeeded", note, usage)
 
@@ -104,7 +106,7 @@ class LocalRunner:
         try:
             toolbox = self.tools(task.workspace)
         except errors.ThreadlineError as exc:
-            raise _Failed(f"workspace unusable: {exc.message}") from None
+            raise _Failed(f"workspace unusable: {exc.message}", "workspace") from None
         specs = toolbox.specs()
         messages = [
             common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=self.system_prompt),
@@ -120,9 +122,10 @@ class LocalRunner:
             )
             done = await self._call(request, log, usage)
             if done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED:
-                raise _Failed(f"the model's answer was cut: {done.error or 'no reason given'}")
+                error = done.error or "no reason given"
+                raise _Failed(f"the model's answer was cut: {error}", "answer_cut")
             if task.budget_tokens > 0 and usage.total > task.budget_tokens:
-                raise _Failed(_over_budget(task, usage))
+                raise _Failed(_over_budget(task, usage), "budget")
             if not done.tool_calls:
                 return _answer(done)
             if call_number == self.max_iterations:
@@ -135,14 +138,16 @@ class LocalRunner:
             )
             for call in done.tool_calls:
                 messages.append(await self._run_tool(task, toolbox, call, log))
-        raise _Failed(f"stopped after {self.max_iterations} model calls (max_iterations)")
+        raise _Failed(
+            f"stopped after {self.max_iterations} model calls (max_iterations)", "max_iterations"
+        )
 
     def _max_tokens(self, task: TaskRecord, usage: _Usage) -> int:
         if task.budget_tokens <= 0:
             return self.max_tokens
         left = task.budget_tokens - usage.total
         if left <= 0:
-            raise _Failed(_over_budget(task, usage))
+            raise _Failed(_over_budget(task, usage), "budget")
         # The answer alone must not be able to overshoot what is left.
         return min(self.max_tokens, left)
 
@@ -160,7 +165,7 @@ class LocalRunner:
                 task_id=task.id,
                 tool=call.name,
                 tool_call_id=call.id,
-                reason=result.reason,
+                rule=result.rule,
             )
         await log(
             {
@@ -186,7 +191,7 @@ class LocalRunner:
             await log({"type": "delta", "text": call.partial})
         done = call.done
         if done is None:
-            raise _Failed(call.failure.message if call.failure else NO_RESULT)
+            raise _Failed(call.failure.message if call.failure else NO_RESULT, "model_call")
         usage.tokens_in += done.usage.prompt_tokens
         usage.tokens_out += done.usage.completion_tokens
         usage.model = done.model or usage.model
@@ -198,7 +203,7 @@ def _answer(done: llm_pb2.ChatDone) -> tuple[str, str]:
     """The model's final answer and a note about it; _Failed when it is no answer."""
     if done.finish_reason not in _ANSWERED:
         name = common_pb2.FinishReason.Name(done.finish_reason)
-        raise _Failed(f"the model stopped with {name}: {done.error or done.content}")
+        raise _Failed(f"the model stopped with {name}: {done.error or done.content}", "no_answer")
     note = ""
     if done.finish_reason == common_pb2.FINISH_REASON_LENGTH:
         note = "the answer reached max_tokens and may be cut short"
@@ -209,13 +214,16 @@ def _over_budget(task: TaskRecord, usage: _Usage) -> str:
     return f"token budget exceeded: used {usage.total} of {task.budget_tokens} tokens"
 
 
-def _outcome(status: Literal["succeeded", "failed"], reason: str, usage: _Usage) -> RunOutcome:
+def _outcome(
+    status: Literal["succeeded", "failed"], reason: str, usage: _Usage, cause: str = ""
+) -> RunOutcome:
     if status == "failed":
-        _logger.info("local_runner.failed", reason=reason, model_tokens=usage.total)
+        _logger.info("local_runner.failed", cause=cause, model_tokens=usage.total)
     return RunOutcome(
         status=status,
         reason=reason,
         model=usage.model,
         tokens_in=usage.tokens_in,
         tokens_out=usage.tokens_out,
+        cause=cause,
     )

@@ -41,6 +41,8 @@ CANCEL_WAIT_S = 10.0
 #: A watcher re-reads the store at least this often, for tasks another executor runs.
 WATCH_POLL_S = 1.0
 CANCELLED_BY_REQUEST = "cancelled by request"
+#: Its cause, as events name it.
+CANCEL_REQUESTED = "cancel_requested"
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ class ReplicaTimings:
 class _Running:
     task: TaskRecord
     run: asyncio.Task[RunOutcome] | None = None
-    #: Set by cancel() or stop(): how the worker must end the task.
-    end_as: tuple[TaskStatus, str] | None = None
+    #: Set by cancel() or stop(): how the worker must end the task (status, reason, cause).
+    end_as: tuple[TaskStatus, str, str] | None = None
     #: Another replica took the task over: this one must not write its record again.
     taken: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -129,7 +131,7 @@ class TaskPool:
         for task in await self._store.by_status("running"):
             if task.owner == replica:
                 # Its runner died with the last process; nothing can resume it here.
-                await self._finish(task, "failed", "executor restarted")
+                await self._finish(task, "failed", "executor restarted", "executor_restarted")
         recovered = [t for t in await self._store.by_status("queued") if t.owner == replica]
         for task in recovered:
             self._queued[task.id] = task
@@ -162,7 +164,7 @@ class TaskPool:
             await asyncio.wait(runs, timeout=grace_s)
         for entry in self._running.values():
             if entry.end_as is None:
-                entry.end_as = ("failed", "executor stopped")
+                entry.end_as = ("failed", "executor stopped", "executor_stopped")
             if entry.run is not None:
                 entry.run.cancel()
         # Each worker records its task's end, then exits.
@@ -217,14 +219,16 @@ class TaskPool:
             await self._cancel_here(entry)
             return await self._store.get(tenant, task_id)
         queued = self._queued.pop(task_id, None)
-        if queued is not None and await self._finish(queued, "cancelled", CANCELLED_BY_REQUEST):
+        if queued is not None and await self._finish(
+            queued, "cancelled", CANCELLED_BY_REQUEST, CANCEL_REQUESTED
+        ):
             return queued
         return await self._cancel_elsewhere(tenant, task_id)
 
     async def _cancel_here(self, entry: _Running) -> None:
         """Cancel a run of this replica and wait for its worker to record the end."""
         if entry.end_as is None:
-            entry.end_as = ("cancelled", CANCELLED_BY_REQUEST)
+            entry.end_as = ("cancelled", CANCELLED_BY_REQUEST, CANCEL_REQUESTED)
         if entry.run is not None:
             entry.run.cancel()
         # asyncio.timeout, not wait_for, which can swallow a cancellation in Python 3.11.
@@ -243,7 +247,7 @@ class TaskPool:
                         return task
                     if task.status == "queued":
                         if await self._take_over(task) and await self._finish(
-                            task, "cancelled", CANCELLED_BY_REQUEST
+                            task, "cancelled", CANCELLED_BY_REQUEST, CANCEL_REQUESTED
                         ):
                             return task
                     elif task.cancel_requested_at is None:
@@ -321,7 +325,7 @@ class TaskPool:
                 entry.run.cancel()
             elif stored.cancel_requested_at is not None:
                 log.info("task_pool.cancel_requested", task_id=stored.id)
-                entry.end_as = ("cancelled", CANCELLED_BY_REQUEST)
+                entry.end_as = ("cancelled", CANCELLED_BY_REQUEST, CANCEL_REQUESTED)
                 entry.run.cancel()
 
     async def _sweeps(self) -> None:
@@ -348,7 +352,8 @@ class TaskPool:
             if dead not in live and await self._take_over(task):
                 log.warning("task_pool.replica_dead", replica=dead, task_id=task.id)
                 name = f" {dead}" if dead else ""
-                await self._finish(task, "failed", f"its executor replica{name} stopped")
+                reason = f"its executor replica{name} stopped"
+                await self._finish(task, "failed", reason, "replica_stopped")
 
     # -- workers ------------------------------------------------------------------
 
@@ -381,7 +386,7 @@ class TaskPool:
         task = entry.task
         runner = self._runners.get(task.runner)
         if runner is None:
-            await self._finish(task, "failed", f"unknown runner {task.runner!r}")
+            await self._finish(task, "failed", f"unknown runner {task.runner!r}", "unknown_runner")
             return
         if not await self._claim(task):
             return
@@ -400,7 +405,7 @@ class TaskPool:
             entry.run.cancel()
             await asyncio.wait([entry.run])
             if not entry.taken:
-                await self._finish(task, "failed", "executor stopped")
+                await self._finish(task, "failed", "executor stopped", "executor_stopped")
             raise
         if not entry.taken:
             await self._record_end(entry, entry.run)
@@ -420,19 +425,19 @@ class TaskPool:
     async def _record_end(self, entry: _Running, run: asyncio.Task[RunOutcome]) -> None:
         task = entry.task
         if entry.end_as is not None:
-            status, reason = entry.end_as
+            status, reason, cause = entry.end_as
             if not run.cancelled() and run.exception() is None:
                 self._record_usage(task, run.result())
-            await self._finish(task, status, reason)
+            await self._finish(task, status, reason, cause)
         elif run.cancelled():
-            await self._finish(task, "failed", "runner cancelled")
+            await self._finish(task, "failed", "runner cancelled", "runner_cancelled")
         elif (exc := run.exception()) is not None:
             log.warning("task.runner_error", task_id=task.id, error=repr(exc))
-            await self._finish(task, "failed", str(exc) or type(exc).__name__)
+            await self._finish(task, "failed", str(exc) or type(exc).__name__, "runner_error")
         else:
             outcome = run.result()
             self._record_usage(task, outcome)
-            await self._finish(task, outcome.status, outcome.reason)
+            await self._finish(task, outcome.status, outcome.reason, outcome.cause)
 
     def _record_usage(self, task: TaskRecord, outcome: RunOutcome) -> None:
         task.model = outcome.model or task.model
@@ -442,9 +447,13 @@ class TaskPool:
         price_in, price_out = self._prices.get(task.model, (0.0, 0.0))
         task.cost = task.tokens_in / 1000 * price_in + task.tokens_out / 1000 * price_out
 
-    async def _finish(self, task: TaskRecord, status: TaskStatus, reason: str) -> bool:
+    async def _finish(
+        self, task: TaskRecord, status: TaskStatus, reason: str, cause: str = ""
+    ) -> bool:
         """Record the task's end, if the store still holds it as this replica last wrote
-        it; False, with nothing published, if another replica got there first."""
+        it; False, with nothing published, if another replica got there first. The
+        event carries `cause`, the rule's name, never `reason`: that may quote the
+        model or the command's output, and stays in the record and the log."""
         was = task.status
         task.status = status
         task.reason = reason
@@ -460,7 +469,7 @@ class TaskPool:
             f"task.{status}",
             task,
             status=status,
-            reason=reason,
+            cause=cause or None,
             tokens_in=task.tokens_in,
             tokens_out=task.tokens_out,
             cost=task.cost,

@@ -89,6 +89,10 @@ class RunOutcome:
     tokens_in: int = 0
     tokens_out: int = 0
     exit_code: int | None = None
+    #: What ended it, as the name of a rule ("exit_code", "budget", ...): what events
+    #: carry. `reason` may quote the model or the command's output; it stays with the
+    #: task's record.
+    cause: str = ""
 
 
 #: Appends one stream-json object to the task's output log.

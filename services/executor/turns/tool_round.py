@@ -71,7 +71,7 @@ class ToolRound:
                     turn_id=self.turn_id,
                     tool=call.name,
                     tool_call_id=call.id,
-                    reason=result.reason,
+                    rule=result.rule,
                 )
             content = fit_text(stored[index][1] + result.content, limit)
             message = common_pb2.Message(

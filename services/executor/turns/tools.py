@@ -51,8 +51,11 @@ class ToolResult:
     #: What goes back to the model as the `tool` message.
     content: str
     status: Literal["ok", "error", "denied"] = "ok"
-    #: Why, for "error" and "denied" (for events and logs; also inside `content`).
+    #: Why, for "error" and "denied" (also inside `content`): the model's own words
+    #: may be in it, so it stays in the conversation, out of events and logs.
     reason: str = ""
+    #: For "denied": the rule that refused it (`ToolDenied.rule`), what events carry.
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -233,8 +236,8 @@ class ToolBox:
         except _BadCall as exc:
             return self._failure("error", f"{name}: {exc}")
         except ToolDenied as exc:
-            log.info("tool.denied", tool=name, reason=exc.reason)
-            return self._failure("denied", exc.reason)
+            log.info("tool.denied", tool=name, rule=exc.rule)
+            return self._failure("denied", exc.reason, exc.rule)
         except OSError as exc:
             return self._failure("error", f"{name}: {self._describe_os_error(exc)}")
         except Exception as exc:
@@ -358,9 +361,11 @@ class ToolBox:
 
     # -- shaping results ----------------------------------------------------------------
 
-    def _failure(self, status: Literal["error", "denied"], reason: str) -> ToolResult:
+    def _failure(
+        self, status: Literal["error", "denied"], reason: str, rule: str = ""
+    ) -> ToolResult:
         prefix = "denied" if status == "denied" else "error"
-        return ToolResult(self._clip(f"{prefix}: {reason}"), status, reason)
+        return ToolResult(self._clip(f"{prefix}: {reason}"), status, reason, rule)
 
     def _clip(self, text: str) -> str:
         if len(text) <= self.max_output_chars:

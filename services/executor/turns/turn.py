@@ -381,7 +381,6 @@ class TurnRunner:
             cost=cost,
             latency_ms=latency_ms,
             first_delta_ms=turn.first_delta_ms,
-            error=done.error or None,
         )
         return executor_pb2.TurnEvent(
             done=executor_pb2.TurnDone(
@@ -498,8 +497,9 @@ class TurnRunner:
             tenant=turn.tenant,
             session_id=turn.session_id,
             turn_id=turn.turn_id,
+            # The code, not the message: a message may quote an upstream's error, and
+            # that the user's text. The caller got the message; the log has it too.
             code=exc.code,
-            error=exc.message,
             latency_ms=turn.latency_ms,
         )
 

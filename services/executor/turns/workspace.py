@@ -35,15 +35,22 @@ Parts = tuple[str, ...]
 class ToolDenied(Exception):
     """A tool call the workspace refuses; `reason` is meant for the model to read.
 
-    Not a ThreadlineError: it never leaves the executor, it becomes a tool result."""
+    Not a ThreadlineError: it never leaves the executor, it becomes a tool result.
+    `rule` names the rule that refused it ("leaves_workspace", "read_only", ...):
+    events and logs carry that, never the reason, which quotes the path the model
+    chose and so may hold the user's text."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, rule: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.rule = rule
 
 
 class TooLarge(ToolDenied):
     """A file over max_file_bytes (search_text skips these rather than failing)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, "too_large")
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,8 @@ class Workspace:
                 # proof that the content belongs to the workspace.
                 raise ToolDenied(
                     f"'{path}' is a hard link (the file has {info.st_nlink} names); "
-                    "the tools read only files with a single name"
+                    "the tools read only files with a single name",
+                    "hard_link",
                 )
             self.check_size(path, info.st_size)
             data = _read_at_most(opened.fd, self.max_file_bytes + 1)
@@ -175,7 +183,8 @@ class Workspace:
         if len(data) > self.max_file_bytes:
             raise ToolDenied(
                 f"the content for '{path}' is {format_size(len(data))}; "
-                f"the limit is {format_size(self.max_file_bytes)}"
+                f"the limit is {format_size(self.max_file_bytes)}",
+                "too_large",
             )
         parts = self._lexical_parts(path)
         if not parts:
@@ -186,7 +195,8 @@ class Workspace:
             # Writing through a link would change a file under another name (and
             # another rule); the model should name the real file.
             raise ToolDenied(
-                f"'{path}' is a symlink to '{_shown(located.parts)}'; write to that path instead"
+                f"'{path}' is a symlink to '{_shown(located.parts)}'; write to that path instead",
+                "write_through_symlink",
             )
         self._check_rules(path, located.parts, "write")
         parent = self._open(path, parts[:-1], os.O_RDONLY | os.O_DIRECTORY, mkdirs=True)
@@ -264,7 +274,10 @@ class Workspace:
             existing = None
         if existing is not None:
             if stat.S_ISLNK(existing.st_mode):
-                raise ToolDenied(f"'{path}' is a symlink; write to the file it points to instead")
+                raise ToolDenied(
+                    f"'{path}' is a symlink; write to the file it points to instead",
+                    "write_through_symlink",
+                )
             if stat.S_ISDIR(existing.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a directory", path)
         # A hidden, unguessable sibling: same filesystem, so os.replace is atomic. The
@@ -312,7 +325,7 @@ class Workspace:
         whatever `link` points to: stricter than POSIX, never looser.
         """
         if "\x00" in path:
-            raise ToolDenied(f"path {path!r} contains a NUL character")
+            raise ToolDenied(f"path {path!r} contains a NUL character", "nul_in_path")
         if path in ("", "."):
             return ()
         normalized = os.path.normpath(path)
@@ -324,10 +337,11 @@ class Workspace:
                     continue
             raise ToolDenied(
                 f"'{path}' is outside the workspace; use a path relative to the "
-                f"workspace root ({self.root})"
+                f"workspace root ({self.root})",
+                "outside_workspace",
             )
         if normalized == os.pardir or normalized.startswith(os.pardir + os.sep):
-            raise ToolDenied(f"path '{path}' leaves the workspace")
+            raise ToolDenied(f"path '{path}' leaves the workspace", "leaves_workspace")
         return PurePath(normalized).parts
 
     def _rule_for(self, parts: Parts) -> PermissionRule | None:
@@ -342,11 +356,13 @@ class Workspace:
         rule = self._rule_for(parts)
         if rule is None:
             raise ToolDenied(
-                f"'{path}' is not accessible here (no rule covers it; {self._describe_rules()})"
+                f"'{path}' is not accessible here (no rule covers it; {self._describe_rules()})",
+                "no_rule",
             )
         if need == "write" and rule.permission != "write":
             raise ToolDenied(
-                f"'{path}' is read-only here (rule: path '{rule.path or '.'}', {rule.permission})"
+                f"'{path}' is read-only here (rule: path '{rule.path or '.'}', {rule.permission})",
+                "read_only",
             )
 
     def _describe_rules(self) -> str:
@@ -362,10 +378,11 @@ def _refusal(path: str, parts: Parts, exc: Escape | SymlinkLoop | OSError) -> Ex
     if isinstance(exc, Escape):
         return ToolDenied(
             f"'{path}' goes through the symlink '{_shown(exc.link)}', "
-            "which points outside the workspace"
+            "which points outside the workspace",
+            "symlink_outside",
         )
     if isinstance(exc, SymlinkLoop):
-        return ToolDenied(f"'{path}' cannot be resolved (a symlink loop?)")
+        return ToolDenied(f"'{path}' cannot be resolved (a symlink loop?)", "symlink_loop")
     # The error's own filename is a bare component or a host path.
     return OSError(exc.errno, exc.strerror, _shown(parts))
 
