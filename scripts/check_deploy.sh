@@ -10,7 +10,8 @@
 # the NetworkPolicies deny everything by default and allow exactly threadline's
 # edges (evaluated here between the rendered pods); every threadline object
 # carries the app.kubernetes.io labels, gateway, executor and llm-proxy have an
-# autoscaler that owns their replica count, every pod declares its metrics port.
+# autoscaler that owns their replica count, every pod declares its metrics port,
+# and no image runs from a moving tag (latest) that a node may serve from its cache.
 # The optional components no overlay includes (components/monitoring) are
 # rendered on top of the production overlay and checked the same way; the
 # ServiceMonitor (a CRD kubernetes-validate has no schema for) is checked for
@@ -154,6 +155,19 @@ def scaling_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
+def image_problems(docs: list[dict]) -> list[str]:
+    """No moving tag (`latest`, or none) on an image a node may serve from its cache."""
+    problems = []
+    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet")):
+        spec = workload["spec"]["template"]["spec"]
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            image = container["image"]
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+            if "@sha256:" not in image and tag in ("", "latest") and container.get("imagePullPolicy") != "Always":
+                problems.append(f"{name_of(workload)} runs {image} (a moving tag) with imagePullPolicy {container.get('imagePullPolicy', 'default')}")
+    return problems
+
+
 def crd_problems(docs: list[dict]) -> list[str]:
     """A ServiceMonitor selects every threadline Service and names a port each one has."""
     problems = []
@@ -174,7 +188,7 @@ def crd_problems(docs: list[dict]) -> list[str]:
 
 
 def topology_problems(docs: list[dict]) -> list[str]:
-    problems = label_problems(docs) + scaling_problems(docs) + crd_problems(docs)
+    problems = label_problems(docs) + scaling_problems(docs) + crd_problems(docs) + image_problems(docs)
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     budgets = [d["spec"]["selector"]["matchLabels"] for d in docs if d["kind"] == "PodDisruptionBudget"]
     for workload in workloads:
