@@ -46,6 +46,8 @@ class ErasureFollower:
     source: ErasureSource
     erase: Eraser
     interval_s: float = 5.0
+    #: Run after each pass, for an owner that also looks for leftovers of its own.
+    sweep: Callable[[], Awaitable[int]] | None = None
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopping: bool = field(default=False, repr=False)
 
@@ -88,6 +90,8 @@ class ErasureFollower:
         while not self._stopping:
             try:
                 await self.run_once()
+                if self.sweep is not None:
+                    await self.sweep()
             except errors.Unavailable as exc:
                 # The session service is down or restarting: the erasures wait for it.
                 log.warning("erasure.source_unavailable", owner=self.owner, error=exc.message)

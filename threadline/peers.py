@@ -144,6 +144,12 @@ class SessionClient(_Peer):
         )
         return list(response.erasures)
 
+    async def erased_among(self, session_ids: builtins.list[str]) -> builtins.list[str]:
+        response = await unary(
+            self.stub.ErasedAmong(session_pb2.ErasedAmongRequest(session_ids=session_ids))
+        )
+        return list(response.session_ids)
+
     async def acknowledge_erasure(
         self, owner: str, session_id: str, removed: dict[str, int]
     ) -> bool:

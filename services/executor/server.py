@@ -112,8 +112,8 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     # replicas (in Kubernetes the hostname is the pod's name; on one machine, the port).
     await pool.start(f"{socket.gethostname()}:{port}")
     erasure.start()
-    # Listening before serving: a session deleted once the service is up loses its files.
-    await workspaces.start(bus, sessions, settings.executor.erasure_poll_s)
+    # Workspaces of sessions deleted while this replica was down go at the first pass.
+    await workspaces.start(sessions, settings.executor.erasure_poll_s)
     # Closers run last-registered first: partial answers are stored before peers close.
     host.on_stop(sessions.close)
     host.on_stop(memory.close)

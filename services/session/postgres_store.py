@@ -36,6 +36,7 @@ from services.session.store import (
     ErasureDone,
     MessageRules,
     SessionBackend,
+    check_erased_query,
     check_erasure_owner,
     check_erasure_reason,
     check_from_seq,
@@ -551,6 +552,17 @@ class PostgresSessionStore(SessionBackend):
         done = {row["owner"]: json.loads(row["removed"]) for row in rows}
         done[owner] = counts
         return ErasureDone(Erasure(*erasure), done)
+
+    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
+        ids = check_erased_query(session_ids)
+        if not ids:
+            return []
+        with self._guard():
+            rows = await self._pool.fetch(
+                "SELECT session_id FROM erasures WHERE session_id = ANY($1::text[])", ids
+            )
+        found = {row["session_id"] for row in rows}
+        return [session_id for session_id in ids if session_id in found]
 
     async def unfinished_erasures(self, tenant: str) -> int:
         with self._guard():

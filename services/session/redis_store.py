@@ -58,6 +58,7 @@ from services.session.store import (
     ErasureDone,
     MessageRules,
     SessionBackend,
+    check_erased_query,
     check_erasure_owner,
     check_erasure_reason,
     check_from_seq,
@@ -616,6 +617,17 @@ class RedisSessionStore(SessionBackend):
             if name.startswith("owner:")
         }
         return ErasureDone(erasure, done)
+
+    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
+        ids = check_erased_query(session_ids)
+        if not ids:
+            return []
+        with self._guard():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    pipe.exists(self._key("erasure", session_id))
+                found = await pipe.execute()
+        return [session_id for session_id, hit in zip(ids, found, strict=True) if hit]
 
     async def unfinished_erasures(self, tenant: str) -> int:
         with self._guard():

@@ -222,6 +222,12 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             item.deleted_at.FromMicroseconds(erasure.deleted_at)
         return response
 
+    async def ErasedAmong(
+        self, request: session_pb2.ErasedAmongRequest, context: Context
+    ) -> session_pb2.ErasedAmongResponse:
+        erased = await self.store.erased_among(list(request.session_ids))
+        return session_pb2.ErasedAmongResponse(session_ids=erased)
+
     async def AcknowledgeErasure(
         self, request: session_pb2.AcknowledgeErasureRequest, context: Context
     ) -> session_pb2.AcknowledgeErasureResponse:

@@ -31,6 +31,7 @@ from services.session.store import (
     ErasureDone,
     MessageRules,
     SessionBackend,
+    check_erased_query,
     check_erasure_owner,
     check_erasure_reason,
     check_from_seq,
@@ -452,6 +453,18 @@ def _acknowledge_erasure(
     )
 
 
+def _erased_among(conn: sqlite3.Connection, session_ids: Sequence[str]) -> builtins.list[str]:
+    found: set[str] = set()
+    for i in range(0, len(session_ids), _IN_CHUNK):
+        chunk = session_ids[i : i + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT session_id FROM erasures WHERE session_id IN ({marks})", chunk
+        ).fetchall()
+        found.update(row[0] for row in rows)
+    return [session_id for session_id in session_ids if session_id in found]
+
+
 def _unfinished_erasures(conn: sqlite3.Connection, tenant: str) -> int:
     row = conn.execute(
         "SELECT count(*) FROM erasures WHERE tenant = ? AND completed_at = 0", (tenant,)
@@ -688,6 +701,10 @@ class SqliteSessionStore(SessionBackend):
 
     async def unfinished_erasures(self, tenant: str) -> int:
         return await self._db.run(_unfinished_erasures, tenant)
+
+    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
+        ids = check_erased_query(session_ids)
+        return await self._db.run(_erased_among, ids) if ids else []
 
     async def cleanup_orphans(self) -> int:
         # Walked in short steps, each one call on the worker, so appends queued

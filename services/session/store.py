@@ -176,6 +176,10 @@ class SessionStore(SessionReader, Protocol):
         """How many of the tenant's erasures some owner has not acknowledged yet."""
         ...
 
+    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
+        """The ids among these that have a tombstone (any tenant), in the order given."""
+        ...
+
     async def export(self, tenant: str, session_id: str) -> builtins.list[str]:
         """The session as JSON lines: `{"session": ...}`, then `{"message": ...}` each.
 
@@ -272,6 +276,20 @@ def check_removed_counts(removed: Mapping[str, int]) -> dict[str, int]:
         if count < 0:
             raise InvalidArgument(f"removed[{kind!r}] must be >= 0, got {count}")
     return dict(removed)
+
+
+#: Ids one erased_among call may ask about.
+MAX_ERASED_QUERY = 1_000
+
+
+def check_erased_query(session_ids: Sequence[str]) -> builtins.list[str]:
+    if len(session_ids) > MAX_ERASED_QUERY:
+        raise InvalidArgument(
+            f"session_ids: {len(session_ids)} ids, the limit is {MAX_ERASED_QUERY}"
+        )
+    for session_id in session_ids:
+        validate_session_id(session_id)
+    return list(dict.fromkeys(session_ids))
 
 
 def no_pending_erasure(owner: str, session_id: str) -> NotFound:

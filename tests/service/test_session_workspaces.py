@@ -1,5 +1,5 @@
-"""A session's tool workspace belongs to its tenant and goes with the session: deleted,
-expired, or its id taken over by another tenant through an import."""
+"""A session's tool workspace belongs to its tenant and goes with the session, deleted
+or expired, on every replica that holds a copy; an import never reaches an old one."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def tool_settings(
             "tools_enabled": True,
             "workspace_root": str(tmp_path / "workspaces"),
             "tool_rules": [{"path": "", "permission": "write"}],
+            "erasure_poll_s": 0.1,
         },
         **extra,
     )
@@ -151,4 +152,29 @@ async def test_a_tenant_importing_under_a_deleted_sessions_id_finds_none_of_its_
     assert read.status == "error" and "No such file or directory: 'plans.txt'" in read.content
     assert listed.content == "'.' is empty"
     assert all(SECRET not in r.content for r in (read, listed, searched))
-    assert (leftover / "plans.txt").read_text() == SECRET
+    # The leftover copy goes too, at the replica's next sweep: its session is deleted.
+    await eventually(lambda: not leftover.exists())
+
+
+async def test_a_replicas_leftover_copy_of_a_deleted_sessions_workspace_is_swept(
+    settings: Settings,
+    executor: ExecutorClient,
+    sessions: SessionClient,
+    fake_upstream: FakeUpstream,
+) -> None:
+    doomed = await new_session(sessions)
+    kept = await new_session(sessions)
+    await write_through_a_turn(executor, fake_upstream, kept, TENANT)
+    await sessions.delete(TENANT, doomed)
+    # What another replica, or this one down at the time, holds of the deleted session
+    # after the cascade was acknowledged elsewhere; and a directory that is no workspace.
+    leftover = workspace(settings, TENANT, doomed)
+    leftover.mkdir(parents=True)
+    (leftover / "notes.txt").write_text(SECRET)
+    stranger = leftover.parent / "not-a-session"
+    stranger.mkdir()
+
+    await eventually(lambda: not leftover.exists())
+
+    assert (workspace(settings, TENANT, kept) / "notes.txt").read_text() == SECRET
+    assert stranger.is_dir()

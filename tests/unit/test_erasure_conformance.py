@@ -11,15 +11,14 @@ from __future__ import annotations
 import pytest
 
 from services.session.store import ERASURE_OWNERS, SessionStore
-from tests.unit.test_store_conformance import (  # noqa: F401 - fixtures
-    TENANT,
-    _session,
-    _user,
-    backend,
-    backend_kind,
-    store,
-)
+from tests.unit import test_store_conformance as conformance
+from tests.unit.test_store_conformance import TENANT, _session, _user
 from threadline.errors import InvalidArgument, NotFound
+
+# The backends of the store conformance suite, as fixtures of this module too.
+backend_kind = conformance.backend_kind
+backend = conformance.backend
+store = conformance.store
 
 
 async def test_a_delete_leaves_an_erasure_for_every_owner(store: SessionStore) -> None:
@@ -118,3 +117,21 @@ async def test_derived_lists_forks_and_compactions_of_the_tenant(store: SessionS
     assert sorted(s.id for s in children) == sorted([fork.id, compacted.id])
     assert [s.id for s in await store.derived(TENANT, fork.id)] == [grandchild.id]
     assert await store.derived("other", source.id) == []
+
+
+async def test_erased_among_names_the_tombstoned_ids_of_any_tenant(store: SessionStore) -> None:
+    live = await _session(store)
+    gone = await _session(store)
+    theirs = await _session(store, tenant="other")
+    await store.delete(TENANT, gone.id)
+    await store.delete("other", theirs.id)
+    never = "ses_" + "1" * 32
+
+    erased = await store.erased_among([never, theirs.id, live.id, gone.id, gone.id])
+
+    assert erased == [theirs.id, gone.id]
+    assert await store.erased_among([]) == []
+    with pytest.raises(InvalidArgument, match="the limit is 1000"):
+        await store.erased_among([never] * 1001)
+    with pytest.raises(InvalidArgument):
+        await store.erased_among(["not-an-id"])

@@ -92,6 +92,11 @@ class SessionsStub:
                 request_serializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureRequest.SerializeToString,
                 response_deserializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureResponse.FromString,
                 _registered_method=True)
+        self.ErasedAmong = channel.unary_unary(
+                '/threadline.v1.Sessions/ErasedAmong',
+                request_serializer=threadline_dot_v1_dot_session__pb2.ErasedAmongRequest.SerializeToString,
+                response_deserializer=threadline_dot_v1_dot_session__pb2.ErasedAmongResponse.FromString,
+                _registered_method=True)
         self.Export = channel.unary_unary(
                 '/threadline.v1.Sessions/Export',
                 request_serializer=threadline_dot_v1_dot_session__pb2.ExportRequest.SerializeToString,
@@ -192,6 +197,14 @@ class SessionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ErasedAmong(self, request, context):
+        """Which of these ids belong to deleted sessions (tombstones are kept), for an owner
+        replica that finds leftovers of its own (the executor's workspaces).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Export(self, request, context):
         """The session as JSON lines (a header line, then one line per message).
         """
@@ -270,6 +283,11 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.AcknowledgeErasure,
                     request_deserializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureRequest.FromString,
                     response_serializer=threadline_dot_v1_dot_session__pb2.AcknowledgeErasureResponse.SerializeToString,
+            ),
+            'ErasedAmong': grpc.unary_unary_rpc_method_handler(
+                    servicer.ErasedAmong,
+                    request_deserializer=threadline_dot_v1_dot_session__pb2.ErasedAmongRequest.FromString,
+                    response_serializer=threadline_dot_v1_dot_session__pb2.ErasedAmongResponse.SerializeToString,
             ),
             'Export': grpc.unary_unary_rpc_method_handler(
                     servicer.Export,
@@ -587,6 +605,33 @@ class Sessions:
             '/threadline.v1.Sessions/AcknowledgeErasure',
             threadline_dot_v1_dot_session__pb2.AcknowledgeErasureRequest.SerializeToString,
             threadline_dot_v1_dot_session__pb2.AcknowledgeErasureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ErasedAmong(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/threadline.v1.Sessions/ErasedAmong',
+            threadline_dot_v1_dot_session__pb2.ErasedAmongRequest.SerializeToString,
+            threadline_dot_v1_dot_session__pb2.ErasedAmongResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,10 @@ class SessionsStub:
     """An owner is done with a deleted session; idempotent. When every owner is done
     the session service publishes session.erased with what each removed.
     """
+    ErasedAmong: _grpc.UnaryUnaryMultiCallable[_session_pb2.ErasedAmongRequest, _session_pb2.ErasedAmongResponse]
+    """Which of these ids belong to deleted sessions (tombstones are kept), for an owner
+    replica that finds leftovers of its own (the executor's workspaces).
+    """
     Export: _grpc.UnaryUnaryMultiCallable[_session_pb2.ExportRequest, _session_pb2.ExportResponse]
     """The session as JSON lines (a header line, then one line per message)."""
     Import: _grpc.UnaryUnaryMultiCallable[_session_pb2.ImportRequest, _session_pb2.Session]
@@ -102,6 +106,10 @@ class SessionsAsyncStub(SessionsStub):
     AcknowledgeErasure: _aio.UnaryUnaryMultiCallable[_session_pb2.AcknowledgeErasureRequest, _session_pb2.AcknowledgeErasureResponse]  # type: ignore[assignment]
     """An owner is done with a deleted session; idempotent. When every owner is done
     the session service publishes session.erased with what each removed.
+    """
+    ErasedAmong: _aio.UnaryUnaryMultiCallable[_session_pb2.ErasedAmongRequest, _session_pb2.ErasedAmongResponse]  # type: ignore[assignment]
+    """Which of these ids belong to deleted sessions (tombstones are kept), for an owner
+    replica that finds leftovers of its own (the executor's workspaces).
     """
     Export: _aio.UnaryUnaryMultiCallable[_session_pb2.ExportRequest, _session_pb2.ExportResponse]  # type: ignore[assignment]
     """The session as JSON lines (a header line, then one line per message)."""
@@ -206,6 +214,16 @@ class SessionsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.AcknowledgeErasureResponse, _abc.Awaitable[_session_pb2.AcknowledgeErasureResponse]]:
         """An owner is done with a deleted session; idempotent. When every owner is done
         the session service publishes session.erased with what each removed.
+        """
+
+    @_abc_1.abstractmethod
+    def ErasedAmong(
+        self,
+        request: _session_pb2.ErasedAmongRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ErasedAmongResponse, _abc.Awaitable[_session_pb2.ErasedAmongResponse]]:
+        """Which of these ids belong to deleted sessions (tombstones are kept), for an owner
+        replica that finds leftovers of its own (the executor's workspaces).
         """
 
     @_abc_1.abstractmethod
