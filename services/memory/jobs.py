@@ -407,7 +407,9 @@ class MemoryJobs:
                 failed_type,
                 tenant=tenant,
                 session_id=session_id,
-                reason=error,
+                # A class, not the message: the message may quote an upstream's error,
+                # and that the conversation. The job record keeps the message.
+                reason=_failure_class(exc),
                 failures=failures,
                 **self._attrs(job),
             )
@@ -493,3 +495,13 @@ class MemoryJobs:
             if job.archived:
                 attrs["archived"] = True
         return attrs
+
+
+def _failure_class(exc: BaseException) -> str:
+    """What a failed job's event says about why: the error's code ("UNAVAILABLE"),
+    "timeout", or the exception's type."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, errors.ThreadlineError):
+        return exc.code
+    return type(exc).__name__
