@@ -11,7 +11,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
@@ -32,9 +32,11 @@ from threadline.config import (
     Settings,
     hash_api_key,
     load_settings,
+    unknown_variables,
 )
 from threadline.logs import configure_logging, get_logger
 from threadline.server import on_signal_during, wait_for_shutdown_signal
+from threadline.startup_errors import describe
 from threadline.tls import PemFile, channel_credentials
 from threadline.v1 import executor_pb2
 
@@ -154,10 +156,29 @@ def up(
     if needs_local_model:
         raise typer.Exit(1 if settings.llm.all_upstreams else 0)
     configure_logging(settings.log_level)
+    _warn_unknown_variables(settings)
+    _run(_up(settings), settings, "up")
+
+
+def _warn_unknown_variables(settings: Settings) -> None:
+    for name in unknown_variables(settings):
+        log.warning(
+            "config.unknown_variable",
+            variable=name,
+            note="sets nothing: a misspelt setting? (docs/configuration.md lists them)",
+        )
+
+
+def _run(main: Coroutine[Any, Any, None], settings: Settings, command: str) -> None:
+    """Run `main`; a failure to start (a port taken, a data dir not writable, a domain
+    error) is one JSON line naming the problem and exit status 1, not a traceback."""
     try:
-        asyncio.run(_up(settings))
-    except errors.ThreadlineError as exc:
-        fail(f"threadline up failed: {exc.message}")
+        asyncio.run(main)
+    except Exception as exc:
+        fields = describe(exc, settings.data_dir)
+        if fields is None:
+            raise
+        log.error("startup.failed", command=command, **fields)
         raise typer.Exit(1) from None
 
 
@@ -244,12 +265,9 @@ def serve(
         raise typer.Exit(2)
     settings = _settings(config)
     configure_logging(settings.log_level)
+    _warn_unknown_variables(settings)
     name: ServiceName = service
-    try:
-        asyncio.run(_serve(settings, name))
-    except errors.ThreadlineError as exc:
-        fail(f"{service} failed to start: {exc.message}")
-        raise typer.Exit(1) from None
+    _run(_serve(settings, name), settings, f"serve {service}")
 
 
 async def _serve(settings: Settings, service: ServiceName) -> None:

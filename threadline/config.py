@@ -741,6 +741,29 @@ def _with_upstream_keys(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     return {**data, "llm": llm}
 
 
+#: THREADLINE_ variables that are not settings but are read by name.
+_NOT_SETTINGS = frozenset({"THREADLINE_CONFIG"})
+
+
+def unknown_variables(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+    """THREADLINE_* variables that set nothing (a misspelt top-level name is otherwise
+    ignored silently; a misspelt nested one is already an error), sorted.
+
+    Variables an upstream's `api_key_env` names are known: they hold its key.
+    """
+    environ = os.environ if environ is None else environ
+    keys = {u.api_key_env.upper() for u in settings.llm.all_upstreams if u.api_key_env}
+    unknown = []
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in _NOT_SETTINGS or upper in keys:
+            continue
+        field = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if field not in Settings.model_fields:
+            unknown.append(name)
+    return sorted(unknown)
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     config_file: Path | None = None,

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from threadline.interceptors import ServerContextInterceptor
 from threadline.logs import get_logger
+from threadline.startup_errors import BindError
 from threadline.telemetry import tracing
 
 log = get_logger("threadline.server")
@@ -176,12 +177,16 @@ def build_server(
         ),
         server,
     )
-    if security.credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, security.credentials)
+    setting = f"addresses.{name} (THREADLINE_ADDRESSES__{name.upper()}) or listen_port"
+    try:
+        if security.credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, security.credentials)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise OSError(f"{name}: cannot bind {address}")
+        raise BindError(name, address, setting)
     host = ServiceHost(name, server, health, port, service_names)
     if security.health_address is not None:
         host.health_server = _health_server(name, health, security.health_address)
@@ -192,8 +197,12 @@ def _health_server(name: str, health: HealthServicer, address: str) -> grpc.aio.
     """A plaintext server with only the health service, sharing the main server's state."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"{name}: cannot bind the health listener {address}")
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        port = 0
+    if port == 0:
+        raise BindError(f"{name} health", address, "health_port (THREADLINE_HEALTH_PORT)")
     return server
 
 

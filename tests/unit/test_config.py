@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from threadline.config import ConfigError, Settings, hash_api_key, load_settings
+from threadline.config import (
+    ConfigError,
+    Settings,
+    hash_api_key,
+    load_settings,
+    unknown_variables,
+)
 from threadline.store_urls import PostgresUrl
 
 DIGEST = hash_api_key("secret-key")
@@ -539,3 +545,31 @@ def test_each_postgresql_store_opens_at_most_the_pool_size() -> None:
 
     url = settings.store_url("session")
     assert isinstance(url, PostgresUrl) and url.pool_size == 3
+
+
+def test_an_empty_environ_is_not_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_LOG_LEVEL", "debug")
+    monkeypatch.setenv("THREADLINE_METRICS_PORT", "9999")
+
+    settings = load_settings(environ={})
+
+    assert (settings.log_level, settings.metrics_port) == ("info", 0)
+
+
+def test_misspelt_top_level_variables_are_reported_and_settings_are_not() -> None:
+    environ = {
+        "THREADLINE_LOGLEVEL": "debug",
+        "threadline_metrcs_port": "9090",
+        "THREADLINE_LOG_LEVEL": "debug",
+        "THREADLINE_LLM__UPSTREAM__BASE_URL": "http://127.0.0.1:9/v1",
+        "THREADLINE_LLM__UPSTREAM__MODEL": "m",
+        "THREADLINE_LLM__UPSTREAM__API_KEY_ENV": "THREADLINE_UPSTREAM_KEY",
+        "THREADLINE_UPSTREAM_KEY": "sk-1",
+        "THREADLINE_CONFIG": "",
+        "THREADLINE_TRACING__OTLP_ENDPOINT": "http://collector:4317",
+        "HOME": "/root",
+    }
+
+    settings = load_settings(environ=environ)
+
+    assert unknown_variables(settings, environ) == ["THREADLINE_LOGLEVEL", "threadline_metrcs_port"]

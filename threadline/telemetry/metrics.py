@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from threadline.logs import get_logger
+from threadline.startup_errors import BindError
 
 log = get_logger("threadline.metrics")
 
@@ -117,7 +118,12 @@ class _OwnFamilies(Collector):
 def serve(port: int, host: str, services: Collection[str]) -> int:
     """/metrics of `services` on `host:port` in a daemon thread; returns the bound port
     (0 picks one)."""
-    server, _thread = start_http_server(port, addr=host, registry=_OwnFamilies(services))
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=_OwnFamilies(services))
+    except OSError:
+        raise BindError(
+            "metrics", f"{host}:{port}", "metrics_port (THREADLINE_METRICS_PORT)"
+        ) from None
     bound = int(server.server_address[1])
     log.info("metrics.listening", port=bound)
     return bound
