@@ -87,9 +87,9 @@ def files_under(root: Path) -> list[str]:
 
 
 async def everything(settings: Settings, redis_client: aioredis.Redis) -> list[str]:
-    """What the stack's session and memory stores, Redis and workspaces hold."""
+    """What the stack's session, memory and task stores, Redis and workspaces hold."""
     found: list[str] = []
-    for service in ("session", "memory"):
+    for service in ("session", "memory", "tasks"):
         url = settings.store_url(service)
         if isinstance(url, SqliteUrl):
             found += sqlite_rows(url.path)

@@ -22,6 +22,7 @@ from tests.conftest import ACME_KEY, ADMIN_KEY, FAKE_MODEL, OTHER_KEY, make_sett
 from tests.postgres_schema import postgres_schema
 from tests.service.conftest import EventRecorder, attrs, private_stack, upstream_config
 from tests.service.erasure_stores import holding
+from tests.waiting import eventually
 from threadline import errors
 from threadline.channels import streaming
 from threadline.client import GatewayClient
@@ -55,6 +56,22 @@ def erasure_settings(
             "workspace_root": str(tmp_path / "workspaces"),
             "tool_rules": [{"path": "", "permission": "write"}],
             "erasure_poll_s": 0.1,
+            "tasks": {
+                "default_agent_type": "echo",
+                "agent_types": {
+                    "echo": {
+                        "description": "Repeats the prompt.",
+                        "runner": "command",
+                        "argv": [
+                            "sh",
+                            "-c",
+                            'echo "got: $1" > out.txt; cat out.txt',
+                            "sh",
+                            "{prompt}",
+                        ],
+                    }
+                },
+            },
         },
         session=session,
         **overrides,
@@ -188,6 +205,10 @@ async def assert_unknown_everywhere(clients: Clients, session_id: str, job_ids: 
         assert refused.message.replace(job_id, "ID") == never.message.replace(unknown_job, "ID")
 
 
+async def task_ended(gateway: GatewayClient, task_id: str) -> bool:
+    return (await gateway.get_task(task_id)).status in ("succeeded", "failed", "cancelled")
+
+
 async def collect_turn(executor: ExecutorClient, session_id: str) -> None:
     request = executor_pb2.RunTurnRequest(tenant=TENANT, session_id=session_id, input="hi")
     async for _ in streaming(executor.run_turn(request)):
@@ -228,13 +249,22 @@ async def test_a_deleted_session_and_its_fork_leave_no_trace(
         assert [s.id for s in (await clients.gateway.list_sessions()).sessions] == [kept.id]
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgresql"])
 async def test_an_expired_session_leaves_no_trace(
-    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+    kind: str,
+    tmp_path: Path,
+    fake_upstream: FakeUpstream,
+    redis_url: str,
+    postgres_url: str,
+    redis_client: aioredis.Redis,
 ) -> None:
-    settings = erasure_settings(
-        tmp_path, fake_upstream, redis_url, session={"ttl_s": 3.0, "cleanup_interval_s": 0.2}
-    )
-    async with running(settings) as (clients, events):
+    retention = {"ttl_s": 3.0, "cleanup_interval_s": 0.2}
+    async with (
+        backend_settings(
+            kind, tmp_path, fake_upstream, redis_url, postgres_url, session=retention
+        ) as settings,
+        running(settings) as (clients, events),
+    ):
         session_id, job_ids = await spread_the_canary(clients, fake_upstream)
 
         (expired,) = await events.wait_for("session.expired", session_id=session_id, timeout=15)
@@ -294,6 +324,9 @@ async def test_erasing_a_tenant_leaves_nothing_of_it_and_spares_the_others(
             GatewayClient(clients.gateway.address, api_key=OTHER_KEY) as other,
             GatewayClient(clients.gateway.address, api_key=ADMIN_KEY) as admin,
         ):
+            task = await clients.gateway.submit_task(CANARY, agent_type="echo")
+            await eventually(lambda: task_ended(clients.gateway, task.id), timeout=15)
+            assert await holding(f"got: {CANARY}", settings, redis_client)
             fake_upstream.enqueue(Script(text="Theirs."))
             theirs = await other.create_session()
             await converse(other, theirs.id, "Keep me: Wombat-Cerulean")
@@ -302,7 +335,7 @@ async def test_erasing_a_tenant_leaves_nothing_of_it_and_spares_the_others(
 
             erased = await clients.gateway.erase_tenant()
 
-            assert erased.sessions == 2
+            assert erased.sessions == 2 and erased.tasks == 1 and erased.tasks_still_running == 0
             (done,) = await events.wait_for("tenant.erased", timeout=10)
             assert done.tenant == TENANT
             assert len(events.of_type("session.erased")) == 2

@@ -24,6 +24,7 @@ import errno
 import hashlib
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ OWNER = "executor"
 
 #: Ids per question in a sweep (the session service's limit).
 _SWEEP_CHUNK = 1_000
+#: Sweep removals remembered for the acknowledgement.
+_REMEMBERED_SWEEPS = 4_096
 
 
 class WorkspaceErasures(ErasureSource, Protocol):
@@ -66,6 +69,10 @@ class SessionWorkspaces:
     max_file_bytes: int
     _erasures: ErasureFollower | None = field(default=None, repr=False)
     _source: WorkspaceErasures | None = field(default=None, repr=False)
+    #: What sweeps removed, by session, for the acknowledgement: a sweep may find a
+    #: deletion before this replica's erasure pass does (bounded: most of them are
+    #: acknowledged by other replicas and never asked for here).
+    _swept: OrderedDict[str, dict[str, int]] = field(default_factory=OrderedDict, repr=False)
 
     def directory(self, tenant: str, session_id: str) -> Path:
         if not tenant:
@@ -123,7 +130,8 @@ class SessionWorkspaces:
         removed = await asyncio.to_thread(self.erase, erasure.tenant, erasure.session_id)
         if removed["workspaces"]:
             log.info("workspace.removed", session_id=erasure.session_id, reason="erasure")
-        return removed
+        swept = self._swept.pop(erasure.session_id, None)
+        return swept if swept is not None and not removed["workspaces"] else removed
 
     async def sweep(self) -> int:
         """Remove this replica's workspaces of deleted sessions; how many went."""
@@ -134,9 +142,14 @@ class SessionWorkspaces:
         removed = 0
         for i in range(0, len(ids), _SWEEP_CHUNK):
             for session_id in await self._source.erased_among(ids[i : i + _SWEEP_CHUNK]):
+                total = {"workspaces": 0, "files": 0}
                 for directory in held[session_id]:
                     gone = await asyncio.to_thread(_remove_tree, directory)
-                    removed += gone["workspaces"]
+                    total = {kind: total[kind] + gone[kind] for kind in total}
+                removed += total["workspaces"]
+                self._swept[session_id] = total
+                while len(self._swept) > _REMEMBERED_SWEEPS:
+                    self._swept.popitem(last=False)
                 log.info("workspace.removed", session_id=session_id, reason="sweep")
         return removed
 
