@@ -1,94 +1,173 @@
-"""One turn's latency through all five services against the fake upstream.
+"""A turn's latency through the five services against the fake upstream, side by side
+with the upstream alone: time to the first delta and to the end of the answer.
 
-    python -m bench.turn_latency [--turns 50] [--tokens 16]
+    python -m bench.turn_latency [--turns 40] [--tokens 16] [--sessions 1,32]
 
-Prints, side by side in one run, the upstream alone (direct httpx stream) and a
-full turn through gateway → executor → session/memory/llm_proxy, and their ratio.
+As deployed: the fake model server and each of the five services run in their own
+process (`threadline serve <service>`, SQLite stores, no Redis); this process is
+the client. For each concurrency level, that many sessions each run `--turns`
+turns one after the other, all sessions at once; the direct path is as many
+concurrent clients streaming from the fake upstream (aiohttp, the first content
+event is the first delta). Direct and through-threadline windows alternate,
+`--rounds` times, so drift on a shared machine hits both alike.
+
+Printed per level: time to first delta (TTFD) and to the answer's end, p50 and
+p99, for both paths, and what threadline adds to the TTFD. Targets (issue 16):
+added TTFD <= 5 ms p50 at 1 session and <= 10 ms p50 at 32.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
-import httpx
+import aiohttp
+import yaml
 
+from bench.processes import free_port, process, wait_grpc, wait_http
 from threadline.client import GatewayClient
-from threadline.config import hash_api_key, load_settings
-from threadline.logs import configure_logging
-from threadline.stack import start_stack
-from threadline.testing.fake_upstream import FakeUpstream, Script
+from threadline.config import SERVICE_NAMES, ServiceName, hash_api_key
+from threadline.stack import START_ORDER
 
 KEY = "bench-key"
+MODEL = "bench-model"
+#: Added TTFD p50 targets, by number of concurrent sessions.
+TARGETS_MS = {1: 5.0, 32: 10.0}
 
 
 def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
-async def direct(base_url: str, turns: int) -> list[float]:
-    times = []
-    async with httpx.AsyncClient(base_url=base_url) as client:
-        for _ in range(turns):
-            started = time.perf_counter()
-            body = {
-                "model": "fake-model",
-                "stream": True,
-                "messages": [{"role": "user", "content": "hi"}],
-            }
-            async with client.stream("POST", "/chat/completions", json=body) as response:
-                async for _line in response.aiter_lines():
-                    pass
-            times.append((time.perf_counter() - started) * 1000)
-    return times
+async def direct_turn(client: aiohttp.ClientSession, url: str) -> tuple[float, float]:
+    """(ms to the first content event, ms to the end) for one streamed answer."""
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    started = time.perf_counter()
+    first = 0.0
+    async with client.post(url, json=body) as response:
+        async for chunk in response.content.iter_any():
+            if not first and b'"content"' in chunk:
+                first = time.perf_counter()
+    return (first - started) * 1000, (time.perf_counter() - started) * 1000
 
 
-async def through_stack(gateway: str, turns: int) -> list[float]:
-    times = []
+async def stack_turn(client: GatewayClient, session_id: str, text: str) -> tuple[float, float]:
+    started = time.perf_counter()
+    first = 0.0
+    async for event in client.converse(session_id, text):
+        if not first and event.WhichOneof("event") == "delta":
+            first = time.perf_counter()
+    return (first - started) * 1000, (time.perf_counter() - started) * 1000
+
+
+async def direct_window(url: str, sessions: int, turns: int) -> list[tuple[float, float]]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as client:
+
+        async def one() -> list[tuple[float, float]]:
+            return [await direct_turn(client, url) for _ in range(turns)]
+
+        return [s for per in await asyncio.gather(*(one() for _ in range(sessions))) for s in per]
+
+
+async def stack_window(gateway: str, sessions: int, turns: int) -> list[tuple[float, float]]:
     async with GatewayClient(gateway, api_key=KEY) as client:
-        session = await client.create_session()
-        for i in range(turns):
-            started = time.perf_counter()
-            async for _event in client.converse(session.id, f"turn {i}"):
-                pass
-            times.append((time.perf_counter() - started) * 1000)
-    return times
+        ids = [(await client.create_session()).id for _ in range(sessions)]
+
+        async def one(session_id: str) -> list[tuple[float, float]]:
+            return [await stack_turn(client, session_id, f"turn {i}") for i in range(turns)]
+
+        return [s for per in await asyncio.gather(*(one(i) for i in ids)) for s in per]
 
 
-async def main(turns: int, tokens: int) -> None:
-    configure_logging("error")
-    async with FakeUpstream(models=("fake-model",), default=Script(tokens=tokens)) as fake:
-        with tempfile.TemporaryDirectory() as data_dir:
-            settings = load_settings(
-                environ={},
-                overrides={
-                    "data_dir": str(Path(data_dir)),
-                    "log_level": "error",
-                    "gateway": {"api_keys": [{"sha256": hash_api_key(KEY), "tenant": "bench"}]},
-                    "llm": {"upstream": {"base_url": fake.base_url, "model": "fake-model"}},
-                },
-            )
-            stack = await start_stack(settings, ephemeral_ports=True)
-            try:
-                await through_stack(stack.address("gateway"), 3)  # warm-up
-                base = await direct(fake.base_url, turns)
-                full = await through_stack(stack.address("gateway"), turns)
-            finally:
-                await stack.stop(1)
-    print(f"{turns} turns of {tokens} tokens, sequential")
-    print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}")
-    print(f"{'upstream direct':24}{statistics.median(base):10.2f}{pct(base, 0.99):10.2f}")
-    print(f"{'turn through threadline':24}{statistics.median(full):10.2f}{pct(full, 0.99):10.2f}")
-    print(f"ratio p50: {statistics.median(full) / statistics.median(base):.1f}x")
+def _config(data: Path, fake_url: str, ports: dict[ServiceName, int]) -> dict[str, object]:
+    return {
+        "data_dir": str(data),
+        "log_level": "error",
+        "addresses": {name: f"127.0.0.1:{ports[name]}" for name in SERVICE_NAMES},
+        "gateway": {"api_keys": [{"sha256": hash_api_key(KEY), "tenant": "bench"}]},
+        "llm": {"upstream": {"base_url": fake_url, "model": MODEL}},
+        # Background work off: the figure is the turn path (Recall still runs).
+        "memory": {
+            "consolidate_fraction": 0,
+            "idle_consolidate_s": 0,
+            "extract_threshold": 0,
+            "compact_threshold": 0,
+        },
+    }
+
+
+async def start(children: AsyncExitStack, tmp: Path, tokens: int) -> tuple[str, str]:
+    """The fake upstream and the five services as processes: (fake url, gateway)."""
+    fake_port = free_port()
+    fake = (sys.executable, "-m", "threadline.testing.fake_upstream", "--port", str(fake_port))
+    await children.enter_async_context(process(*fake, "--tokens", str(tokens), "--model", MODEL))
+    fake_url = f"http://127.0.0.1:{fake_port}/v1"
+    await wait_http(fake_url + "/models")
+    ports: dict[ServiceName, int] = {name: free_port() for name in SERVICE_NAMES}
+    config = tmp / "stack.yaml"
+    config.write_text(yaml.safe_dump(_config(tmp / "data", fake_url, ports)))
+    for name in START_ORDER:
+        env = {**os.environ, "THREADLINE_LISTEN_PORT": str(ports[name])}
+        argv = (sys.executable, "-m", "threadline.cli", "serve", name, "--config", str(config))
+        await children.enter_async_context(process(*argv, env=env))
+        await wait_grpc(f"127.0.0.1:{ports[name]}")
+    return fake_url, f"127.0.0.1:{ports['gateway']}"
+
+
+def report(
+    sessions: int, direct: list[tuple[float, float]], full: list[tuple[float, float]]
+) -> None:
+    rows = (("upstream direct", direct), ("turn via threadline", full))
+    for label, samples in rows:
+        ttfd = [s[0] for s in samples]
+        total = [s[1] for s in samples]
+        print(
+            f"{sessions:>8} {label:<20}{statistics.median(ttfd):9.2f}{pct(ttfd, 0.99):9.2f}"
+            f"{statistics.median(total):9.2f}{pct(total, 0.99):9.2f}"
+        )
+    added_p50 = statistics.median(s[0] for s in full) - statistics.median(s[0] for s in direct)
+    added_p99 = pct([s[0] for s in full], 0.99) - pct([s[0] for s in direct], 0.99)
+    line = f"{sessions:>8} {'added TTFD':<20}{added_p50:9.2f}{added_p99:9.2f}"
+    target = TARGETS_MS.get(sessions)
+    if target is not None:
+        verdict = "met" if added_p50 <= target else f"missed by {added_p50 - target:.2f} ms"
+        line += f"   target p50 <= {target:g} ms: {verdict}"
+    print(line)
+
+
+async def main(turns: int, tokens: int, levels: list[int], rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with AsyncExitStack() as children:
+            fake_url, gateway = await start(children, Path(tmp), tokens)
+            url = fake_url + "/chat/completions"
+            await stack_window(gateway, 2, 3)  # warm-up: connections, caches
+            await direct_window(url, 2, 3)
+            print(f"{tokens}-token answers, {turns} turns per session; ms")
+            print(f"{'sessions':>8} {'path':<20}{'TTFD p50':>9}{'p99':>9}{'end p50':>9}{'p99':>9}")
+            for sessions in levels:
+                direct: list[tuple[float, float]] = []
+                full: list[tuple[float, float]] = []
+                for _ in range(rounds):
+                    direct += await direct_window(url, sessions, turns)
+                    full += await stack_window(gateway, sessions, turns)
+                report(sessions, direct, full)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--turns", type=int, default=50)
+    parser.add_argument("--turns", type=int, default=40)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--sessions", default="1,32", help="concurrency levels")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    asyncio.run(main(args.turns, args.tokens))
+    asyncio.run(
+        main(args.turns, args.tokens, [int(n) for n in args.sessions.split(",")], args.rounds)
+    )

@@ -90,7 +90,7 @@ class ModelCall:
         llm: StreamingModel,
         request: llm_pb2.ChatRequest,
         interrupts: ReadInterrupts | None = None,
-    ) -> AsyncIterator[llm_pb2.ChatChunk]:
+    ) -> AsyncGenerator[llm_pb2.ChatChunk, None]:
         """Relay every chunk but the result, collecting text and result on the way."""
         chunks = aiter(llm.stream_chat(request))
         try:

@@ -1,9 +1,11 @@
 """One conversation turn: context, model stream, persistence, events.
 
-The user's message is stored before the model is asked, so what the user said
-is never lost. The answer is stored when it ends; a cut answer (upstream
-failure mid-stream, client gone, shutdown) is stored as it stands with
-`interrupted = true`: what the user saw is never lost either.
+The user's message is stored before any of the answer is relayed, so what the
+user said is never lost; the append runs beside the context and the opening of
+the model's stream (`pending_input`), off the way to the first token. The answer
+is stored when it ends; a cut answer (upstream failure mid-stream, client gone,
+shutdown) is stored as it stands with `interrupted = true`: what the user saw is
+never lost either.
 
 Whatever a turn can be refused for is checked before the input is stored (see
 `admission`). A turn reads like the design: prepare (recall, pre-run
@@ -26,6 +28,7 @@ from services.executor.turns.detached import DetachedWrites
 from services.executor.turns.drafts import Checkpoints, Drafts, LocalDrafts, store_draft
 from services.executor.turns.leases import TurnLeases, lease_lost
 from services.executor.turns.peers import Llm, Memory, Sessions
+from services.executor.turns.pending_input import PendingInput
 from services.executor.turns.tool_round import ToolRound
 from services.executor.turns.tools import ToolBox
 from services.executor.turns.writer import SessionWriter
@@ -74,6 +77,10 @@ class _Turn:
     #: Prompt tokens the server counted for the last call.
     last_prompt_tokens: int = 0
     compacted_in_turn: bool = False
+    #: The user's message while its append is under way (see `pending_input`).
+    pending_input: PendingInput | None = None
+    #: Recall asked for when the turn arrived, for the first recall of the session.
+    early_recall: asyncio.Future[memory_pb2.RecallResponse] | None = None
     #: The last model call's prompt and result.
     context: session_pb2.BuildContextResponse = field(
         default_factory=session_pb2.BuildContextResponse
@@ -150,19 +157,30 @@ class TurnRunner:
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         check_input(request)
         check_options(request.options, context_budget_tokens=self.limits.context_budget_tokens)
-        # Ownership first: another tenant must get NOT_FOUND, never "session busy".
-        session = (await self.sessions.get(request.tenant, request.session_id)).session
-        if request.options.model:
-            await self.models.check(request.options.model, field="options.model")
-        else:
-            await self.models.check(session.model, field="session model")
-        async with contextlib.AsyncExitStack() as leases:
-            lease = await leases.enter_async_context(self.leases.hold(request.session_id))
-            # The last turn's executor died mid-answer: store what its user saw first.
-            if await store_draft(self.drafts, self.sessions, self.events, request.session_id):
-                session = (await self.sessions.get(request.tenant, request.session_id)).session
-            async for event in self._run(request, session, lease, leases):
-                yield event
+        # Asked for now, beside the checks and the lease below: it is on the way to the
+        # first token and needs none of them. Its answer is only used once the session
+        # proved to be the caller's.
+        recall = asyncio.ensure_future(
+            self._recall(request.tenant, request.session_id, request.input)
+        )
+        try:
+            # Ownership first: another tenant must get NOT_FOUND, never "session busy".
+            session = (await self.sessions.get(request.tenant, request.session_id)).session
+            if request.options.model:
+                await self.models.check(request.options.model, field="options.model")
+            else:
+                await self.models.check(session.model, field="session model")
+            async with contextlib.AsyncExitStack() as leases:
+                lease = await leases.enter_async_context(self.leases.hold(request.session_id))
+                # The last turn's executor died mid-answer: store what its user saw first.
+                early: asyncio.Future[memory_pb2.RecallResponse] | None = recall
+                if await store_draft(self.drafts, self.sessions, self.events, request.session_id):
+                    session = (await self.sessions.get(request.tenant, request.session_id)).session
+                    early = None  # asked before that answer was stored: ask again
+                async for event in self._run(request, session, lease, leases, early):
+                    yield event
+        finally:
+            recall.cancel()
 
     async def _run(
         self,
@@ -170,6 +188,7 @@ class TurnRunner:
         session: session_pb2.Session,
         lease: HeldLease,
         leases: contextlib.AsyncExitStack,
+        early_recall: asyncio.Future[memory_pb2.RecallResponse] | None,
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         turn = _Turn(
             request=request,
@@ -178,6 +197,7 @@ class TurnRunner:
             head=session.head,
             model=request.options.model or session.model,
             max_tokens=request.options.max_tokens or self.limits.max_output_tokens,
+            early_recall=early_recall,
         )
         async for event in self._calls(turn, session, leases):
             yield event
@@ -218,7 +238,8 @@ class TurnRunner:
         self, turn: _Turn, session: session_pb2.Session, leases: contextlib.AsyncExitStack
     ) -> AsyncIterator[executor_pb2.TurnEvent]:
         """Recall, compact first if the last turn filled the window, store the input."""
-        turn.recalled = await self._recall(turn)
+        early, turn.early_recall = turn.early_recall, None
+        turn.recalled = await (early or self._recall_for(turn))
         if turn.recalled.compact_due:
             # The last turn's prompt, as the model server counted it, passed
             # memory.compact_threshold: this turn starts in a compacted session.
@@ -226,12 +247,22 @@ class TurnRunner:
             if compacted is not None:
                 turn.session_id, session = compacted.compacted.to_session_id, compacted.session
                 turn.head, turn.lease = session.head, compacted.lease
-                turn.recalled = await self._recall(turn)
+                turn.recalled = await self._recall_for(turn)
                 yield compacted.event
         user = common_pb2.Message(role=common_pb2.ROLE_USER, content=turn.request.input)
-        turn.head = await self.writer.append(
+        append = self.writer.append(
             turn.tenant, turn.session_id, turn.head, [user], f"{turn.turn_id}:input", turn.lease
         )
+        # Not awaited here: the first model call waits for it before relaying anything.
+        turn.pending_input = PendingInput(append, before=turn.head, message=user)
+        turn.toolbox = self.tools(turn.session_id) if self.tools is not None else None
+
+    async def _input_stored(self, turn: _Turn) -> AsyncIterator[executor_pb2.TurnEvent]:
+        """Wait for the user's message to be stored (once): then the turn has started."""
+        pending, turn.pending_input = turn.pending_input, None
+        if pending is None:
+            return
+        turn.head = await pending.head()
         self.events.emit(
             "turn.started",
             tenant=turn.tenant,
@@ -242,7 +273,6 @@ class TurnRunner:
         yield executor_pb2.TurnEvent(
             started=executor_pb2.TurnStarted(turn_id=turn.turn_id, session_id=turn.session_id)
         )
-        turn.toolbox = self.tools(turn.session_id) if self.tools is not None else None
 
     async def _model_call(
         self, turn: _Turn, leases: contextlib.AsyncExitStack
@@ -254,34 +284,18 @@ class TurnRunner:
                 raise lease_lost(turn.session_id)
             turn.context, compacted = await self._request_context(turn, leases)
         except errors.ThreadlineError as exc:
+            # The turn had started (the user's message is stored) before it failed.
+            async for event in self._input_stored(turn):
+                yield event
             self._failed(turn, exc)
             raise
         if compacted is not None:
             yield compacted.event
         call = ModelCall()
-        checkpoints = Checkpoints(
-            self.drafts, turn.tenant, turn.session_id, turn.head, turn.turn_id
-        )
-        try:
-            async for chunk in call.stream(self.llm, self._chat_request(turn), self.interrupts):
-                kind = chunk.WhichOneof("chunk")
-                if kind == "delta":
-                    await checkpoints.saw(call.partial)
-                    if turn.first_delta_ms is None:
-                        turn.first_delta_ms = turn.latency_ms
-                    yield executor_pb2.TurnEvent(delta=chunk.delta)
-                elif kind == "tool_call_delta":
-                    yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
-                elif kind == "rollback":
-                    # Only this call's output is discarded: tools of earlier rounds ran
-                    # and stay; this call's tool calls had not run (they run after it).
-                    yield _rollback_event(chunk.rollback, turn.calls)
-        except asyncio.CancelledError:
-            # Client gone or shutdown past its grace: keep what the user already saw.
-            self._store_partial_detached(turn, call.partial, "turn cancelled")
-            raise
-        finally:
-            await checkpoints.settle()
+        async for event in self._relayed(turn, call):
+            yield event
+        async for event in self._input_stored(turn):  # the stream sent nothing
+            yield event
         try:
             turn.done = call.result()
         except errors.ThreadlineError as exc:
@@ -290,12 +304,49 @@ class TurnRunner:
         _add_usage(turn.usage, turn.done.usage)
         turn.last_prompt_tokens = turn.done.usage.prompt_tokens
 
+    async def _relayed(self, turn: _Turn, call: ModelCall) -> AsyncIterator[executor_pb2.TurnEvent]:
+        """The model's stream as turn events, once the user's message is stored."""
+        checkpoints: Checkpoints | None = None
+        stream = call.stream(self.llm, self._chat_request(turn), self.interrupts)
+        try:
+            # Closed whatever ends the loop: a refused input append stops the model too.
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    if checkpoints is None:
+                        async for event in self._input_stored(turn):
+                            yield event
+                        checkpoints = Checkpoints(
+                            self.drafts, turn.tenant, turn.session_id, turn.head, turn.turn_id
+                        )
+                    kind = chunk.WhichOneof("chunk")
+                    if kind == "delta":
+                        await checkpoints.saw(call.partial)
+                        if turn.first_delta_ms is None:
+                            turn.first_delta_ms = turn.latency_ms
+                        yield executor_pb2.TurnEvent(delta=chunk.delta)
+                    elif kind == "tool_call_delta":
+                        yield executor_pb2.TurnEvent(tool_call_delta=chunk.tool_call_delta)
+                    elif kind == "rollback":
+                        # Only this call's output is discarded: tools of earlier rounds
+                        # ran and stay; this call's tool calls had not run (they run
+                        # after it).
+                        yield _rollback_event(chunk.rollback, turn.calls)
+        except asyncio.CancelledError:
+            # Client gone or shutdown past its grace: keep what the user already saw.
+            self._store_partial_detached(turn, call.partial, "turn cancelled")
+            raise
+        finally:
+            if checkpoints is not None:
+                await checkpoints.settle()
+
     async def _request_context(
         self, turn: _Turn, leases: contextlib.AsyncExitStack
     ) -> tuple[session_pb2.BuildContextResponse, Compacted | None]:
         """The prompt for the next call; inside a tool loop, compacted first (once a turn)
         when it would pass compact_request_threshold."""
         context = await self._context(turn)
+        if turn.pending_input is not None:
+            turn.pending_input.include_in(context)
         if turn.calls == 1 or turn.compacted_in_turn:
             return context, None
         if not self._over_request_threshold(context, turn.last_prompt_tokens):
@@ -306,7 +357,7 @@ class TurnRunner:
             return context, None
         turn.session_id = compacted.compacted.to_session_id
         turn.head, turn.lease = compacted.session.head, compacted.lease
-        turn.recalled = await self._recall(turn)
+        turn.recalled = await self._recall_for(turn)
         return await self._context(turn), compacted
 
     def _chat_request(self, turn: _Turn) -> llm_pb2.ChatRequest:
@@ -447,7 +498,9 @@ class TurnRunner:
                 tenant=turn.tenant,
                 session_id=turn.session_id,
                 budget_tokens=self.limits.context_budget_tokens,
-                reserve_output_tokens=turn.max_tokens,
+                # Room for the user's message too while its append is under way.
+                reserve_output_tokens=turn.max_tokens
+                + (turn.pending_input.tokens if turn.pending_input is not None else 0),
                 memory_summary=turn.recalled.context,
                 model=turn.model or "default",
             )
@@ -464,10 +517,13 @@ class TurnRunner:
         except errors.ThreadlineError as exc:
             log.warning("turn.calibration_failed", error=exc.message)
 
-    async def _recall(self, turn: _Turn) -> memory_pb2.RecallResponse:
+    async def _recall_for(self, turn: _Turn) -> memory_pb2.RecallResponse:
+        return await self._recall(turn.tenant, turn.session_id, turn.request.input)
+
+    async def _recall(self, tenant: str, session_id: str, query: str) -> memory_pb2.RecallResponse:
         # Memory is an enhancement: a turn goes on without it rather than failing.
         try:
-            return await self.memory.recall(turn.tenant, turn.session_id, query=turn.request.input)
+            return await self.memory.recall(tenant, session_id, query=query)
         except errors.ThreadlineError as exc:
             log.warning("turn.recall_failed", error=exc.message)
             return memory_pb2.RecallResponse()
