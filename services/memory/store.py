@@ -590,4 +590,5 @@ class SqliteMemoryStore:
     # -- erasure -----------------------------------------------------------------
 
     async def erase(self, tenant: str, session_id: str) -> dict[str, int]:
-        return await self._db.run(_erase, tenant, session_id)
+        # erase: the WAL is truncated after, so the erased text leaves the disk too.
+        return await self._db.erase(_erase, tenant, session_id)

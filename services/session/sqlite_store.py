@@ -680,7 +680,8 @@ class SqliteSessionStore(SessionBackend):
     async def delete(self, tenant: str, session_id: str, *, reason: str = "deleted") -> None:
         validate_session_id(session_id)
         check_erasure_reason(reason)
-        await self._db.run(_delete, tenant, session_id, reason, ERASURE_OWNERS)
+        # erase: the WAL is truncated after, so the messages' text leaves the disk too.
+        await self._db.erase(_delete, tenant, session_id, reason, ERASURE_OWNERS)
 
     async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
         validate_session_id(session_id)

@@ -303,3 +303,54 @@ async def test_a_deleted_task_leaves_no_text_in_the_database_or_wal_files(
         assert (await store.get("acme", kept.id)).prompt == "kept"
     finally:
         await store.close()
+
+
+async def test_a_deleted_session_leaves_no_text_in_the_database_or_wal_files(
+    db_path: Path,
+) -> None:
+    canary = "canary-77d1c2-session"
+    async with SqliteSessionStore(db_path) as store:
+        doomed = await _session(store)
+        kept = await _session(store)
+        head, _ = await store.append(TENANT, doomed.id, "", [_user(f"{canary} said")])
+        for n in range(20):
+            head, _ = await store.append(TENANT, doomed.id, head, [_assistant(f"{canary} {n}")])
+        await store.append(TENANT, kept.id, "", [_user("kept words")])
+        assert canary.encode() in await asyncio.to_thread(_bytes_on_disk, db_path)
+
+        await store.delete(TENANT, doomed.id)
+        on_disk = await asyncio.to_thread(_bytes_on_disk, db_path)
+        assert canary.encode() not in on_disk
+        assert b"kept words" in on_disk
+
+
+async def test_erased_memory_leaves_no_text_in_the_database_or_wal_files(
+    tmp_path: Path,
+) -> None:
+    canary = "canary-91ab5e-memory"
+    path = tmp_path / "memory.db"
+    store = SqliteMemoryStore(path)
+    await store.open()
+    try:
+        await store.save_summary(
+            TENANT, "ses_doomed", summary=f"{canary} summary", from_seq=0, next_offset=4
+        )
+        await store.save_summary(
+            TENANT,
+            "ses_doomed",
+            summary="later",
+            from_seq=4,
+            next_offset=8,
+            archived_text=f"{canary} archived",
+        )
+        await store.save_summary(
+            TENANT, "ses_kept", summary="kept summary", from_seq=0, next_offset=2
+        )
+        assert canary.encode() in await asyncio.to_thread(_bytes_on_disk, path)
+
+        await store.erase(TENANT, "ses_doomed")
+        on_disk = await asyncio.to_thread(_bytes_on_disk, path)
+        assert canary.encode() not in on_disk
+        assert b"kept summary" in on_disk
+    finally:
+        await store.close()
