@@ -1,6 +1,7 @@
 """What llm_proxy adds: direct-to-upstream vs through llm_proxy, side by side.
 
     python -m bench.proxy_overhead [--tokens 256] [--streams 1,16,64] [--rounds 3]
+        [--token-ms 0]
 
 The fake upstream and llm_proxy each run as their own process (as deployed);
 this process is the client (the direct path reads like a lean consumer: aiohttp,
@@ -8,8 +9,12 @@ the HTTP stack llm_proxy reads with, and one JSON decode per event).
 For each concurrency level it runs the direct and
 the proxied case alternately, `--rounds` times, and reports time to first token
 (p50, p99), the TTFT the proxy adds, and relayed tokens per second as a share of
-direct. Targets (issue 3): added TTFT p50 <= 2 ms and p99 <= 10 ms at 64
-streams; relayed throughput >= 80% of direct.
+direct, and the proxy's own time per request as it reports it
+(`ChatDone.proxy_overhead_ms`: its time not spent waiting on the upstream or the
+client). Targets (issue 3): added TTFT p50 <= 2 ms and p99 <= 10 ms at 64
+streams; relayed throughput >= 80% of direct. `--token-ms 10` paces the fake
+upstream at 100 tokens/s, as a model server streams; target (issue 16): added
+TTFT p99 <= 20 ms at 64 paced streams.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Sample:
     ttft_ms: float
     tokens: int
     seconds: float
+    #: The proxy's own time for the request, as it reported it (proxied only).
+    overhead_ms: float = 0.0
 
 
 async def direct_once(client: aiohttp.ClientSession, url: str) -> Sample:
@@ -71,7 +78,7 @@ async def proxied_once(stub: llm_pb2_grpc.LlmProxyAsyncStub) -> Sample:
         model=MODEL, messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content="go")]
     )
     started = time.perf_counter()
-    first = 0.0
+    first = overhead = 0.0
     tokens = 0
     async for chunk in stub.StreamChat(request):
         kind = chunk.WhichOneof("chunk")
@@ -80,7 +87,9 @@ async def proxied_once(stub: llm_pb2_grpc.LlmProxyAsyncStub) -> Sample:
         elif kind == "done":
             # Deltas may carry several tokens each (the proxy merges what arrives together).
             tokens = chunk.done.usage.completion_tokens
-    return Sample((first - started) * 1000, tokens, time.perf_counter() - started)
+            overhead = chunk.done.proxy_overhead_ms
+    elapsed = time.perf_counter() - started
+    return Sample((first - started) * 1000, tokens, elapsed, overhead)
 
 
 async def level(streams: int, once: Callable[[], Awaitable[Sample]]) -> tuple[list[Sample], float]:
@@ -94,7 +103,32 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def main(tokens: int, levels: list[int], rounds: int) -> None:
+def report(
+    streams: int, direct: tuple[list[Sample], float], proxied: tuple[list[Sample], float]
+) -> None:
+    """Both paths' rows, what the proxy adds, and its own time, for one level."""
+    for name, (samples, seconds) in (("direct", direct), ("proxy", proxied)):
+        ttfts = [s.ttft_ms for s in samples]
+        rate = sum(s.tokens for s in samples) / seconds
+        print(
+            f"{streams:>8} {name:>8} {statistics.median(ttfts):>8.2f}ms "
+            f"{pct(ttfts, 0.99):>7.2f}ms {rate:>10.0f}"
+        )
+    d_ttft = [s.ttft_ms for s in direct[0]]
+    p_ttft = [s.ttft_ms for s in proxied[0]]
+    d_rate = sum(s.tokens for s in direct[0]) / direct[1]
+    p_rate = sum(s.tokens for s in proxied[0]) / proxied[1]
+    print(
+        f"{streams:>8} {'added':>8} "
+        f"{statistics.median(p_ttft) - statistics.median(d_ttft):>8.2f}ms "
+        f"{pct(p_ttft, 0.99) - pct(d_ttft, 0.99):>7.2f}ms "
+        f"{p_rate / d_rate:>9.0%} of direct"
+    )
+    own = [s.overhead_ms for s in proxied[0]]
+    print(f"{streams:>8} {'own time':>8} {statistics.median(own):>8.2f}ms {pct(own, 0.99):>7.2f}ms")
+
+
+async def main(tokens: int, levels: list[int], rounds: int, token_ms: float) -> None:
     upstream_port, proxy_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{upstream_port}/v1"
     env = {
@@ -114,6 +148,8 @@ async def main(tokens: int, levels: list[int], rounds: int) -> None:
         str(tokens),
         "--model",
         MODEL,
+        "--token-delay",
+        str(token_ms / 1000),
     )
     proxy = (sys.executable, "-m", "threadline.cli", "serve", "llm_proxy")
     async with process(*fake), process(*proxy, env=env):
@@ -126,7 +162,11 @@ async def main(tokens: int, levels: list[int], rounds: int) -> None:
             stub = llm_pb2_grpc.LlmProxyStub(channel)
             await level(4, lambda: direct_once(client, url))  # warm-up both paths
             await level(4, lambda: proxied_once(stub))
-            print(f"{tokens} tokens per answer; fake upstream and llm_proxy in their own processes")
+            pace = f", {1000 / token_ms:g} tokens/s" if token_ms else ""
+            print(
+                f"{tokens} tokens per answer{pace}; fake upstream and llm_proxy in their own "
+                "processes"
+            )
             print(f"{'streams':>8} {'path':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'tok/s':>10}")
             for streams in levels:
                 direct: list[Sample] = []
@@ -139,24 +179,7 @@ async def main(tokens: int, levels: list[int], rounds: int) -> None:
                     samples, seconds = await level(streams, lambda: proxied_once(stub))
                     proxied += samples
                     proxied_time += seconds
-                rows = (("direct", direct, direct_time), ("proxy", proxied, proxied_time))
-                for name, samples, seconds in rows:
-                    ttfts = [s.ttft_ms for s in samples]
-                    rate = sum(s.tokens for s in samples) / seconds
-                    print(
-                        f"{streams:>8} {name:>8} {statistics.median(ttfts):>8.2f}ms "
-                        f"{pct(ttfts, 0.99):>7.2f}ms {rate:>10.0f}"
-                    )
-                d_ttft = [s.ttft_ms for s in direct]
-                p_ttft = [s.ttft_ms for s in proxied]
-                d_rate = sum(s.tokens for s in direct) / direct_time
-                p_rate = sum(s.tokens for s in proxied) / proxied_time
-                print(
-                    f"{streams:>8} {'added':>8} "
-                    f"{statistics.median(p_ttft) - statistics.median(d_ttft):>8.2f}ms "
-                    f"{pct(p_ttft, 0.99) - pct(d_ttft, 0.99):>7.2f}ms "
-                    f"{p_rate / d_rate:>9.0%} of direct"
-                )
+                report(streams, (direct, direct_time), (proxied, proxied_time))
             await channel.close()
 
 
@@ -165,5 +188,9 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--streams", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--token-ms", type=float, default=0.0, help="ms between tokens; 0 = unpaced"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.tokens, [int(s) for s in args.streams.split(",")], args.rounds))
+    levels = [int(s) for s in args.streams.split(",")]
+    asyncio.run(main(args.tokens, levels, args.rounds, args.token_ms))
