@@ -17,6 +17,7 @@ once it has ended, however it ended (`limits.UpstreamLimiter.settle`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -288,10 +289,13 @@ class ChatProxy:
         finally:
             OVERHEAD.observe(clock.overhead_s())
 
-    async def settled(self) -> None:
-        """Wait for the TPM settlements under way (shutdown, tests)."""
-        while self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+    async def settled(self, timeout_s: float = 5.0) -> None:
+        """Wait (boundedly) for the TPM settlements under way: at shutdown, before the
+        Redis client closes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._settling:
+                    await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def _serve(
         self, request: llm_pb2.ChatRequest, run: _RouteRun

@@ -73,4 +73,6 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         host.on_stop(redis_client.aclose)
     for upstream in upstreams.values():
         host.on_stop(upstream.client.close)
+    # Closers run last-registered first: settlements finish before Redis closes.
+    host.on_stop(proxy.settled)
     return host
