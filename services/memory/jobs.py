@@ -228,21 +228,49 @@ class MemoryJobs:
             compact_due=triggers.compaction_due(self.settings.thresholds, activity)
         )
         thresholds = self.settings.thresholds
-        if thresholds.consolidate_fraction <= 0 and thresholds.extract_threshold <= 0:
-            return response
+        window = request.context_window_tokens
+        # A kind whose job is already queued or running is not looked at again: while
+        # jobs rest (turns keep coming) the span they have not covered keeps growing,
+        # and reading it on every turn made a turn's cost grow with the session.
+        due: list[JobKind] = []
+        if thresholds.consolidate_fraction > 0 and window > 0:
+            due.append("consolidate")
+        if thresholds.extract_threshold > 0:
+            due.append("extract")
+        started: dict[JobKind, memory_pb2.Job] = {}
+        for kind in due:
+            active = await self.store.active_job(tenant, session_id, kind)
+            if active is not None:
+                started[kind] = active
+        unchecked = [kind for kind in due if kind not in started]
+        if unchecked:
+            started |= await self._submit_due(request, unchecked)
+        response.started.extend(started[kind] for kind in due if kind in started)
+        return response
+
+    async def _submit_due(
+        self, request: memory_pb2.RecordActivityRequest, kinds: list[JobKind]
+    ) -> dict[JobKind, memory_pb2.Job]:
+        """Jobs of `kinds` whose trigger the session's new messages have reached, queued."""
+        tenant, session_id = request.tenant, request.session_id
+        thresholds = self.settings.thresholds
+        started: dict[JobKind, memory_pb2.Job] = {}
         memory = await self.store.get(tenant, session_id)
+        offsets = {"consolidate": memory.offset, "extract": memory.extract_offset}
         detail = await self.sessions.get(
             tenant,
             session_id,
             include_messages=True,
-            from_seq=min(memory.offset, memory.extract_offset),
+            from_seq=min(offsets[kind] for kind in kinds),
         )
         window = request.context_window_tokens
-        if triggers.consolidation_due(thresholds, memory, detail.messages, window):
-            response.started.append(await self.submit(tenant, session_id, "consolidate", "tokens"))
-        if triggers.extraction_due(thresholds, memory, detail.messages):
-            response.started.append(await self.submit(tenant, session_id, "extract", "tokens"))
-        return response
+        if "consolidate" in kinds and triggers.consolidation_due(
+            thresholds, memory, detail.messages, window
+        ):
+            started["consolidate"] = await self.submit(tenant, session_id, "consolidate", "tokens")
+        if "extract" in kinds and triggers.extraction_due(thresholds, memory, detail.messages):
+            started["extract"] = await self.submit(tenant, session_id, "extract", "tokens")
+        return started
 
     async def compact_due(self, tenant: str, session_id: str) -> bool:
         activity = await self.store.activity(tenant, session_id)
