@@ -77,22 +77,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         max_queue=settings.executor.tasks.max_queue,
         prices=_prices(settings.executor),
     )
-    task_workspaces = TaskWorkspaces(_workspace_root(settings) / "tasks")
-    erasure = TaskErasure(
-        task_store,
-        pool,
-        task_workspaces,
-        events,
-        retention_s=settings.executor.tasks.retention_s,
-        sweep_s=settings.executor.tasks.sweep_s,
-    )
-    task_service = TaskService(
-        pool,
-        _classifier(settings.executor.tasks, llm),
-        settings.executor.tasks.agent_types,
-        task_workspaces,
-        erasure,
-    )
+    task_service = _task_service(settings, task_store, pool, llm, events)
     queue = TurnQueue(
         settings.executor.max_running_turns, settings.executor.max_queued_turns, events
     )
@@ -111,7 +96,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     # The replica's name in the task store: the same after a restart, distinct between
     # replicas (in Kubernetes the hostname is the pod's name; on one machine, the port).
     await pool.start(f"{socket.gethostname()}:{port}")
-    erasure.start()
+    task_service.erasure.start()
     # Workspaces of sessions deleted while this replica was down go at the first pass.
     await workspaces.start(sessions, settings.executor.erasure_poll_s)
     # Closers run last-registered first: partial answers are stored before peers close.
@@ -125,12 +110,24 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         host.on_stop(task_redis.aclose)
     host.on_stop(task_store.close)
     # Before the store closes (closers run last-registered first).
-    host.on_stop(erasure.stop)
+    host.on_stop(task_service.erasure.stop)
     host.on_stop(workspaces.stop)
     host.on_drain(pool.stop)
     host.on_drain(turns.shutdown)
     host.on_hurry(turns.hurry)
     return host
+
+
+def _task_service(
+    settings: Settings, store: TaskStore, pool: TaskPool, llm: LlmClient, events: EventPublisher
+) -> TaskService:
+    """Submitting tasks, and removing them (DeleteTask, tenant erasure, retention)."""
+    tasks = settings.executor.tasks
+    workspaces = TaskWorkspaces(_workspace_root(settings) / "tasks")
+    erasure = TaskErasure(
+        store, pool, workspaces, events, retention_s=tasks.retention_s, sweep_s=tasks.sweep_s
+    )
+    return TaskService(pool, _classifier(tasks, llm), tasks.agent_types, workspaces, erasure)
 
 
 def _drafts(redis_client: aioredis.Redis | None) -> Drafts:

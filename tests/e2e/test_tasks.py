@@ -18,6 +18,7 @@ from tests.waiting import eventually
 from threadline import errors
 from threadline.client import GatewayClient
 from threadline.config import Settings
+from threadline.peers import ExecutorClient
 from threadline.stack import Stack
 from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import executor_pb2
@@ -262,3 +263,34 @@ async def test_delete_task_cancels_a_running_task_first(gateway: GatewayClient) 
         await gateway.get_task(task.id)
     with pytest.raises(errors.InvalidArgument, match="malformed task id"):
         await gateway.delete_task("task_" + "x" * 5000)
+
+
+async def test_delete_tenant_tasks_removes_every_task_of_the_tenant_only(
+    stack: Stack, gateway: GatewayClient
+) -> None:
+    async with GatewayClient(stack.address("gateway"), api_key=OTHER_KEY) as other:
+        done = await finished(gateway, (await gateway.submit_task("a", agent_type="echo")).id)
+        running = await gateway.submit_task("b", agent_type="sleeper")
+
+        async def started() -> bool:
+            return (await gateway.get_task(running.id)).status == "running"
+
+        await eventually(started, timeout=15)
+        # One worker (max_concurrency 1): it waits behind the running one.
+        theirs = await other.submit_task("x", agent_type="sleeper")
+        executor = ExecutorClient(stack.address("executor"))
+        try:
+            deleted = await executor.delete_tenant_tasks("acme")
+            assert (deleted.tasks, deleted.still_running) == (2, 0)
+            assert deleted.workspaces == 2 and deleted.log_lines >= 2
+            assert (await gateway.list_tasks()).tasks == []
+            assert not on_disk(done.workspace) and not on_disk(running.workspace)
+            # The other tenant's task is untouched (and now runs).
+            assert (await other.get_task(theirs.id)).status in ("queued", "running")
+            again = await executor.delete_tenant_tasks("acme")
+            assert (again.tasks, again.still_running) == (0, 0)
+            with pytest.raises(errors.InvalidArgument, match="tenant is required"):
+                await executor.delete_tenant_tasks("")
+        finally:
+            await executor.close()
+        await other.cancel_task(theirs.id)
