@@ -34,6 +34,8 @@ from threadline.config import (
     load_settings,
     unknown_variables,
 )
+from threadline.events import attributes_of
+from threadline.events import to_json as events_json
 from threadline.logs import configure_logging, get_logger
 from threadline.server import on_signal_during, wait_for_shutdown_signal
 from threadline.startup_errors import describe
@@ -423,16 +425,10 @@ async def _tail(target: _Target, types: list[str], session_id: str, as_json: boo
     async with _client(target) as client:
         async for event in client.watch_events(types=types, session_id=session_id):
             if as_json:
-                print(
-                    json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None),
-                    flush=True,
-                )
+                # Integer attributes as integers, as on the Redis stream.
+                print(events_json(event), flush=True)
                 continue
-            # Struct numbers are doubles; show counts as the integers they are.
-            attrs = {
-                k: int(v) if isinstance(v, float) and v.is_integer() else v
-                for k, v in json_format.MessageToDict(event.attributes).items()
-            }
+            attrs = attributes_of(event)
             when = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
             out.print(
                 f"{when} [bold]{event.type}[/bold] {event.service} "
