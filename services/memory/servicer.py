@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc.aio
@@ -106,9 +107,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.turns.seen()
         if request.budget_tokens < 0:
             raise errors.InvalidArgument("budget_tokens must be >= 0")
-        await self.sessions.get(request.tenant, request.session_id)
-        memory = await self.store.get(request.tenant, request.session_id)
-        items = await self.store.items(request.tenant, request.session_id)
+        # The session check beside the reads, not before them: a turn waits for the
+        # slower of the two. Nothing read is answered unless the session exists.
+        _, memory, items = await asyncio.gather(
+            self.sessions.get(request.tenant, request.session_id),
+            self.store.get(request.tenant, request.session_id),
+            self.store.items(request.tenant, request.session_id),
+        )
         recalled = recall(
             memory.summary,
             items,
