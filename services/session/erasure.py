@@ -122,5 +122,9 @@ class Erasures:
         return True
 
     async def _tenant_done_if_finished(self, tenant: str) -> None:
+        # No session left as well: while an erasure of the tenant is still deleting,
+        # the owners may have caught up with what it deleted so far.
         if await self.store.unfinished_erasures(tenant) == 0:
-            self.events.emit("tenant.erased", tenant=tenant)
+            left, _ = await self.store.list(tenant, page_size=1, page_token="")
+            if not left:
+                self.events.emit("tenant.erased", tenant=tenant)
