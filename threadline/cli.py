@@ -526,6 +526,26 @@ def tasks_cancel(
     _tasks(action, _gateway(address, api_key, data_dir))
 
 
+@tasks_app.command("delete")
+def tasks_delete(
+    task_id: Annotated[str, typer.Argument()],
+    address: AddressOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Delete a task: its record, output log and workspace (a running task is cancelled
+    first)."""
+
+    async def action(client: GatewayClient) -> None:
+        deleted = await client.delete_task(task_id)
+        print(
+            f"{task_id} deleted: {deleted.log_lines} log lines, "
+            f"{deleted.workspaces} workspace directories"
+        )
+
+    _tasks(action, _gateway(address, api_key, data_dir))
+
+
 @tasks_app.command("logs")
 def tasks_logs(
     task_id: Annotated[str, typer.Argument()],

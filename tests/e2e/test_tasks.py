@@ -3,6 +3,7 @@ classifier, cancel, logs, records (in the default SQLite file, and in PostgreSQL
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from typer.testing import CliRunner
 
-from tests.conftest import OTHER_KEY, make_settings
+from tests.conftest import ACME_KEY, OTHER_KEY, make_settings
 from tests.processes import alive
 from tests.waiting import eventually
 from threadline import errors
+from threadline.cli import app
 from threadline.client import GatewayClient
 from threadline.config import Settings
 from threadline.peers import ExecutorClient
@@ -294,3 +297,16 @@ async def test_delete_tenant_tasks_removes_every_task_of_the_tenant_only(
         finally:
             await executor.close()
         await other.cancel_task(theirs.id)
+
+
+async def test_the_cli_deletes_a_task(stack: Stack, gateway: GatewayClient) -> None:
+    task = await finished(gateway, (await gateway.submit_task("a", agent_type="echo")).id)
+    argv = ["tasks", "delete", task.id, "--address", stack.address("gateway")]
+    argv += ["--api-key", ACME_KEY]
+    # The CLI runs its own event loop: in a thread, beside the stack's.
+    result = await asyncio.to_thread(CliRunner().invoke, app, argv)
+    assert result.exit_code == 0, result.output
+    assert f"{task.id} deleted" in result.output and "1 workspace" in result.output
+    assert not on_disk(task.workspace)
+    again = await asyncio.to_thread(CliRunner().invoke, app, argv)
+    assert again.exit_code == 1 and "NOT_FOUND" in again.output
