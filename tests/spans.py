@@ -40,7 +40,9 @@ def _installed() -> _Recorder:
     global _recorder
     if _recorder is None:
         _recorder = _Recorder()
-        tracing.install(TracingSettings(), "threadline-tests").add_span_processor(_recorder)
+        provider = tracing.install(TracingSettings(), "threadline-tests")
+        assert provider is not None
+        provider.add_span_processor(_recorder)
     return _recorder
 
 

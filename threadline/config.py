@@ -504,6 +504,9 @@ class TracingSettings(_Section):
     line and event carries a trace id and a caller's W3C trace context is joined;
     they leave the process only when an OTLP endpoint is set."""
 
+    #: false: no spans at all (no trace ids in logs and events, a caller's trace is not
+    #: joined), for the last bit of per-call CPU (bench/telemetry_overhead.py).
+    enabled: bool = True
     #: OTLP/gRPC collector, e.g. http://otel-collector:4317; empty = export nothing.
     otlp_endpoint: str = Field(default="", max_length=512)
     #: Plaintext to the collector (a sidecar or in-cluster collector); false = TLS.

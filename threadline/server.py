@@ -151,7 +151,7 @@ def build_server(
     server = grpc.aio.server(
         # The tracing span first, so it covers the request context, metrics and auth.
         interceptors=[
-            tracing.server_interceptor(),
+            *tracing.server_interceptors(),
             ServerContextInterceptor(name),
             *security.interceptors,
         ],

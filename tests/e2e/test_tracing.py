@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_trace_id
 
+from tests.conftest import ACME_KEY, make_settings
 from tests.spans import named, spans
 from tests.waiting import eventually
 from threadline.client import GatewayClient
-from threadline.stack import Stack
+from threadline.config import TracingSettings
+from threadline.stack import Stack, start_stack
+from threadline.telemetry import tracing
 from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1.events_pb2 import LifecycleEvent
 
@@ -148,3 +152,21 @@ async def test_a_failed_attempt_is_an_error_span_beside_the_one_that_answered(
     assert attempts[0].status.description == "failed: http_503"
     assert answered["threadline.attempt.outcome"] == "ok"
     assert attempts[1].status.status_code != StatusCode.ERROR
+
+
+async def test_with_tracing_switched_off_a_turn_makes_no_spans(
+    spans: InMemorySpanExporter, tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str
+) -> None:
+    settings = make_settings(tmp_path, fake_upstream.base_url, redis_url=redis_url)
+    off = settings.model_copy(update={"tracing": TracingSettings(enabled=False)})
+    stack = await start_stack(off, ephemeral_ports=True)
+    try:
+        async with GatewayClient(stack.address("gateway"), api_key=ACME_KEY) as gateway:
+            session = await gateway.create_session()
+            events = [e async for e in gateway.converse(session.id, "Hi!")]
+    finally:
+        await stack.stop(1.0)
+        tracing.install(TracingSettings(), "threadline-tests")  # on again for other tests
+
+    assert events[-1].WhichOneof("event") == "done"
+    assert spans.get_finished_spans() == ()

@@ -434,7 +434,9 @@ async def test_a_subscriber_resumes_after_redis_restarts_and_misses_nothing(
 
 
 async def test_an_event_carries_the_trace_of_the_span_that_published_it() -> None:
-    tracer = tracing.install(TracingSettings(), "threadline-tests").get_tracer("test")
+    provider = tracing.install(TracingSettings(), "threadline-tests")
+    assert provider is not None
+    tracer = provider.get_tracer("test")
     bus = InProcessEventBus()
     with tracer.start_as_current_span("turn") as span:
         event = EventPublisher(bus, "executor").emit("service.started", port=47551)

@@ -92,7 +92,7 @@ def documented() -> dict[str, set[str]]:
         if "as above" in text and index > 0:
             names |= fields[rows[index - 1][0][0]]
         for referred in re.findall(r"as (?:for )?([a-z]+)", text):
-            names |= {f for t, fs in fields.items() if t.split(".")[-2:].count(referred) or referred in t for f in fs}
+            names |= {f for t, fs in fields.items() if referred in t for f in fs}
         for type_ in types:
             # A type may have a row per shape (turn.interrupted: cut, or cancelled).
             fields[type_] = fields.get(type_, set()) | names

@@ -14,7 +14,9 @@ from threadline.telemetry import tracing
 
 
 def test_a_line_logged_inside_a_span_names_its_trace_and_one_outside_none() -> None:
-    tracer = tracing.install(TracingSettings(), "threadline-tests").get_tracer("test")
+    provider = tracing.install(TracingSettings(), "threadline-tests")
+    assert provider is not None
+    tracer = provider.get_tracer("test")
     out = io.StringIO()
     saved = structlog.get_config()
     configure_logging("info")

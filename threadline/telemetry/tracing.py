@@ -30,6 +30,9 @@ from opentelemetry.util.types import AttributeValue
 from threadline.config import TracingSettings
 
 _TRACER = trace.get_tracer("threadline")
+#: False once a process installed tracing switched off: its servers and channels get
+#: no tracing interceptors (channels made before, or by clients, keep theirs).
+_enabled = True
 #: Endpoints already exported to, so a second stack in one process adds no second exporter.
 _exporting: set[str] = set()
 #: Probes and reflection: a span per kubelet probe would bury the turns.
@@ -38,12 +41,17 @@ _NOT_TRACED = negate(any_of(service_prefix("grpc.health"), service_prefix("grpc.
 Attributes = Mapping[str, AttributeValue]
 
 
-def install(settings: TracingSettings, service_name: str) -> TracerProvider:
+def install(settings: TracingSettings, service_name: str) -> TracerProvider | None:
     """The process's tracer provider, made on the first call; later calls only add export.
 
     A provider someone else installed first (a test's in-memory exporter, an
-    application embedding threadline) is kept and used.
+    application embedding threadline) is kept and used. With tracing switched off
+    nothing is installed (spans are the API's no-ops) and None is returned.
     """
+    global _enabled
+    _enabled = settings.enabled
+    if not settings.enabled:
+        return None
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         provider = current
@@ -64,14 +72,18 @@ def install(settings: TracingSettings, service_name: str) -> TracerProvider:
     return provider
 
 
-def server_interceptor() -> grpc.aio.ServerInterceptor:
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """A server span per RPC (health and reflection excepted), in the caller's trace."""
+    if not _enabled:
+        return []
     interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(filter_=_NOT_TRACED)  # type: ignore[no-untyped-call]
-    return interceptor
+    return [interceptor]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """A client span per call, and `traceparent` in its metadata."""
+    if not _enabled:
+        return []
     interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors()  # type: ignore[no-untyped-call]
     return interceptors
 
@@ -99,7 +111,7 @@ def child_span(name: str, attributes: Attributes | None = None) -> Iterator[Span
     into the caller's code between items, and detach it in another context.
     An exception marks it failed; a cancellation only says so.
     """
-    span = _TRACER.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
+    span = start_child(name, attributes)
     try:
         yield span
     except BaseException as exc:
@@ -121,4 +133,6 @@ def fail(span: Span, description: str) -> None:
 def start_child(name: str, attributes: Attributes | None = None) -> Span:
     """A span under the current one, not made current, for the caller to `end()`: for
     spans whose start and end are seen in different places (one per model attempt)."""
+    if not _enabled:
+        return trace.INVALID_SPAN
     return _TRACER.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
