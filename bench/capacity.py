@@ -157,10 +157,10 @@ class Sampler:
         self._task.cancel()
 
 
-async def streams_run(n: int) -> None:
+async def streams_run(n: int, settings: dict[str, str]) -> None:
     async with (
         fake_upstream(LONG_TOKENS, LONG_DELAY_S) as upstream,
-        threadline_up(upstream) as stack,
+        threadline_up(upstream, **settings) as stack,
         contextlib.AsyncExitStack() as exits,
     ):
         clients = [
@@ -244,10 +244,10 @@ async def client_turns(client: GatewayClient, sessions: list[str], rounds: int) 
     return done
 
 
-async def turns_run(lengths: Sequence[int]) -> None:
+async def turns_run(lengths: Sequence[int], settings: dict[str, str]) -> None:
     async with (
         fake_upstream(SHORT_TOKENS, 0.0) as upstream,
-        threadline_up(upstream, THREADLINE_MEMORY__COMPACT_THRESHOLD="0") as stack,
+        threadline_up(upstream, THREADLINE_MEMORY__COMPACT_THRESHOLD="0", **settings) as stack,
         contextlib.AsyncExitStack() as exits,
     ):
         clients = [
@@ -279,12 +279,12 @@ async def turns_run(lengths: Sequence[int]) -> None:
             )
 
 
-async def main(streams: Sequence[int], lengths: Sequence[int]) -> None:
+async def main(streams: Sequence[int], lengths: Sequence[int], settings: dict[str, str]) -> None:
     print(f"{os.cpu_count()} CPUs; answers of {LONG_TOKENS} tokens {LONG_DELAY_S} s apart")
     for n in streams:
-        await streams_run(n)
+        await streams_run(n, settings)
     if lengths:
-        await turns_run(lengths)
+        await turns_run(lengths, settings)
 
 
 def _numbers(text: str) -> list[int]:
@@ -295,5 +295,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=_numbers, default=[100, 300, 1000])
     parser.add_argument("--lengths", type=_numbers, default=[10, 100, 1000])
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="THREADLINE_X=VALUE",
+        help="a setting for the stack, as its environment variable (repeatable)",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.streams, args.lengths))
+    settings = dict(item.partition("=")[::2] for item in args.set)
+    asyncio.run(main(args.streams, args.lengths, settings))
