@@ -33,6 +33,15 @@ def sqlite_rows(path: Path) -> list[str]:
         ]
 
 
+def sqlite_bytes(path: Path) -> list[str]:
+    """The database file and its WAL as they are on disk, free pages included."""
+    return [
+        f"{file}: {file.read_bytes()!r}"
+        for file in (path, path.with_name(path.name + "-wal"))
+        if file.exists()
+    ]
+
+
 async def postgres_rows(url: str) -> list[str]:
     """Every row of every table in the URL's schema (its search_path)."""
     conn = await asyncpg.connect(url)
@@ -92,7 +101,7 @@ async def everything(settings: Settings, redis_client: aioredis.Redis) -> list[s
     for service in ("session", "memory", "tasks"):
         url = settings.store_url(service)
         if isinstance(url, SqliteUrl):
-            found += sqlite_rows(url.path)
+            found += sqlite_rows(url.path) + sqlite_bytes(url.path)
         elif isinstance(url, PostgresUrl):
             found += await postgres_rows(url.url)
         else:
