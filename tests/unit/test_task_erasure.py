@@ -226,6 +226,47 @@ async def test_a_task_still_running_after_its_cancel_is_refused_and_kept(
         await pool.stop(grace_s=1)
 
 
+async def test_tenant_deletion_counts_what_it_had_to_leave(
+    store: SqliteTaskStore,
+    bus: InProcessEventBus,
+    runner: FileWriter,
+    workspaces: TaskWorkspaces,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A task another live replica runs and has not stopped yet: it stays, counted.
+    monkeypatch.setattr(pool_module, "CANCEL_WAIT_S", 0.3)
+    await store.heartbeat("executor-1:50053", 30)
+    stuck = TaskRecord(
+        id=new_task_id(),
+        tenant="acme",
+        prompt=CANARY,
+        agent_type="writer",
+        runner="writer",
+        workspace=str(workspaces.directory("acme", "stuck")),
+        status="running",
+        owner="executor-1:50053",
+    )
+    await store.create(stuck)
+    pool = TaskPool(store, {runner.name: runner}, EventPublisher(bus, "executor"))
+    await pool.start(REPLICA)
+    erasure = TaskErasure(store, pool, workspaces, EventPublisher(bus, "executor"))
+    try:
+        done = await ended(store, await submit(pool, workspaces))
+        erased = await erasure.delete_tenant("acme")
+        assert (erased.tasks, erased.still_running) == (1, 1)
+        assert [t.id for t in await store.list("acme")] == [stuck.id]
+        with pytest.raises(NotFound):
+            await store.get("acme", done.id)
+        # Once its replica has ended it, the next call takes it.
+        stuck = await store.get("acme", stuck.id)
+        stuck.status, stuck.finished_at = "cancelled", time.time()
+        assert await store.update_if(stuck, if_status="running", if_owner="executor-1:50053")
+        again = await erasure.delete_tenant("acme")
+        assert (again.tasks, again.still_running) == (1, 0)
+    finally:
+        await pool.stop(grace_s=1)
+
+
 async def test_a_shared_workspace_goes_with_the_last_task_that_names_it(
     store: SqliteTaskStore,
     pool: TaskPool,

@@ -616,8 +616,9 @@ class TasksDeleted(_message.Message):
     replicas remove their copies at their next sweep.
     """
     still_running: _builtins.int
-    """DeleteTenantTasks: tasks left because they had not ended when the cancel wait
-    was over (their cancel stays requested).
+    """DeleteTenantTasks: the tenant's tasks still stored after it, because they had
+    not ended when the cancel wait was over (their cancel stays requested) or were
+    submitted meanwhile; call again until it is 0.
     """
     def __init__(
         self,

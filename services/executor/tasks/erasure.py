@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.executor.tasks.pool import TaskPool
-from services.executor.tasks.records import TaskRecord
+from services.executor.tasks.records import LIST_LIMIT_MAX, TaskRecord
 from services.executor.tasks.store import TasksRemoved, TaskStore, task_not_found
 from services.executor.tasks.workspaces import TaskWorkspaces
 from threadline.cancellation import cancel_and_wait
@@ -38,7 +38,8 @@ class Erased:
     log_lines: int = 0
     #: Workspace directories removed on this replica.
     workspaces: int = 0
-    #: Tasks of the tenant left because they had not ended after their cancel.
+    #: Tasks of the tenant still stored after a tenant deletion: not ended after their
+    #: cancel, or submitted meanwhile (counted up to LIST_LIMIT_MAX).
     still_running: int = 0
 
 
@@ -82,10 +83,12 @@ class TaskErasure:
             for task in await self.store.by_status(status)
             if task.tenant == tenant
         ]
-        ends = await asyncio.gather(*(self._cancel(task) for task in unfinished))
+        await asyncio.gather(*(self._cancel(task) for task in unfinished))
         removed = await self.store.delete_tenant_ended(tenant)
         erased = await self._finish(removed, "")
-        left = sum(1 for end in ends if end is not None and not end.terminal)
+        # Whatever of the tenant is still stored: a task that outlived its cancel wait,
+        # or one submitted meanwhile. The caller calls again until it is 0.
+        left = len(await self.store.list(tenant, limit=LIST_LIMIT_MAX))
         log.info("tasks.tenant_deleted", tasks=erased.tasks, still_running=left)
         return Erased(erased.tasks, erased.log_lines, erased.workspaces, left)
 
@@ -105,10 +108,9 @@ class TaskErasure:
         collected = await self.workspaces.collect(self.store)
         return Erased(erased.tasks, erased.log_lines, erased.workspaces + collected)
 
-    async def _cancel(self, task: TaskRecord) -> TaskRecord | None:
+    async def _cancel(self, task: TaskRecord) -> None:
         with contextlib.suppress(NotFound):
-            return await self.pool.cancel(task.tenant, task.id)
-        return None
+            await self.pool.cancel(task.tenant, task.id)
 
     async def _finish(self, removed: TasksRemoved, event: str) -> Erased:
         """Remove the removed tasks' workspaces and announce each task's end."""

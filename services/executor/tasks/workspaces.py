@@ -80,12 +80,15 @@ class TaskWorkspaces:
         except FileNotFoundError:
             return []
         for tenant in tenants:
-            if not tenant.is_dir(follow_symlinks=False):
-                continue
-            with os.scandir(tenant.path) as entries:
-                for entry in entries:
-                    if entry.stat(follow_symlinks=False).st_mtime < settled:
-                        found.append(entry.path)
+            # A directory removed meanwhile (a deletion on this replica) is skipped.
+            with contextlib.suppress(OSError):
+                if not tenant.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(tenant.path) as entries:
+                    for entry in entries:
+                        with contextlib.suppress(OSError):
+                            if entry.stat(follow_symlinks=False).st_mtime < settled:
+                                found.append(entry.path)
         return found
 
     def _remove_all(self, paths: list[str]) -> int:
