@@ -165,3 +165,26 @@ async def test_a_tool_call_cut_mid_stream_is_restarted_and_the_tool_runs_once(
     assert roles == ["ROLE_USER", "ROLE_ASSISTANT", "ROLE_TOOL", "ROLE_ASSISTANT"]
     (stored_call,) = messages[1].tool_calls
     assert (stored_call.name, stored_call.arguments_json) == call
+
+
+async def test_a_rolled_back_answer_leaves_no_draft_of_the_discarded_text(
+    gateway: GatewayClient,
+    sessions: SessionClient,
+    fake_upstream: FakeUpstream,
+    redis_client: aioredis.Redis,
+) -> None:
+    session_id = await new_session(sessions)
+    fake_upstream.route("model-a", Script(text=FULL, fault="cut", fault_after=CUT_AFTER))
+    # The new answer's tokens come slowly: the draft is read between two of them.
+    fake_upstream.route("model-c", Script(text="Lyon is on the Rhone.", token_delay_s=0.5))
+
+    seen_rollback = False
+    async for event in gateway.converse(session_id, "Where is Lyon?"):
+        kind = event.WhichOneof("event")
+        seen_rollback = seen_rollback or kind == "rollback"
+        if seen_rollback and kind == "delta":
+            # If this process died now, the next turn would store the draft.
+            draft = await redis_client.get(f"threadline:turn-draft:{session_id}")
+            assert draft is None or b"sits" not in draft
+            break
+    assert seen_rollback

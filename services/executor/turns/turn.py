@@ -329,7 +329,11 @@ class TurnRunner:
                     elif kind == "rollback":
                         # Only this call's output is discarded: tools of earlier rounds
                         # ran and stay; this call's tool calls had not run (they run
-                        # after it).
+                        # after it). Its draft goes too: if this process died now, the
+                        # next turn must not store the discarded text.
+                        await checkpoints.settle()
+                        with contextlib.suppress(Exception):
+                            await self.drafts.drop(turn.session_id)
                         yield _rollback_event(chunk.rollback, turn.calls)
         except asyncio.CancelledError:
             # Client gone or shutdown past its grace: keep what the user already saw.
