@@ -271,8 +271,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # The options' values are the executor's to judge (it knows the models and the
         # context budget); their size is checked here.
         validation.check_length("options.model", request.options.model, validation.MAX_MODEL_CHARS)
-        # NOT_FOUND for unknown and for other tenants' sessions alike, before any work.
-        await self.sessions.get(caller.tenant, request.session_id)
+        # Unknown and other tenants' sessions are the executor's NOT_FOUND, its first
+        # check: asking the session service here too cost every turn a call.
         call = self.executor.run_turn(
             executor_pb2.RunTurnRequest(
                 tenant=caller.tenant,

@@ -6,12 +6,13 @@ from typing import Any
 
 import grpc.aio
 
+from services.session.calibration import Calibrations
 from services.session.chain import verify_chain
 from services.session.context import build_context
 from services.session.erasure import Erasures
 from services.session.retention import Retention
 from services.session.store import MAX_PAGE_SIZE, SessionStore
-from services.session.tokens import TokenEstimator, calibrated_estimator, calibrated_ratio
+from services.session.tokens import TokenEstimator, calibrated_estimator
 from services.session.validation import validate_session_fields
 from threadline import errors
 from threadline.events import EventPublisher
@@ -35,6 +36,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
         retention: Retention,
     ) -> None:
         self.store = store
+        self.calibrations = Calibrations(store)
         self.erasures = Erasures(store, events)
         self.estimator = estimator
         self.events = events
@@ -135,7 +137,7 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
                 f"reserve_output_tokens must be in [0, budget_tokens), got "
                 f"{request.reserve_output_tokens}"
             )
-        ratio = await self.store.calibration(request.model) if request.model else None
+        ratio = await self.calibrations.ratio(request.model) if request.model else None
         result = await build_context(
             self.store,
             request.tenant,
@@ -270,9 +272,9 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
                 "prompt_chars and prompt_tokens must be > 0, got "
                 f"{request.prompt_chars} and {request.prompt_tokens}"
             )
-        previous = await self.store.calibration(request.model)
-        ratio = calibrated_ratio(previous, request.prompt_chars, request.prompt_tokens)
-        await self.store.set_calibration(request.model, ratio)
+        ratio = await self.calibrations.measured(
+            request.model, request.prompt_chars, request.prompt_tokens
+        )
         return session_pb2.CalibrateResponse(chars_per_token=ratio)
 
     async def _added(self, event_type: str, tenant: str, session_id: str, **attrs: Any) -> None:
