@@ -332,6 +332,9 @@ async def test_erasing_a_tenant_leaves_nothing_of_it_and_spares_the_others(
             await converse(other, theirs.id, "Keep me: Wombat-Cerulean")
             with pytest.raises(errors.PermissionDenied):
                 await other.erase_tenant(TENANT)
+            with pytest.raises(errors.InvalidArgument) as too_long:
+                await admin.erase_tenant("t" * 10_000)
+            assert "128" in too_long.value.message and "t" * 200 not in too_long.value.message
 
             erased = await clients.gateway.erase_tenant()
 
