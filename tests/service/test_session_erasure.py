@@ -104,6 +104,15 @@ class Clients:
         self.memory = MemoryClient(stack.address("memory"))
         self.executor = ExecutorClient(stack.address("executor"))
 
+    async def executor_turn(self, session_id: str, text: str) -> list[executor_pb2.ToolResult]:
+        """A turn run on the executor directly; its tool results."""
+        request = executor_pb2.RunTurnRequest(tenant=TENANT, session_id=session_id, input=text)
+        return [
+            event.tool_result
+            async for event in streaming(self.executor.run_turn(request))
+            if event.WhichOneof("event") == "tool_result"
+        ]
+
     async def close(self) -> None:
         await self.gateway.close()
         for peer in (self.sessions, self.memory, self.executor):
@@ -232,6 +241,7 @@ async def test_a_deleted_session_and_its_fork_leave_no_trace(
         head = (await clients.gateway.get_session(session_id)).session.head
         fork = await clients.gateway.fork_session(session_id, head)
         kept = await clients.gateway.create_session(system_prompt="Unrelated.")
+        exported = await clients.gateway.export_session(session_id)
         assert [s.id for s in await clients.gateway.list_derived_sessions(session_id)] == [fork.id]
         assert await holding(CANARY, settings, redis_client)
 
@@ -247,6 +257,16 @@ async def test_a_deleted_session_and_its_fork_leave_no_trace(
         await assert_unknown_everywhere(clients, session_id, job_ids)
         await assert_unknown_everywhere(clients, fork.id, [])
         assert [s.id for s in (await clients.gateway.list_sessions()).sessions] == [kept.id]
+        # The export brings the conversation back, never the id, the memory or the files.
+        imported = await clients.gateway.import_session(exported)
+        assert imported.id != session_id
+        recalled = await clients.memory.recall(TENANT, imported.id)
+        assert (recalled.summary, list(recalled.items)) == ("", [])
+        fake_upstream.enqueue(
+            Script(tool_calls=[("list_dir", "{}")]), Script(text="Nothing there.")
+        )
+        turn = await clients.executor_turn(imported.id, "What files do I have?")
+        assert [r.content for r in turn] == ["'.' is empty"]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "postgresql"])
