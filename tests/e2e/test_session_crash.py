@@ -139,8 +139,9 @@ async def test_sqlite_survives_sigkill_at_random_moments(tmp_path: Path) -> None
         f"sqlite: 25 kills, {appends} appends, {unacked} kills between commit and ack, "
         f"{elapsed:.1f}s, seed {seed}"
     )
+    # No bound on the time: on a loaded machine 25 restarts took 37 s; a hang is
+    # caught by the test timeout.
     assert appends > 25  # the writer got work done between kills
-    assert elapsed < 30
 
 
 async def test_redis_appends_are_all_or_nothing_under_sigkill(redis_url: str) -> None:
