@@ -8,6 +8,8 @@ removed, exactly once.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.session.store import ERASURE_OWNERS, SessionStore
@@ -135,3 +137,23 @@ async def test_erased_among_names_the_tombstoned_ids_of_any_tenant(store: Sessio
         await store.erased_among([never] * 1001)
     with pytest.raises(InvalidArgument):
         await store.erased_among(["not-an-id"])
+
+
+async def test_owners_acknowledging_at_once_finish_each_erasure_exactly_once(
+    store: SessionStore,
+) -> None:
+    sessions = [await _session(store) for _ in range(10)]
+    for session in sessions:
+        await store.delete(TENANT, session.id)
+
+    results = await asyncio.gather(
+        *(
+            store.acknowledge_erasure(owner, session.id, {"n": 1})
+            for session in sessions
+            for owner in (*ERASURE_OWNERS, *ERASURE_OWNERS)  # each owner twice, at once
+        )
+    )
+
+    finished = [done.erasure.session_id for done in results if done is not None]
+    assert sorted(finished) == sorted(s.id for s in sessions)
+    assert await store.unfinished_erasures(TENANT) == 0
