@@ -93,9 +93,13 @@ class _Answer:
     def used(self, request: llm_pb2.ChatRequest) -> int:
         """Tokens this attempt used, for its TPM bucket: the upstream's last count
         (a cut stream has one when the upstream reports usage in every chunk), else
-        the estimate."""
+        the estimate; nothing for a request the upstream refused with an HTTP
+        status (it read no prompt)."""
         if self.usage is not None:
             return self.usage.prompt_tokens + self.usage.completion_tokens
+        failure = self.failure
+        if not self.produced_output and isinstance(failure, UpstreamFailure) and failure.status:
+            return 0
         return _estimate_prompt_tokens(request) + self.estimated_completion()
 
     def continued_by(self, rest: _Answer) -> _Answer:
@@ -524,6 +528,9 @@ class ChatProxy:
                     f"answer took longer than {settings.timeouts.total_s:g}s",
                     retryable=False,
                 ) from None
+            except UpstreamFailure as failure:
+                answer.failure = failure  # known to the settlement below
+                raise
             finally:
                 # However the attempt ended (answered, cut, its caller gone): the
                 # bucket is charged what it used, not the estimate taken above.

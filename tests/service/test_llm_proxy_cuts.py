@@ -28,6 +28,7 @@ from tests.service.test_llm_proxy_routes import (
     upstream,
 )
 from tests.waiting import eventually
+from threadline import errors
 from threadline.testing.fake_upstream import FakeUpstream, Script, estimate_prompt_tokens
 from threadline.v1 import common_pb2, llm_pb2
 
@@ -284,21 +285,29 @@ async def test_the_proxy_reports_its_own_time_per_request(
 
 N_STREAMS = 100
 TOKENS = 12
+#: Kinds of stream, in turn: whole, cut, left by the client, refused (503).
+KINDS = 4
 
 
-def _accounting_script(i: int) -> tuple[Script, int, int | None]:
-    """(script, completion tokens the upstream reports, after how many the client
-    leaves, if it does)."""
-    if i % 4 == 1:
+def _accounting_script(kind: int) -> tuple[Script, int | None, int | None]:
+    """(script, completion tokens the upstream reports or None when it refuses the
+    request, after how many the client leaves, if it does)."""
+    if kind == 1:
         return Script(tokens=TOKENS, fault="cut", fault_after=5), 5, None
-    if i % 4 == 2:
+    if kind == 2:
         # Stalls after 3 tokens: the client leaves once it has them.
         return Script(tokens=TOKENS, fault="stall", fault_after=3), 3, 3
+    if kind == 3:
+        return Script.error(503, "overloaded"), None, None
     return Script(tokens=TOKENS), TOKENS, None
 
 
 async def _one_stream(proxy: Any, i: int, leaves_after: int | None) -> None:
-    req = request(f"model-a-{i % 4}", f"Question {i}: " + "words " * (i % 7))
+    req = request(f"model-a-{i % KINDS}", f"Question {i}: " + "words " * (i % 7))
+    if i % KINDS == 3:
+        with pytest.raises(errors.Unavailable):
+            await collect(proxy.llm, req)
+        return
     if leaves_after is None:
         await collect(proxy.llm, req)
         return
@@ -307,6 +316,17 @@ async def _one_stream(proxy: Any, i: int, leaves_after: int | None) -> None:
         text += chunk.delta
         if text.count("tok") == leaves_after:
             break  # the client leaves: the proxy is cancelled mid-stream
+
+
+def _reported(fake: FakeUpstream, models: list[str], scripts: list[Any]) -> int:
+    """What the upstream counted over every request it got: prompt plus completion
+    tokens, nothing for the requests it refused."""
+    total = 0
+    for sent in fake.chat_requests():
+        (_, completion, _) = scripts[models.index(str(sent.model))]
+        if completion is not None:
+            total += estimate_prompt_tokens(sent.body["messages"]) + completion
+    return total
 
 
 @pytest.mark.slow
@@ -318,24 +338,24 @@ async def test_tpm_buckets_equal_the_upstreams_reported_usage_after_100_streams(
     uid: str,
 ) -> None:
     name = f"tpm-{uid}"
-    models = [f"model-a-{k}" for k in range(4)]
+    models = [f"model-a-{k}" for k in range(KINDS)]
     config = upstream(
         fake_upstream, name, models[0], tpm=10_000_000, capabilities={"usage_per_chunk": True}
     )
     config = {**config, "model": "", "models": models}
-    llm = {"upstreams": [config], "on_cut": "interrupt"}
-    scripts = [_accounting_script(k) for k in range(4)]
+    retry = {"max_attempts": 2, "base_delay_s": 0.01, "max_delay_s": 0.01, "budget_s": 5}
+    # A circuit that never opens: every refused request reaches the upstream.
+    circuit = {"failure_threshold": 1000}
+    llm = {"upstreams": [config], "on_cut": "interrupt", "retry": retry, "circuit": circuit}
+    scripts = [_accounting_script(k) for k in range(KINDS)]
     for model, (script, _, _) in zip(models, scripts, strict=True):
         fake_upstream.route(model, script)
     async with running_proxy(tmp_path, redis_url, llm) as proxy:
         for start in range(0, N_STREAMS, 20):
             await asyncio.gather(
-                *(_one_stream(proxy, i, scripts[i % 4][2]) for i in range(start, start + 20))
+                *(_one_stream(proxy, i, scripts[i % KINDS][2]) for i in range(start, start + 20))
             )
-        expected = 0
-        for sent in fake_upstream.chat_requests():
-            (_, completion, _) = scripts[models.index(str(sent.model))]
-            expected += estimate_prompt_tokens(sent.body["messages"]) + completion
+        expected = _reported(fake_upstream, models, scripts)
         key = f"threadline:ratelimit:{name}:tpm"
 
         async def charged() -> float:
@@ -348,4 +368,5 @@ async def test_tpm_buckets_equal_the_upstreams_reported_usage_after_100_streams(
         with contextlib.suppress(TimeoutError):
             await eventually(settled, timeout=10)
         assert await charged() == expected
-    assert len(fake_upstream.chat_requests()) == N_STREAMS
+    # Every stream reached the upstream; each refused one twice (two attempts).
+    assert len(fake_upstream.chat_requests()) == N_STREAMS + N_STREAMS // KINDS
