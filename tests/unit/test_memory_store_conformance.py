@@ -28,6 +28,7 @@ from services.memory.postgres_store import PostgresMemoryStore
 from services.memory.queue import LocalJobQueue
 from services.memory.store import Activity, Item, MemoryStore, SessionMemory, SqliteMemoryStore
 from services.memory.triggers import Thresholds
+from threadline.errors import NotFound
 from threadline.events import EventPublisher, InProcessEventBus
 from threadline.leases import LocalLeases
 from threadline.v1 import common_pb2, llm_pb2, memory_pb2, session_pb2
@@ -37,7 +38,9 @@ QUEUED, RUNNING = memory_pb2.JOB_STATE_QUEUED, memory_pb2.JOB_STATE_RUNNING
 SUCCEEDED, FAILED = memory_pb2.JOB_STATE_SUCCEEDED, memory_pb2.JOB_STATE_FAILED
 #: (from_seq, to_seq, text, archived) of each history entry, oldest first.
 History = list[tuple[int, int, str, bool]]
-_TABLES = "memories, memory_history, memory_activity, memory_items, memory_jobs"
+_TABLES = (
+    "memories, memory_history, memory_activity, memory_items, memory_jobs, memory_erased_sessions"
+)
 
 
 @dataclass
@@ -376,3 +379,61 @@ async def test_two_replicas_submitting_the_same_job_at_once_make_one(backend: Ba
     assert (await queue.get()).job_id == submitted[0].id
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(queue.get(), 0.05)
+
+
+# -- erasure -------------------------------------------------------------------------
+
+
+async def _fill(store: MemoryStore, session_id: str) -> None:
+    """A summary with its history, an item, activity and a job: all a session leaves."""
+    await store.save_summary(TENANT, session_id, summary="canary", from_seq=0, next_offset=2)
+    await store.save_items(
+        TENANT, session_id, [Item("decision", "k", '"canary"', 0, 1, 1)], next_pointer=2
+    )
+    await store.record_activity(Activity(TENANT, session_id, "m", 10, 100, 1))
+    await store.put_job(_job(session_id, state=SUCCEEDED))
+
+
+async def test_erase_removes_everything_of_the_session_and_nothing_else(
+    store: MemoryStore, backend: Backend
+) -> None:
+    gone, kept = _session(), _session()
+    await _fill(store, gone)
+    await _fill(store, kept)
+
+    removed = await store.erase(TENANT, gone)
+
+    assert removed == {"summaries": 1, "history": 1, "items": 1, "activity": 1, "jobs": 1}
+    assert await store.get(TENANT, gone) == SessionMemory("", 0)
+    assert await store.items(TENANT, gone) == []
+    assert await store.activity(TENANT, gone) is None
+    assert await backend.history(gone) == []
+    assert (await store.get(TENANT, kept)).summary == "canary"
+    assert len(await store.items(TENANT, kept)) == 1
+    # Idempotent: a second erasure (another replica, a retry after a crash) finds nothing.
+    assert set((await store.erase(TENANT, gone)).values()) == {0}
+
+
+async def test_nothing_is_written_for_an_erased_session(store: MemoryStore) -> None:
+    gone = _session()
+    job = _job(gone, state=RUNNING)
+    await store.put_job(job)
+    await store.erase(TENANT, gone)
+
+    # What a job still running when its session went would write on its way out.
+    await _fill(store, gone)
+    assert await store.count_failure(TENANT, gone, "consolidate") == 0
+    await store.start_compacted(TENANT, gone, size=10, summary_messages=1)
+    job.state = FAILED
+    await store.put_job(job)
+
+    assert await store.get(TENANT, gone) == SessionMemory("", 0)
+    assert await store.items(TENANT, gone) == []
+    assert await store.activity(TENANT, gone) is None
+    assert await store.job(job.id) is None
+    with pytest.raises(NotFound, match=f"session {gone} not found"):
+        await store.put_job_if_none_active(_job(gone))
+    # Another tenant's session of the same id is another session.
+    other = _job(gone)
+    other.tenant = "other"
+    assert (await store.put_job_if_none_active(other)).id == other.id
