@@ -40,9 +40,8 @@ def _installed() -> _Recorder:
     global _recorder
     if _recorder is None:
         _recorder = _Recorder()
-        provider = tracing.install(TracingSettings(), "threadline-tests")
-        assert provider is not None
-        provider.add_span_processor(_recorder)
+        tracing.install(TracingSettings(), "threadline-tests")
+        tracing.add_processor(_recorder)
     return _recorder
 
 

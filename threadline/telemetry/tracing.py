@@ -8,22 +8,31 @@ their own spans inside (a model attempt, a store operation) with `child_span`.
 
 Spans are always made, exported or not: the trace id is what joins a log line, an
 event and a caller's trace, so it must exist when no collector is configured.
-Export (OTLP over gRPC, batched) starts only when `tracing.otlp_endpoint` is set.
+Export (OTLP over gRPC, batched) starts only when `tracing.otlp_endpoint` is set;
+until spans go somewhere they are not recorded (ids only: `_Sampler`), which saves
+most of their cost (bench/telemetry_overhead.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import grpc.aio
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -39,6 +48,42 @@ _exporting: set[str] = set()
 _NOT_TRACED = negate(any_of(service_prefix("grpc.health"), service_prefix("grpc.reflection")))
 
 Attributes = Mapping[str, AttributeValue]
+
+
+class _Sampler(Sampler):
+    """Which new traces are recorded: `ratio` of them while spans go somewhere (an
+    exporter, or a processor added with `add_processor`), none while they go nowhere,
+    since recording then costs CPU for nothing; ids are made either way. A caller's
+    decision (the sampled flag of its traceparent) is followed by ParentBased."""
+
+    def __init__(self) -> None:
+        self.ratio = 1.0
+        self.recording = False
+        self._kept = TraceIdRatioBased(1.0)
+
+    def set(self, ratio: float, recording: bool) -> None:
+        self.ratio, self.recording = ratio, recording
+        self._kept = TraceIdRatioBased(ratio)
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        chosen = self._kept if self.recording else ALWAYS_OFF
+        return chosen.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"threadline(ratio={self.ratio}, recording={self.recording})"
+
+
+_ROOT = _Sampler()
+
+
+def add_processor(processor: SpanProcessor) -> None:
+    """Send spans to `processor` too (an in-memory exporter, an embedding application's
+    own): new traces are recorded from now on, at `tracing.sample_ratio`."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        raise RuntimeError("tracing is not installed (tracing.install)")
+    provider.add_span_processor(processor)
+    _ROOT.set(_ROOT.ratio, recording=True)
 
 
 def install(settings: TracingSettings, service_name: str) -> TracerProvider | None:
@@ -58,7 +103,7 @@ def install(settings: TracingSettings, service_name: str) -> TracerProvider | No
     else:
         provider = TracerProvider(
             resource=Resource.create({"service.name": settings.service_name or service_name}),
-            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+            sampler=ParentBased(_ROOT),
         )
         trace.set_tracer_provider(provider)
     endpoint = settings.otlp_endpoint
@@ -69,6 +114,7 @@ def install(settings: TracingSettings, service_name: str) -> TracerProvider | No
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=settings.otlp_insecure)
         provider.add_span_processor(BatchSpanProcessor(exporter))
         _exporting.add(endpoint)
+    _ROOT.set(settings.sample_ratio, recording=_ROOT.recording or bool(_exporting))
     return provider
 
 
