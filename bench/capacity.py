@@ -1,6 +1,7 @@
 """Capacity of one `threadline up` under its default configuration.
 
     python -m bench.capacity [--streams 100,300,1000] [--lengths 10,100,1000]
+        [--set THREADLINE_X=VALUE ...] [--tree before=DIR --tree after=DIR]
 
 Two measurements, each on a fresh stack (a `threadline up` process, default
 configuration apart from ports and an API key) against the fake upstream in a
@@ -88,9 +89,9 @@ async def fake_upstream(tokens: int, delay_s: float) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def threadline_up(upstream_url: str, **settings: str) -> AsyncIterator[Stack]:
+async def threadline_up(upstream_url: str, tree: str = "", **settings: str) -> AsyncIterator[Stack]:
     """A `threadline up` process with the default configuration, on free ports, and
-    `settings` (THREADLINE_* variables)."""
+    `settings` (THREADLINE_* variables); run from the source tree `tree` if given."""
     ports = {name: free_port() for name in ("gateway", "executor", "llm_proxy", "session")}
     ports["memory"] = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
@@ -101,12 +102,14 @@ async def threadline_up(upstream_url: str, **settings: str) -> AsyncIterator[Sta
         "THREADLINE_GATEWAY__API_KEYS": json.dumps(
             [{"sha256": hash_api_key(KEY), "tenant": "bench"}]
         ),
-        "THREADLINE_LOG_LEVEL": "warning",
         **settings,
     }
+    if tree:
+        # -P: the working directory does not go first on the path, the tree does.
+        env["PYTHONPATH"] = tree
     with tempfile.TemporaryDirectory() as data_dir:
         env["THREADLINE_DATA_DIR"] = data_dir
-        argv = [sys.executable, "-m", "threadline.cli", "up"]
+        argv = [sys.executable, "-P", "-m", "threadline.cli", "up"]
         async with process(*argv, env=env) as pid:
             gateway = f"127.0.0.1:{ports['gateway']}"
             await wait_grpc(gateway)
@@ -157,10 +160,11 @@ class Sampler:
         self._task.cancel()
 
 
-async def streams_run(n: int, settings: dict[str, str]) -> None:
+async def streams_run(n: int, variant: Variant) -> float:
+    """One run of `n` streams on a fresh stack; the stack's CPU per stream (seconds)."""
     async with (
         fake_upstream(LONG_TOKENS, LONG_DELAY_S) as upstream,
-        threadline_up(upstream, **settings) as stack,
+        threadline_up(upstream, variant.tree, **variant.settings) as stack,
         contextlib.AsyncExitStack() as exits,
     ):
         clients = [
@@ -179,7 +183,9 @@ async def streams_run(n: int, settings: dict[str, str]) -> None:
                 *(one_stream(clients[i % CHANNELS], s) for i, s in enumerate(sessions))
             )
         wall, cpu = time.perf_counter() - began, cpu_seconds(stack.pid) - cpu_before
+    print(f"[{variant.label}] ", end="")
     report_streams(n, results, wall, cpu, rss_before, sampler.peak_mb)
+    return cpu / n
 
 
 def report_streams(
@@ -244,10 +250,14 @@ async def client_turns(client: GatewayClient, sessions: list[str], rounds: int) 
     return done
 
 
-async def turns_run(lengths: Sequence[int], settings: dict[str, str]) -> None:
+async def turns_run(lengths: Sequence[int], variant: Variant) -> dict[int, float]:
+    """Turns at each session length on one fresh stack; the stack's CPU per turn."""
+    per_turn: dict[int, float] = {}
     async with (
         fake_upstream(SHORT_TOKENS, 0.0) as upstream,
-        threadline_up(upstream, THREADLINE_MEMORY__COMPACT_THRESHOLD="0", **settings) as stack,
+        threadline_up(
+            upstream, variant.tree, THREADLINE_MEMORY__COMPACT_THRESHOLD="0", **variant.settings
+        ) as stack,
         contextlib.AsyncExitStack() as exits,
     ):
         clients = [
@@ -272,19 +282,41 @@ async def turns_run(lengths: Sequence[int], settings: dict[str, str]) -> None:
             )
             wall, cpu = time.perf_counter() - began, cpu_seconds(stack.pid) - cpu_before
             turns = sum(counts)
+            per_turn[length] = cpu / turns
             print(
-                f"turns at length {length:5d}: {turns} turns, {turns / wall:6.1f} turns/s, "
-                f"stack CPU {cpu / turns * 1000:5.1f} ms/turn",
+                f"[{variant.label}] turns at length {length:5d}: {turns} turns, "
+                f"{turns / wall:6.1f} turns/s, stack CPU {cpu / turns * 1000:5.1f} ms/turn",
                 flush=True,
             )
+    return per_turn
 
 
-async def main(streams: Sequence[int], lengths: Sequence[int], settings: dict[str, str]) -> None:
+@dataclass(frozen=True)
+class Variant:
+    """A stack to measure: source tree ("" = this one) and settings."""
+
+    label: str
+    tree: str = ""
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+async def main(streams: Sequence[int], lengths: Sequence[int], variants: list[Variant]) -> None:
     print(f"{os.cpu_count()} CPUs; answers of {LONG_TOKENS} tokens {LONG_DELAY_S} s apart")
     for n in streams:
-        await streams_run(n, settings)
+        per_stream = [await streams_run(n, v) for v in variants]
+        for variant, cpu in zip(variants[1:], per_stream[1:], strict=True):
+            ratio = cpu / per_stream[0]
+            print(f"    CPU per stream {variant.label} / {variants[0].label}: {ratio:.2f}")
     if lengths:
-        await turns_run(lengths, settings)
+        per_turn = [await turns_run(lengths, v) for v in variants]
+        for variant, by_length in zip(variants[1:], per_turn[1:], strict=True):
+            ratios = ", ".join(f"{n}: {by_length[n] / per_turn[0][n]:.2f}" for n in lengths)
+            print(f"CPU per turn {variant.label} / {variants[0].label} by length: {ratios}")
+        for variant, by_length in zip(variants, per_turn, strict=True):
+            growth = by_length[lengths[-1]] / by_length[lengths[0]]
+            print(
+                f"[{variant.label}] CPU per turn at {lengths[-1]} / at {lengths[0]}: {growth:.2f}"
+            )
 
 
 def _numbers(text: str) -> list[int]:
@@ -302,6 +334,16 @@ if __name__ == "__main__":
         metavar="THREADLINE_X=VALUE",
         help="a setting for the stack, as its environment variable (repeatable)",
     )
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="measure the stack of this source tree too, side by side (repeatable); "
+        "ratios are to the first one",
+    )
     args = parser.parse_args()
     settings = dict(item.partition("=")[::2] for item in args.set)
-    asyncio.run(main(args.streams, args.lengths, settings))
+    trees = [item.partition("=")[::2] for item in args.tree] or [("this tree", "")]
+    variants = [Variant(label, tree, settings) for label, tree in trees]
+    asyncio.run(main(args.streams, args.lengths, variants))
