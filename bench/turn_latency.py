@@ -12,8 +12,10 @@ event is the first delta). Direct and through-threadline windows alternate,
 `--rounds` times, so drift on a shared machine hits both alike.
 
 Printed per level: time to first delta (TTFD) and to the answer's end, p50 and
-p99, for both paths, and what threadline adds to the TTFD. Targets (issue 16):
-added TTFD <= 5 ms p50 at 1 session and <= 10 ms p50 at 32.
+p99, for both paths, and what threadline adds to the TTFD; then the CPU each
+process spent per turn (what the level's through-threadline windows cost),
+which bounds how many turns the machine's cores can carry at once. Targets
+(issue 16): added TTFD <= 5 ms p50 at 1 session and <= 10 ms p50 at 32.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.processes import free_port, process, wait_grpc, wait_http
+from bench.processes import cpu_seconds, free_port, process, wait_grpc, wait_http
 from threadline.client import GatewayClient
 from threadline.config import SERVICE_NAMES, ServiceName, hash_api_key
 from threadline.stack import START_ORDER
@@ -104,11 +106,16 @@ def _config(data: Path, fake_url: str, ports: dict[ServiceName, int]) -> dict[st
     }
 
 
-async def start(children: AsyncExitStack, tmp: Path, tokens: int) -> tuple[str, str]:
-    """The fake upstream and the five services as processes: (fake url, gateway)."""
+async def start(
+    children: AsyncExitStack, tmp: Path, tokens: int, pids: dict[str, int]
+) -> tuple[str, str]:
+    """The fake upstream and the five services as processes (their pids into `pids`):
+    (fake url, gateway)."""
     fake_port = free_port()
     fake = (sys.executable, "-m", "threadline.testing.fake_upstream", "--port", str(fake_port))
-    await children.enter_async_context(process(*fake, "--tokens", str(tokens), "--model", MODEL))
+    pids["fake model"] = await children.enter_async_context(
+        process(*fake, "--tokens", str(tokens), "--model", MODEL)
+    )
     fake_url = f"http://127.0.0.1:{fake_port}/v1"
     await wait_http(fake_url + "/models")
     ports: dict[ServiceName, int] = {name: free_port() for name in SERVICE_NAMES}
@@ -117,7 +124,7 @@ async def start(children: AsyncExitStack, tmp: Path, tokens: int) -> tuple[str, 
     for name in START_ORDER:
         env = {**os.environ, "THREADLINE_LISTEN_PORT": str(ports[name])}
         argv = (sys.executable, "-m", "threadline.cli", "serve", name, "--config", str(config))
-        await children.enter_async_context(process(*argv, env=env))
+        pids[name] = await children.enter_async_context(process(*argv, env=env))
         await wait_grpc(f"127.0.0.1:{ports[name]}")
     return fake_url, f"127.0.0.1:{ports['gateway']}"
 
@@ -146,7 +153,8 @@ def report(
 async def main(turns: int, tokens: int, levels: list[int], rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with AsyncExitStack() as children:
-            fake_url, gateway = await start(children, Path(tmp), tokens)
+            pids: dict[str, int] = {}
+            fake_url, gateway = await start(children, Path(tmp), tokens, pids)
             url = fake_url + "/chat/completions"
             await stack_window(gateway, 2, 3)  # warm-up: connections, caches
             await direct_window(url, 2, 3)
@@ -155,10 +163,16 @@ async def main(turns: int, tokens: int, levels: list[int], rounds: int) -> None:
             for sessions in levels:
                 direct: list[tuple[float, float]] = []
                 full: list[tuple[float, float]] = []
+                cpu = dict.fromkeys(pids, 0.0)
                 for _ in range(rounds):
                     direct += await direct_window(url, sessions, turns)
+                    before = {label: cpu_seconds(pid) for label, pid in pids.items()}
                     full += await stack_window(gateway, sessions, turns)
+                    for label, pid in pids.items():
+                        cpu[label] += cpu_seconds(pid) - before[label]
                 report(sessions, direct, full)
+                per_turn = ", ".join(f"{k} {v / len(full) * 1000:.1f}" for k, v in cpu.items())
+                print(f"{'':9}CPU ms per turn: {per_turn}")
 
 
 if __name__ == "__main__":
