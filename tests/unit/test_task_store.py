@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from services.executor.tasks import store as store_module
 from services.executor.tasks.postgres_store import PostgresTaskStore
 from services.executor.tasks.records import TaskRecord, new_task_id
 from services.executor.tasks.sqlite_schema import MIGRATIONS
@@ -388,3 +389,22 @@ async def test_workspaces_in_use_are_those_stored_tasks_name(store: TaskStore) -
     assert await store.workspaces_in_use(["/ws/a", "/ws/b", "/ws/c"]) == {"/ws/a", "/ws/b"}
     assert await store.workspaces_in_use([]) == set()
     assert await store.workspaces_in_use([f"/ws/{n}" for n in range(1200)]) == set()
+
+
+async def test_expiry_finds_old_ends_behind_recent_ones_created_earlier(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis reads its candidates a page at a time, oldest created first: small pages
+    # make the ones that ended long ago sit behind pages of ones that ended recently.
+    monkeypatch.setattr(store_module, "_EXPIRY_PAGE", 5)
+    recent = [
+        await _with_log(store, make_task(status="failed", created_at=100.0 + n, finished_at=5000.0))
+        for n in range(12)
+    ]
+    old = [
+        await _with_log(store, make_task(status="succeeded", created_at=200.0, finished_at=f))
+        for f in (1002.0, 1001.0, 1003.0)
+    ]
+    removed = await store.delete_ended_before(2000.0, 10)
+    assert [t.id for t in removed.tasks] == [old[1].id, old[0].id, old[2].id]
+    assert {t.id for t in await store.list("acme", limit=50)} == {t.id for t in recent}

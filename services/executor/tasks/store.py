@@ -92,8 +92,9 @@ class TaskStore(Protocol):
 
     async def delete_ended_before(self, cutoff: float, limit: int) -> TasksRemoved:
         """Remove up to `limit` tasks of any tenant that ended before `cutoff` (epoch
-        seconds), with their logs, oldest first. Replicas may run it at once: each task
-        is removed, and reported, by one of them."""
+        seconds), with their logs, oldest first (on Redis: oldest first among the
+        oldest created). Replicas may run it at once: each task is removed, and
+        reported, by one of them."""
         ...
 
     async def workspaces_in_use(self, paths: Collection[str]) -> builtins.set[str]:
@@ -454,6 +455,10 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: Candidates one read of a status index brings, when expiring tasks on Redis.
+_EXPIRY_PAGE = 500
+
+
 class RedisTaskStore:
     """TaskStore on Redis, for executor replicas that share their tasks.
 
@@ -623,21 +628,32 @@ class RedisTaskStore:
 
     async def delete_ended_before(self, cutoff: float, limit: int) -> TasksRemoved:
         # A task ends after it was created, so the status indexes (scored by created_at)
-        # bound the candidates; each record says when it really ended.
-        candidates: builtins.list[TaskRecord] = []
-        for status in sorted(TERMINAL):
-            try:
-                ids = await self._redis.zrangebyscore(self._status(status), "-inf", cutoff)
-            except RedisError as exc:
-                raise Unavailable(f"task store: {exc}") from exc
-            candidates += await self._load_many([_text(i) for i in ids])
-        expired = sorted(
-            (t for t in candidates if t.terminal and (t.finished_at or cutoff) < cutoff),
-            key=lambda t: (t.finished_at or 0.0, t.id),
-        )
+        # bound the candidates; each record says when it really ended. Read a page at
+        # a time, so a call costs what it removes, not the size of the store.
         removed = TasksRemoved()
-        for task in expired[:limit]:
-            removed += await self.delete_ended(task.tenant, task.id)
+        for status in sorted(TERMINAL):
+            offset = 0
+            while len(removed.tasks) < limit:
+                try:
+                    ids = await self._redis.zrangebyscore(
+                        self._status(status), "-inf", cutoff, start=offset, num=_EXPIRY_PAGE
+                    )
+                except RedisError as exc:
+                    raise Unavailable(f"task store: {exc}") from exc
+                if not ids:
+                    break
+                page = await self._load_many([_text(i) for i in ids])
+                expired = sorted(
+                    (t for t in page if t.terminal and (t.finished_at or cutoff) < cutoff),
+                    key=lambda t: (t.finished_at or 0.0, t.id),
+                )
+                taken = 0
+                for task in expired[: limit - len(removed.tasks)]:
+                    step = await self.delete_ended(task.tenant, task.id)
+                    removed += step
+                    taken += len(step.tasks)
+                # What stayed of this page is still before the next one.
+                offset += len(ids) - taken
         return removed
 
     async def workspaces_in_use(self, paths: Collection[str]) -> builtins.set[str]:
