@@ -35,7 +35,7 @@ from threadline.cancellation import cancel_and_wait
 from threadline.events import EventPublisher
 from threadline.leases import HeldLease, Leases
 from threadline.logs import get_logger
-from threadline.telemetry import metrics
+from threadline.telemetry import metrics, tracing
 from threadline.v1 import memory_pb2
 
 log = get_logger(__name__)
@@ -361,7 +361,9 @@ class MemoryJobs:
             # submit) may have been run by another replica while this one waited.
             job = await self.store.job(job.id) or job
             if job.state not in _FINISHED:
-                await self._run(job)
+                attributes = {"threadline.job_id": job.id, "threadline.job_kind": job.kind}
+                with tracing.new_trace("memory.job", attributes):
+                    await self._run(job)
         finally:
             await cancel_and_wait(keeper)
             await lease.release()

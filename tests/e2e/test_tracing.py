@@ -4,6 +4,7 @@ and client), per model attempt and per store operation; logs and events carry it
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -170,3 +171,34 @@ async def test_with_tracing_switched_off_a_turn_makes_no_spans(
 
     assert events[-1].WhichOneof("event") == "done"
     assert spans.get_finished_spans() == ()
+
+
+async def test_a_memory_job_is_a_trace_of_its_own_named_by_its_events(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    # Longer than the tail a compaction keeps (memory.compact_retained_tokens).
+    fake_upstream.default = Script(text="An answer that goes on for a while. " * 60)
+    session = await gateway.create_session()
+    for text in ("first question", "second question", "third question"):
+        [e async for e in gateway.converse(session.id, text)]
+    fake_upstream.default = Script(
+        tool_calls=[("write_summary", json.dumps({"summary": "Three questions asked."}))]
+    )
+    subscription = await stack.bus.subscribe()
+
+    job = await gateway.compact_session(session.id, wait=True)
+
+    async def compaction_events() -> list[LifecycleEvent]:
+        found = []
+        async for event in subscription:
+            if event.type.startswith("compact."):
+                found.append(event)
+            if event.type in ("compact.done", "compact.failed"):
+                return found
+        raise AssertionError("subscription ended")
+
+    events = await asyncio.wait_for(compaction_events(), 10)
+    await subscription.close()
+    assert [e.type for e in events] == ["compact.start", "compact.done"], job
+    assert len(events[0].trace_id) == 32
+    assert events[0].trace_id == events[1].trace_id

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc.aio
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 from opentelemetry.sdk.resources import Resource
@@ -169,6 +170,22 @@ def child_span(name: str, attributes: Attributes | None = None) -> Iterator[Span
         raise
     finally:
         span.end()
+
+
+@contextlib.contextmanager
+def new_trace(name: str, attributes: Attributes | None = None) -> Iterator[Span]:
+    """A trace of its own for work no request started (a memory job), current while
+    the block runs, so the logs and events it writes carry its trace id.
+
+    Only around awaits in one coroutine, never across an async generator's yields.
+    """
+    if not _enabled:
+        yield trace.INVALID_SPAN
+        return
+    with _TRACER.start_as_current_span(
+        name, context=Context(), kind=SpanKind.INTERNAL, attributes=attributes
+    ) as span:
+        yield span
 
 
 def fail(span: Span, description: str) -> None:
