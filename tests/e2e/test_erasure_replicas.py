@@ -86,15 +86,15 @@ async def test_every_replicas_copy_goes_the_one_down_at_the_time_included(
                 pass
             return all(workspace(tmp_path, i, session.id).is_dir() for i in (0, 1))
 
-        await eventually(on_both, timeout=30, interval=0)
+        await eventually(on_both, timeout=60, interval=0)
         await stack.kill(("executor", 1), signal.SIGKILL)
 
         await client.delete_session(session.id)
 
-        await eventually(lambda: completed(database, session.id), timeout=20)
+        await eventually(lambda: completed(database, session.id), timeout=60)
         assert not workspace(tmp_path, 0, session.id).exists()
         assert (workspace(tmp_path, 1, session.id) / "f.txt").exists()  # it was down
 
         await stack.start(("executor", 1))
         await stack.wait_healthy(("executor", 1))
-        await eventually(lambda: not workspace(tmp_path, 1, session.id).exists(), timeout=20)
+        await eventually(lambda: not workspace(tmp_path, 1, session.id).exists(), timeout=60)
