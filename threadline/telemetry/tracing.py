@@ -195,7 +195,10 @@ def fail(span: Span, description: str) -> None:
 
 def start_child(name: str, attributes: Attributes | None = None) -> Span:
     """A span under the current one, not made current, for the caller to `end()`: for
-    spans whose start and end are seen in different places (one per model attempt)."""
-    if not _enabled:
+    spans whose start and end are seen in different places (one per model attempt).
+    Outside any span, none (a no-op span)."""
+    # Outside any trace (a background loop's heartbeat, a poll) a span would start a
+    # trace of one span every few seconds, burying the turns in a trace viewer.
+    if not _enabled or not trace.get_current_span().get_span_context().is_valid:
         return trace.INVALID_SPAN
     return _TRACER.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
