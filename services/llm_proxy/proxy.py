@@ -21,10 +21,11 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from services.llm_proxy import metrics
+from services.llm_proxy.answer import Answer, estimate_prompt_tokens, relayed
 from services.llm_proxy.breaker import CircuitState
 from services.llm_proxy.continuation import (
     ContinuationCheck,
@@ -34,11 +35,6 @@ from services.llm_proxy.continuation import (
 from services.llm_proxy.limits import RateLimited, UpstreamLimiter
 from services.llm_proxy.openai_wire import (
     FINISH_REASONS,
-    Finish,
-    StreamEvent,
-    TextDelta,
-    ToolDelta,
-    UsageReport,
     request_body,
 )
 from services.llm_proxy.overhead import OVERHEAD, RequestClock
@@ -55,115 +51,6 @@ log = get_logger(__name__)
 
 #: Failures that say the upstream is unhealthy (they count towards its circuit).
 _HEALTH_FAILURES = ("connect", "reset", "transport", "first_token", "idle", "total", "malformed")
-
-
-@dataclass
-class _Answer:
-    """What one attempt has produced so far."""
-
-    text: list[str] = field(default_factory=list)
-    tool_calls: dict[int, common_pb2.ToolCall] = field(default_factory=dict)
-    finish_reason: str = ""
-    usage: UsageReport | None = None
-    deltas: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    #: Completion tokens produced by an earlier, cut attempt that this one continues.
-    carried_completion: int = 0
-    #: How the attempt failed; None while it runs and once it has answered.
-    failure: UpstreamFailure | RateLimited | None = None
-
-    def estimated_completion(self) -> int:
-        """Tokens of the text so far, at 4 characters per token (deltas may be merged)."""
-        chars = sum(len(t) for t in self.text) + sum(
-            len(c.name) + len(c.arguments_json) for c in self.tool_calls.values()
-        )
-        return -(-chars // 4)
-
-    @property
-    def produced_output(self) -> bool:
-        return self.deltas > 0
-
-    def completion_spent(self) -> int:
-        """Completion tokens this answer cost: the upstream's count, else the estimate."""
-        spent = self.usage.completion_tokens if self.usage is not None else None
-        return self.carried_completion + (
-            spent if spent is not None else self.estimated_completion()
-        )
-
-    def used(self, request: llm_pb2.ChatRequest) -> int:
-        """Tokens this attempt used, for its TPM bucket: the upstream's last count
-        (a cut stream has one when the upstream reports usage in every chunk), else
-        the estimate; nothing for a request the upstream refused with an HTTP
-        status (it read no prompt)."""
-        if self.usage is not None:
-            return self.usage.prompt_tokens + self.usage.completion_tokens
-        failure = self.failure
-        if not self.produced_output and isinstance(failure, UpstreamFailure) and failure.status:
-            return 0
-        return _estimate_prompt_tokens(request) + self.estimated_completion()
-
-    def continued_by(self, rest: _Answer) -> _Answer:
-        """This cut answer and the continuation that finished it, as one answer."""
-        return _Answer(
-            text=["".join(self.text), *rest.text],
-            finish_reason=rest.finish_reason,
-            usage=rest.usage,
-            deltas=self.deltas + rest.deltas,
-            started=self.started,
-            # The cut attempt's text is part of the answer: bill it as completion.
-            carried_completion=self.completion_spent(),
-        )
-
-    def replaying(self, cut: _Answer) -> _Answer:
-        """This continuation, which started over, as the whole answer (the cut part,
-        rolled back, is still billed as completion)."""
-        self.carried_completion = cut.completion_spent()
-        self.started = cut.started
-        return self
-
-    def apply(self, event: StreamEvent) -> llm_pb2.ChatChunk | None:
-        if isinstance(event, TextDelta):
-            self.text.append(event.text)
-            self.deltas += 1
-            return llm_pb2.ChatChunk(delta=event.text)
-        if isinstance(event, ToolDelta):
-            call = self.tool_calls.setdefault(event.index, common_pb2.ToolCall())
-            if event.id:
-                call.id = event.id
-            call.name += event.name
-            call.arguments_json += event.arguments
-            self.deltas += 1
-            return llm_pb2.ChatChunk(
-                tool_call_delta=llm_pb2.ToolCallDelta(
-                    index=event.index,
-                    id=event.id,
-                    name=event.name,
-                    arguments_delta=event.arguments,
-                )
-            )
-        if isinstance(event, Finish):
-            self.finish_reason = event.reason
-        elif isinstance(event, UsageReport):
-            self.usage = event
-        return None
-
-
-def _relayed(answer: _Answer, batch: list[StreamEvent]) -> list[llm_pb2.ChatChunk]:
-    """Apply a batch of events; consecutive text deltas leave as one chunk."""
-    chunks: list[llm_pb2.ChatChunk] = []
-    for event in batch:
-        chunk = answer.apply(event)
-        if chunk is None:
-            continue
-        if chunks and chunk.HasField("delta") and chunks[-1].HasField("delta"):
-            chunks[-1].delta += chunk.delta
-        else:
-            chunks.append(chunk)
-    return chunks
-
-
-def _estimate_prompt_tokens(request: llm_pb2.ChatRequest) -> int:
-    return sum(len(m.content) // 4 + 4 for m in request.messages)
 
 
 def _counts_against_health(failure: UpstreamFailure) -> bool:
@@ -245,7 +132,7 @@ class _Cut:
 
     request: llm_pb2.ChatRequest
     #: What the caller holds now: the cut answer (with any continuation of it).
-    answer: _Answer
+    answer: Answer
     #: Where it was cut, and why.
     target: Target
     failure: UpstreamFailure
@@ -340,7 +227,7 @@ class ChatProxy:
         while True:
             run.attempt += 1
             tries += 1
-            answer = _Answer()
+            answer = Answer()
             async for chunk in self._attempt(request, target, run, answer):
                 yield chunk
             failure = answer.failure
@@ -465,7 +352,7 @@ class ChatProxy:
         request: llm_pb2.ChatRequest,
         target: Target,
         run: _RouteRun,
-        answer: _Answer,
+        answer: Answer,
         *,
         prefill: bool = False,
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
@@ -486,7 +373,7 @@ class ChatProxy:
         request: llm_pb2.ChatRequest,
         target: Target,
         run: _RouteRun,
-        answer: _Answer,
+        answer: Answer,
         *,
         prefill: bool,
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
@@ -508,13 +395,13 @@ class ChatProxy:
                 attempt=run.attempt, upstream=upstream.name, model=target.model, status="started"
             )
         )
-        tokens = _estimate_prompt_tokens(request) + (request.max_tokens or 512)
+        tokens = estimate_prompt_tokens(request) + (request.max_tokens or 512)
         async with upstream.limiter.slot(tokens):
             try:
                 async with asyncio.timeout(settings.timeouts.total_s) as total:
                     async for batch in Batches(upstream.client.stream(body), run.clock):
                         first = answer.deltas == 0
-                        for chunk in _relayed(answer, batch):
+                        for chunk in relayed(answer, batch):
                             yield chunk
                         if first and answer.deltas:
                             metrics.TTFT.labels(upstream.name, target.model).observe(
@@ -541,7 +428,7 @@ class ChatProxy:
         limiter: UpstreamLimiter,
         reserved: int,
         request: llm_pb2.ChatRequest,
-        answer: _Answer,
+        answer: Answer,
     ) -> None:
         if not limiter.tpm:
             return
@@ -599,7 +486,7 @@ class ChatProxy:
         for target in continuation_targets(run.route, index):
             run.attempt += 1
             self._announce_continuation(cut, target, run.attempt)
-            rest, check = _Answer(), ContinuationCheck(partial)
+            rest, check = Answer(), ContinuationCheck(partial)
             async for chunk in self._checked(continuation, target, run, rest, check, cut):
                 yield chunk
             if rest.failure is None:
@@ -628,7 +515,7 @@ class ChatProxy:
         continuation: llm_pb2.ChatRequest,
         target: Target,
         run: _RouteRun,
-        rest: _Answer,
+        rest: Answer,
         check: ContinuationCheck,
         cut: _Cut,
     ) -> AsyncIterator[llm_pb2.ChatChunk]:
@@ -820,7 +707,7 @@ class ChatProxy:
             )
         )
 
-    def _usage(self, request: llm_pb2.ChatRequest, answer: _Answer) -> common_pb2.Usage:
+    def _usage(self, request: llm_pb2.ChatRequest, answer: Answer) -> common_pb2.Usage:
         if answer.usage is not None:
             prompt = answer.usage.prompt_tokens
             completion = answer.usage.completion_tokens + answer.carried_completion
@@ -828,7 +715,7 @@ class ChatProxy:
         else:
             # No usage chunk (stream cut, or a server that ignores include_usage): estimate
             # from the text so the spend is still accounted, approximately.
-            prompt, cached = _estimate_prompt_tokens(request), 0
+            prompt, cached = estimate_prompt_tokens(request), 0
             completion = answer.estimated_completion()
         return common_pb2.Usage(
             prompt_tokens=prompt,
@@ -840,7 +727,7 @@ class ChatProxy:
     def _done(
         self,
         request: llm_pb2.ChatRequest,
-        answer: _Answer,
+        answer: Answer,
         target: Target,
         run: _RouteRun,
         *,
@@ -880,7 +767,7 @@ class ChatProxy:
     def _interrupted(
         self,
         request: llm_pb2.ChatRequest,
-        answer: _Answer,
+        answer: Answer,
         target: Target,
         attempt: int,
         cut: _Cut,
