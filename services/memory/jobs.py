@@ -175,7 +175,11 @@ class MemoryJobs:
         try:
             while True:
                 job = await self.job(job_id)
-                if job is not None and job.state in _FINISHED:
+                if job is None:
+                    # Stored before anyone waits for it: gone means erased with its
+                    # session, and a waiter hears what GetJob would answer.
+                    raise errors.NotFound(f"memory job {job_id!r} not found")
+                if job.state in _FINISHED:
                     return job
                 self._check_waited(job_id, job, time.monotonic() - began, deadline)
                 remaining = deadline - time.monotonic()

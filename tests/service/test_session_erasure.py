@@ -8,6 +8,7 @@ every API answers NOT_FOUND for the deleted ids exactly as for ids never used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -370,3 +371,30 @@ async def test_erasing_a_tenant_leaves_nothing_of_it_and_spares_the_others(
             assert (await admin.erase_tenant("other")).sessions == 1
             await events.wait_for("tenant.erased", count=2, timeout=10)
             assert await holding("Wombat-Cerulean", settings, redis_client) == []
+
+
+async def test_a_job_running_when_its_session_goes_leaves_nothing_and_its_waiter_hears(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    settings = erasure_settings(tmp_path, fake_upstream, redis_url)
+    async with running(settings) as (clients, events):
+        session = await clients.gateway.create_session()
+        for i in range(3):
+            fake_upstream.enqueue(Script(text=f"Noted {i}."))
+            await converse(clients.gateway, session.id, f"Remember {CANARY}, note {i}.")
+        # A summary that takes a while to come, so the deletion lands in the middle.
+        fake_upstream.route(
+            SUMMARIZER, Script(text=f"The user said {CANARY} thrice.", token_delay_s=0.3)
+        )
+        waiting = asyncio.create_task(clients.memory.consolidate(TENANT, session.id))
+        await events.wait_for("memory.consolidation.started", session_id=session.id)
+
+        await clients.gateway.delete_session(session.id)
+        await events.wait_for("session.erased", session_id=session.id)
+
+        with pytest.raises(errors.NotFound) as refused:
+            await asyncio.wait_for(waiting, 10)
+        assert refused.value.message.startswith("memory job ")
+        # The summary comes back after the erasure and is written nowhere.
+        await events.wait_for("memory.consolidation.done", session_id=session.id)
+        assert await holding(CANARY, settings, redis_client) == []
