@@ -398,3 +398,22 @@ async def test_a_job_running_when_its_session_goes_leaves_nothing_and_its_waiter
         # The summary comes back after the erasure and is written nowhere.
         await events.wait_for("memory.consolidation.done", session_id=session.id)
         assert await holding(CANARY, settings, redis_client) == []
+
+
+async def test_the_owners_calls_check_their_arguments(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with running(erasure_settings(tmp_path, fake_upstream, redis_url)) as (clients, _):
+        sessions = clients.sessions
+        with pytest.raises(errors.InvalidArgument, match="limit must be 0 to 500, got 501"):
+            await sessions.pending_erasures("memory", 501)
+        with pytest.raises(errors.InvalidArgument, match="'billing' is not an erasure owner"):
+            await sessions.pending_erasures("billing")
+        with pytest.raises(errors.InvalidArgument, match="not an erasure owner") as long_owner:
+            await sessions.pending_erasures("x" * 5000)
+        assert "x" * 100 not in long_owner.value.message
+        with pytest.raises(errors.NotFound, match=f"no erasure of session {UNKNOWN} awaits"):
+            await sessions.acknowledge_erasure("memory", UNKNOWN, {})
+        with pytest.raises(errors.InvalidArgument, match="1001 ids, the limit is 1000"):
+            await sessions.erased_among([UNKNOWN] * 1001)
+        assert await sessions.erased_among([UNKNOWN]) == []
