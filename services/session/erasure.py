@@ -89,6 +89,7 @@ class Erasures:
             sessions, _ = await self.store.list(tenant, page_size=_TENANT_PAGE, page_token="")
             if not sessions:
                 break
+            before = erased
             for session in sessions:
                 try:
                     await self.store.delete(tenant, session.id, reason="tenant_erased")
@@ -96,6 +97,8 @@ class Erasures:
                     continue
                 erased += 1
                 self._announce(tenant, session.id, "tenant_erased")
+            if erased == before:
+                break  # listed but not deletable: never loop on a store that disagrees
         log.info("session.tenant_erasure_started", tenant=tenant, sessions=erased)
         await self._tenant_done_if_finished(tenant)
         return erased
