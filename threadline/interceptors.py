@@ -56,15 +56,28 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> 
     await abort_with(context, errors.Internal(f"internal error (request id {request_id})"))
 
 
-class _Measured:
-    """One RPC's metrics: in flight from arrival, then its status code and duration."""
+class _Series:
+    """One method's metrics: in flight from arrival, then its status code and duration.
+
+    The label children are looked up once per method (a `labels()` call per RPC
+    cost more than the counting itself)."""
 
     def __init__(self, service: str, method: str) -> None:
         self.labels = (service, method)
-        self.started = time.perf_counter()
-        metrics.RPC_IN_FLIGHT.labels(*self.labels).inc()
+        self.in_flight = metrics.RPC_IN_FLIGHT.labels(service, method)
+        self.seconds = metrics.RPC_SECONDS.labels(service, method)
+        self.handled: dict[grpc.StatusCode, Any] = {}
 
-    def end(self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
+    def start(self) -> float:
+        self.in_flight.inc()
+        return time.perf_counter()
+
+    def end(
+        self,
+        started: float,
+        context: grpc.aio.ServicerContext[Any, Any],
+        error: BaseException | None,
+    ) -> None:
         if isinstance(error, asyncio.CancelledError | GeneratorExit):
             code = grpc.StatusCode.CANCELLED
         elif isinstance(error, grpc.aio.AbortError) or error is None:
@@ -72,16 +85,20 @@ class _Measured:
             code = context.code() or grpc.StatusCode.OK
         else:
             code = grpc.StatusCode.UNKNOWN
-        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        metrics.RPC_IN_FLIGHT.labels(*self.labels).dec()
-        metrics.RPC_HANDLED.labels(*self.labels, name).inc()
-        metrics.RPC_SECONDS.labels(*self.labels).observe(time.perf_counter() - self.started)
+        counter = self.handled.get(code)
+        if counter is None:
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            counter = self.handled[code] = metrics.RPC_HANDLED.labels(*self.labels, name)
+        self.in_flight.dec()
+        counter.inc()
+        self.seconds.observe(time.perf_counter() - started)
 
 
 class ServerContextInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str = "") -> None:
         #: The `service` label of this server's RPC metrics.
         self.service = service
+        self._series: dict[str, _Series] = {}
 
     async def intercept_service(
         self,
@@ -98,7 +115,9 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
         # Clipped here, not only in the log: it also travels on to the next service.
         request_id = clip(str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex))
 
-        service = self.service
+        series = self._series.get(method)
+        if series is None:
+            series = self._series[method] = _Series(self.service, method)
 
         def bind(request: object) -> None:
             fields = _request_fields(request)
@@ -116,7 +135,7 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 bind(request)
-                measured, error = _Measured(service, method), None
+                started, error = series.start(), None
                 try:
                     return await inner_unary(request, context)
                 except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
@@ -126,7 +145,7 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
                     error = grpc.aio.AbortError()
                     await _fail(context, exc)
                 finally:
-                    measured.end(context, error)
+                    series.end(started, context, error)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -140,7 +159,7 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
                 request: object, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 bind(request)
-                measured, error = _Measured(service, method), None
+                started, error = series.start(), None
                 try:
                     async for item in inner_stream(request, context):
                         yield item
@@ -151,7 +170,7 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
                     error = grpc.aio.AbortError()
                     await _fail(context, exc)
                 finally:
-                    measured.end(context, error)
+                    series.end(started, context, error)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

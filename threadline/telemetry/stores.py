@@ -40,13 +40,20 @@ class _Instrumented:
     ) -> Callable[..., Awaitable[Any]]:
         store, backend = self._labels
         attributes = {"db.system": backend, "db.operation": operation, "threadline.store": store}
+        # Label children looked up once per operation, not per call.
+        seconds = metrics.STORE_SECONDS.labels(store, backend, operation)
+        counted = {
+            outcome: metrics.STORE_OPERATIONS.labels(store, backend, operation, outcome)
+            for outcome in ("ok", "refused", "error")
+        }
+        span_name = f"store.{operation}"
 
         @functools.wraps(method)
         async def call(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             outcome = "error"
             try:
-                with tracing.child_span(f"store.{operation}", attributes):
+                with tracing.child_span(span_name, attributes):
                     result = await method(*args, **kwargs)
                 outcome = "ok"
                 return result
@@ -55,10 +62,8 @@ class _Instrumented:
                 outcome = "refused"
                 raise
             finally:
-                metrics.STORE_OPERATIONS.labels(store, backend, operation, outcome).inc()
-                metrics.STORE_SECONDS.labels(store, backend, operation).observe(
-                    time.perf_counter() - started
-                )
+                counted[outcome].inc()
+                seconds.observe(time.perf_counter() - started)
 
         return call
 
