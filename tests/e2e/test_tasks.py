@@ -224,10 +224,11 @@ async def test_bad_task_input_names_the_problem(gateway: GatewayClient) -> None:
 
 @pytest.mark.parametrize("tasks_database", ["", "postgresql"], indirect=True)
 async def test_delete_task_removes_the_record_the_log_and_the_workspace(
-    stack: Stack, gateway: GatewayClient, tmp_path: Path
+    stack: Stack, gateway: GatewayClient, tmp_path: Path, settings: Settings, tasks_database: str
 ) -> None:
-    task = await gateway.submit_task("canary-7c1f written here", agent_type="echo")
+    task = await gateway.submit_task(f"{CANARY} written here", agent_type="echo")
     await finished(gateway, task.id)
+    assert CANARY in await stored_text(settings, tasks_database)
     workspace = Path(task.workspace)
     assert on_disk(workspace)
     # The tenant's name is never part of the path: a hashed key stands for it.
@@ -250,6 +251,26 @@ async def test_delete_task_removes_the_record_the_log_and_the_workspace(
     with pytest.raises(errors.NotFound):
         await gateway.delete_task(task.id)
     assert task.id not in [t.id for t in (await gateway.list_tasks()).tasks]
+    # Nowhere the store keeps it: the SQLite file and its WAL, or PostgreSQL's tables.
+    assert CANARY not in await stored_text(settings, tasks_database)
+
+
+CANARY = "canary-7c1f"
+
+
+async def stored_text(settings: Settings, tasks_database: str) -> str:
+    """Everything the task store holds: its files' bytes, or its tables' rows."""
+    if not tasks_database:
+        files = settings.data_dir.glob("tasks.db*")
+        return "".join([(await asyncio.to_thread(f.read_bytes)).decode("latin-1") for f in files])
+    conn = await asyncpg.connect(tasks_database)
+    try:
+        rows = await conn.fetch(
+            "SELECT t::text FROM tasks t UNION ALL SELECT l::text FROM task_logs l"
+        )
+    finally:
+        await conn.close()
+    return "\n".join(row[0] for row in rows)
 
 
 async def test_delete_task_cancels_a_running_task_first(gateway: GatewayClient) -> None:
