@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -53,9 +54,17 @@ async def ended(client: GatewayClient, task_id: str) -> executor_pb2.Task:
     return await eventually(terminal, timeout=15)
 
 
-async def test_an_ended_task_expires_with_its_log_and_workspace(gateway: GatewayClient) -> None:
-    task = await ended(gateway, (await gateway.submit_task("note", agent_type="echo")).id)
+def store_bytes(settings: Settings) -> bytes:
+    return b"".join(f.read_bytes() for f in settings.data_dir.glob("tasks.db*"))
+
+
+async def test_an_ended_task_expires_with_its_log_and_workspace(
+    gateway: GatewayClient, settings: Settings
+) -> None:
+    canary = "canary-40e2aa"
+    task = await ended(gateway, (await gateway.submit_task(canary, agent_type="echo")).id)
     assert task.status == "succeeded" and on_disk(task.workspace)
+    assert canary.encode() in await asyncio.to_thread(store_bytes, settings)
 
     async def gone() -> bool:
         try:
@@ -66,5 +75,7 @@ async def test_an_ended_task_expires_with_its_log_and_workspace(gateway: Gateway
 
     await eventually(gone, timeout=10)
     assert not on_disk(task.workspace)
+    # Nor in the task store's file or its WAL.
+    assert canary.encode() not in await asyncio.to_thread(store_bytes, settings)
     with pytest.raises(errors.NotFound):
         _ = [entry async for entry in gateway.watch_task(task.id)]
