@@ -11,6 +11,11 @@ concurrent clients streaming from the fake upstream (aiohttp, the first content
 event is the first delta). Direct and through-threadline windows alternate,
 `--rounds` times, so drift on a shared machine hits both alike.
 
+`--baseline REF` also runs a second stack from the source of an earlier commit
+(`git archive REF services threadline`, run from that tree instead of the
+installed package), in windows alternating with this one's: the ratio of the
+two is what a change did, measured under the same load.
+
 Printed per level: time to first delta (TTFD) and to the answer's end, p50 and
 p99, for both paths, and what threadline adds to the TTFD; then the CPU each
 process spent per turn (what the level's through-threadline windows cost),
@@ -24,6 +29,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,11 +112,17 @@ def _config(data: Path, fake_url: str, ports: dict[ServiceName, int]) -> dict[st
     }
 
 
-async def start(
-    children: AsyncExitStack, tmp: Path, tokens: int, pids: dict[str, int]
-) -> tuple[str, str]:
-    """The fake upstream and the five services as processes (their pids into `pids`):
-    (fake url, gateway)."""
+#: Runs `threadline.cli` from the source tree given as the first argument instead of
+#: the installed (editable) package: a baseline stack of an earlier commit.
+_FROM_TREE = (
+    "import runpy, sys; tree = sys.argv.pop(1); "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+    "sys.path.insert(0, tree); runpy.run_module('threadline.cli', run_name='__main__')"
+)
+
+
+async def start_fake(children: AsyncExitStack, tokens: int, pids: dict[str, int]) -> str:
+    """The fake upstream as a process (its pid into `pids`); its base URL."""
     fake_port = free_port()
     fake = (sys.executable, "-m", "threadline.testing.fake_upstream", "--port", str(fake_port))
     pids["fake model"] = await children.enter_async_context(
@@ -118,61 +130,113 @@ async def start(
     )
     fake_url = f"http://127.0.0.1:{fake_port}/v1"
     await wait_http(fake_url + "/models")
+    return fake_url
+
+
+async def start_stack(
+    children: AsyncExitStack, tmp: Path, fake_url: str, pids: dict[str, int], tree: Path | None
+) -> str:
+    """The five services as processes (pids into `pids`), from `tree` if given; the
+    gateway's address."""
     ports: dict[ServiceName, int] = {name: free_port() for name in SERVICE_NAMES}
     config = tmp / "stack.yaml"
     config.write_text(yaml.safe_dump(_config(tmp / "data", fake_url, ports)))
+    cli = ("-c", _FROM_TREE, str(tree)) if tree is not None else ("-m", "threadline.cli")
     for name in START_ORDER:
         env = {**os.environ, "THREADLINE_LISTEN_PORT": str(ports[name])}
-        argv = (sys.executable, "-m", "threadline.cli", "serve", name, "--config", str(config))
+        argv = (sys.executable, *cli, "serve", name, "--config", str(config))
         pids[name] = await children.enter_async_context(process(*argv, env=env))
         await wait_grpc(f"127.0.0.1:{ports[name]}")
-    return fake_url, f"127.0.0.1:{ports['gateway']}"
+    return f"127.0.0.1:{ports['gateway']}"
 
 
-def report(
-    sessions: int, direct: list[tuple[float, float]], full: list[tuple[float, float]]
-) -> None:
-    rows = (("upstream direct", direct), ("turn via threadline", full))
+def source_tree(ref: str, into: Path) -> Path:
+    """`services` and `threadline` as they were at `ref` (git archive)."""
+    into.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", ref, "services", "threadline"], check=True, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def report(sessions: int, rows: list[tuple[str, list[tuple[float, float]]]]) -> None:
+    """Each path's rows, then what each stack adds to the first delta over direct."""
     for label, samples in rows:
         ttfd = [s[0] for s in samples]
         total = [s[1] for s in samples]
         print(
-            f"{sessions:>8} {label:<20}{statistics.median(ttfd):9.2f}{pct(ttfd, 0.99):9.2f}"
+            f"{sessions:>8} {label:<28}{statistics.median(ttfd):9.2f}{pct(ttfd, 0.99):9.2f}"
             f"{statistics.median(total):9.2f}{pct(total, 0.99):9.2f}"
         )
-    added_p50 = statistics.median(s[0] for s in full) - statistics.median(s[0] for s in direct)
-    added_p99 = pct([s[0] for s in full], 0.99) - pct([s[0] for s in direct], 0.99)
-    line = f"{sessions:>8} {'added TTFD':<20}{added_p50:9.2f}{added_p99:9.2f}"
-    target = TARGETS_MS.get(sessions)
-    if target is not None:
-        verdict = "met" if added_p50 <= target else f"missed by {added_p50 - target:.2f} ms"
-        line += f"   target p50 <= {target:g} ms: {verdict}"
-    print(line)
+    direct = [s[0] for s in rows[0][1]]
+    for label, samples in rows[1:]:
+        ttfd = [s[0] for s in samples]
+        added_p50 = statistics.median(ttfd) - statistics.median(direct)
+        added_p99 = pct(ttfd, 0.99) - pct(direct, 0.99)
+        line = f"{sessions:>8} {'added: ' + label:<28}{added_p50:9.2f}{added_p99:9.2f}"
+        target = TARGETS_MS.get(sessions)
+        if target is not None:
+            verdict = "met" if added_p50 <= target else f"missed by {added_p50 - target:.2f} ms"
+            line += f"   target p50 <= {target:g} ms: {verdict}"
+        print(line)
+    if len(rows) == 3:
+        ratio = statistics.median(s[0] for s in rows[1][1]) / statistics.median(
+            s[0] for s in rows[2][1]
+        )
+        print(f"{sessions:>8} {'TTFD p50 this/baseline':<28}{ratio:9.2f}x")
 
 
-async def main(turns: int, tokens: int, levels: list[int], rounds: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+async def level(
+    sessions: int, turns: int, rounds: int, url: str, gateways: dict[str, str], pids: dict[str, int]
+) -> None:
+    """One concurrency level: windows alternate between direct and each stack."""
+    samples: dict[str, list[tuple[float, float]]] = {"upstream direct": []}
+    samples |= {label: [] for label in gateways}
+    cpu = dict.fromkeys(pids, 0.0)
+    for _ in range(rounds):
+        samples["upstream direct"] += await direct_window(url, sessions, turns)
+        for label, gateway in gateways.items():
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            samples[label] += await stack_window(gateway, sessions, turns)
+            if label == "turn via threadline":
+                for name, pid in pids.items():
+                    cpu[name] += cpu_seconds(pid) - before[name]
+    report(sessions, list(samples.items()))
+    turns_run = len(samples["turn via threadline"])
+    per_turn = ", ".join(f"{k} {v / turns_run * 1000:.1f}" for k, v in cpu.items())
+    print(f"{'':9}CPU ms per turn: {per_turn}")
+
+
+async def main(
+    turns: int, tokens: int, levels: list[int], rounds: int, baseline: str | None
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
         async with AsyncExitStack() as children:
             pids: dict[str, int] = {}
-            fake_url, gateway = await start(children, Path(tmp), tokens, pids)
+            fake_url = await start_fake(children, tokens, pids)
+            (tmp / "this").mkdir()
+            gateways = {
+                "turn via threadline": await start_stack(
+                    children, tmp / "this", fake_url, pids, None
+                )
+            }
+            if baseline is not None:
+                tree = source_tree(baseline, tmp / "baseline-src")
+                (tmp / "baseline").mkdir()
+                # Its processes' CPU is not counted: `pids` is this stack's.
+                gateways[f"baseline {baseline}"] = await start_stack(
+                    children, tmp / "baseline", fake_url, {}, tree
+                )
             url = fake_url + "/chat/completions"
-            await stack_window(gateway, 2, 3)  # warm-up: connections, caches
+            for gateway in gateways.values():
+                await stack_window(gateway, 2, 3)  # warm-up: connections, caches
             await direct_window(url, 2, 3)
             print(f"{tokens}-token answers, {turns} turns per session; ms")
-            print(f"{'sessions':>8} {'path':<20}{'TTFD p50':>9}{'p99':>9}{'end p50':>9}{'p99':>9}")
+            print(f"{'sessions':>8} {'path':<28}{'TTFD p50':>9}{'p99':>9}{'end p50':>9}{'p99':>9}")
             for sessions in levels:
-                direct: list[tuple[float, float]] = []
-                full: list[tuple[float, float]] = []
-                cpu = dict.fromkeys(pids, 0.0)
-                for _ in range(rounds):
-                    direct += await direct_window(url, sessions, turns)
-                    before = {label: cpu_seconds(pid) for label, pid in pids.items()}
-                    full += await stack_window(gateway, sessions, turns)
-                    for label, pid in pids.items():
-                        cpu[label] += cpu_seconds(pid) - before[label]
-                report(sessions, direct, full)
-                per_turn = ", ".join(f"{k} {v / len(full) * 1000:.1f}" for k, v in cpu.items())
-                print(f"{'':9}CPU ms per turn: {per_turn}")
+                await level(sessions, turns, rounds, url, gateways, pids)
 
 
 if __name__ == "__main__":
@@ -181,7 +245,9 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--sessions", default="1,32", help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    asyncio.run(
-        main(args.turns, args.tokens, [int(n) for n in args.sessions.split(",")], args.rounds)
+    parser.add_argument(
+        "--baseline", default=None, help="git ref: also run a stack of that commit, side by side"
     )
+    args = parser.parse_args()
+    levels = [int(n) for n in args.sessions.split(",")]
+    asyncio.run(main(args.turns, args.tokens, levels, args.rounds, args.baseline))
