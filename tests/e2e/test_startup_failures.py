@@ -57,6 +57,23 @@ async def test_a_port_in_use_is_named_with_the_setting_that_moves_it(tmp_path: P
     assert "THREADLINE_ADDRESSES__SESSION" in reported["setting"]
 
 
+async def test_a_metrics_port_in_use_is_named_too(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, lines = await serve_session(
+            THREADLINE_DATA_DIR=str(tmp_path),
+            THREADLINE_ADDRESSES__SESSION="127.0.0.1:0",
+            THREADLINE_METRICS_PORT=str(port),
+        )
+
+    assert code == 1
+    reported = failure(lines)
+    assert (reported["problem"], reported["listener"]) == ("address_in_use", "metrics")
+    assert "THREADLINE_METRICS_PORT" in reported["setting"]
+
+
 async def test_a_data_dir_that_cannot_be_written_is_named(tmp_path: Path) -> None:
     # A path below a regular file: not a directory, whoever runs the test (root too).
     (tmp_path / "a-file").write_text("")
