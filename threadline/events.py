@@ -235,6 +235,8 @@ class RedisEventBus:
         *,
         buffer_size: int = 10_000,
         stream_maxlen: int = 10_000,
+        stream_max_age_s: float = 86_400.0,
+        trim_every_s: float = 60.0,
         namespace: str = "",
     ) -> None:
         self._url = url
@@ -243,6 +245,10 @@ class RedisEventBus:
         self._buffer: collections.deque[LifecycleEvent] = collections.deque()
         self._buffer_size = buffer_size
         self._stream_maxlen = stream_maxlen
+        self._stream_max_age_s = stream_max_age_s
+        self._trim_every_s = trim_every_s
+        self._trimmer: asyncio.Task[None] | None = None
+        self._closing = False  # redis-py can swallow a cancel mid-command
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -274,6 +280,24 @@ class RedisEventBus:
     async def start(self) -> None:
         if self._pump is None:
             self._pump = asyncio.create_task(self._run(), name="events-pump")
+        if self._trimmer is None and self._stream_max_age_s > 0:
+            self._trimmer = asyncio.create_task(self._trim_by_age(), name="events-trim")
+
+    def _oldest_kept_id(self) -> str:
+        # Stream ids start with their entry's Redis time in milliseconds.
+        return str(int((time.time() - self._stream_max_age_s) * 1000))
+
+    async def _trim_by_age(self) -> None:
+        """Drop entries older than the age cap, also while nothing is published: the
+        length cap alone keeps a quiet deployment's events (ids, tenants) forever."""
+        while not self._closing:
+            try:
+                await self._client.xtrim(
+                    self.keys.stream, minid=self._oldest_kept_id(), approximate=False
+                )
+            except (RedisError, OSError) as exc:
+                log.debug("events.trim_failed", error=str(exc))
+            await asyncio.sleep(self._trim_every_s)
 
     async def _run(self) -> None:
         failures = 0
@@ -311,6 +335,8 @@ class RedisEventBus:
             pipe.xadd(
                 self.keys.stream, {"event": payload}, maxlen=self._stream_maxlen, approximate=True
             )
+            if self._stream_max_age_s > 0:
+                pipe.xtrim(self.keys.stream, minid=self._oldest_kept_id(), approximate=True)
             await pipe.execute()
 
     async def flush(self, timeout_s: float) -> bool:
@@ -329,15 +355,28 @@ class RedisEventBus:
                 log.warning("events.unsent_at_close", pending=len(self._buffer))
             await cancel_and_wait(self._pump)
             self._pump = None
+        if self._trimmer is not None:
+            self._closing = True
+            await cancel_and_wait(self._trimmer)
+            self._trimmer = None
         await self._client.aclose()
 
 
 def make_bus(
-    redis_url: str | None, *, buffer_size: int, stream_maxlen: int, namespace: str = ""
+    redis_url: str | None,
+    *,
+    buffer_size: int,
+    stream_maxlen: int,
+    stream_max_age_s: float = 86_400.0,
+    namespace: str = "",
 ) -> EventBus:
     if redis_url:
         return RedisEventBus(
-            redis_url, buffer_size=buffer_size, stream_maxlen=stream_maxlen, namespace=namespace
+            redis_url,
+            buffer_size=buffer_size,
+            stream_maxlen=stream_maxlen,
+            stream_max_age_s=stream_max_age_s,
+            namespace=namespace,
         )
     return InProcessEventBus(subscriber_buffer=buffer_size)
 

@@ -83,6 +83,7 @@ async def start_stack(
             settings.redis_url,
             buffer_size=settings.events.buffer_size,
             stream_maxlen=settings.events.stream_maxlen,
+            stream_max_age_s=settings.events.stream_max_age_s,
             namespace=settings.events.namespace,
         )
         await bus.start()

@@ -19,6 +19,7 @@ from opentelemetry.trace import format_trace_id
 
 from tests.ports import free_ports
 from tests.redis_server import start_redis, stop_redis
+from tests.waiting import eventually
 from threadline.config import TracingSettings
 from threadline.events import (
     EventKeys,
@@ -109,6 +110,25 @@ async def test_publish_appends_to_the_replay_stream(
     assert await bus.flush(5.0)
 
     assert await _stream_ids(redis_client) == ["e0", "e1", "e2"]
+
+
+async def test_events_past_the_age_cap_leave_the_stream_while_nothing_is_published(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    bus = RedisEventBus(redis_url, stream_max_age_s=1.0, trim_every_s=0.1)
+    await bus.start()
+    try:
+        for i in range(3):
+            bus.publish(_event(event_id=f"old{i}", session_id="ses_quiet"))
+        assert await bus.flush(5.0)
+
+        # Nothing is published from here on, and the length cap (10,000) is far.
+        async def emptied() -> bool:
+            return await _stream_ids(redis_client) == []
+
+        await eventually(emptied, timeout=10)
+    finally:
+        await bus.close()
 
 
 async def test_replay_stream_is_capped(redis_url: str, redis_client: aioredis.Redis) -> None:
