@@ -112,8 +112,20 @@ async def threadline_up(upstream_url: str, tree: str = "", **settings: str) -> A
         argv = [sys.executable, "-P", "-m", "threadline.cli", "up"]
         async with process(*argv, env=env) as pid:
             gateway = f"127.0.0.1:{ports['gateway']}"
-            await wait_grpc(gateway)
+            await wait_up(gateway, pid)
             yield Stack(pid, gateway)
+
+
+async def wait_up(gateway: str, pid: int, timeout_s: float = 90) -> None:
+    """Until the gateway answers (a loaded machine starts slowly); fails if the stack died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await wait_grpc(gateway)
+            return
+        except TimeoutError:
+            if not os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
+                raise
 
 
 @dataclass
