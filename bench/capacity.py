@@ -117,14 +117,14 @@ async def threadline_up(upstream_url: str, tree: str = "", **settings: str) -> A
 
 
 async def wait_up(gateway: str, pid: int, timeout_s: float = 90) -> None:
-    """Until the gateway answers (a loaded machine starts slowly); fails if the stack died."""
+    """Until the gateway answers: a loaded machine starts the stack slowly."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             await wait_grpc(gateway)
             return
         except TimeoutError:
-            if not os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 raise
 
 
