@@ -112,11 +112,11 @@ async def threadline_up(upstream_url: str, tree: str = "", **settings: str) -> A
         argv = [sys.executable, "-P", "-m", "threadline.cli", "up"]
         async with process(*argv, env=env) as pid:
             gateway = f"127.0.0.1:{ports['gateway']}"
-            await wait_up(gateway, pid)
+            await wait_up(gateway)
             yield Stack(pid, gateway)
 
 
-async def wait_up(gateway: str, pid: int, timeout_s: float = 90) -> None:
+async def wait_up(gateway: str, timeout_s: float = 90) -> None:
     """Until the gateway answers: a loaded machine starts the stack slowly."""
     deadline = time.monotonic() + timeout_s
     while True:
