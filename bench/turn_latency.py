@@ -13,7 +13,8 @@ event is the first delta). Direct and through-threadline windows alternate,
 
 `--baseline REF` also runs a second stack from the source of an earlier commit
 (`git archive REF services threadline`, run from that tree instead of the
-installed package), in windows alternating with this one's: the ratio of the
+installed package; or a directory holding such a tree, e.g. this commit with
+one change reverted), in windows alternating with this one's: the ratio of the
 two is what a change did, measured under the same load.
 
 Printed per level: time to first delta (TTFD) and to the answer's end, p50 and
@@ -223,7 +224,8 @@ async def main(
                 )
             }
             if baseline is not None:
-                tree = source_tree(baseline, tmp / "baseline-src")
+                is_dir = await asyncio.to_thread(os.path.isdir, baseline)
+                tree = Path(baseline) if is_dir else source_tree(baseline, tmp / "baseline-src")
                 (tmp / "baseline").mkdir()
                 # Its processes' CPU is not counted: `pids` is this stack's.
                 gateways[f"baseline {baseline}"] = await start_stack(
@@ -246,7 +248,10 @@ if __name__ == "__main__":
     parser.add_argument("--sessions", default="1,32", help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--baseline", default=None, help="git ref: also run a stack of that commit, side by side"
+        "--baseline",
+        default=None,
+        help="git ref, or a directory holding services/ and threadline/: also run a stack of "
+        "that source, side by side",
     )
     args = parser.parse_args()
     levels = [int(n) for n in args.sessions.split(",")]
