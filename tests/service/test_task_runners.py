@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from services.executor.tasks.classifier import AgentType, Classification, Classifier
 from services.executor.tasks.local_runner import LocalRunner
@@ -28,6 +29,7 @@ TYPES = [
     AgentType("general", "Works on files in the workspace with tools.", "local"),
     AgentType("reviewer", "Reviews code and writes a review report.", "local"),
 ]
+CANARY = "Ibis-Vermilion-2208"
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ async def test_the_classifier_picks_the_type_the_model_answers(
         ("I would pick the reviewer.", "not JSON"),
         ('["reviewer"]', "not a JSON object"),
         ('{"reasons": "no idea"}', "names no agent_type"),
-        ('{"agent_type": "poet", "reasons": "it rhymes"}', 'unknown agent type "poet"'),
+        ('{"agent_type": "poet", "reasons": "it rhymes"}', 'unknown agent type: "poet"'),
     ],
 )
 async def test_an_unusable_answer_falls_back_to_the_default(
@@ -89,6 +91,32 @@ async def test_a_failed_call_falls_back_to_the_default(
 
     assert chosen.agent_type == "general" and chosen.fell_back
     assert "classifier call failed" in chosen.reasons and "json mode is broken" in chosen.reasons
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"Sure: {CANARY}",
+        json.dumps([CANARY]),
+        json.dumps({"reasons": CANARY}),
+        json.dumps({"agent_type": CANARY}),
+        Script.error(400, f"cannot classify {CANARY}", error_type="invalid"),
+    ],
+    ids=["not_json", "not_object", "no_type", "unknown_type", "call_failed"],
+)
+async def test_a_fallback_logs_why_without_the_models_words(
+    llm: LlmClient, fake_upstream: FakeUpstream, answer: str | Script
+) -> None:
+    # The log outlives the task: DeleteTask, retention and EraseTenant cannot reach it.
+    fake_upstream.enqueue(answer if isinstance(answer, Script) else Script(text=answer))
+
+    with capture_logs() as logs:
+        chosen = await Classifier(llm, TYPES, default="general").classify(f"Review {CANARY}")
+
+    assert chosen.fell_back and CANARY in chosen.reasons  # the task's record tells its owner
+    [fell_back] = [line for line in logs if line["event"] == "classifier.fell_back"]
+    assert fell_back["reason"].startswith("the classifier")
+    assert not [line for line in logs if CANARY in json.dumps(line, default=str)]
 
 
 async def test_a_single_type_is_chosen_without_asking_the_model(

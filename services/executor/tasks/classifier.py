@@ -92,24 +92,24 @@ class Classifier:
         try:
             response = await self.llm.chat(request)
         except errors.ThreadlineError as exc:
-            return self._fallback(f"the classifier call failed ({exc.code}: {exc.message})")
+            return self._fallback(f"the classifier call failed ({exc.code})", exc.message)
         if response.done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED:
-            return self._fallback(f"the classifier answer was cut ({response.done.error})")
+            return self._fallback("the classifier answer was cut", response.done.error)
         answer = response.message.content or response.done.content
         try:
             parsed = json.loads(answer)
         except (ValueError, RecursionError):
-            return self._fallback(f"the classifier answer is not JSON: {_quote(answer)}")
+            return self._fallback("the classifier answer is not JSON", _quote(answer))
         if not isinstance(parsed, dict):
-            return self._fallback(f"the classifier answer is not a JSON object: {_quote(answer)}")
+            return self._fallback("the classifier answer is not a JSON object", _quote(answer))
         chosen = parsed.get("agent_type")
         reasons = parsed.get("reasons")
         reasons = reasons.strip() if isinstance(reasons, str) else ""
         if not isinstance(chosen, str) or not chosen.strip():
-            return self._fallback(f"the classifier answer names no agent_type: {_quote(answer)}")
+            return self._fallback("the classifier answer names no agent_type", _quote(answer))
         name = self._match(chosen)
         if name is None:
-            return self._fallback(f"the classifier chose unknown agent type {_quote(chosen)}")
+            return self._fallback("the classifier chose an unknown agent type", _quote(chosen))
         return Classification(name, reasons or "(the classifier gave no reasons)", fell_back=False)
 
     def _match(self, chosen: str) -> str | None:
@@ -120,10 +120,15 @@ class Classifier:
         folded = [name for name in self.agent_types if name.casefold() == chosen.casefold()]
         return folded[0] if len(folded) == 1 else None
 
-    def _fallback(self, why: str) -> Classification:
+    def _fallback(self, why: str, detail: str = "") -> Classification:
+        # The log outlives the task (DeleteTask, retention and EraseTenant cannot reach
+        # it), so it says why only; the model's or upstream's words, which can repeat the
+        # prompt, go to the task's reason, erased with the task.
         log.warning("classifier.fell_back", default=self.default, reason=why)
         return Classification(
-            self.default, f"{why}; used the default type '{self.default}'", fell_back=True
+            self.default,
+            f"{why}{': ' + detail if detail else ''}; used the default type '{self.default}'",
+            fell_back=True,
         )
 
 
