@@ -52,6 +52,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     redis_client = connect_redis(settings.redis_url) if settings.redis_url else None
     events = EventPublisher(bus, SERVICE)
     toolbox = _toolboxes(settings)
+    drafts = _drafts(redis_client)
     workspaces = SessionWorkspaces(
         _workspace_root(settings) / "sessions", toolbox, settings.executor.max_file_bytes
     )
@@ -64,7 +65,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
         limits=_turn_limits(settings),
         tools=workspaces.offered if settings.executor.tools_enabled else None,
         prices=_prices(settings.executor),
-        drafts=_drafts(redis_client),
+        drafts=drafts,
     )
     opened, task_redis = await open_task_store(settings)
     task_store = instrumented(opened, "tasks", backend_of(opened))
@@ -98,7 +99,7 @@ async def create(settings: Settings, bus: EventBus, *, address: str | None = Non
     await pool.start(f"{socket.gethostname()}:{port}")
     task_service.erasure.start()
     # Workspaces of sessions deleted while this replica was down go at the first pass.
-    await workspaces.start(sessions, settings.executor.erasure_poll_s)
+    await workspaces.start(sessions, settings.executor.erasure_poll_s, forget=drafts.drop)
     # Closers run last-registered first: partial answers are stored before peers close.
     host.on_stop(sessions.close)
     host.on_stop(memory.close)

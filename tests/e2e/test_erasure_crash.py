@@ -16,9 +16,10 @@ from tests.conftest import ACME_KEY
 from tests.processes import serve_all, service_env, start_service, wait_healthy
 from tests.service.erasure_stores import sqlite_rows
 from tests.waiting import eventually
+from threadline import errors
 from threadline.client import GatewayClient
 from threadline.peers import MemoryClient
-from threadline.testing.fake_upstream import FakeUpstream
+from threadline.testing.fake_upstream import FakeUpstream, Script
 from threadline.v1 import memory_pb2
 
 pytestmark = pytest.mark.slow
@@ -97,3 +98,36 @@ async def test_memory_killed_before_and_during_a_cascade_finishes_it_after_resta
         left = [row for row in sqlite_rows(data / "memory.db") if any(i in row for i in ids)]
         # Only memory's tombstones of the erased ids remain: ids, no content.
         assert left and all(row.startswith("erased_sessions:") for row in left)
+
+
+async def test_the_draft_of_an_answer_cut_by_a_killed_executor_goes_with_its_session(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # The draft is what a user saw of an answer whose executor died: model text, kept
+    # in Redis for the next turn, which a deleted session never has.
+    canary = "Pangolin-Magenta-5150"
+    fake_upstream.default = Script(text=f"{canary} " * 200, token_delay_s=0.02)
+    env = service_env(
+        tmp_path, fake_upstream.base_url, redis_url, THREADLINE_EXECUTOR__ERASURE_POLL_S="0.1"
+    )
+    data = tmp_path / "data"
+    async with (
+        serve_all(env, tmp_path) as procs,
+        GatewayClient(env["THREADLINE_ADDRESSES__GATEWAY"], api_key=ACME_KEY) as client,
+    ):
+        session = await client.create_session()
+        seen = ""
+        with pytest.raises(errors.ThreadlineError):
+            async for event in client.converse(session.id, "tell me"):
+                seen += event.delta
+                if len(seen) > 200 and procs["executor"].returncode is None:
+                    procs["executor"].send_signal(signal.SIGKILL)
+        await procs["executor"].wait()
+        drafts = [key async for key in redis_client.scan_iter(match="*draft*")]
+        assert drafts and canary in str(await redis_client.get(drafts[0]))
+
+        await client.delete_session(session.id)
+        procs["executor"] = await start_service("executor", env, tmp_path)
+        await eventually(lambda: unfinished(data) == 0, timeout=30, interval=0.1)
+
+        assert [key async for key in redis_client.scan_iter(match="*draft*")] == []

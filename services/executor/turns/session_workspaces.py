@@ -15,6 +15,10 @@ executor replica, every `executor.erasure_poll_s`:
   may run on several), so it asks which of the sessions it holds a directory for
   are deleted (tombstones are kept) and removes those. A replica that was down
   or busy when another acknowledged a deletion still removes its copy.
+
+The erasure also drops what the executor keeps of a session outside this disk
+(`forget`: the turn draft in Redis, an answer an executor died streaming, which
+only the session's next turn would otherwise pick up).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import hashlib
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -69,6 +73,7 @@ class SessionWorkspaces:
     max_file_bytes: int
     _erasures: ErasureFollower | None = field(default=None, repr=False)
     _source: WorkspaceErasures | None = field(default=None, repr=False)
+    _forget: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
     #: What sweeps removed, by session, for the acknowledgement: a sweep may find a
     #: deletion before this replica's erasure pass does (bounded: most of them are
     #: acknowledged by other replicas and never asked for here).
@@ -115,11 +120,17 @@ class SessionWorkspaces:
                 found.setdefault(entry.name, []).append(Path(entry.path))
         return found
 
-    async def start(self, source: WorkspaceErasures, poll_s: float) -> None:
+    async def start(
+        self,
+        source: WorkspaceErasures,
+        poll_s: float,
+        forget: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         """Remove workspaces as their sessions go, from every deletion the cascade holds
-        for the executor and every leftover copy on this replica, earlier ones included."""
+        for the executor and every leftover copy on this replica, earlier ones included;
+        `forget(session_id)` drops the rest the executor keeps of a deleted session."""
         if self._erasures is None:
-            self._source = source
+            self._source, self._forget = source, forget
             self._erasures = ErasureFollower(
                 OWNER, source, self._erase, interval_s=poll_s, sweep=self.sweep
             )
@@ -128,6 +139,8 @@ class SessionWorkspaces:
     async def _erase(self, erasure: session_pb2.Erasure) -> dict[str, int]:
         # A failure raises: the erasure stays pending and the next pass tries again.
         removed = await asyncio.to_thread(self.erase, erasure.tenant, erasure.session_id)
+        if self._forget is not None:
+            await self._forget(erasure.session_id)
         if removed["workspaces"]:
             log.info("workspace.removed", session_id=erasure.session_id, reason="erasure")
         swept = self._swept.pop(erasure.session_id, None)
