@@ -400,6 +400,28 @@ async def test_a_job_running_when_its_session_goes_leaves_nothing_and_its_waiter
         assert await holding(CANARY, settings, redis_client) == []
 
 
+async def test_a_turn_streaming_when_its_session_goes_leaves_no_draft(
+    tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # The draft (what a turn streamed so far, in Redis for a next turn to store if this
+    # executor dies) is saved again after the erasure dropped it, while the turn goes on.
+    settings = erasure_settings(tmp_path, fake_upstream, redis_url)
+    async with running(settings) as (clients, events):
+        session = await clients.gateway.create_session()
+        fake_upstream.enqueue(Script(text=f"{CANARY} " * 150, token_delay_s=0.02))
+        turn = asyncio.create_task(refusal(lambda: converse(clients.gateway, session.id, "Go")))
+
+        async def drafted() -> bool:
+            return bool([key async for key in redis_client.scan_iter(match="*draft*")])
+
+        await eventually(drafted)
+        await clients.gateway.delete_session(session.id)
+        await events.wait_for("session.erased", session_id=session.id)
+
+        assert (await asyncio.wait_for(turn, 10)).code == "NOT_FOUND"
+        assert await holding(CANARY, settings, redis_client) == []
+
+
 async def test_the_owners_calls_check_their_arguments(
     tmp_path: Path, fake_upstream: FakeUpstream, redis_url: str, redis_client: aioredis.Redis
 ) -> None:

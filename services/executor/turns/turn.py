@@ -177,10 +177,24 @@ class TurnRunner:
                 if await store_draft(self.drafts, self.sessions, self.events, request.session_id):
                     session = (await self.sessions.get(request.tenant, request.session_id)).session
                     early = None  # asked before that answer was stored: ask again
-                async for event in self._run(request, session, lease, leases, early):
-                    yield event
+                try:
+                    async for event in self._run(request, session, lease, leases, early):
+                        yield event
+                except errors.NotFound:
+                    await self._drop_draft_if_deleted(request)
+                    raise
         finally:
             recall.cancel()
+
+    async def _drop_draft_if_deleted(self, request: executor_pb2.RunTurnRequest) -> None:
+        # Deleted mid-turn: no next turn will store this turn's draft, which would keep
+        # the answer's text in Redis for days (the erasure may have dropped it before
+        # the turn's last save).
+        try:
+            await self.sessions.get(request.tenant, request.session_id)
+        except errors.NotFound:
+            with contextlib.suppress(Exception):
+                await self.drafts.drop(request.session_id)
 
     async def _run(
         self,
