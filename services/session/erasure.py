@@ -130,4 +130,10 @@ class Erasures:
         if await self.store.unfinished_erasures(tenant) == 0:
             left, _ = await self.store.list(tenant, page_size=1, page_token="")
             if not left:
-                self.events.emit("tenant.erased", tenant=tenant)
+                totals = await self.store.tenant_erasure_totals(tenant)
+                self.events.emit(
+                    "tenant.erased",
+                    tenant=tenant,
+                    sessions=totals.sessions,
+                    removed=totals.removed,
+                )

@@ -36,6 +36,7 @@ from services.session.store import (
     ErasureDone,
     MessageRules,
     SessionBackend,
+    TenantErasureTotals,
     check_erased_query,
     check_erasure_owner,
     check_erasure_reason,
@@ -51,6 +52,7 @@ from services.session.store import (
     now_micros,
     reused_request_id,
     session_not_found,
+    sum_erasures,
 )
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
 from threadline.errors import AlreadyExists, HeadMismatch, InvalidArgument, Unavailable
@@ -570,6 +572,16 @@ class PostgresSessionStore(SessionBackend):
                 "SELECT count(*) FROM erasures WHERE tenant = $1 AND completed_at = 0", tenant
             )
         return int(count)
+
+    async def tenant_erasure_totals(self, tenant: str) -> TenantErasureTotals:
+        with self._guard():
+            rows = await self._pool.fetch(
+                "SELECT o.session_id, o.owner, o.removed FROM erasures e "
+                "JOIN erasure_owners o ON o.session_id = e.session_id "
+                "WHERE e.tenant = $1 AND e.reason = 'tenant_erased' AND e.completed_at <> 0",
+                tenant,
+            )
+        return sum_erasures((r["session_id"], r["owner"], json.loads(r["removed"])) for r in rows)
 
     async def _store_calibration(self, model: str, chars_per_token: float) -> None:
         with self._guard():

@@ -111,7 +111,8 @@ end
 return 1
 """
 
-# KEYS: erasure hash, the owner's pending zset, the tenant's unfinished erasures set
+# KEYS: erasure hash, the owner's pending zset, the tenant's unfinished erasures set,
+#       the tenant's erasure totals hash
 # ARGV: owner, removed (JSON), session_id, completed_at
 ACKNOWLEDGE_ERASURE = """
 local field = 'owner:' .. ARGV[1]
@@ -132,6 +133,18 @@ for i = 1, #fields, 2 do
 end
 redis.call('HSET', KEYS[1], 'completed_at', ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[3])
+-- A tenant erasure's totals, added up here once (no index finds a tenant's tombstones).
+if redis.call('HGET', KEYS[1], 'reason') == 'tenant_erased' then
+  redis.call('HINCRBY', KEYS[4], 'sessions', 1)
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 6) == 'owner:' then
+      local owner = string.sub(fields[i], 7)
+      for kind, count in pairs(cjson.decode(fields[i + 1])) do
+        redis.call('HINCRBY', KEYS[4], owner .. ':' .. kind, count)
+      end
+    end
+  end
+end
 return 'done'
 """
 

@@ -22,6 +22,8 @@ Keys, under `prefix` (default "threadline:session:"):
                          service: "" while pending, then what it removed (JSON)
     erasures_pending:<owner>  sorted set of the ids the owner has to erase, by deleted_at
     erasures_unfinished:<tenant>  set of the tenant's ids some owner has not finished
+    erasure_totals:<tenant>  hash: what finished tenant erasures removed, summed
+                         (sessions, <owner>:<kind>)
     by_updated           sorted set of every session id by updated_at (retention)
     calibration          hash model -> characters per token
 
@@ -58,6 +60,7 @@ from services.session.store import (
     ErasureDone,
     MessageRules,
     SessionBackend,
+    TenantErasureTotals,
     check_erased_query,
     check_erasure_owner,
     check_erasure_reason,
@@ -601,6 +604,7 @@ class RedisSessionStore(SessionBackend):
                         key,
                         self._key("erasures_pending", owner),
                         self._key("erasures_unfinished", _text(tenant)),
+                        self._key("erasure_totals", _text(tenant)),
                     ],
                     args=[owner, _dumps(counts), session_id, now_micros()],
                 )
@@ -632,6 +636,16 @@ class RedisSessionStore(SessionBackend):
     async def unfinished_erasures(self, tenant: str) -> int:
         with self._guard():
             return int(await self._redis.scard(self._key("erasures_unfinished", tenant)))
+
+    async def tenant_erasure_totals(self, tenant: str) -> TenantErasureTotals:
+        with self._guard():
+            fields = _decoded(await self._redis.hgetall(self._key("erasure_totals", tenant)))
+        removed: dict[str, dict[str, int]] = {}
+        for name, count in fields.items():
+            if name != "sessions":
+                owner, _, kind = name.partition(":")
+                removed.setdefault(owner, {})[kind] = int(count)
+        return TenantErasureTotals(int(fields.get("sessions", 0)), removed)
 
     async def _read_all(
         self, tenant: str, session_id: str

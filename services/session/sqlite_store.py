@@ -31,6 +31,7 @@ from services.session.store import (
     ErasureDone,
     MessageRules,
     SessionBackend,
+    TenantErasureTotals,
     check_erased_query,
     check_erasure_owner,
     check_erasure_reason,
@@ -44,6 +45,7 @@ from services.session.store import (
     now_micros,
     reused_request_id,
     session_not_found,
+    sum_erasures,
 )
 from services.session.tokens import DEFAULT_ESTIMATOR, TokenEstimator
 from threadline.errors import AlreadyExists, HeadMismatch
@@ -465,6 +467,16 @@ def _erased_among(conn: sqlite3.Connection, session_ids: Sequence[str]) -> built
     return [session_id for session_id in session_ids if session_id in found]
 
 
+def _tenant_erasure_totals(conn: sqlite3.Connection, tenant: str) -> TenantErasureTotals:
+    rows = conn.execute(
+        "SELECT o.session_id, o.owner, o.removed_json FROM erasures e "
+        "JOIN erasure_owners o ON o.session_id = e.session_id "
+        "WHERE e.tenant = ? AND e.reason = 'tenant_erased' AND e.completed_at <> 0",
+        (tenant,),
+    ).fetchall()
+    return sum_erasures((r["session_id"], r["owner"], json.loads(r["removed_json"])) for r in rows)
+
+
 def _unfinished_erasures(conn: sqlite3.Connection, tenant: str) -> int:
     row = conn.execute(
         "SELECT count(*) FROM erasures WHERE tenant = ? AND completed_at = 0", (tenant,)
@@ -702,6 +714,9 @@ class SqliteSessionStore(SessionBackend):
 
     async def unfinished_erasures(self, tenant: str) -> int:
         return await self._db.run(_unfinished_erasures, tenant)
+
+    async def tenant_erasure_totals(self, tenant: str) -> TenantErasureTotals:
+        return await self._db.run(_tenant_erasure_totals, tenant)
 
     async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
         ids = check_erased_query(session_ids)

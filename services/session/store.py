@@ -20,7 +20,7 @@ import builtins
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -176,6 +176,11 @@ class SessionStore(SessionReader, Protocol):
         """How many of the tenant's erasures some owner has not acknowledged yet."""
         ...
 
+    async def tenant_erasure_totals(self, tenant: str) -> TenantErasureTotals:
+        """What the finished erasures of the tenant's sessions deleted by tenant
+        erasures (reason `tenant_erased`, earlier ones included) removed, summed."""
+        ...
+
     async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
         """The ids among these that have a tombstone (any tenant), in the order given."""
         ...
@@ -251,6 +256,28 @@ class ErasureDone:
 
     erasure: Erasure
     removed: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class TenantErasureTotals:
+    """How many sessions tenant erasures erased, and what every owner removed of them."""
+
+    sessions: int
+    removed: dict[str, dict[str, int]]
+
+
+def sum_erasures(
+    acknowledgements: Iterable[tuple[str, str, Mapping[str, int]]],
+) -> TenantErasureTotals:
+    """Totals of (session_id, owner, removed) acknowledgements of finished erasures."""
+    sessions: set[str] = set()
+    removed: dict[str, dict[str, int]] = {}
+    for session_id, owner, counts in acknowledgements:
+        sessions.add(session_id)
+        kinds = removed.setdefault(owner, {})
+        for kind, count in counts.items():
+            kinds[kind] = kinds.get(kind, 0) + int(count)
+    return TenantErasureTotals(len(sessions), removed)
 
 
 def check_erasure_owner(owner: str) -> None:

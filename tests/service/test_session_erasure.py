@@ -362,6 +362,13 @@ async def test_erasing_a_tenant_leaves_nothing_of_it_and_spares_the_others(
             assert erased.sessions == 2 and erased.tasks == 1 and erased.tasks_still_running == 0
             (done,) = await events.wait_for("tenant.erased", timeout=10)
             assert done.tenant == TENANT
+            # What the cascade removed of the tenant's sessions, by count (the task went
+            # in the call itself: its counts are the gateway's answer).
+            totals = attrs(done)
+            assert totals["sessions"] == 2
+            assert totals["removed"]["memory"]["summaries"] == 1
+            assert totals["removed"]["memory"]["items"] == 1
+            assert totals["removed"]["executor"] == {"workspaces": 1, "files": 1}
             assert len(events.of_type("session.erased")) == 2
             assert await holding(CANARY, settings, redis_client) == []
             assert (await clients.gateway.list_sessions()).sessions == []

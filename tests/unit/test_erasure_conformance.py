@@ -157,3 +157,29 @@ async def test_owners_acknowledging_at_once_finish_each_erasure_exactly_once(
     finished = [done.erasure.session_id for done in results if done is not None]
     assert sorted(finished) == sorted(s.id for s in sessions)
     assert await store.unfinished_erasures(TENANT) == 0
+
+
+async def test_a_tenant_erasure_totals_what_its_finished_erasures_removed(
+    store: SessionStore,
+) -> None:
+    first, second, pending, deleted = [await _session(store) for _ in range(4)]
+    other = await _session(store, "other")
+    for session in (first, second, pending):
+        await store.delete(TENANT, session.id, reason="tenant_erased")
+    await store.delete(TENANT, deleted.id)  # not by a tenant erasure: not counted
+    await store.delete("other", other.id, reason="tenant_erased")
+    for session, items in ((first, 2), (second, 3), (deleted, 7), (other, 5)):
+        await store.acknowledge_erasure("memory", session.id, {"items": items, "summaries": 1})
+        await store.acknowledge_erasure("executor", session.id, {"workspaces": 1})
+    # A repeated acknowledgement counts once; an unfinished erasure not at all.
+    await store.acknowledge_erasure("executor", first.id, {"workspaces": 1})
+    await store.acknowledge_erasure("memory", pending.id, {"items": 11})
+
+    totals = await store.tenant_erasure_totals(TENANT)
+
+    assert totals.sessions == 2
+    assert totals.removed == {
+        "memory": {"items": 5, "summaries": 2},
+        "executor": {"workspaces": 2},
+    }
+    assert (await store.tenant_erasure_totals("nobody")).sessions == 0
