@@ -19,9 +19,9 @@ two is what a change did, measured under the same load.
 
 Printed per level: time to first delta (TTFD) and to the answer's end, p50 and
 p99, for both paths, and what threadline adds to the TTFD; then the CPU each
-process spent per turn (what the level's through-threadline windows cost),
-which bounds how many turns the machine's cores can carry at once. Targets
-(issue 16): added TTFD <= 5 ms p50 at 1 session and <= 10 ms p50 at 32.
+process spent per turn (what the level's windows through each stack cost, the
+fake model's not counted), which bounds how many turns the machine's cores can
+carry at once. Targets (issue 16): added TTFD <= 5 ms p50 at 1 session and <= 10 ms p50 at 32.
 """
 
 from __future__ import annotations
@@ -189,24 +189,34 @@ def report(sessions: int, rows: list[tuple[str, list[tuple[float, float]]]]) -> 
 
 
 async def level(
-    sessions: int, turns: int, rounds: int, url: str, gateways: dict[str, str], pids: dict[str, int]
+    sessions: int,
+    turns: int,
+    rounds: int,
+    url: str,
+    gateways: dict[str, str],
+    pids: dict[str, dict[str, int]],
 ) -> None:
     """One concurrency level: windows alternate between direct and each stack."""
     samples: dict[str, list[tuple[float, float]]] = {"upstream direct": []}
     samples |= {label: [] for label in gateways}
-    cpu = dict.fromkeys(pids, 0.0)
+    cpu = {label: dict.fromkeys(pids[label], 0.0) for label in gateways}
     for _ in range(rounds):
         samples["upstream direct"] += await direct_window(url, sessions, turns)
         for label, gateway in gateways.items():
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            before = {name: cpu_seconds(pid) for name, pid in pids[label].items()}
             samples[label] += await stack_window(gateway, sessions, turns)
-            if label == "turn via threadline":
-                for name, pid in pids.items():
-                    cpu[name] += cpu_seconds(pid) - before[name]
+            for name, pid in pids[label].items():
+                cpu[label][name] += cpu_seconds(pid) - before[name]
     report(sessions, list(samples.items()))
-    turns_run = len(samples["turn via threadline"])
-    per_turn = ", ".join(f"{k} {v / turns_run * 1000:.1f}" for k, v in cpu.items())
-    print(f"{'':9}CPU ms per turn: {per_turn}")
+    totals = {}
+    for label, by_process in cpu.items():
+        turns_run = len(samples[label])
+        per_turn = ", ".join(f"{k} {v / turns_run * 1000:.1f}" for k, v in by_process.items())
+        totals[label] = sum(by_process.values()) / turns_run * 1000
+        print(f"{'':9}CPU ms per turn, {label}: {per_turn}; stack {totals[label]:.1f}")
+    if len(totals) == 2:
+        this, base = totals.values()
+        print(f"{'':9}stack CPU per turn this/baseline: {this / base:.2f}x")
 
 
 async def main(
@@ -215,21 +225,22 @@ async def main(
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         async with AsyncExitStack() as children:
-            pids: dict[str, int] = {}
-            fake_url = await start_fake(children, tokens, pids)
+            fake_url = await start_fake(children, tokens, {})
             (tmp / "this").mkdir()
+            pids: dict[str, dict[str, int]] = {"turn via threadline": {}}
             gateways = {
                 "turn via threadline": await start_stack(
-                    children, tmp / "this", fake_url, pids, None
+                    children, tmp / "this", fake_url, pids["turn via threadline"], None
                 )
             }
             if baseline is not None:
                 is_dir = await asyncio.to_thread(os.path.isdir, baseline)
                 tree = Path(baseline) if is_dir else source_tree(baseline, tmp / "baseline-src")
                 (tmp / "baseline").mkdir()
-                # Its processes' CPU is not counted: `pids` is this stack's.
-                gateways[f"baseline {baseline}"] = await start_stack(
-                    children, tmp / "baseline", fake_url, {}, tree
+                label = f"baseline {baseline}"
+                pids[label] = {}
+                gateways[label] = await start_stack(
+                    children, tmp / "baseline", fake_url, pids[label], tree
                 )
             url = fake_url + "/chat/completions"
             for gateway in gateways.values():
