@@ -83,6 +83,10 @@ class ModelCall:
     @property
     def partial(self) -> str:
         """The text streamed so far."""
+        return self.text()
+
+    def text(self) -> str:
+        """The text streamed so far (as a method: a callable to build it only when needed)."""
         return "".join(self._text)
 
     async def stream(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -110,11 +111,16 @@ class Checkpoints:
         self._saving: asyncio.Task[None] | None = None
         self._last = 0.0
 
-    async def saw(self, content: str) -> None:
-        now = time.monotonic()
-        if not content or (self._saving is not None and not self._saving.done()):
+    async def saw(self, text: Callable[[], str]) -> None:
+        """Called on every delta with what builds the answer so far: the text is only
+        built when a save is due (joining it on every delta grows with the answer)."""
+        if self._saving is not None and not self._saving.done():
             return
+        now = time.monotonic()
         if now - self._last < CHECKPOINT_S:
+            return
+        content = text()
+        if not content:
             return
         first = self._saving is None
         self._last = now

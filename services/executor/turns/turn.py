@@ -334,7 +334,7 @@ class TurnRunner:
                         )
                     kind = chunk.WhichOneof("chunk")
                     if kind == "delta":
-                        await checkpoints.saw(call.partial)
+                        await checkpoints.saw(call.text)
                         if turn.first_delta_ms is None:
                             turn.first_delta_ms = turn.latency_ms
                         yield executor_pb2.TurnEvent(delta=chunk.delta)
