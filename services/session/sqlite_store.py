@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from services.session.sqlite_schema import MIGRATIONS
 from services.session.store import (
     ERASURE_OWNERS,
@@ -98,6 +100,9 @@ def _session_from_row(row: sqlite3.Row) -> session_pb2.Session:
 
 
 def _message_from_row(row: sqlite3.Row) -> common_pb2.Message:
+    # Run for every message of every context built: the timestamp goes in with the
+    # rest, and the common empty list of tool calls is not parsed.
+    created_us = row["created_at"]
     msg = common_pb2.Message(
         id=row["id"],
         role=row["role"],
@@ -109,10 +114,14 @@ def _message_from_row(row: sqlite3.Row) -> common_pb2.Message:
         seq=row["seq"],
         parent_hash=row["parent_hash"],
         hash=row["hash"],
+        created_at=Timestamp(seconds=created_us // 1_000_000, nanos=created_us % 1_000_000 * 1_000),
     )
-    for call in json.loads(row["tool_calls_json"]):
-        msg.tool_calls.add(id=call["id"], name=call["name"], arguments_json=call["arguments_json"])
-    msg.created_at.FromMicroseconds(row["created_at"])
+    calls_json = row["tool_calls_json"]
+    if calls_json != "[]":
+        for call in json.loads(calls_json):
+            msg.tool_calls.add(
+                id=call["id"], name=call["name"], arguments_json=call["arguments_json"]
+            )
     return msg
 
 

@@ -33,9 +33,11 @@ class TokenEstimator:
         return math.ceil(len(text) / self.chars_per_token)
 
     def estimate(self, msg: common_pb2.Message) -> int:
-        chars = len(msg.content) + sum(
-            len(tc.name) + len(tc.arguments_json) for tc in msg.tool_calls
-        )
+        chars = len(msg.content)
+        # Called for every message of every context built: most have no tool calls,
+        # and summing over none still costs a generator.
+        if msg.tool_calls:
+            chars += sum(len(tc.name) + len(tc.arguments_json) for tc in msg.tool_calls)
         return math.ceil(chars / self.chars_per_token) + self.per_message_overhead
 
 

@@ -622,9 +622,10 @@ def _rollback_event(rollback: llm_pb2.Rollback, model_call: int) -> executor_pb2
 
 
 def _prompt_chars(messages: Sequence[common_pb2.Message]) -> int:
-    return sum(
-        len(m.content) + sum(len(c.name) + len(c.arguments_json) for c in m.tool_calls)
-        for m in messages
+    # Over the whole context, every turn: the tool calls only of messages that have them.
+    chars = sum(len(m.content) for m in messages)
+    return chars + sum(
+        len(c.name) + len(c.arguments_json) for m in messages if m.tool_calls for c in m.tool_calls
     )
 
 
