@@ -66,6 +66,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             request.tenant, request.session_id, "consolidate", "request", request.model, True
         )
         if job.state == memory_pb2.JOB_STATE_FAILED:
+            # A job fails when its session is deleted under it: the caller then hears
+            # NOT_FOUND, as for any deleted session, whichever came first.
+            await self.sessions.get(request.tenant, request.session_id)
             raise errors.Unavailable(
                 f"consolidation of session {request.session_id} failed: {job.error}",
                 details={"job_id": job.id},
