@@ -15,6 +15,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from services.session.sqlite_store import SqliteSessionStore
 from tests import builders
 from tests.builders import TENANT, assistant, user
 from tests.conftest import make_settings
@@ -108,6 +109,25 @@ async def test_turn_streams_and_stores_the_question_and_answer(
     assert attrs(completed)["turn_id"] == done.turn_id
     assert attrs(completed)["finish_reason"] == "FINISH_REASON_STOP"
     assert attrs(completed)["completion_tokens"] == 4
+
+
+async def test_a_turn_calibrates_its_models_estimate_after_answering(
+    settings: Settings,
+    executor: ExecutorClient,
+    sessions: SessionClient,
+    fake_upstream: FakeUpstream,
+) -> None:
+    # The calibration goes to the session store after the caller has its answer,
+    # and still lands: the next turns' estimates follow the server's counts.
+    fake_upstream.default = Script(text="Noted.")
+    session_id = await new_session(sessions)
+
+    events_out = await run_turn(executor, session_id, "Remember the number 42. " * 20)
+
+    assert events_out[-1].done.usage.prompt_tokens > 0
+    async with SqliteSessionStore(settings.data_dir / "sessions.db") as store:
+        ratio = await eventually(lambda: store.calibration("default"))
+    assert ratio > 0
 
 
 async def test_prompt_is_system_then_history_then_the_new_message(

@@ -434,7 +434,7 @@ class TurnRunner:
         latency_ms = turn.latency_ms
         cost = self._cost(done.model, turn.usage)
         if not interrupted and not done.usage_estimated and done.usage.prompt_tokens:
-            await self._calibrate(turn, done.usage.prompt_tokens)
+            self._calibrate_detached(turn, done.usage.prompt_tokens)
         self._record_activity_detached(turn, 0 if done.usage_estimated else turn.last_prompt_tokens)
         self.events.emit(
             "turn.interrupted" if interrupted else "turn.completed",
@@ -524,16 +524,22 @@ class TurnRunner:
             )
         )
 
-    async def _calibrate(self, turn: _Turn, prompt_tokens: int) -> None:
+    def _calibrate_detached(self, turn: _Turn, prompt_tokens: int) -> None:
         """Tell the session store what the server counted for this prompt, so its
-        estimates for this model follow the real tokenizer (best effort)."""
+        estimates for this model follow the real tokenizer (best effort). After the
+        turn: the caller's `done` never waits for this round trip."""
         chars = _prompt_chars(turn.context.messages)
         if not chars:
             return
-        try:
-            await self.sessions.calibrate(turn.model or "default", chars, prompt_tokens)
-        except errors.ThreadlineError as exc:
-            log.warning("turn.calibration_failed", error=exc.message)
+        model = turn.model or "default"
+
+        async def calibrate() -> None:
+            try:
+                await self.sessions.calibrate(model, chars, prompt_tokens)
+            except errors.ThreadlineError as exc:
+                log.warning("turn.calibration_failed", error=exc.message)
+
+        self.detached.start(calibrate(), name=f"calibrate-{turn.session_id}")
 
     async def _recall_for(self, turn: _Turn) -> memory_pb2.RecallResponse:
         return await self._recall(turn.tenant, turn.session_id, turn.request.input)
