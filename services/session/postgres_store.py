@@ -20,7 +20,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Self
 
 import asyncpg
@@ -37,12 +37,8 @@ from services.session.store import (
     MessageRules,
     SessionBackend,
     TenantErasureTotals,
-    check_erased_query,
-    check_erasure_owner,
     check_erasure_reason,
     check_from_seq,
-    check_listing_limit,
-    check_removed_counts,
     hash_not_found,
     message_extras,
     message_from,
@@ -491,8 +487,9 @@ class PostgresSessionStore(SessionBackend):
                     [(session_id, owner, now) for owner in ERASURE_OWNERS],
                 )
 
-    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
-        validate_session_id(session_id)
+    async def _list_derived(
+        self, tenant: str, session_id: str
+    ) -> builtins.list[session_pb2.Session]:
         with self._guard():
             rows = await self._pool.fetch(
                 f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant = $2 "
@@ -502,9 +499,7 @@ class PostgresSessionStore(SessionBackend):
             )
         return [_session_from_row(row) for row in rows]
 
-    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
-        check_erasure_owner(owner)
-        check_listing_limit("limit", limit)
+    async def _list_pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
         with self._guard():
             rows = await self._pool.fetch(
                 "SELECT e.session_id, e.tenant, e.reason, e.deleted_at FROM erasure_owners o "
@@ -515,12 +510,9 @@ class PostgresSessionStore(SessionBackend):
             )
         return [Erasure(*row) for row in rows]
 
-    async def acknowledge_erasure(
-        self, owner: str, session_id: str, removed: Mapping[str, int]
+    async def _store_acknowledgement(
+        self, owner: str, session_id: str, counts: dict[str, int]
     ) -> ErasureDone | None:
-        check_erasure_owner(owner)
-        validate_session_id(session_id)
-        counts = check_removed_counts(removed)
         with self._guard():
             async with self._pool.acquire() as conn, conn.transaction():
                 # Every owner row of the session, locked: two owners acknowledging at
@@ -555,8 +547,7 @@ class PostgresSessionStore(SessionBackend):
         done[owner] = counts
         return ErasureDone(Erasure(*erasure), done)
 
-    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
-        ids = check_erased_query(session_ids)
+    async def _find_erased(self, ids: builtins.list[str]) -> builtins.list[str]:
         if not ids:
             return []
         with self._guard():

@@ -61,12 +61,8 @@ from services.session.store import (
     MessageRules,
     SessionBackend,
     TenantErasureTotals,
-    check_erased_query,
-    check_erasure_owner,
     check_erasure_reason,
     check_from_seq,
-    check_listing_limit,
-    check_removed_counts,
     hash_not_found,
     message_extras,
     message_from,
@@ -550,8 +546,9 @@ class RedisSessionStore(SessionBackend):
         if not int(deleted):
             raise session_not_found(session_id)
 
-    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
-        validate_session_id(session_id)
+    async def _list_derived(
+        self, tenant: str, session_id: str
+    ) -> builtins.list[session_pb2.Session]:
         # No index of children: the tenant's sessions are read, which is fine for the
         # sizes retention keeps a tenant to.
         with self._guard():
@@ -568,9 +565,7 @@ class RedisSessionStore(SessionBackend):
         ]
         return sorted(sessions, key=lambda s: (s.created_at.ToMicroseconds(), s.id))
 
-    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
-        check_erasure_owner(owner)
-        check_listing_limit("limit", limit)
+    async def _list_pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
         if limit == 0:
             return []
         with self._guard():
@@ -587,12 +582,9 @@ class RedisSessionStore(SessionBackend):
             if tenant is not None
         ]
 
-    async def acknowledge_erasure(
-        self, owner: str, session_id: str, removed: Mapping[str, int]
+    async def _store_acknowledgement(
+        self, owner: str, session_id: str, counts: dict[str, int]
     ) -> ErasureDone | None:
-        check_erasure_owner(owner)
-        validate_session_id(session_id)
-        counts = check_removed_counts(removed)
         key = self._key("erasure", session_id)
         with self._guard():
             tenant = await self._redis.hget(key, "tenant")
@@ -622,8 +614,7 @@ class RedisSessionStore(SessionBackend):
         }
         return ErasureDone(erasure, done)
 
-    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
-        ids = check_erased_query(session_ids)
+    async def _find_erased(self, ids: builtins.list[str]) -> builtins.list[str]:
         if not ids:
             return []
         with self._guard():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import builtins
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -34,12 +34,8 @@ from services.session.store import (
     MessageRules,
     SessionBackend,
     TenantErasureTotals,
-    check_erased_query,
-    check_erasure_owner,
     check_erasure_reason,
     check_from_seq,
-    check_listing_limit,
-    check_removed_counts,
     hash_not_found,
     named_tool_call_ids,
     new_fork,
@@ -704,21 +700,17 @@ class SqliteSessionStore(SessionBackend):
         # erase: the WAL is truncated after, so the messages' text leaves the disk too.
         await self._db.erase(_delete, tenant, session_id, reason, ERASURE_OWNERS)
 
-    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
-        validate_session_id(session_id)
+    async def _list_derived(
+        self, tenant: str, session_id: str
+    ) -> builtins.list[session_pb2.Session]:
         return await self._db.run(_derived, tenant, session_id)
 
-    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
-        check_erasure_owner(owner)
-        check_listing_limit("limit", limit)
+    async def _list_pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
         return await self._db.run(_pending_erasures, owner, limit)
 
-    async def acknowledge_erasure(
-        self, owner: str, session_id: str, removed: Mapping[str, int]
+    async def _store_acknowledgement(
+        self, owner: str, session_id: str, counts: dict[str, int]
     ) -> ErasureDone | None:
-        check_erasure_owner(owner)
-        validate_session_id(session_id)
-        counts = check_removed_counts(removed)
         return await self._db.run(_acknowledge_erasure, owner, session_id, counts)
 
     async def unfinished_erasures(self, tenant: str) -> int:
@@ -727,8 +719,7 @@ class SqliteSessionStore(SessionBackend):
     async def tenant_erasure_totals(self, tenant: str) -> TenantErasureTotals:
         return await self._db.run(_tenant_erasure_totals, tenant)
 
-    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
-        ids = check_erased_query(session_ids)
+    async def _find_erased(self, ids: builtins.list[str]) -> builtins.list[str]:
         return await self._db.run(_erased_among, ids) if ids else []
 
     async def cleanup_orphans(self) -> int:

@@ -399,8 +399,9 @@ class SessionBackend(abc.ABC):
     """The part of a SessionStore every backend shares; a backend subclasses it.
 
     Here: the argument checks, validation and sealing of `create`, `append` and
-    `import_session`, and the paging, export format and limit checks of `list`,
-    `export`, `expired`, `beyond_cap` and `set_calibration`. The subclass
+    `import_session`, the paging, export format and limit checks of `list`,
+    `export`, `expired`, `beyond_cap` and `set_calibration`, and the argument
+    checks of `derived` and the erasure calls. The subclass
     implements the abstract methods (storage only) and the rest of SessionStore.
     """
 
@@ -499,6 +500,26 @@ class SessionBackend(abc.ABC):
         check_calibration(model, chars_per_token)
         await self._store_calibration(model, chars_per_token)
 
+    async def derived(self, tenant: str, session_id: str) -> builtins.list[session_pb2.Session]:
+        validate_session_id(session_id)
+        return await self._list_derived(tenant, session_id)
+
+    async def pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
+        check_erasure_owner(owner)
+        check_listing_limit("limit", limit)
+        return await self._list_pending_erasures(owner, limit)
+
+    async def acknowledge_erasure(
+        self, owner: str, session_id: str, removed: Mapping[str, int]
+    ) -> ErasureDone | None:
+        check_erasure_owner(owner)
+        validate_session_id(session_id)
+        counts = check_removed_counts(removed)
+        return await self._store_acknowledgement(owner, session_id, counts)
+
+    async def erased_among(self, session_ids: Sequence[str]) -> builtins.list[str]:
+        return await self._find_erased(check_erased_query(session_ids))
+
     @abc.abstractmethod
     async def _store_new(
         self, session: session_pb2.Session, batch: Sequence[common_pb2.Message]
@@ -537,6 +558,26 @@ class SessionBackend(abc.ABC):
     @abc.abstractmethod
     async def _beyond_cap(self, tenant: str, cap: int) -> builtins.list[str]:
         """SessionStore.beyond_cap."""
+
+    @abc.abstractmethod
+    async def _list_derived(
+        self, tenant: str, session_id: str
+    ) -> builtins.list[session_pb2.Session]:
+        """SessionStore.derived, the id checked."""
+
+    @abc.abstractmethod
+    async def _list_pending_erasures(self, owner: str, limit: int) -> builtins.list[Erasure]:
+        """SessionStore.pending_erasures, owner and limit checked."""
+
+    @abc.abstractmethod
+    async def _store_acknowledgement(
+        self, owner: str, session_id: str, counts: dict[str, int]
+    ) -> ErasureDone | None:
+        """SessionStore.acknowledge_erasure, its arguments checked."""
+
+    @abc.abstractmethod
+    async def _find_erased(self, session_ids: builtins.list[str]) -> builtins.list[str]:
+        """SessionStore.erased_among over checked, distinct ids."""
 
     @abc.abstractmethod
     async def _store_calibration(self, model: str, chars_per_token: float) -> None:
