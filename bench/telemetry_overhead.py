@@ -28,8 +28,8 @@ from pathlib import Path
 import yaml
 
 from bench.processes import cpu_seconds, free_port, process, wait_grpc, wait_http
-from bench.turn_latency import KEY, MODEL, pct, stack_window
-from threadline.config import SERVICE_NAMES, ServiceName, hash_api_key
+from bench.turn_latency import MODEL, pct, stack_config, stack_window
+from threadline.config import SERVICE_NAMES, ServiceName
 from threadline.stack import START_ORDER
 from threadline.testing.otlp_collector import OtlpCollector
 
@@ -43,20 +43,7 @@ PATHS: dict[str, dict[str, object]] = {
 
 
 def _config(data: Path, fake_url: str, ports: dict[ServiceName, int], tracing: object) -> object:
-    return {
-        "data_dir": str(data),
-        "log_level": "error",
-        "addresses": {name: f"127.0.0.1:{ports[name]}" for name in SERVICE_NAMES},
-        "gateway": {"api_keys": [{"sha256": hash_api_key(KEY), "tenant": "bench"}]},
-        "llm": {"upstream": {"base_url": fake_url, "model": MODEL}},
-        "memory": {
-            "consolidate_fraction": 0,
-            "idle_consolidate_s": 0,
-            "extract_threshold": 0,
-            "compact_threshold": 0,
-        },
-        "tracing": tracing,
-    }
+    return {**stack_config(data, fake_url, ports), "tracing": tracing}
 
 
 async def start_stack(

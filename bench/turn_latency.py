@@ -96,7 +96,7 @@ async def stack_window(gateway: str, sessions: int, turns: int) -> list[tuple[fl
         return [s for per in await asyncio.gather(*(one(i) for i in ids)) for s in per]
 
 
-def _config(data: Path, fake_url: str, ports: dict[ServiceName, int]) -> dict[str, object]:
+def stack_config(data: Path, fake_url: str, ports: dict[ServiceName, int]) -> dict[str, object]:
     return {
         "data_dir": str(data),
         "log_level": "error",
@@ -141,7 +141,7 @@ async def start_stack(
     gateway's address."""
     ports: dict[ServiceName, int] = {name: free_port() for name in SERVICE_NAMES}
     config = tmp / "stack.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp / "data", fake_url, ports)))
+    config.write_text(yaml.safe_dump(stack_config(tmp / "data", fake_url, ports)))
     cli = ("-c", _FROM_TREE, str(tree)) if tree is not None else ("-m", "threadline.cli")
     for name in START_ORDER:
         env = {**os.environ, "THREADLINE_LISTEN_PORT": str(ports[name])}
