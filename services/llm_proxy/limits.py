@@ -75,16 +75,22 @@ class LocalBuckets:
         return self._charged.get(key, 0.0)
 
 
-_TAKE = """
+# Both scripts first refill the bucket for the time since its last update (Redis time).
+_REFILL = """
 local capacity = tonumber(ARGV[1])
 local per_ms = tonumber(ARGV[2])
-local amount = math.min(tonumber(ARGV[3]), capacity)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(state[1]) or capacity
 local ts = tonumber(state[2]) or now
 tokens = math.min(capacity, tokens + (now - ts) * per_ms)
+"""
+
+_TAKE = (
+    _REFILL
+    + """
+local amount = math.min(tonumber(ARGV[3]), capacity)
 local wait = 0
 if tokens >= amount then
   tokens = math.min(capacity, tokens - amount)
@@ -94,18 +100,13 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / per_ms) + 1000)
 return tostring(wait)
 """
+)
 
 # Unconditional: settles an attempt with what it used, however little the bucket holds.
-_CHARGE = """
-local capacity = tonumber(ARGV[1])
-local per_ms = tonumber(ARGV[2])
+_CHARGE = (
+    _REFILL
+    + """
 local amount = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1]) or capacity
-local ts = tonumber(state[2]) or now
-tokens = math.min(capacity, tokens + (now - ts) * per_ms)
 tokens = math.min(capacity, tokens - amount)
 redis.call('HINCRBYFLOAT', KEYS[1], 'charged', amount)
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
@@ -114,6 +115,7 @@ local refill = (capacity - math.min(tokens, 0)) / per_ms
 redis.call('PEXPIRE', KEYS[1], math.ceil(refill) + 1000)
 return 0
 """
+)
 
 
 class RedisBuckets:
