@@ -88,18 +88,17 @@ class SessionClient(_Peer):
         messages: Sequence[common_pb2.Message],
         *,
         request_id: str = "",
+        calibration: session_pb2.CalibrateRequest | None = None,
     ) -> session_pb2.AppendResponse:
-        return await unary(
-            self.stub.Append(
-                session_pb2.AppendRequest(
-                    tenant=tenant,
-                    session_id=session_id,
-                    expected_head=expected_head,
-                    messages=messages,
-                    request_id=request_id,
-                )
-            )
+        request = session_pb2.AppendRequest(
+            tenant=tenant,
+            session_id=session_id,
+            expected_head=expected_head,
+            messages=messages,
+            request_id=request_id,
+            calibration=calibration,
         )
+        return await unary(self.stub.Append(request))
 
     async def build_context(
         self, request: session_pb2.BuildContextRequest
@@ -209,15 +208,22 @@ class MemoryClient(_Peer):
         self.stub = memory_pb2_grpc.MemoryStub(self.channel)
 
     async def recall(
-        self, tenant: str, session_id: str, *, query: str = "", budget_tokens: int = 0
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        query: str = "",
+        budget_tokens: int = 0,
+        session_checked: bool = False,
     ) -> memory_pb2.RecallResponse:
-        return await unary(
-            self.stub.Recall(
-                memory_pb2.RecallRequest(
-                    tenant=tenant, session_id=session_id, query=query, budget_tokens=budget_tokens
-                )
-            )
+        request = memory_pb2.RecallRequest(
+            tenant=tenant,
+            session_id=session_id,
+            query=query,
+            budget_tokens=budget_tokens,
+            session_checked=session_checked,
         )
+        return await unary(self.stub.Recall(request))
 
     async def record_activity(
         self, request: memory_pb2.RecordActivityRequest, *, timeout: float | None = None

@@ -52,9 +52,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self, request: memory_pb2.RecordActivityRequest, context: Context
     ) -> memory_pb2.RecordActivityResponse:
         _check(request.tenant, request.session_id)
-        await self.sessions.get(request.tenant, request.session_id)
         if request.prompt_tokens < 0 or request.context_window_tokens < 0:
             raise errors.InvalidArgument("prompt_tokens and context_window_tokens must be >= 0")
+        if not request.session_checked:
+            await self.sessions.get(request.tenant, request.session_id)
+        # Checked by the caller (a turn that just stored its answer) or just now: a
+        # session erased since finds memory's tombstone, and nothing is written.
         return await self.jobs.record_activity(request)
 
     async def Consolidate(
@@ -110,12 +113,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.turns.seen()
         if request.budget_tokens < 0:
             raise errors.InvalidArgument("budget_tokens must be >= 0")
-        # The session check beside the reads, not before them: a turn waits for the
-        # slower of the two. Nothing read is answered unless the session exists.
-        _, memory, items = await asyncio.gather(
-            self.sessions.get(request.tenant, request.session_id),
-            self.store.get(request.tenant, request.session_id),
-            self.store.items(request.tenant, request.session_id),
+        session = request.tenant, request.session_id
+        # The session check beside the reads, not before them: the caller waits for
+        # the slower of the two. Nothing read is answered unless the session exists.
+        # A turn checks the session itself (first thing, beside this call) and uses
+        # this answer only once it holds: asking again would cost every turn a call.
+        check = () if request.session_checked else (self.sessions.get(*session),)
+        memory, items, *_ = await asyncio.gather(
+            self.store.get(*session), self.store.items(*session), *check
         )
         recalled = recall(
             memory.summary,

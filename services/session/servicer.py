@@ -17,14 +17,27 @@ from services.session.validation import validate_session_fields
 from threadline import errors
 from threadline.events import EventPublisher
 from threadline.ids import validate_session_id
+from threadline.logs import get_logger
 from threadline.v1 import session_pb2, session_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+log = get_logger("threadline.session")
 
 
 def _require_tenant(tenant: str) -> None:
     if not tenant:
         raise errors.InvalidArgument("tenant is required")
+
+
+def _check_calibration(calibration: session_pb2.CalibrateRequest, prefix: str = "") -> None:
+    if not calibration.model:
+        raise errors.InvalidArgument(f"{prefix}model is required")
+    if calibration.prompt_chars <= 0 or calibration.prompt_tokens <= 0:
+        raise errors.InvalidArgument(
+            f"{prefix}prompt_chars and {prefix}prompt_tokens must be > 0, got "
+            f"{calibration.prompt_chars} and {calibration.prompt_tokens}"
+        )
 
 
 class SessionsServicer(session_pb2_grpc.SessionsServicer):
@@ -116,6 +129,9 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
     ) -> session_pb2.AppendResponse:
         _require_tenant(request.tenant)
         validate_session_id(request.session_id)
+        calibration = request.calibration if request.HasField("calibration") else None
+        if calibration is not None:
+            _check_calibration(calibration, "calibration.")
         head, stored = await self.store.append(
             request.tenant,
             request.session_id,
@@ -123,6 +139,8 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
             list(request.messages),
             request_id=request.request_id,
         )
+        if calibration is not None:
+            await self._calibrate_after_append(calibration)
         return session_pb2.AppendResponse(head=head, messages=stored)
 
     async def BuildContext(
@@ -265,17 +283,21 @@ class SessionsServicer(session_pb2_grpc.SessionsServicer):
     async def Calibrate(
         self, request: session_pb2.CalibrateRequest, context: Context
     ) -> session_pb2.CalibrateResponse:
-        if not request.model:
-            raise errors.InvalidArgument("model is required")
-        if request.prompt_chars <= 0 or request.prompt_tokens <= 0:
-            raise errors.InvalidArgument(
-                "prompt_chars and prompt_tokens must be > 0, got "
-                f"{request.prompt_chars} and {request.prompt_tokens}"
-            )
+        _check_calibration(request)
         ratio = await self.calibrations.measured(
             request.model, request.prompt_chars, request.prompt_tokens
         )
         return session_pb2.CalibrateResponse(chars_per_token=ratio)
+
+    async def _calibrate_after_append(self, calibration: session_pb2.CalibrateRequest) -> None:
+        # The messages are stored: a calibration that fails now must not fail the
+        # append (its caller would send it again); the ratio is only an estimate's.
+        try:
+            await self.calibrations.measured(
+                calibration.model, calibration.prompt_chars, calibration.prompt_tokens
+            )
+        except errors.ThreadlineError as exc:
+            log.warning("session.calibration_failed", model=calibration.model, error=exc.message)
 
     async def _added(self, event_type: str, tenant: str, session_id: str, **attrs: Any) -> None:
         """Announce a session this call made, then hold its tenant to the session cap."""

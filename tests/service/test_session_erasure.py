@@ -257,6 +257,20 @@ async def test_a_deleted_session_and_its_fork_leave_no_trace(
         assert await holding(CANARY, settings, redis_client) == []
         await assert_unknown_everywhere(clients, session_id, job_ids)
         await assert_unknown_everywhere(clients, fork.id, [])
+        # A turn's own calls leave the session check to the turn (session_checked):
+        # one that arrives late finds nothing and, refused by memory's tombstone,
+        # stores nothing (a stored activity this large would make compaction due).
+        late = memory_pb2.RecordActivityRequest(
+            tenant=TENANT,
+            session_id=session_id,
+            prompt_tokens=10**6,
+            context_window_tokens=1000,
+            session_checked=True,
+        )
+        with contextlib.suppress(errors.NotFound):
+            await clients.memory.record_activity(late)
+        recalled = await clients.memory.recall(TENANT, session_id, session_checked=True)
+        assert (recalled.summary, list(recalled.items), recalled.compact_due) == ("", [], False)
         assert [s.id for s in (await clients.gateway.list_sessions()).sessions] == [kept.id]
         # The export brings the conversation back, never the id, the memory or the files.
         imported = await clients.gateway.import_session(exported)

@@ -194,6 +194,30 @@ async def test_calibration_changes_the_estimate_for_that_model(sessions: Session
         await sessions.calibrate("m", prompt_chars=10, prompt_tokens=0)
 
 
+async def test_an_answer_append_carries_its_calibration(sessions: SessionClient) -> None:
+    session_id, head = await new_session(sessions, "y" * 400)
+
+    async def estimate() -> int:
+        request = session_pb2.BuildContextRequest(
+            tenant=TENANT, session_id=session_id, budget_tokens=4000, model="dense-tokenizer"
+        )
+        return (await sessions.build_context(request)).token_estimate
+
+    before = await estimate()
+    answer = common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="ok")
+    bad = session_pb2.CalibrateRequest(model="dense-tokenizer", prompt_chars=400)
+    with pytest.raises(errors.InvalidArgument, match=r"calibration\.prompt_tokens"):
+        await sessions.append(TENANT, session_id, head, [answer], calibration=bad)
+    # Refused whole: the answer was not stored either.
+    assert (await sessions.get(TENANT, session_id)).session.head == head
+
+    measured = session_pb2.CalibrateRequest(
+        model="dense-tokenizer", prompt_chars=400, prompt_tokens=400
+    )
+    await sessions.append(TENANT, session_id, head, [answer], calibration=measured)
+    assert await estimate() > 2 * before  # 1 char a token where 4 were assumed
+
+
 async def test_idle_sessions_expire_with_their_event(
     tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, database: str
 ) -> None:

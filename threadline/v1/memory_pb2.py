@@ -26,35 +26,35 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from threadline.v1 import common_pb2 as threadline_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1athreadline/v1/memory.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1athreadline/v1/common.proto\"\x80\x01\n\x15RecordActivityRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x1d\n\x15\x63ontext_window_tokens\x18\x05 \x01(\x03\"R\n\x16RecordActivityResponse\x12#\n\x07started\x18\x01 \x03(\x0b\x32\x12.threadline.v1.Job\x12\x13\n\x0b\x63ompact_due\x18\x02 \x01(\x08\"G\n\x12\x43onsolidateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\xb1\x01\n\x13\x43onsolidateResponse\x12\x14\n\x0c\x63onsolidated\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x1d\n\x15messages_consolidated\x18\x04 \x01(\x05\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\x1f\n\x03job\x18\x06 \x01(\x0b\x32\x12.threadline.v1.Job\"^\n\nJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x0f\n\x07trigger\x18\x05 \x01(\t\"/\n\rGetJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x9e\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.threadline.v1.JobState\x12\x0f\n\x07trigger\x18\x06 \x01(\t\x12\x0c\n\x04head\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x11\n\ttokens_in\x18\t \x01(\x03\x12\x12\n\ntokens_out\x18\n \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06offset\x18\x0e \x01(\x03\x12\r\n\x05items\x18\x0f \x01(\x05\x12\x16\n\x0enew_session_id\x18\x10 \x01(\t\x12\x10\n\x08\x61rchived\x18\x11 \x01(\x08\x12\r\n\x05model\x18\x12 \x01(\t\x12\x0e\n\x06worker\x18\x13 \x01(\t\"Y\n\rRecallRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\x15\n\rbudget_tokens\x18\x04 \x01(\x05\"_\n\rExtractedItem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x03 \x01(\x03\x12\x0e\n\x06to_seq\x18\x04 \x01(\x03\x12\x10\n\x08mentions\x18\x05 \x01(\x05\"\x84\x01\n\x0eRecallResponse\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12+\n\x05items\x18\x03 \x03(\x0b\x32\x1c.threadline.v1.ExtractedItem\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\t\x12\x13\n\x0b\x63ompact_due\x18\x05 \x01(\x08*\x81\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\xb4\x03\n\x06Memory\x12]\n\x0eRecordActivity\x12$.threadline.v1.RecordActivityRequest\x1a%.threadline.v1.RecordActivityResponse\x12T\n\x0b\x43onsolidate\x12!.threadline.v1.ConsolidateRequest\x1a\".threadline.v1.ConsolidateResponse\x12\x38\n\x07\x45xtract\x12\x19.threadline.v1.JobRequest\x1a\x12.threadline.v1.Job\x12\x38\n\x07\x43ompact\x12\x19.threadline.v1.JobRequest\x1a\x12.threadline.v1.Job\x12:\n\x06GetJob\x12\x1c.threadline.v1.GetJobRequest\x1a\x12.threadline.v1.Job\x12\x45\n\x06Recall\x12\x1c.threadline.v1.RecallRequest\x1a\x1d.threadline.v1.RecallResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1athreadline/v1/memory.proto\x12\rthreadline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1athreadline/v1/common.proto\"\x99\x01\n\x15RecordActivityRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x1d\n\x15\x63ontext_window_tokens\x18\x05 \x01(\x03\x12\x17\n\x0fsession_checked\x18\x06 \x01(\x08\"R\n\x16RecordActivityResponse\x12#\n\x07started\x18\x01 \x03(\x0b\x32\x12.threadline.v1.Job\x12\x13\n\x0b\x63ompact_due\x18\x02 \x01(\x08\"G\n\x12\x43onsolidateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\xb1\x01\n\x13\x43onsolidateResponse\x12\x14\n\x0c\x63onsolidated\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x1d\n\x15messages_consolidated\x18\x04 \x01(\x05\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.threadline.v1.Usage\x12\x1f\n\x03job\x18\x06 \x01(\x0b\x32\x12.threadline.v1.Job\"^\n\nJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x0f\n\x07trigger\x18\x05 \x01(\t\"/\n\rGetJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x9e\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.threadline.v1.JobState\x12\x0f\n\x07trigger\x18\x06 \x01(\t\x12\x0c\n\x04head\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x11\n\ttokens_in\x18\t \x01(\x03\x12\x12\n\ntokens_out\x18\n \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\x0b \x01(\x03\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06offset\x18\x0e \x01(\x03\x12\r\n\x05items\x18\x0f \x01(\x05\x12\x16\n\x0enew_session_id\x18\x10 \x01(\t\x12\x10\n\x08\x61rchived\x18\x11 \x01(\x08\x12\r\n\x05model\x18\x12 \x01(\t\x12\x0e\n\x06worker\x18\x13 \x01(\t\"r\n\rRecallRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\x15\n\rbudget_tokens\x18\x04 \x01(\x05\x12\x17\n\x0fsession_checked\x18\x05 \x01(\x08\"_\n\rExtractedItem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x03 \x01(\x03\x12\x0e\n\x06to_seq\x18\x04 \x01(\x03\x12\x10\n\x08mentions\x18\x05 \x01(\x05\"\x84\x01\n\x0eRecallResponse\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12+\n\x05items\x18\x03 \x03(\x0b\x32\x1c.threadline.v1.ExtractedItem\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\t\x12\x13\n\x0b\x63ompact_due\x18\x05 \x01(\x08*\x81\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\xb4\x03\n\x06Memory\x12]\n\x0eRecordActivity\x12$.threadline.v1.RecordActivityRequest\x1a%.threadline.v1.RecordActivityResponse\x12T\n\x0b\x43onsolidate\x12!.threadline.v1.ConsolidateRequest\x1a\".threadline.v1.ConsolidateResponse\x12\x38\n\x07\x45xtract\x12\x19.threadline.v1.JobRequest\x1a\x12.threadline.v1.Job\x12\x38\n\x07\x43ompact\x12\x19.threadline.v1.JobRequest\x1a\x12.threadline.v1.Job\x12:\n\x06GetJob\x12\x1c.threadline.v1.GetJobRequest\x1a\x12.threadline.v1.Job\x12\x45\n\x06Recall\x12\x1c.threadline.v1.RecallRequest\x1a\x1d.threadline.v1.RecallResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'threadline.v1.memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1460
-  _globals['_JOBSTATE']._serialized_end=1589
+  _globals['_JOBSTATE']._serialized_start=1510
+  _globals['_JOBSTATE']._serialized_end=1639
   _globals['_RECORDACTIVITYREQUEST']._serialized_start=107
-  _globals['_RECORDACTIVITYREQUEST']._serialized_end=235
-  _globals['_RECORDACTIVITYRESPONSE']._serialized_start=237
-  _globals['_RECORDACTIVITYRESPONSE']._serialized_end=319
-  _globals['_CONSOLIDATEREQUEST']._serialized_start=321
-  _globals['_CONSOLIDATEREQUEST']._serialized_end=392
-  _globals['_CONSOLIDATERESPONSE']._serialized_start=395
-  _globals['_CONSOLIDATERESPONSE']._serialized_end=572
-  _globals['_JOBREQUEST']._serialized_start=574
-  _globals['_JOBREQUEST']._serialized_end=668
-  _globals['_GETJOBREQUEST']._serialized_start=670
-  _globals['_GETJOBREQUEST']._serialized_end=717
-  _globals['_JOB']._serialized_start=720
-  _globals['_JOB']._serialized_end=1134
-  _globals['_RECALLREQUEST']._serialized_start=1136
-  _globals['_RECALLREQUEST']._serialized_end=1225
-  _globals['_EXTRACTEDITEM']._serialized_start=1227
-  _globals['_EXTRACTEDITEM']._serialized_end=1322
-  _globals['_RECALLRESPONSE']._serialized_start=1325
-  _globals['_RECALLRESPONSE']._serialized_end=1457
-  _globals['_MEMORY']._serialized_start=1592
-  _globals['_MEMORY']._serialized_end=2028
+  _globals['_RECORDACTIVITYREQUEST']._serialized_end=260
+  _globals['_RECORDACTIVITYRESPONSE']._serialized_start=262
+  _globals['_RECORDACTIVITYRESPONSE']._serialized_end=344
+  _globals['_CONSOLIDATEREQUEST']._serialized_start=346
+  _globals['_CONSOLIDATEREQUEST']._serialized_end=417
+  _globals['_CONSOLIDATERESPONSE']._serialized_start=420
+  _globals['_CONSOLIDATERESPONSE']._serialized_end=597
+  _globals['_JOBREQUEST']._serialized_start=599
+  _globals['_JOBREQUEST']._serialized_end=693
+  _globals['_GETJOBREQUEST']._serialized_start=695
+  _globals['_GETJOBREQUEST']._serialized_end=742
+  _globals['_JOB']._serialized_start=745
+  _globals['_JOB']._serialized_end=1159
+  _globals['_RECALLREQUEST']._serialized_start=1161
+  _globals['_RECALLREQUEST']._serialized_end=1275
+  _globals['_EXTRACTEDITEM']._serialized_start=1277
+  _globals['_EXTRACTEDITEM']._serialized_end=1372
+  _globals['_RECALLRESPONSE']._serialized_start=1375
+  _globals['_RECALLRESPONSE']._serialized_end=1507
+  _globals['_MEMORY']._serialized_start=1642
+  _globals['_MEMORY']._serialized_end=2078
 # @@protoc_insertion_point(module_scope)

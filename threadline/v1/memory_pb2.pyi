@@ -51,6 +51,7 @@ class RecordActivityRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    SESSION_CHECKED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     session_id: _builtins.str
     model: _builtins.str
@@ -59,6 +60,8 @@ class RecordActivityRequest(_message.Message):
     """prompt_tokens the model server reported for the turn's last request; 0 if unknown."""
     context_window_tokens: _builtins.int
     """The context window the turn's prompt had to fit (the executor's budget)."""
+    session_checked: _builtins.bool
+    """As in RecallRequest."""
     def __init__(
         self,
         *,
@@ -67,10 +70,11 @@ class RecordActivityRequest(_message.Message):
         model: _builtins.str = ...,
         prompt_tokens: _builtins.int = ...,
         context_window_tokens: _builtins.int = ...,
+        session_checked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "session_checked", b"session_checked", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -317,12 +321,18 @@ class RecallRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
     BUDGET_TOKENS_FIELD_NUMBER: _builtins.int
+    SESSION_CHECKED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     session_id: _builtins.str
     query: _builtins.str
     """What the next turn is about (the user's input): ranks the extracted items."""
     budget_tokens: _builtins.int
     """Tokens the summary and items may take; 0 uses memory.recall_budget_tokens."""
+    session_checked: _builtins.bool
+    """The caller itself checks that the session exists and is the tenant's (the
+    executor does, in every turn): memory does not ask the session service again.
+    Unset, memory asks, so a deleted session is NOT_FOUND at once.
+    """
     def __init__(
         self,
         *,
@@ -330,10 +340,11 @@ class RecallRequest(_message.Message):
         session_id: _builtins.str = ...,
         query: _builtins.str = ...,
         budget_tokens: _builtins.int = ...,
+        session_checked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_tokens", b"budget_tokens", "query", b"query", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_tokens", b"budget_tokens", "query", b"query", "session_checked", b"session_checked", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -275,6 +275,7 @@ class AppendRequest(_message.Message):
     EXPECTED_HEAD_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     session_id: _builtins.str
     expected_head: _builtins.str
@@ -282,6 +283,13 @@ class AppendRequest(_message.Message):
     """Makes a retry safe: the same request_id returns the first result, appends nothing."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]: ...
+    @_builtins.property
+    def calibration(self) -> Global___CalibrateRequest:
+        """What the model server counted for the prompt that produced these messages (an
+        answer): applied as Calibrate applies it, once the messages are stored, saving
+        the turn a call. A calibration that cannot be applied is logged, never an error.
+        """
+
     def __init__(
         self,
         *,
@@ -290,10 +298,11 @@ class AppendRequest(_message.Message):
         expected_head: _builtins.str = ...,
         messages: _abc.Iterable[_common_pb2.Message] | None = ...,
         request_id: _builtins.str = ...,
+        calibration: Global___CalibrateRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_head", b"expected_head", "messages", b"messages", "request_id", b"request_id", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "expected_head", b"expected_head", "messages", b"messages", "request_id", b"request_id", "session_id", b"session_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,18 +18,23 @@ class Sessions(SessionGetter, Protocol):
         messages: Sequence[common_pb2.Message],
         *,
         request_id: str = ...,
+        calibration: session_pb2.CalibrateRequest | None = ...,
     ) -> session_pb2.AppendResponse: ...
 
     async def build_context(
         self, request: session_pb2.BuildContextRequest
     ) -> session_pb2.BuildContextResponse: ...
 
-    async def calibrate(self, model: str, prompt_chars: int, prompt_tokens: int) -> float: ...
-
 
 class Memory(Protocol):
     async def recall(
-        self, tenant: str, session_id: str, *, query: str = ..., budget_tokens: int = ...
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        query: str = ...,
+        budget_tokens: int = ...,
+        session_checked: bool = ...,
     ) -> memory_pb2.RecallResponse: ...
 
     async def compact(

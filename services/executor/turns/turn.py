@@ -427,14 +427,13 @@ class TurnRunner:
                 [answer],
                 f"{turn.turn_id}:answer",
                 turn.lease,
+                calibration=self._calibration(turn),
             )
         except asyncio.CancelledError:
             self._store_partial_detached(turn, done.content, "turn cancelled")
             raise
         latency_ms = turn.latency_ms
         cost = self._cost(done.model, turn.usage)
-        if not interrupted and not done.usage_estimated and done.usage.prompt_tokens:
-            self._calibrate_detached(turn, done.usage.prompt_tokens)
         self._record_activity_detached(turn, 0 if done.usage_estimated else turn.last_prompt_tokens)
         self.events.emit(
             "turn.interrupted" if interrupted else "turn.completed",
@@ -524,30 +523,33 @@ class TurnRunner:
             )
         )
 
-    def _calibrate_detached(self, turn: _Turn, prompt_tokens: int) -> None:
-        """Tell the session store what the server counted for this prompt, so its
-        estimates for this model follow the real tokenizer (best effort). After the
-        turn: the caller's `done` never waits for this round trip."""
+    def _calibration(self, turn: _Turn) -> session_pb2.CalibrateRequest | None:
+        """What the server counted for the last prompt, beside what BuildContext counted,
+        so the session store's estimates for this model follow the real tokenizer. It
+        rides on the answer's append: a call of its own cost every turn a round trip."""
+        done = turn.done
+        if done.finish_reason == common_pb2.FINISH_REASON_INTERRUPTED:
+            return None
+        if done.usage_estimated or not done.usage.prompt_tokens:
+            return None
         chars = _prompt_chars(turn.context.messages)
         if not chars:
-            return
-        model = turn.model or "default"
-
-        async def calibrate() -> None:
-            try:
-                await self.sessions.calibrate(model, chars, prompt_tokens)
-            except errors.ThreadlineError as exc:
-                log.warning("turn.calibration_failed", error=exc.message)
-
-        self.detached.start(calibrate(), name=f"calibrate-{turn.session_id}")
+            return None
+        return session_pb2.CalibrateRequest(
+            model=turn.model or "default",
+            prompt_chars=chars,
+            prompt_tokens=done.usage.prompt_tokens,
+        )
 
     async def _recall_for(self, turn: _Turn) -> memory_pb2.RecallResponse:
         return await self._recall(turn.tenant, turn.session_id, turn.request.input)
 
     async def _recall(self, tenant: str, session_id: str, query: str) -> memory_pb2.RecallResponse:
         # Memory is an enhancement: a turn goes on without it rather than failing.
+        # The turn checks the session itself (its ownership check) and uses the
+        # answer only once that holds, so memory need not ask the session service.
         try:
-            return await self.memory.recall(tenant, session_id, query=query)
+            return await self.memory.recall(tenant, session_id, query=query, session_checked=True)
         except errors.ThreadlineError as exc:
             log.warning("turn.recall_failed", error=exc.message)
             return memory_pb2.RecallResponse()
@@ -561,6 +563,8 @@ class TurnRunner:
             model=turn.model,
             prompt_tokens=prompt_tokens,
             context_window_tokens=self.limits.context_budget_tokens,
+            # The answer was just stored: the session was there, and was the tenant's.
+            session_checked=True,
         )
 
         async def record() -> None:

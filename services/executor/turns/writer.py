@@ -12,7 +12,7 @@ from services.executor.turns.peers import Sessions
 from threadline import errors
 from threadline.leases import HeldLease
 from threadline.logs import get_logger
-from threadline.v1 import common_pb2
+from threadline.v1 import common_pb2, session_pb2
 
 log = get_logger(__name__)
 _ATTEMPTS = 5
@@ -31,6 +31,8 @@ class SessionWriter:
         messages: Sequence[common_pb2.Message],
         request_id: str,
         lease: HeldLease | None = None,
+        *,
+        calibration: session_pb2.CalibrateRequest | None = None,
     ) -> str:
         """Append after `head` and return the new head; if someone else appended
         meanwhile, append after theirs.
@@ -44,7 +46,12 @@ class SessionWriter:
         for attempt in range(_ATTEMPTS):
             try:
                 response = await self.sessions.append(
-                    tenant, session_id, head, messages, request_id=request_id
+                    tenant,
+                    session_id,
+                    head,
+                    messages,
+                    request_id=request_id,
+                    calibration=calibration,
                 )
                 return response.head
             except errors.HeadMismatch as exc:
