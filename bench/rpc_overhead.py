@@ -5,9 +5,12 @@
 Two measurements in this process, each CPU time (process_time) per call:
 
 - a unary round trip (client and server in this process, loopback) through a
-  bare server and channel, through the request context interceptors alone, and
-  through those plus OpenTelemetry's (spans made, not recorded: the default);
-- each server interceptor alone, called on a stand-in handler with no network:
+  bare server and channel; with the same metadata added by a grpc.aio client
+  interceptor (how threadline added it before) and by threadline's channel
+  (threadline.outgoing); and as threadline calls: its channel and its one
+  server interceptor (request context, metrics and the server span: made, not
+  recorded, the default);
+- the server interceptor alone, called on a stand-in handler with no network:
   what it costs an RPC by itself.
 
 Windows of the variants alternate, `--rounds` times, so drift on a shared
@@ -26,7 +29,8 @@ import grpc
 import grpc.aio
 
 from threadline.config import TracingSettings
-from threadline.interceptors import ServerContextInterceptor, client_interceptors
+from threadline.interceptors import ServerContextInterceptor
+from threadline.outgoing import OutgoingChannel
 from threadline.telemetry import tracing
 from threadline.v1 import session_pb2
 
@@ -47,10 +51,29 @@ def _handler() -> grpc.RpcMethodHandler[Any, Any]:
     )
 
 
+class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds the same metadata as threadline's channel, the grpc.aio interceptor way
+    (as threadline did before threadline.outgoing): what the interceptor costs."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        for entry in _METADATA:
+            metadata.add(entry.key, entry.value)
+        new = grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+        return await continuation(new, request)
+
+
+def _bare(channel: grpc.aio.Channel) -> grpc.aio.Channel:
+    return channel
+
+
 async def round_trips(
     server_interceptors: list[grpc.aio.ServerInterceptor],
     channel_interceptors: list[grpc.aio.ClientInterceptor],
     calls: int,
+    wrap: Callable[[grpc.aio.Channel], grpc.aio.Channel] = _bare,
 ) -> float:
     """CPU microseconds per unary call, both sides."""
     server = grpc.aio.server(interceptors=server_interceptors)
@@ -59,7 +82,9 @@ async def round_trips(
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=channel_interceptors)
+    channel = wrap(
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=channel_interceptors)
+    )
     call = channel.unary_unary(
         METHOD,
         request_serializer=Request.SerializeToString,
@@ -104,6 +129,9 @@ class _Context:
     def code(self) -> None:
         return None
 
+    def details(self) -> None:
+        return None
+
     def peer(self) -> str:
         return "ipv4:127.0.0.1:50000"
 
@@ -127,20 +155,15 @@ async def alone(interceptor: grpc.aio.ServerInterceptor, calls: int) -> float:
 
 async def main(calls: int, rounds: int) -> None:
     tracing.install(TracingSettings(), "bench")
+    context: list[grpc.aio.ServerInterceptor] = [ServerContextInterceptor("bench")]
     trips: dict[str, Callable[[], Awaitable[float]]] = {
         "bare grpc.aio": lambda: round_trips([], [], calls),
-        "request context + metrics": lambda: round_trips(
-            [ServerContextInterceptor("bench")], client_interceptors(), calls
-        ),
-        "... + OpenTelemetry": lambda: round_trips(
-            [*tracing.server_interceptors(), ServerContextInterceptor("bench")],
-            tracing.client_interceptors() + client_interceptors(),
-            calls,
-        ),
+        "metadata by interceptor": lambda: round_trips([], [_MetadataInterceptor()], calls),
+        "metadata by the channel": lambda: round_trips([], [], calls, OutgoingChannel),
+        "threadline (ids only)": lambda: round_trips(context, [], calls, OutgoingChannel),
     }
     singles: dict[str, Callable[[], Awaitable[float]]] = {
         "ServerContextInterceptor": lambda: alone(ServerContextInterceptor("bench"), calls * 5),
-        "OpenTelemetry server": lambda: alone(tracing.server_interceptors()[0], calls * 5),
     }
     results: dict[str, list[float]] = {name: [] for name in trips | singles}
     for _ in range(rounds):

@@ -15,10 +15,8 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from threadline.interceptors import client_interceptors
-from threadline.service_auth import token_interceptors
+from threadline.outgoing import OutgoingChannel
 from threadline.status import from_rpc_error
-from threadline.telemetry import tracing
 
 T = TypeVar("T")
 
@@ -86,18 +84,15 @@ def connect(address: str, security: ChannelSecurity | None = None) -> grpc.aio.C
     Plaintext without `security`, or with `security` that holds no credentials.
     """
     security = security or ChannelSecurity()
-    # The tracing span first: the request id and token then ride inside the call it times.
-    interceptors = tracing.client_interceptors() + client_interceptors()
-    if security.token:
-        interceptors += token_interceptors(security.token)
     options = list(_OPTIONS)
     if security.server_name:
         options.append(("grpc.ssl_target_name_override", security.server_name))
     if security.credentials is None:
-        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(
-        address, security.credentials, options=options, interceptors=interceptors
-    )
+        channel = grpc.aio.insecure_channel(address, options=options)
+    else:
+        channel = grpc.aio.secure_channel(address, security.credentials, options=options)
+    # Request id, trace context and service token ride on every call (threadline.outgoing).
+    return OutgoingChannel(channel, security.token)
 
 
 async def unary(call: Awaitable[T]) -> T:

@@ -7,7 +7,7 @@ bug: it is logged with its traceback and the caller gets INTERNAL with the
 request id to quote. The same wrapper counts each RPC for Prometheus (status code,
 duration, in flight) and puts the request id, tenant and session on the RPC's
 server span (threadline.telemetry). Client side, the request id travels to the
-next service.
+next service with every call (threadline.outgoing).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
+from opentelemetry.trace import Span
 
 from threadline import errors
 from threadline.logs import clip, get_logger
@@ -77,7 +78,7 @@ class _Series:
         started: float,
         context: grpc.aio.ServicerContext[Any, Any],
         error: BaseException | None,
-    ) -> None:
+    ) -> grpc.StatusCode:
         if isinstance(error, asyncio.CancelledError | GeneratorExit):
             code = grpc.StatusCode.CANCELLED
         elif isinstance(error, grpc.aio.AbortError) or error is None:
@@ -92,6 +93,7 @@ class _Series:
         self.in_flight.dec()
         counter.inc()
         self.seconds.observe(time.perf_counter() - started)
+        return code
 
 
 class ServerContextInterceptor(grpc.aio.ServerInterceptor):
@@ -119,33 +121,44 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
         if series is None:
             series = self._series[method] = _Series(self.service, method)
 
-        def bind(request: object) -> None:
+        def bind(request: object, span: Span) -> None:
             fields = _request_fields(request)
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(
                 rpc_method=method, request_id=request_id, **fields
             )
-            tracing.annotate(
-                {"threadline.request_id": request_id}
-                | {f"threadline.{key}": value for key, value in fields.items()}
-            )
+            if span.is_recording():
+                span.set_attributes(
+                    {"threadline.request_id": request_id}
+                    | {f"threadline.{key}": value for key, value in fields.items()}
+                )
+
+        def end(
+            span: Span,
+            started: float,
+            context: grpc.aio.ServicerContext[Any, Any],
+            error: BaseException | None,
+        ) -> None:
+            code = series.end(started, context, error)
+            tracing.rpc_ended(span, code, context.details() or "")
 
         if handler.unary_unary is not None:
             inner_unary: Any = handler.unary_unary
 
             async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                bind(request)
-                started, error = series.start(), None
-                try:
-                    return await inner_unary(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
-                    error = exc
-                    raise
-                except Exception as exc:
-                    error = grpc.aio.AbortError()
-                    await _fail(context, exc)
-                finally:
-                    series.end(started, context, error)
+                with tracing.server_span(method, metadata) as span:
+                    bind(request, span)
+                    started, error = series.start(), None
+                    try:
+                        return await inner_unary(request, context)
+                    except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+                        error = exc
+                        raise
+                    except Exception as exc:
+                        error = grpc.aio.AbortError()
+                        await _fail(context, exc)
+                    finally:
+                        end(span, started, context, error)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -158,19 +171,20 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
             async def stream(
                 request: object, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                bind(request)
-                started, error = series.start(), None
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit) as exc:
-                    error = exc
-                    raise
-                except Exception as exc:
-                    error = grpc.aio.AbortError()
-                    await _fail(context, exc)
-                finally:
-                    series.end(started, context, error)
+                with tracing.server_span(method, metadata) as span:
+                    bind(request, span)
+                    started, error = series.start(), None
+                    try:
+                        async for item in inner_stream(request, context):
+                            yield item
+                    except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit) as exc:
+                        error = exc
+                        raise
+                    except Exception as exc:
+                        error = grpc.aio.AbortError()
+                        await _fail(context, exc)
+                    finally:
+                        end(span, started, context, error)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -179,43 +193,3 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
             )
         # Health Watch and reflection write through the context; they raise no domain errors.
         return handler
-
-
-def _with_request_id(metadata: grpc.aio.Metadata | None) -> grpc.aio.Metadata:
-    out = grpc.aio.Metadata(*(metadata or ()))
-    if not out.get_all(REQUEST_ID_KEY):
-        request_id = structlog.contextvars.get_contextvars().get("request_id")
-        out.add(REQUEST_ID_KEY, str(request_id or uuid.uuid4().hex))
-    return out
-
-
-def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    return grpc.aio.ClientCallDetails(
-        method=details.method,
-        timeout=details.timeout,
-        metadata=_with_request_id(details.metadata),
-        credentials=details.credentials,
-        wait_for_ready=details.wait_for_ready,
-    )
-
-
-# Two classes, not one with both bases: grpc.aio files each interceptor under the first
-# kind it matches, so a combined class would never see streaming calls.
-class UnaryRequestIdInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """Carries the current request id to the next service, so one id spans a turn."""
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(_details(client_call_details), request)
-
-
-class StreamRequestIdInterceptor(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(_details(client_call_details), request)
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    return [UnaryRequestIdInterceptor(), StreamRequestIdInterceptor()]

@@ -27,7 +27,6 @@ from grpc_reflection.v1alpha import reflection
 from threadline.interceptors import ServerContextInterceptor
 from threadline.logs import get_logger
 from threadline.startup_errors import BindError
-from threadline.telemetry import tracing
 
 log = get_logger("threadline.server")
 
@@ -149,12 +148,8 @@ def build_server(
     """
     security = security or ListenerSecurity()
     server = grpc.aio.server(
-        # The tracing span first, so it covers the request context, metrics and auth.
-        interceptors=[
-            *tracing.server_interceptors(),
-            ServerContextInterceptor(name),
-            *security.interceptors,
-        ],
+        # The request context first (with the RPC's server span), so it covers auth.
+        interceptors=[ServerContextInterceptor(name), *security.interceptors],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

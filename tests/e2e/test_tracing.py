@@ -60,12 +60,17 @@ async def _turn_spans(
     converse = server(exporter.get_finished_spans(), "/threadline.v1.Gateway/Converse")
     trace_id = converse.context.trace_id
 
-    async def appended() -> bool:
-        # Session's server span for the answer's append ends just after the turn's reply.
+    async def complete() -> bool:
+        # Session's server span for the answer's append ends just after the turn's
+        # reply; a client span ends once its call is done, a moment after the last
+        # message (the gateway's caller's too).
         mine = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
-        return len(named(mine, "/threadline.v1.Sessions/Append")) >= 4  # 2 calls, 2 sides
+        appends = named(mine, "/threadline.v1.Sessions/Append")
+        assert converse.parent is not None
+        callers = [s for s in mine if s.context.span_id == converse.parent.span_id]
+        return len(appends) >= 4 and bool(callers)  # 2 calls, 2 sides
 
-    await eventually(appended, timeout=10)
+    await eventually(complete, timeout=10)
     finished = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
     return finished, format_trace_id(trace_id)
 

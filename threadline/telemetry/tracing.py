@@ -1,10 +1,12 @@
 """OpenTelemetry tracing: one tracer provider per process, W3C trace context on every call.
 
-The gRPC instrumentation of opentelemetry-instrumentation-grpc makes a server span
-for each RPC a service answers (joining the caller's `traceparent`) and a client
-span for each call it makes (sending `traceparent` on), so a turn is one trace from
-the gateway through the executor to session, memory and llm_proxy. Services add
-their own spans inside (a model attempt, a store operation) with `child_span`.
+Each RPC a service answers has a server span (joining the caller's `traceparent`;
+`server_span`, made by the request context interceptor), and each call a service
+makes sends `traceparent` on, with a client span of its own when spans are
+recorded (`client_span`, used by `threadline.outgoing`), so a turn is one trace
+from the gateway through the executor to session, memory and llm_proxy.
+Services add their own spans inside (a model attempt, a store operation) with
+`child_span`.
 
 Spans are always made, exported or not: the trace id is what joins a log line, an
 event and a caller's trace, so it must exist when no collector is configured.
@@ -15,6 +17,7 @@ most of their cost (bench/telemetry_overhead.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -22,7 +25,6 @@ from typing import Any
 import grpc.aio
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -34,6 +36,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from threadline.config import TracingSettings
@@ -45,12 +48,22 @@ _enabled = True
 #: Endpoints already exported to, so a second stack in one process adds no second exporter.
 _exporting: set[str] = set()
 _UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+TRACEPARENT_KEY = "traceparent"
+_TRACESTATE_KEY = "tracestate"
 
 
-def _traced(details: grpc.HandlerCallDetails) -> bool:
-    """Not probes and reflection: a span per kubelet probe would bury the turns. (The
-    library's own service_prefix filter costs more than a span: it normalises paths.)"""
-    return not details.method.startswith(_UNTRACED_PREFIXES)
+#: Server spans with these codes are errors (the server failed, not the caller).
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 Attributes = Mapping[str, AttributeValue]
@@ -124,20 +137,97 @@ def install(settings: TracingSettings, service_name: str) -> TracerProvider | No
     return provider
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """A server span per RPC (health and reflection excepted), in the caller's trace."""
-    if not _enabled:
-        return []
-    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(filter_=_traced)  # type: ignore[no-untyped-call]
-    return [interceptor]
+@contextlib.contextmanager
+def server_span(method: str, metadata: Mapping[str, str | bytes]) -> Iterator[Span]:
+    """The server span of an RPC to `method`, current while the block runs: in the
+    caller's trace when its metadata carries one (`traceparent`), else a new one.
+
+    Health and reflection get none: a span per kubelet probe would bury the turns.
+    Made by the request context interceptor (threadline.interceptors), not by an
+    interceptor of its own: each grpc.aio server interceptor costs every RPC a stage.
+    """
+    if not _enabled or method.startswith(_UNTRACED_PREFIXES):
+        yield trace.INVALID_SPAN
+        return
+    parent = _PROPAGATOR.extract(metadata) if TRACEPARENT_KEY in metadata else None
+    service, _, name = method.lstrip("/").partition("/")
+    with _TRACER.start_as_current_span(
+        method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        yield span
 
 
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """A client span per call, and `traceparent` in its metadata."""
+def rpc_ended(span: Span, code: grpc.StatusCode, details: str = "") -> None:
+    """The status an RPC ended with, on its server span."""
+    if not span.is_recording():
+        return
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _SERVER_ERRORS:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"[:256]))
+
+
+#: Client spans being ended (a task the loop holds only weakly must be held here).
+_ending: set[asyncio.Future[None]] = set()
+
+
+class ClientSpan:
+    """A recorded call's client span, ended (with the call's status) when the call is."""
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def end_with(self, call: grpc.aio.Call) -> None:
+        # A done callback cannot await the call's status, though it is there.
+        task = asyncio.ensure_future(self._end(call))
+        _ending.add(task)
+        task.add_done_callback(_ending.discard)
+
+    async def _end(self, call: grpc.aio.Call) -> None:
+        code = await call.code()
+        self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code != grpc.StatusCode.OK:
+            self.span.set_status(Status(StatusCode.ERROR, f"{code.name}: {await call.details()}"))
+        self.span.end()
+
+
+def client_span(method: str, metadata: grpc.aio.Metadata) -> ClientSpan | None:
+    """Put the trace context of a call to `method` in its `metadata`; the call's client
+    span when it is recorded (the caller ends it with the call).
+
+    A caller whose own span is not recorded (ids only, the default) passes that
+    span's ids on, with no span of the call's own: nothing would record it. With
+    no span current, or a recorded one, the call gets a client span, as the
+    provider's sampler decides: a new trace, or a child of the caller's.
+    """
     if not _enabled:
-        return []
-    interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors()  # type: ignore[no-untyped-call]
-    return interceptors
+        return None
+    current = trace.get_current_span().get_span_context()
+    if current.is_valid and not current.trace_flags.sampled:
+        _inject(current, metadata)
+        return None
+    service, _, name = method.lstrip("/").partition("/")
+    span = _TRACER.start_span(
+        method,
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    )
+    _inject(span.get_span_context(), metadata)
+    return ClientSpan(span) if span.is_recording() else None
+
+
+def _inject(context: trace.SpanContext, metadata: grpc.aio.Metadata) -> None:
+    """W3C trace context, as the propagator writes it (version 00)."""
+    metadata.add(
+        TRACEPARENT_KEY,
+        f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}",
+    )
+    if context.trace_state:
+        metadata.add(_TRACESTATE_KEY, context.trace_state.to_header())
 
 
 def current_ids() -> tuple[str, str]:
