@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from threadline.in_process import InProcessChannel
 from threadline.outgoing import OutgoingChannel
 from threadline.status import from_rpc_error
 
@@ -76,6 +77,8 @@ class ChannelSecurity:
     token: str | None = None
     #: Name the server's certificate must carry instead of the address's host.
     server_name: str = ""
+    #: Calls to a service this process serves skip the network (threadline.in_process).
+    in_process: bool = False
 
 
 def connect(address: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
@@ -91,6 +94,8 @@ def connect(address: str, security: ChannelSecurity | None = None) -> grpc.aio.C
         channel = grpc.aio.insecure_channel(address, options=options)
     else:
         channel = grpc.aio.secure_channel(address, security.credentials, options=options)
+    if security.in_process:
+        channel = InProcessChannel(channel, address)
     # Request id, trace context and service token ride on every call (threadline.outgoing).
     return OutgoingChannel(channel, security.token)
 

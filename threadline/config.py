@@ -609,6 +609,10 @@ class Settings(BaseSettings):
     #: Replicas on one machine each set their own.
     listen_port: int = Field(default=0, ge=0, lt=65536)
     addresses: Addresses = Addresses()
+    #: Calls between services this process runs together (`threadline up`) are
+    #: served in process, not over loopback gRPC (threadline/in_process.py). Only
+    #: with TLS off: with TLS on every call goes over TLS as configured.
+    in_process_calls: bool = True
     grace_period_s: float = Field(default=10.0, ge=0)
     #: Connections a process opens at most to PostgreSQL, per store it keeps there.
     postgres_pool_size: int = Field(default=10, ge=1, le=1000)

@@ -17,6 +17,7 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from threadline.in_process import LocalServer
 from threadline.interceptors import ServerContextInterceptor
 from threadline.logs import get_logger
 from threadline.startup_errors import BindError
@@ -60,6 +62,8 @@ class ServiceHost:
     service_names: tuple[str, ...]
     #: The probe listener (ListenerSecurity.health_address), if any.
     health_server: grpc.aio.Server | None = None
+    #: The same handlers, for peers in this process (threadline.in_process).
+    local: LocalServer = field(default_factory=lambda: LocalServer(()))
     #: Run after the server has drained, last registered first (e.g. close Redis last).
     closers: list[Closer] = field(default_factory=list)
     #: Run when draining starts, e.g. to end endless streams (event watches) at once.
@@ -106,6 +110,7 @@ class ServiceHost:
 
     def _cancel_calls(self) -> None:
         # grace None cancels every call at once, cutting short a stop() in progress.
+        self.local.cancel_all()
         self._cancelling = asyncio.create_task(
             self.server.stop(None), name=f"cancel-calls-{self.name}"
         )
@@ -117,7 +122,7 @@ class ServiceHost:
             return
         self._stopping = True
         await self.begin_drain(grace_s)
-        await self.server.stop(grace_s)
+        await asyncio.gather(self.server.stop(grace_s), self.local.stop(grace_s))
         if self.health_server is not None:
             await self.health_server.stop(0)
         assert self._draining is not None
@@ -147,9 +152,10 @@ def build_server(
     Without `security` it listens in plaintext and lets every caller in.
     """
     security = security or ListenerSecurity()
+    # The request context first (with the RPC's server span), so it covers auth.
+    interceptors = [ServerContextInterceptor(name), *security.interceptors]
     server = grpc.aio.server(
-        # The request context first (with the RPC's server span), so it covers auth.
-        interceptors=[ServerContextInterceptor(name), *security.interceptors],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -161,7 +167,8 @@ def build_server(
             ("grpc.max_connection_age_ms", 30_000),
         ],
     )
-    service_names = tuple(register(server))
+    local = LocalServer(interceptors)
+    service_names = tuple(register(cast(grpc.aio.Server, _Registrar(server, local))))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -182,10 +189,29 @@ def build_server(
         port = 0
     if port == 0:
         raise BindError(name, address, setting)
-    host = ServiceHost(name, server, health, port, service_names)
+    host = ServiceHost(name, server, health, port, service_names, local=local)
     if security.health_address is not None:
         host.health_server = _health_server(name, health, security.health_address)
     return host, port
+
+
+class _Registrar:
+    """What generated `add_*Servicer_to_server` functions register on: the server, and
+    the in-process server beside it."""
+
+    def __init__(self, server: grpc.aio.Server, local: LocalServer) -> None:
+        self._server = server
+        self._local = local
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+        self._local.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._server.add_registered_method_handlers(service, handlers)
+        self._local.add_registered_method_handlers(service, handlers)
 
 
 def _health_server(name: str, health: HealthServicer, address: str) -> grpc.aio.Server:

@@ -1,7 +1,8 @@
 """Composition root: start services in dependency order, stop them callers first.
 
-Used by `threadline up` (all five in one process, each on its own port, still
-talking gRPC), by `threadline serve <service>` (one), and by tests (port 0).
+Used by `threadline up` (all five in one process, each on its own port; they call
+each other in process, threadline/in_process.py), by `threadline serve <service>`
+(one), and by tests (port 0).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from services.gateway import server as gateway_server
 from services.llm_proxy import server as llm_proxy_server
 from services.memory import server as memory_server
 from services.session import server as session_server
+from threadline import in_process
 from threadline.config import SERVICE_NAMES, ServiceName, Settings
 from threadline.events import EventBus, EventPublisher, make_bus
 from threadline.logs import get_logger
@@ -63,6 +65,8 @@ class Stack:
         for host in ordered:
             EventPublisher(self.bus, host.name).emit("service.stopping", grace_s=grace)
         await stop_in_order(ordered, grace)
+        for name, host in self.hosts.items():
+            in_process.unregister(self.address(name), host.local)
         for host in ordered:
             EventPublisher(self.bus, host.name).emit("service.stopped")
         if self.owns_bus:
@@ -106,6 +110,9 @@ async def start_stack(
                     update={name: f"{settings.listen_host}:{host.port}"}
                 )
                 stack.settings = stack.settings.model_copy(update={"addresses": addresses})
+            if settings.in_process_calls:
+                # Its peers in this process, started after it, call it here directly.
+                in_process.register(stack.address(name), host.local)
             EventPublisher(bus, name).emit(
                 "service.started",
                 port=host.port,

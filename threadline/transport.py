@@ -36,7 +36,7 @@ def channel_security(settings: Settings) -> ChannelSecurity:
     tls, auth = settings.tls, settings.service_auth
     token = auth.token.get_secret_value() if auth.token else None
     if not tls.enabled:
-        return ChannelSecurity(token=token)
+        return ChannelSecurity(token=token, in_process=settings.in_process_calls)
     ca = _pem(tls.ca_file, "tls.ca_file") if tls.ca_file else None
     client_cert = None
     if tls.mutual:
