@@ -23,11 +23,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc.aio
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ParentBased,
@@ -35,16 +37,28 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from threadline.config import TracingSettings
 
 _TRACER = trace.get_tracer("threadline")
+_IDS = RandomIdGenerator()
 #: False once a process installed tracing switched off: its servers and channels get
 #: no tracing interceptors (channels made before, or by clients, keep theirs).
 _enabled = True
+#: True once install() made the process's provider: its sampler is known (ParentBased
+#: over `_ROOT`), so spans it would not record can be made as bare ids (`_ids_only`).
+_own_provider = False
 #: Endpoints already exported to, so a second stack in one process adds no second exporter.
 _exporting: set[str] = set()
 _UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -112,7 +126,7 @@ def install(settings: TracingSettings, service_name: str) -> TracerProvider | No
     application embedding threadline) is kept and used. With tracing switched off
     nothing is installed (spans are the API's no-ops) and None is returned.
     """
-    global _enabled
+    global _enabled, _own_provider
     _enabled = settings.enabled
     if not settings.enabled:
         return None
@@ -125,6 +139,7 @@ def install(settings: TracingSettings, service_name: str) -> TracerProvider | No
             sampler=ParentBased(_ROOT),
         )
         trace.set_tracer_provider(provider)
+        _own_provider = True
     endpoint = settings.otlp_endpoint
     if endpoint and endpoint not in _exporting:
         # Imported here: the exporter pulls in its own gRPC stubs, needed only when exporting.
@@ -149,7 +164,12 @@ def server_span(method: str, metadata: Mapping[str, str | bytes]) -> Iterator[Sp
     if not _enabled or method.startswith(_UNTRACED_PREFIXES):
         yield trace.INVALID_SPAN
         return
-    parent = _PROPAGATOR.extract(metadata) if TRACEPARENT_KEY in metadata else None
+    caller = _remote_parent(metadata)
+    if _ids_only(caller):
+        with _current(_unrecorded(caller)) as span:
+            yield span
+        return
+    parent = _PROPAGATOR.extract(metadata) if caller is not None else None
     service, _, name = method.lstrip("/").partition("/")
     with _TRACER.start_as_current_span(
         method,
@@ -160,6 +180,64 @@ def server_span(method: str, metadata: Mapping[str, str | bytes]) -> Iterator[Sp
         set_status_on_exception=False,
     ) as span:
         yield span
+
+
+def _ids_only(parent: SpanContext | None) -> bool:
+    """Would a span under `parent` (None: a new trace) go unrecorded? Then it is made
+    as bare ids (`_unrecorded`): the SDK's span costs a sampler call, attributes and
+    an object each time, and a turn makes dozens. Known only for the provider made
+    here, whose sampler follows the parent's sampled flag, else the ratio."""
+    if not _own_provider:
+        return False
+    if parent is None:
+        return not _ROOT.recording
+    return not parent.trace_flags.sampled
+
+
+def _unrecorded(parent: SpanContext | None) -> Span:
+    """A span that is only ids: the parent's trace (or a new one), a new span id."""
+    return trace.NonRecordingSpan(
+        SpanContext(
+            trace_id=parent.trace_id if parent is not None else _IDS.generate_trace_id(),
+            span_id=_IDS.generate_span_id(),
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.DEFAULT),
+            trace_state=parent.trace_state if parent is not None else None,
+        )
+    )
+
+
+@contextlib.contextmanager
+def _current(span: Span) -> Iterator[Span]:
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield span
+    finally:
+        otel_context.detach(token)
+
+
+def _remote_parent(metadata: Mapping[str, str | bytes]) -> SpanContext | None:
+    """The caller's span from its `traceparent` (W3C, version 00), if valid."""
+    value = metadata.get(TRACEPARENT_KEY)
+    if not isinstance(value, str):
+        return None
+    parts = value.split("-")
+    if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id or len(parts[3]) != 2:
+        return None
+    state = metadata.get(_TRACESTATE_KEY)
+    return SpanContext(
+        trace_id,
+        span_id,
+        is_remote=True,
+        trace_flags=TraceFlags(flags),
+        trace_state=TraceState.from_header([state]) if isinstance(state, str) else None,
+    )
 
 
 def rpc_ended(span: Span, code: grpc.StatusCode, details: str = "") -> None:
@@ -209,6 +287,9 @@ def client_span(method: str, metadata: grpc.aio.Metadata) -> ClientSpan | None:
     current = trace.get_current_span().get_span_context()
     if current.is_valid and not current.trace_flags.sampled:
         _inject(current, metadata)
+        return None
+    if not current.is_valid and _ids_only(None):
+        _inject(_unrecorded(None).get_span_context(), metadata)
         return None
     service, _, name = method.lstrip("/").partition("/")
     span = _TRACER.start_span(
@@ -277,6 +358,10 @@ def new_trace(name: str, attributes: Attributes | None = None) -> Iterator[Span]
     if not _enabled:
         yield trace.INVALID_SPAN
         return
+    if _ids_only(None):
+        with _current(_unrecorded(None)) as span:
+            yield span
+        return
     with _TRACER.start_as_current_span(
         name, context=Context(), kind=SpanKind.INTERNAL, attributes=attributes
     ) as span:
@@ -294,6 +379,9 @@ def start_child(name: str, attributes: Attributes | None = None) -> Span:
     Outside any span, none (a no-op span)."""
     # Outside any trace (a background loop's heartbeat, a poll) a span would start a
     # trace of one span every few seconds, burying the turns in a trace viewer.
-    if not _enabled or not trace.get_current_span().get_span_context().is_valid:
+    current = trace.get_current_span()
+    if not _enabled or not current.get_span_context().is_valid:
         return trace.INVALID_SPAN
+    if _own_provider and not current.is_recording():
+        return trace.INVALID_SPAN  # it would not be recorded either (ParentBased)
     return _TRACER.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
