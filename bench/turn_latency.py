@@ -4,8 +4,9 @@ with the upstream alone: time to the first delta and to the end of the answer.
     python -m bench.turn_latency [--turns 40] [--tokens 16] [--sessions 1,32]
 
 As deployed: the fake model server and each of the five services run in their own
-process (`threadline serve <service>`, SQLite stores, no Redis); this process is
-the client. For each concurrency level, that many sessions each run `--turns`
+process (`threadline serve <service>`, SQLite stores, no Redis), or with `--up` all
+five in one `threadline up` process (whose services call each other in process);
+this process is the client. For each concurrency level, that many sessions each run `--turns`
 turns one after the other, all sessions at once; the direct path is as many
 concurrent clients streaming from the fake upstream (aiohttp, the first content
 event is the first delta). Direct and through-threadline windows alternate,
@@ -135,14 +136,25 @@ async def start_fake(children: AsyncExitStack, tokens: int, pids: dict[str, int]
 
 
 async def start_stack(
-    children: AsyncExitStack, tmp: Path, fake_url: str, pids: dict[str, int], tree: Path | None
+    children: AsyncExitStack,
+    tmp: Path,
+    fake_url: str,
+    pids: dict[str, int],
+    tree: Path | None,
+    one_process: bool = False,
 ) -> str:
-    """The five services as processes (pids into `pids`), from `tree` if given; the
-    gateway's address."""
+    """The five services as processes (pids into `pids`), or all in one `threadline
+    up` with `one_process`, from `tree` if given; the gateway's address."""
     ports: dict[ServiceName, int] = {name: free_port() for name in SERVICE_NAMES}
     config = tmp / "stack.yaml"
     config.write_text(yaml.safe_dump(stack_config(tmp / "data", fake_url, ports)))
     cli = ("-c", _FROM_TREE, str(tree)) if tree is not None else ("-m", "threadline.cli")
+    if one_process:
+        argv = (sys.executable, *cli, "up", "--config", str(config))
+        pids["threadline up"] = await children.enter_async_context(process(*argv))
+        for name in START_ORDER:
+            await wait_grpc(f"127.0.0.1:{ports[name]}")
+        return f"127.0.0.1:{ports['gateway']}"
     for name in START_ORDER:
         env = {**os.environ, "THREADLINE_LISTEN_PORT": str(ports[name])}
         argv = (sys.executable, *cli, "serve", name, "--config", str(config))
@@ -220,7 +232,12 @@ async def level(
 
 
 async def main(
-    turns: int, tokens: int, levels: list[int], rounds: int, baseline: str | None
+    turns: int,
+    tokens: int,
+    levels: list[int],
+    rounds: int,
+    baseline: str | None,
+    one_process: bool,
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -230,7 +247,7 @@ async def main(
             pids: dict[str, dict[str, int]] = {"turn via threadline": {}}
             gateways = {
                 "turn via threadline": await start_stack(
-                    children, tmp / "this", fake_url, pids["turn via threadline"], None
+                    children, tmp / "this", fake_url, pids["turn via threadline"], None, one_process
                 )
             }
             if baseline is not None:
@@ -240,7 +257,7 @@ async def main(
                 label = f"baseline {baseline}"
                 pids[label] = {}
                 gateways[label] = await start_stack(
-                    children, tmp / "baseline", fake_url, pids[label], tree
+                    children, tmp / "baseline", fake_url, pids[label], tree, one_process
                 )
             url = fake_url + "/chat/completions"
             for gateway in gateways.values():
@@ -264,6 +281,11 @@ if __name__ == "__main__":
         help="git ref, or a directory holding services/ and threadline/: also run a stack of "
         "that source, side by side",
     )
+    parser.add_argument(
+        "--up",
+        action="store_true",
+        help="each stack as one `threadline up` process instead of five `threadline serve`",
+    )
     args = parser.parse_args()
     levels = [int(n) for n in args.sessions.split(",")]
-    asyncio.run(main(args.turns, args.tokens, levels, args.rounds, args.baseline))
+    asyncio.run(main(args.turns, args.tokens, levels, args.rounds, args.baseline, args.up))
