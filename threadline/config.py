@@ -432,10 +432,12 @@ class ExecutorSettings(_Section):
     turn_lease_ttl_s: float = Field(default=15.0, ge=3)
     #: Turns one executor replica runs at once; more wait to start, first come first
     #: served, up to `max_queued_turns`; past that a turn is refused RESOURCE_EXHAUSTED.
-    #: A streamed turn costs the stack about 5 ms of CPU a second (bench/capacity): 200
-    #: keep one core busy without starving the calls still to be accepted, which an
-    #: overloaded process lets wait until their connection ages out (CANCELLED).
-    max_running_turns: int = Field(default=200, ge=1)
+    #: A streamed turn costs `threadline up` about 1.5 ms of CPU a second
+    #: (bench/capacity): 1000 keep one and a half cores busy without starving the
+    #: calls still to be accepted, which an overloaded process lets wait until their
+    #: connection ages out (CANCELLED). An executor in a process of its own, its
+    #: deltas going out over gRPC, spends more per turn: lower it there.
+    max_running_turns: int = Field(default=1000, ge=1)
     max_queued_turns: int = Field(default=2000, ge=0)
     #: Offer the built-in tools (read_file, write_file, list_dir, search_text) to the
     #: model. Off by default: the upstream must support tool calls.
