@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from threadline.in_process import InProcessChannel
+from threadline.in_process import MAX_MESSAGE_BYTES, InProcessChannel
 from threadline.outgoing import OutgoingChannel
 from threadline.status import from_rpc_error
 
@@ -53,8 +53,8 @@ _SERVICE_CONFIG = {
 _OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
     # A replica that was down is tried again within a second, not after grpc's
     # default backoff, which grows to two minutes.

@@ -31,7 +31,10 @@ from typing import Any, NamedTuple, TypeAlias, cast
 import grpc
 import grpc.aio
 
-#: The channels' limit (threadline.channels), in both directions.
+from threadline.wrapped_channel import Invoke, WrappedChannel
+
+#: The largest message a call may carry, either way: over gRPC (the channels' and
+#: servers' limit) and in process alike.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 Metadatum = tuple[str, str | bytes]
 # A string: grpc's classes are generic only in its type stubs.
@@ -153,7 +156,7 @@ class LocalServer:
     def accepting(self) -> bool:
         return self._accepting
 
-    def start(self, call: Awaitable[Any], metadata: tuple[Metadatum, ...]) -> asyncio.Task[Any]:
+    def start(self, call: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run a call's server side in a task of its own, in a fresh context (as grpc
         runs a handler: nothing of the caller's context leaks into it)."""
         task = asyncio.get_running_loop().create_task(
@@ -335,52 +338,61 @@ class _StreamCall(_Call):
         return self._deserialize(item)
 
 
-def start_unary(
-    server: LocalServer,
-    method: str,
-    request: bytes,
-    metadata: tuple[Metadatum, ...],
-    timeout: float | None,
-    deserialize: Callable[[bytes], Any],
-) -> _UnaryCall:
-    deadline = _deadline(timeout)
-    context = _Context(metadata, deadline)
+class _Serving:
+    """The server side of one in-process call, up to its handler's behaviour."""
 
-    async def serve() -> bytes:
+    def __init__(
+        self,
+        server: LocalServer,
+        method: str,
+        request: bytes,
+        metadata: tuple[Metadatum, ...],
+        timeout: float | None,
+    ) -> None:
+        self.server, self.method, self.request, self.metadata = server, method, request, metadata
+        self.deadline = _deadline(timeout)
+        self.context = _Context(metadata, self.deadline)
+
+    def start(self, call: Awaitable[Any]) -> asyncio.Task[Any]:
+        return self.server.start(call)
+
+    async def begin(self, kind: str) -> tuple[Any, Any]:
+        """The handler (as interceptors wrap it) and the parsed request."""
+        handler: Any = await self.server.handler(self.method, self.metadata)
+        if getattr(handler, kind) is None:
+            raise _Status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return handler, handler.request_deserializer(_checked(self.request, "Sent"))
+
+    async def run(self, work: Callable[[], Awaitable[Any]]) -> Any:
+        """`work`'s result, or the call's status as an exception (_Status)."""
         try:
-            handler: Any = await server.handler(method, metadata)
-            behaviour = handler.unary_unary
-            if behaviour is None:
-                raise _Status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-            parsed = handler.request_deserializer(_checked(request, "Sent"))
-            response = await _within(deadline, behaviour(parsed, context))
-            failed = context.status()
+            result = await work()
+            failed = self.context.status()
             if failed is not None:
                 raise failed
-            return _checked(handler.response_serializer(response), "Received")
+            return result
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise _failure(exc, context) from None
-
-    return _UnaryCall(server.start(serve(), metadata), deserialize)
+            raise _failure(exc, self.context) from None
 
 
-def start_stream(
-    server: LocalServer,
-    method: str,
-    request: bytes,
-    metadata: tuple[Metadatum, ...],
-    timeout: float | None,
-    deserialize: Callable[[bytes], Any],
-) -> _StreamCall:
-    deadline = _deadline(timeout)
-    context = _Context(metadata, deadline)
+def start_unary(serving: _Serving, deserialize: Callable[[bytes], Any]) -> _UnaryCall:
+
+    async def serve() -> bytes:
+        handler, parsed = await serving.begin("unary_unary")
+        response = await _within(serving.deadline, handler.unary_unary(parsed, serving.context))
+        return _checked(handler.response_serializer(response), "Received")
+
+    return _UnaryCall(serving.start(serving.run(serve)), deserialize)
+
+
+def start_stream(serving: _Serving, deserialize: Callable[[bytes], Any]) -> _StreamCall:
     # Unbounded: what a handler sends ahead of its reader is one answer at most.
     responses: asyncio.Queue[Any] = asyncio.Queue()
 
     async def relay(handler: Any, parsed: Any) -> None:
-        stream = handler.unary_stream(parsed, context)
+        stream = handler.unary_stream(parsed, serving.context)
         try:
             async for item in stream:
                 await responses.put(_checked(handler.response_serializer(item), "Received"))
@@ -388,25 +400,18 @@ def start_stream(
             await stream.aclose()
 
     async def serve() -> None:
+        handler, parsed = await serving.begin("unary_stream")
+        await _within(serving.deadline, relay(handler, parsed))
+
+    async def served() -> None:
         try:
-            handler: Any = await server.handler(method, metadata)
-            if handler.unary_stream is None:
-                raise _Status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-            parsed = handler.request_deserializer(_checked(request, "Sent"))
-            await _within(deadline, relay(handler, parsed))
-            failed = context.status()
-            if failed is not None:
-                raise failed
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise _failure(exc, context) from None
+            await serving.run(serve)
         finally:
             # The reader is told the stream ended, however it ended (its status is
             # the task's).
             responses.put_nowait(_END)
 
-    return _StreamCall(server.start(serve(), metadata), responses, deserialize)
+    return _StreamCall(serving.start(served()), responses, deserialize)
 
 
 def local_server(address: str) -> LocalServer | None:
@@ -415,127 +420,29 @@ def local_server(address: str) -> LocalServer | None:
     return server if server is not None and server.accepting else None
 
 
-class _Multicallable:
-    """A method of a peer: called in process while a server here takes its calls,
-    else over the channel."""
-
-    def __init__(
-        self,
-        address: str,
-        method: str,
-        remote: Any,
-        serialize: Callable[[Any], bytes],
-        deserialize: Callable[[bytes], Any],
-        start: Callable[..., _Call],
-    ) -> None:
-        self._address = address
-        self._method = method
-        self._remote = remote
-        self._serialize = serialize
-        self._deserialize = deserialize
-        self._start = start
-
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        server = local_server(self._address)
-        if server is None:
-            return self._remote(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-        sent = tuple((key, value) for key, value in (metadata or ()))
-        return self._start(
-            server, self._method, self._serialize(request), sent, timeout, self._deserialize
-        )
-
-
-class InProcessChannel(grpc.aio.Channel):
+class InProcessChannel(WrappedChannel):
     """A channel to `address` whose unary and server-streaming calls are served in
-    this process while a server here is registered under that address."""
+    this process while a server here is registered under that address; over the
+    wrapped channel otherwise."""
 
     def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
-        self._channel = channel
+        super().__init__(channel)
         self._address = address
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
-        remote = self._channel.unary_unary(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-        local = _Multicallable(
-            self._address, method, remote, request_serializer, response_deserializer, start_unary
-        )
-        return cast(grpc.aio.UnaryUnaryMultiCallable[Any, Any], local)
+    def invoke_for(self, method: str, streaming: bool, serialize: Any, deserialize: Any) -> Invoke:
+        start = start_stream if streaming else start_unary
 
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.UnaryStreamMultiCallable[Any, Any]:
-        remote = self._channel.unary_stream(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-        local = _Multicallable(
-            self._address, method, remote, request_serializer, response_deserializer, start_stream
-        )
-        return cast(grpc.aio.UnaryStreamMultiCallable[Any, Any], local)
+        def invoke(
+            inner: Any, request: Any, *, timeout: float | None, metadata: Any, **options: Any
+        ) -> Any:
+            server = local_server(self._address)
+            if server is None:
+                return inner(request, timeout=timeout, metadata=metadata, **options)
+            sent = tuple((key, value) for key, value in (metadata or ()))
+            return start(_Serving(server, method, serialize(request), sent, timeout), deserialize)
 
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.StreamUnaryMultiCallable[Any, Any]:
-        return self._channel.stream_unary(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
-        return self._channel.stream_stream(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-
-    async def close(self, grace: float | None = None) -> None:
-        await self._channel.close(grace)
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._channel.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._channel.wait_for_state_change(last_observed_state)
+        return invoke
 
     async def channel_ready(self) -> None:
         if local_server(self._address) is None:
-            await self._channel.channel_ready()
-
-    async def __aenter__(self) -> InProcessChannel:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._channel.close(None)
+            await super().channel_ready()

@@ -12,8 +12,7 @@ metadata (`python -m bench.rpc_overhead`).
 from __future__ import annotations
 
 import uuid
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -22,9 +21,8 @@ import structlog
 from threadline.interceptors import REQUEST_ID_KEY
 from threadline.service_auth import TOKEN_KEY
 from threadline.telemetry import tracing
+from threadline.wrapped_channel import Invoke, WrappedChannel
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 Metadata = grpc.aio.Metadata
 
 
@@ -46,138 +44,23 @@ class _Outgoing:
         return metadata, span
 
 
-class _UnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Req, Resp]):
-    def __init__(self, inner: Any, outgoing: _Outgoing) -> None:
-        self._inner = inner
-        self._outgoing = outgoing
-
-    def __call__(
-        self,
-        request: Req,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.aio.UnaryUnaryCall[Req, Resp]:
-        sent, span = self._outgoing.metadata(metadata)
-        call: grpc.aio.UnaryUnaryCall[Req, Resp] = self._inner(
-            request,
-            timeout=timeout,
-            metadata=sent,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
-        )
-        if span is not None:
-            call.add_done_callback(span.end_with)
-        return call
-
-
-class _UnaryStream(grpc.aio.UnaryStreamMultiCallable[Req, Resp]):
-    def __init__(self, inner: Any, outgoing: _Outgoing) -> None:
-        self._inner = inner
-        self._outgoing = outgoing
-
-    def __call__(
-        self,
-        request: Req,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> grpc.aio.UnaryStreamCall[Req, Resp]:
-        sent, span = self._outgoing.metadata(metadata)
-        call: grpc.aio.UnaryStreamCall[Req, Resp] = self._inner(
-            request,
-            timeout=timeout,
-            metadata=sent,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
-        )
-        if span is not None:
-            call.add_done_callback(span.end_with)
-        return call
-
-
-class OutgoingChannel(grpc.aio.Channel):
+class OutgoingChannel(WrappedChannel):
     """A channel whose unary and server-streaming calls carry the request id, the
     trace context and the service token. Client-streaming calls (threadline makes
     none) go out as they are."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str | None = None) -> None:
-        self._channel = channel
+        super().__init__(channel)
         self._token = token
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
-        inner = self._channel.unary_unary(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-        return _UnaryUnary(inner, _Outgoing(method, self._token))
+    def invoke_for(self, method: str, streaming: bool, serialize: Any, deserialize: Any) -> Invoke:
+        outgoing = _Outgoing(method, self._token)
 
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.UnaryStreamMultiCallable[Any, Any]:
-        inner = self._channel.unary_stream(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-        return _UnaryStream(inner, _Outgoing(method, self._token))
+        def invoke(inner: Any, request: Any, *, metadata: Any, **options: Any) -> Any:
+            sent, span = outgoing.metadata(metadata)
+            call = inner(request, metadata=sent, **options)
+            if span is not None:
+                call.add_done_callback(span.end_with)
+            return call
 
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.StreamUnaryMultiCallable[Any, Any]:
-        return self._channel.stream_unary(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
-        return self._channel.stream_stream(  # type: ignore[call-arg]
-            method, request_serializer, response_deserializer, _registered_method
-        )
-
-    async def close(self, grace: float | None = None) -> None:
-        await self._channel.close(grace)
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._channel.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._channel.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._channel.channel_ready()
-
-    async def __aenter__(self) -> OutgoingChannel:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        await self._channel.close(None)
+        return invoke

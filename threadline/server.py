@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from threadline.in_process import LocalServer
+from threadline.in_process import MAX_MESSAGE_BYTES, LocalServer
 from threadline.interceptors import ServerContextInterceptor
 from threadline.logs import get_logger
 from threadline.startup_errors import BindError
@@ -144,7 +144,7 @@ def build_server(
     register: Register,
     *,
     address: str,
-    max_message_bytes: int = 16 * 1024 * 1024,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
     security: ListenerSecurity | None = None,
 ) -> tuple[ServiceHost, int]:
     """Build (not start) a server for `register`'s servicers on `address` ("host:port").
