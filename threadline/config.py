@@ -323,6 +323,11 @@ class MemorySettings(_Section):
     #: Consecutive failures after which consolidation archives the raw text and
     #: compaction is disabled for the session until it changes.
     max_failures: int = Field(default=3, ge=1)
+    #: After a consolidation or extraction of a session fails, turns start that kind
+    #: for the session again only this much later: a model that cannot write the
+    #: summary or the JSON is not asked again (and the span not read again) on every
+    #: turn. Explicit requests (Consolidate, Extract) are not held back; 0 = no pause.
+    failed_job_pause_s: float = Field(default=300, ge=0)
     #: Consolidation and extraction jobs one replica runs at once (each on a different session).
     workers: int = Field(default=2, ge=1)
     #: Compaction jobs one replica runs at once: workers of their own, so a turn waiting

@@ -73,6 +73,8 @@ class JobSettings:
     scan_interval_s: float
     lease_ttl_s: float
     claim_idle_s: float
+    #: Turns do not start a kind again for this long after its job failed.
+    failed_job_pause_s: float = 0.0
 
     @property
     def queued_patience_s(self) -> float:
@@ -242,15 +244,28 @@ class MemoryJobs:
         if thresholds.extract_threshold > 0:
             due.append("extract")
         started: dict[JobKind, memory_pb2.Job] = {}
+        resting: list[JobKind] = []
         for kind in due:
             active = await self.store.active_job(tenant, session_id, kind)
             if active is not None:
                 started[kind] = active
-        unchecked = [kind for kind in due if kind not in started]
+            elif await self._failed_lately(tenant, session_id, kind):
+                resting.append(kind)
+        unchecked = [kind for kind in due if kind not in started and kind not in resting]
         if unchecked:
             started |= await self._submit_due(request, unchecked)
         response.started.extend(started[kind] for kind in due if kind in started)
         return response
+
+    async def _failed_lately(self, tenant: str, session_id: str, kind: JobKind) -> bool:
+        """Did the session's last job of `kind` fail less than the pause ago?"""
+        pause_s = self.settings.failed_job_pause_s
+        if not pause_s:
+            return False
+        last = await self.store.latest_job(tenant, session_id, kind)
+        if last is None or last.state != memory_pb2.JOB_STATE_FAILED:
+            return False
+        return last.finished_at.ToMicroseconds() > now_us() - int(pause_s * 1_000_000)
 
     async def _submit_due(
         self, request: memory_pb2.RecordActivityRequest, kinds: list[JobKind]

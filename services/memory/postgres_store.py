@@ -393,6 +393,17 @@ class PostgresMemoryStore:
             )
         return [(row["id"], row["kind"]) for row in rows]
 
+    async def latest_job(self, tenant: str, session_id: str, kind: str) -> memory_pb2.Job | None:
+        async with self._connection() as conn:
+            record = await conn.fetchval(
+                "SELECT record FROM memory_jobs WHERE tenant = $1 AND session_id = $2 "
+                "AND kind = $3 ORDER BY seq DESC LIMIT 1",
+                tenant,
+                session_id,
+                kind,
+            )
+        return None if record is None else memory_pb2.Job.FromString(record)
+
     async def succeeded_job(
         self, tenant: str, session_id: str, kind: str, head: str
     ) -> memory_pb2.Job | None:

@@ -180,6 +180,7 @@ def _job_settings(config: MemorySettings) -> JobSettings:
         scan_interval_s=config.scan_interval_s,
         lease_ttl_s=config.lease_ttl_s,
         claim_idle_s=config.claim_idle_s,
+        failed_job_pause_s=config.failed_job_pause_s,
     )
 
 

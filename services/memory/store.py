@@ -157,6 +157,10 @@ class MemoryStore(Protocol):
         """(id, kind) of queued or running jobs, oldest first."""
         ...
 
+    async def latest_job(self, tenant: str, session_id: str, kind: str) -> memory_pb2.Job | None:
+        """The session's most recently submitted job of `kind`, in any state."""
+        ...
+
     async def succeeded_job(
         self, tenant: str, session_id: str, kind: str, head: str
     ) -> memory_pb2.Job | None:
@@ -474,6 +478,17 @@ def _active_job(
     return None if row is None else memory_pb2.Job.FromString(row[0])
 
 
+def _latest_job(
+    conn: sqlite3.Connection, tenant: str, session_id: str, kind: str
+) -> memory_pb2.Job | None:
+    row = conn.execute(
+        "SELECT record FROM jobs WHERE tenant = ? AND session_id = ? AND kind = ? "
+        "ORDER BY rowid DESC LIMIT 1",
+        (tenant, session_id, kind),
+    ).fetchone()
+    return None if row is None else memory_pb2.Job.FromString(row[0])
+
+
 def _unfinished_jobs(conn: sqlite3.Connection) -> list[tuple[str, str]]:
     rows = conn.execute(
         "SELECT id, kind FROM jobs WHERE state IN (?, ?) ORDER BY rowid", _ACTIVE
@@ -581,6 +596,9 @@ class SqliteMemoryStore:
 
     async def unfinished_jobs(self) -> list[tuple[str, str]]:
         return await self._db.run(_unfinished_jobs)
+
+    async def latest_job(self, tenant: str, session_id: str, kind: str) -> memory_pb2.Job | None:
+        return await self._db.run(_latest_job, tenant, session_id, kind)
 
     async def succeeded_job(
         self, tenant: str, session_id: str, kind: str, head: str

@@ -211,6 +211,37 @@ async def test_extraction_fires_past_its_threshold(
         assert "Decision: train" in recalled.context
 
 
+async def test_after_a_failed_extraction_turns_start_none_until_the_pause_ends(
+    start: Start, fake_upstream: FakeUpstream
+) -> None:
+    # A model that cannot write the JSON: every turn would ask it again.
+    fake_upstream.route(SUMMARIZER, Script(text="not json at all"))
+    async with start(extract_threshold=100, failed_job_pause_s=1.0) as (clients, _events):
+        session_id = await clients.session(exchange(4, words=20))
+        (job,) = (await clients.activity(session_id)).started
+        assert (await clients.wait_job(job.id)).state == memory_pb2.JOB_STATE_FAILED
+        asked = len(summarizer_requests(fake_upstream))
+
+        for _ in range(3):  # turns within the pause
+            assert not (await clients.activity(session_id)).started
+        assert len(summarizer_requests(fake_upstream)) == asked
+
+        async def started_again() -> memory_pb2.Job | None:
+            started = (await clients.activity(session_id)).started
+            return started[0] if started else None
+
+        again = await eventually(started_again, timeout=5)
+        assert again.kind == "extract" and again.id != job.id
+        assert (await clients.wait_job(again.id)).state == memory_pb2.JOB_STATE_FAILED
+        assert not (await clients.activity(session_id)).started  # paused again
+        # An explicit request is never held back.
+        explicit = await clients.memory.extract(
+            memory_pb2.JobRequest(tenant=TENANT, session_id=session_id, wait=True)
+        )
+        assert explicit.id not in (job.id, again.id)
+        assert explicit.state == memory_pb2.JOB_STATE_FAILED
+
+
 async def test_thresholds_of_zero_never_fire(start: Start, fake_upstream: FakeUpstream) -> None:
     async with start(
         consolidate_fraction=0, extract_threshold=0, compact_threshold=0, idle_consolidate_s=0

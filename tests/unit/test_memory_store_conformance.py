@@ -277,6 +277,26 @@ async def test_jobs_are_stored_updated_and_found_by_state(store: MemoryStore) ->
     assert await store.succeeded_job(TENANT, session_id, "extract", "h1") is None
 
 
+async def test_the_latest_job_of_a_kind_is_the_last_submitted_in_any_state(
+    store: MemoryStore,
+) -> None:
+    session_id = _session()
+    assert await store.latest_job(TENANT, session_id, "extract") is None
+    first = _job(session_id, "extract")
+    await store.put_job(first)
+    first.state = FAILED
+    await store.put_job(first)  # an update keeps its place
+    second = _job(session_id, "extract")
+    await store.put_job(second)
+    await store.put_job(_job(session_id))  # another kind
+    await store.put_job(_job(_session(), "extract"))  # another session
+    assert await store.latest_job(TENANT, session_id, "extract") == second
+    second.state = FAILED
+    await store.put_job(second)
+    assert await store.latest_job(TENANT, session_id, "extract") == second
+    assert await store.latest_job("other-tenant", session_id, "extract") is None
+
+
 async def test_one_active_job_of_a_kind_per_session(store: MemoryStore, backend: Backend) -> None:
     session_id = _session()
     first = _job(session_id)
