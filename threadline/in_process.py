@@ -119,6 +119,10 @@ class _Context:
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
         self._trailing = tuple(trailing_metadata)
 
+    @property
+    def trailing(self) -> tuple[Metadatum, ...]:
+        return self._trailing
+
     def status(self) -> _Status | None:
         """The call's end, as the handler set it (None: OK)."""
         if self._code is None or self._code == grpc.StatusCode.OK:
@@ -223,8 +227,9 @@ def _failure(exc: BaseException, context: _Context) -> _Status:
 class _Call:
     """The caller's side of an in-process call: what grpc.aio's call objects offer."""
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], context: _Context) -> None:
         self._task = task
+        self._context = context
 
     def cancel(self) -> bool:
         return self._task.cancel()
@@ -263,15 +268,18 @@ class _Call:
     async def trailing_metadata(self) -> grpc.aio.Metadata:
         await asyncio.wait([self._task])
         status = self._status()
-        return grpc.aio.Metadata(*(status.trailing if status is not None else ()))
+        trailing = status.trailing if status is not None else self._context.trailing
+        return grpc.aio.Metadata(*trailing)
 
     async def wait_for_connection(self) -> None:
         return None
 
 
 class _UnaryCall(_Call):
-    def __init__(self, task: asyncio.Task[bytes], deserialize: Callable[[bytes], Any]) -> None:
-        super().__init__(task)
+    def __init__(
+        self, task: asyncio.Task[bytes], context: _Context, deserialize: Callable[[bytes], Any]
+    ) -> None:
+        super().__init__(task, context)
         self._deserialize = deserialize
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -302,10 +310,11 @@ class _StreamCall(_Call):
     def __init__(
         self,
         task: asyncio.Task[None],
+        context: _Context,
         responses: asyncio.Queue[Any],
         deserialize: Callable[[bytes], Any],
     ) -> None:
-        super().__init__(task)
+        super().__init__(task, context)
         self._responses = responses
         self._deserialize = deserialize
 
@@ -384,7 +393,7 @@ def start_unary(serving: _Serving, deserialize: Callable[[bytes], Any]) -> _Unar
         response = await _within(serving.deadline, handler.unary_unary(parsed, serving.context))
         return _checked(handler.response_serializer(response), "Received")
 
-    return _UnaryCall(serving.start(serving.run(serve)), deserialize)
+    return _UnaryCall(serving.start(serving.run(serve)), serving.context, deserialize)
 
 
 def start_stream(serving: _Serving, deserialize: Callable[[bytes], Any]) -> _StreamCall:
@@ -411,7 +420,7 @@ def start_stream(serving: _Serving, deserialize: Callable[[bytes], Any]) -> _Str
             # the task's).
             responses.put_nowait(_END)
 
-    return _StreamCall(serving.start(served()), responses, deserialize)
+    return _StreamCall(serving.start(served()), serving.context, responses, deserialize)
 
 
 def local_server(address: str) -> LocalServer | None:

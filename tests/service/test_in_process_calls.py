@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable
 import grpc
 import pytest
 
+from services.llm_proxy.overhead import TRAILER
 from tests.builders import TENANT, user
 from threadline import errors
 from threadline.channels import ChannelSecurity
@@ -152,3 +153,17 @@ async def test_a_stopped_server_takes_no_more_calls(stack: Stack) -> None:
             await local.create(session_pb2.SessionsCreateRequest(tenant=TENANT))
     finally:
         await local.close()
+
+
+async def test_trailing_metadata_reaches_the_caller(
+    stack: Stack, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Script(text="Hi.")
+    llm = LlmClient(stack.address("llm_proxy"), IN_PROCESS)
+    try:
+        call = llm.stub.Chat(chat())
+        assert (await call).message.content == "Hi."
+        overhead = dict(await call.trailing_metadata())[TRAILER]
+        assert isinstance(overhead, str) and float(overhead) >= 0
+    finally:
+        await llm.close()
