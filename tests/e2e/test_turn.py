@@ -54,6 +54,34 @@ async def test_turn_streams_stores_and_publishes(
     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
+async def test_a_caller_that_leaves_mid_answer_stops_the_model_and_keeps_what_it_saw(
+    stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
+) -> None:
+    # Through the gateway, whose calls to the executor (and on to llm_proxy) are
+    # made in process in a stack like this one: leaving cancels all the way down.
+    fake_upstream.default = Script(tokens=200, token_delay_s=0.02)
+    session = await gateway.create_session()
+    seen = ""
+    async for event in gateway.converse(session.id, "Tell me a long story."):
+        seen += event.delta
+        if seen.count("tok") >= 3:
+            break
+
+    await fake_upstream.wait_for_disconnects(1)  # the model stopped generating
+
+    async def answer_stored() -> common_pb2.Message | None:
+        messages = (await gateway.get_session(session.id)).messages
+        return messages[-1] if len(messages) == 2 else None
+
+    answer = await eventually(answer_stored)
+    assert answer.interrupted and answer.content.startswith(seen)
+    assert len(answer.content.split()) < 200
+    # The session takes the next turn: nothing of the left one holds it.
+    fake_upstream.default = Script(text="Again.")
+    events = [e async for e in gateway.converse(session.id, "Once more.")]
+    assert events[-1].WhichOneof("event") == "done"
+
+
 async def test_second_concurrent_turn_is_aborted(
     stack: Stack, gateway: GatewayClient, fake_upstream: FakeUpstream
 ) -> None:
