@@ -96,6 +96,77 @@ class _Series:
         return code
 
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class _Rpc:
+    """One method's calls as the interceptor wraps them: the request context bound,
+    a server span, metrics, and the error boundary."""
+
+    def __init__(
+        self, method: str, metadata: dict[str, Any], request_id: str, series: _Series
+    ) -> None:
+        self.method = method
+        self.metadata = metadata
+        self.request_id = request_id
+        self.series = series
+
+    def bind(self, request: object, span: Span) -> None:
+        fields = _request_fields(request)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            rpc_method=self.method, request_id=self.request_id, **fields
+        )
+        if span.is_recording():
+            span.set_attributes(
+                {"threadline.request_id": self.request_id}
+                | {f"threadline.{key}": value for key, value in fields.items()}
+            )
+
+    def end(
+        self, span: Span, started: float, context: Context, error: BaseException | None
+    ) -> None:
+        code = self.series.end(started, context, error)
+        tracing.rpc_ended(span, code, context.details() or "")
+
+    def unary(self, inner: Any) -> Callable[[object, Context], Awaitable[Any]]:
+        async def unary(request: object, context: Context) -> Any:
+            with tracing.server_span(self.method, self.metadata) as span:
+                self.bind(request, span)
+                started, error = self.series.start(), None
+                try:
+                    return await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+                    error = exc
+                    raise
+                except Exception as exc:
+                    error = grpc.aio.AbortError()
+                    await _fail(context, exc)
+                finally:
+                    self.end(span, started, context, error)
+
+        return unary
+
+    def stream(self, inner: Any) -> Callable[[object, Context], AsyncIterator[Any]]:
+        async def stream(request: object, context: Context) -> AsyncIterator[Any]:
+            with tracing.server_span(self.method, self.metadata) as span:
+                self.bind(request, span)
+                started, error = self.series.start(), None
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit) as exc:
+                    error = exc
+                    raise
+                except Exception as exc:
+                    error = grpc.aio.AbortError()
+                    await _fail(context, exc)
+                finally:
+                    self.end(span, started, context, error)
+
+        return stream
+
+
 class ServerContextInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str = "") -> None:
         #: The `service` label of this server's RPC metrics.
@@ -120,74 +191,16 @@ class ServerContextInterceptor(grpc.aio.ServerInterceptor):
         series = self._series.get(method)
         if series is None:
             series = self._series[method] = _Series(self.service, method)
-
-        def bind(request: object, span: Span) -> None:
-            fields = _request_fields(request)
-            structlog.contextvars.clear_contextvars()
-            structlog.contextvars.bind_contextvars(
-                rpc_method=method, request_id=request_id, **fields
-            )
-            if span.is_recording():
-                span.set_attributes(
-                    {"threadline.request_id": request_id}
-                    | {f"threadline.{key}": value for key, value in fields.items()}
-                )
-
-        def end(
-            span: Span,
-            started: float,
-            context: grpc.aio.ServicerContext[Any, Any],
-            error: BaseException | None,
-        ) -> None:
-            code = series.end(started, context, error)
-            tracing.rpc_ended(span, code, context.details() or "")
-
+        rpc = _Rpc(method, metadata, request_id, series)
         if handler.unary_unary is not None:
-            inner_unary: Any = handler.unary_unary
-
-            async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with tracing.server_span(method, metadata) as span:
-                    bind(request, span)
-                    started, error = series.start(), None
-                    try:
-                        return await inner_unary(request, context)
-                    except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
-                        error = exc
-                        raise
-                    except Exception as exc:
-                        error = grpc.aio.AbortError()
-                        await _fail(context, exc)
-                    finally:
-                        end(span, started, context, error)
-
             return grpc.unary_unary_rpc_method_handler(
-                unary,
+                rpc.unary(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(
-                request: object, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                with tracing.server_span(method, metadata) as span:
-                    bind(request, span)
-                    started, error = series.start(), None
-                    try:
-                        async for item in inner_stream(request, context):
-                            yield item
-                    except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit) as exc:
-                        error = exc
-                        raise
-                    except Exception as exc:
-                        error = grpc.aio.AbortError()
-                        await _fail(context, exc)
-                    finally:
-                        end(span, started, context, error)
-
             return grpc.unary_stream_rpc_method_handler(
-                stream,
+                rpc.stream(handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

@@ -319,13 +319,6 @@ def current_ids() -> tuple[str, str]:
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
 
 
-def annotate(attributes: Attributes) -> None:
-    """Attributes on the current span (the RPC's server span inside a servicer)."""
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attributes(attributes)
-
-
 @contextlib.contextmanager
 def child_span(name: str, attributes: Attributes | None = None) -> Iterator[Span]:
     """A span under the current one that is not made current itself.
